@@ -1,0 +1,23 @@
+"""Errors that reach the user as one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user: a spec, a CLI flag, a data path or a storage URL.
+
+    The message is a single line that names what is wrong and how to fix it.
+    The CLI prints it as ``error: <message>`` and exits with code 2.
+    """
+
+
+class SpecError(UserError):
+    """A study spec that fails validation."""
+
+
+class DataError(UserError):
+    """A dataset that cannot be found, read or understood."""
+
+
+class StorageError(UserError):
+    """A storage URL that is malformed or cannot be reached."""

@@ -1,0 +1,672 @@
+"""Study specs: the YAML a user writes, validated with pydantic.
+
+A spec names a dataset, fixed model and training values, an optional search space
+(Optuna distributions over any dataset, model or training field) or sweep grid, the
+cross-validation scheme, sampler, pruner, budget, objectives and storage. Unknown
+keys are errors. :func:`load_spec` turns every validation problem into one
+:class:`~modelsel.errors.SpecError` line that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from modelsel.errors import SpecError
+
+Activation = Literal["relu", "leaky_relu", "elu", "gelu", "tanh", "sigmoid"]
+Init = Literal["default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"]
+Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
+Task = Literal["classification", "regression"]
+Objective = Literal["val_accuracy", "val_loss", "n_params", "fit_seconds"]
+SamplerName = Literal["tpe", "random", "gp", "cmaes", "grid", "nsga2"]
+PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband"]
+Scalar = Union[bool, int, float, str, None]
+
+#: Direction Optuna optimizes each objective in.
+OBJECTIVE_DIRECTIONS: dict[str, str] = {
+    "val_accuracy": "maximize",
+    "val_loss": "minimize",
+    "n_params": "minimize",
+    "fit_seconds": "minimize",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelSpec(_Section):
+    """The MLP: ``depth`` hidden layers of ``width`` units between input and output."""
+
+    depth: int = Field(1, ge=0, le=64, description="number of hidden layers (0: a linear model)")
+    width: int | list[int] = Field(64, description="units per hidden layer, or one value per layer")
+    activation: Activation = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
+    batch_norm: bool = False
+    residual: bool = Field(False, description="skip links between equal-width hidden layers")
+    init: Init = "default"
+
+    @field_validator("width")
+    @classmethod
+    def _positive_width(cls, width: int | list[int]) -> int | list[int]:
+        widths = width if isinstance(width, list) else [width]
+        if any(w < 1 for w in widths):
+            raise ValueError("every width must be >= 1")
+        return width
+
+    @model_validator(mode="after")
+    def _width_matches_depth(self) -> ModelSpec:
+        if isinstance(self.width, list) and len(self.width) != self.depth:
+            raise ValueError(
+                f"width lists {len(self.width)} layers but depth is {self.depth}; "
+                "give one width per hidden layer or a single int"
+            )
+        return self
+
+    def hidden_widths(self) -> tuple[int, ...]:
+        """Width of each hidden layer, in order."""
+        if isinstance(self.width, list):
+            return tuple(self.width)
+        return (self.width,) * self.depth
+
+
+# ------------------------------------------------------------------------ training
+
+
+class GradClipSpec(_Section):
+    """Gradient clipping: by total norm or element-wise by value."""
+
+    kind: Literal["norm", "value"] = "norm"
+    threshold: float = Field(gt=0.0)
+
+
+class EarlyStoppingSpec(_Section):
+    """Stop a fold when validation loss has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrainingSpec(_Section):
+    """How each model is trained."""
+
+    epochs: int = Field(20, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Optimizer = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="used by optimizer 'momentum'")
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 penalty through the optimizer")
+    l1: float = Field(0.0, ge=0.0, description="explicit L1 penalty on weights")
+    grad_clip: GradClipSpec | None = None
+    early_stopping: EarlyStoppingSpec | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["auto", "sequential", "stacked"] = Field(
+        "auto", description="train the fold models one by one or as one stacked model"
+    )
+    train_metrics: Literal["running", "full"] = Field(
+        "running",
+        description="per-epoch train loss: running mean over batches, or a full eval pass",
+    )
+
+    @field_validator("grad_clip", mode="before")
+    @classmethod
+    def _clip_shorthand(cls, value: Any) -> Any:
+        # ``grad_clip: 1.0`` means clipping the total norm at 1.0 (searchable as a float).
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None if value == 0 else {"kind": "norm", "threshold": value}
+        return value
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _early_stopping_shorthand(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"patience": value}
+        return value
+
+
+# ------------------------------------------------------------------------- datasets
+
+
+class _DatasetBase(_Section):
+    train_size: int | float | None = Field(
+        None, description="subsample the training split: a count or a fraction (nested, stratified)"
+    )
+    standardize: bool | None = Field(
+        None, description="standardize features with training-fold statistics (dataset default if unset)"
+    )
+
+    @field_validator("train_size")
+    @classmethod
+    def _valid_train_size(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return None
+        if isinstance(value, float) and not value.is_integer():
+            if not 0.0 < value <= 1.0:
+                raise ValueError("a fractional train_size must be in (0, 1]")
+            return value
+        if isinstance(value, float) and value == 1.0:
+            return value
+        if int(value) < 2:
+            raise ValueError("train_size must be at least 2 samples (or a fraction in (0, 1])")
+        return int(value)
+
+
+class DigitsSpec(_DatasetBase):
+    """scikit-learn's embedded 8×8 ``digits`` (1,797 images, 10 classes)."""
+
+    name: Literal["digits"]
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)
+
+
+class FashionMNISTSpec(_DatasetBase):
+    """Fashion-MNIST through torchvision: 60k train / 10k test 28×28 images."""
+
+    name: Literal["fashion-mnist"]
+    root: str | None = Field(None, description="data root; else $MODELSEL_DATA_ROOT, else a user cache")
+    download: bool = False
+
+
+class PolynomialSpec(_DatasetBase):
+    """D2L's synthetic polynomial regression problem."""
+
+    name: Literal["polynomial"]
+    max_degree: int = Field(20, ge=1, le=40, description="number of generated features x^i/i!")
+    degree: int | None = Field(None, ge=0, description="model uses features of degree <= d")
+    n_train: int = Field(100, ge=2)
+    n_test: int = Field(100, ge=1)
+    noise: float = Field(0.1, ge=0.0)
+
+    @model_validator(mode="after")
+    def _degree_in_range(self) -> PolynomialSpec:
+        if self.degree is not None and self.degree > self.max_degree - 1:
+            raise ValueError(
+                f"degree {self.degree} needs {self.degree + 1} features but max_degree is "
+                f"{self.max_degree}; raise max_degree or lower degree"
+            )
+        return self
+
+
+class CSVSpec(_DatasetBase):
+    """A user's table: numeric and categorical columns plus one target column."""
+
+    name: Literal["csv"]
+    path: str
+    target: str
+    task: Task | None = Field(None, description="inferred from the target column when unset")
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)
+
+
+class SyntheticClassificationSpec(_DatasetBase):
+    """scikit-learn's ``make_classification``, for fast tests."""
+
+    name: Literal["synthetic-classification"]
+    n_samples: int = Field(1000, ge=10)
+    n_features: int = Field(20, ge=1)
+    n_informative: int = Field(10, ge=1)
+    n_redundant: int = Field(2, ge=0)
+    n_classes: int = Field(2, ge=2)
+    n_clusters_per_class: int = Field(2, ge=1)
+    class_sep: float = Field(1.0, gt=0.0)
+    flip_y: float = Field(0.01, ge=0.0, le=1.0)
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)
+
+
+DatasetSpec = Annotated[
+    Union[DigitsSpec, FashionMNISTSpec, PolynomialSpec, CSVSpec, SyntheticClassificationSpec],
+    Field(discriminator="name"),
+]
+
+#: Task of every dataset whose task does not depend on its file.
+DATASET_TASKS: dict[str, Task] = {
+    "digits": "classification",
+    "fashion-mnist": "classification",
+    "polynomial": "regression",
+    "synthetic-classification": "classification",
+}
+
+
+# ------------------------------------------------------------------- search space
+
+
+class IntDistribution(_Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+
+class FloatDistribution(_Section):
+    type: Literal["float"]
+    low: float
+    high: float
+    step: float | None = Field(None, gt=0.0)
+    log: bool = False
+
+
+class CategoricalDistribution(_Section):
+    type: Literal["categorical"]
+    choices: list[Scalar] = Field(min_length=1)
+
+
+Distribution = Annotated[
+    Union[IntDistribution, FloatDistribution, CategoricalDistribution],
+    Field(discriminator="type"),
+]
+
+
+def _normalize_distribution(value: Any) -> Any:
+    # Shorthands: ``type: log`` is a log-uniform float; a bare list is a categorical.
+    if isinstance(value, list):
+        return {"type": "categorical", "choices": value}
+    if isinstance(value, Mapping) and value.get("type") == "log":
+        return {**value, "type": "float", "log": True}
+    return value
+
+
+class SweepSpec(_Section):
+    """A grid over one or two axes, each with explicit values; every cell once per repeat."""
+
+    axes: dict[str, list[Scalar]]
+    repeats: int = Field(1, ge=1, le=100, description="seeds per cell, for error bars")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_form(cls, value: Any) -> Any:
+        # ``sweep: {width: [...], repeats: 3}`` is accepted as well as ``{axes: {...}}``.
+        if isinstance(value, Mapping) and "axes" not in value:
+            value = dict(value)
+            repeats = value.pop("repeats", 1)
+            return {"axes": value, "repeats": repeats}
+        return value
+
+    @field_validator("axes")
+    @classmethod
+    def _one_or_two_axes(cls, axes: dict[str, list[Scalar]]) -> dict[str, list[Scalar]]:
+        if not 1 <= len(axes) <= 2:
+            raise ValueError(f"a sweep has one or two axes, got {len(axes)}")
+        for axis, values in axes.items():
+            if not values:
+                raise ValueError(f"sweep axis '{axis}' has no values")
+            if len(set(map(repr, values))) != len(values):
+                raise ValueError(f"sweep axis '{axis}' repeats a value")
+        return axes
+
+
+# ------------------------------------------------------- cv, sampler, pruner, budget
+
+
+class CVSpec(_Section):
+    folds: int = Field(5, ge=2, le=100)
+    stratified: bool | None = Field(None, description="default: stratified for classification")
+    shuffle: bool = True
+
+
+class SamplerSpec(_Section):
+    name: SamplerName = "tpe"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrunerSpec(_Section):
+    name: PrunerName = "none"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetSpec(_Section):
+    n_trials: int | None = Field(20, ge=1, description="total finished trials (complete + pruned)")
+    timeout: float | None = Field(None, gt=0.0, description="seconds for this run")
+
+
+def _name_shorthand(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------------- the study
+
+
+class StudySpec(_Section):
+    """A whole study: what to train, what to vary, how to score and where to store it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)
+    description: str = ""
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    dataset: DatasetSpec = Field(default_factory=lambda: DigitsSpec(name="digits"))
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    search: dict[str, Distribution] = Field(default_factory=dict)
+    sweep: SweepSpec | None = None
+    cv: CVSpec = Field(default_factory=CVSpec)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    objectives: list[Objective] | None = Field(
+        None, description="default: val_accuracy for classification, val_loss for regression"
+    )
+    storage: str | None = Field(None, description="Optuna storage URL; default SQLite under the output folder")
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _search_shorthands(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: _normalize_distribution(dist) for key, dist in value.items()}
+        return value
+
+    @field_validator("sampler", "pruner", mode="before")
+    @classmethod
+    def _string_shorthand(cls, value: Any) -> Any:
+        return _name_shorthand(value)
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct_objectives(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("list at least one objective, or leave objectives out")
+            if len(set(value)) != len(value):
+                raise ValueError("an objective is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        for key, dist in self.search.items():
+            _check_distribution(self, key, dist)
+        if self.sweep is not None:
+            if self.search:
+                raise ValueError("give either 'search' or 'sweep', not both")
+            if self.sampler.name not in ("grid", "tpe") or self.sampler.options:
+                raise ValueError("a sweep runs on the grid sampler; leave 'sampler' out")
+            for axis, values in self.sweep.axes.items():
+                for value in values:
+                    with_field(self, axis, value)
+        elif self.sampler.name == "grid":
+            for key, dist in self.search.items():
+                if isinstance(dist, FloatDistribution) and dist.step is None:
+                    raise ValueError(
+                        f"search.{key}: the grid sampler needs a finite grid; give 'step' "
+                        "or use a categorical/sweep"
+                    )
+        objectives = self.objectives or []
+        if len(objectives) > 1 and self.pruner.name != "none":
+            raise ValueError(
+                "pruning works with one objective only; set 'pruner: none' or list one objective"
+            )
+        task = self.task
+        if task == "regression" and "val_accuracy" in objectives:
+            raise ValueError("val_accuracy needs a classification dataset; use val_loss")
+        return self
+
+    @property
+    def task(self) -> Task | None:
+        """The dataset's task where known without reading files (CSV may need the file)."""
+        if isinstance(self.dataset, CSVSpec):
+            return self.dataset.task
+        return DATASET_TASKS[self.dataset.name]
+
+    def resolved_objectives(self, task: Task) -> list[str]:
+        """Objectives to optimize, with the default for ``task`` filled in."""
+        if self.objectives:
+            return list(self.objectives)
+        return ["val_accuracy" if task == "classification" else "val_loss"]
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.sweep is not None
+
+    def to_json(self) -> str:
+        """Canonical JSON of the spec (stored with the study)."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+# ---------------------------------------------------------------- field lookups
+
+_SECTIONS = ("dataset", "model", "training")
+#: Fields that identify a dataset or a run rather than a hyperparameter.
+_NOT_SEARCHABLE = {"name", "path", "root", "download", "target", "task", "device"}
+
+
+def searchable_fields(spec: StudySpec) -> dict[str, str]:
+    """Map each searchable field name to the spec section holding it."""
+    fields: dict[str, str] = {}
+    for section in _SECTIONS:
+        for field in type(getattr(spec, section)).model_fields:
+            if field not in _NOT_SEARCHABLE:
+                fields[field] = section
+    return fields
+
+
+def resolve_field(spec: StudySpec, key: str) -> tuple[str, str]:
+    """Resolve a search/sweep key (``lr`` or ``training.lr``) to ``(section, field)``.
+
+    Raises
+    ------
+    ValueError
+        When the key names no searchable field.
+    """
+    fields = searchable_fields(spec)
+    if "." in key:
+        section, _, field = key.partition(".")
+        if section in _SECTIONS and fields.get(field) == section:
+            return section, field
+    elif key in fields:
+        return fields[key], key
+    if key == "seed":
+        return "study", "seed"
+    known = ", ".join(sorted(fields))
+    raise ValueError(f"'{key}' is not a searchable field; choose one of: {known}")
+
+
+def with_field(spec: StudySpec, key: str, value: Any) -> StudySpec:
+    """Return ``spec`` with one searchable field replaced, validated.
+
+    Raises
+    ------
+    ValueError
+        When the key is unknown or the value is invalid for that field.
+    """
+    return with_params(spec, {key: value})
+
+
+def with_params(spec: StudySpec, params: Mapping[str, Any]) -> StudySpec:
+    """Return ``spec`` with several searchable fields replaced, validated together.
+
+    Raises
+    ------
+    ValueError
+        When a key is unknown or a value is invalid for its field.
+    """
+    updates: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+    seed = spec.seed
+    for key, value in params.items():
+        section, field = resolve_field(spec, key)
+        if section == "study":
+            seed = int(value)
+        else:
+            updates[section][field] = value
+    sections: dict[str, Any] = {"seed": seed}
+    for section, fields in updates.items():
+        if fields:
+            current = getattr(spec, section)
+            merged = {**current.model_dump(), **fields}
+            try:
+                sections[section] = type(current).model_validate(merged)
+            except ValidationError as exc:
+                raise ValueError(_first_error_text(exc, prefix=section)) from None
+    return spec.model_copy(update=sections)
+
+
+def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
+    resolve_field(spec, key)
+    if isinstance(dist, CategoricalDistribution):
+        endpoints: list[Any] = list(dist.choices)
+    else:
+        if dist.low > dist.high:
+            raise ValueError(f"search.{key}: low ({dist.low}) is above high ({dist.high}); swap them")
+        if dist.log and dist.low <= 0:
+            raise ValueError(f"search.{key}: a log distribution needs low > 0 (got {dist.low})")
+        if dist.log and (isinstance(dist, IntDistribution) and dist.step != 1):
+            raise ValueError(f"search.{key}: a log int distribution takes no step")
+        if isinstance(dist, FloatDistribution) and dist.log and dist.step is not None:
+            raise ValueError(f"search.{key}: a log float distribution takes no step")
+        endpoints = [dist.low, dist.high]
+    for value in endpoints:
+        try:
+            with_field(spec, key, value)
+        except ValueError as exc:
+            raise ValueError(f"search.{key}: value {value!r} is invalid: {exc}") from None
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    # Drop pydantic's union tags (e.g. 'digits', 'int') from the location.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _UNION_TAGS)]
+    return ".".join(parts)
+
+
+_UNION_TAGS = {
+    "digits",
+    "fashion-mnist",
+    "polynomial",
+    "csv",
+    "synthetic-classification",
+    "int",
+    "float",
+    "categorical",
+    "function-after[_valid_train_size(), int]",
+}
+
+
+def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = _loc_text(tuple(first["loc"]))
+    where = ".".join(p for p in (prefix, loc) if p)
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key" + _allowed_keys_hint(first["loc"], prefix)
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
+
+
+def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
+    parts = ([prefix] if prefix else []) + [str(p) for p in loc[:-1]]
+    model: type[BaseModel] | None = StudySpec
+    for part in parts:
+        if part in _DATASET_CLASSES:
+            model = _DATASET_CLASSES[part]
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return ""
+        candidates = [
+            a for a in (get_args(field.annotation) or (field.annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        model = candidates[0] if len(candidates) == 1 else None
+    if model is None:
+        return ""
+    return "; allowed keys: " + ", ".join(model.model_fields)
+
+
+_DATASET_CLASSES: dict[str, type[BaseModel]] = {
+    "digits": DigitsSpec,
+    "fashion-mnist": FashionMNISTSpec,
+    "polynomial": PolynomialSpec,
+    "csv": CSVSpec,
+    "synthetic-classification": SyntheticClassificationSpec,
+}
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
+    """Validate an already-parsed spec mapping.
+
+    Raises
+    ------
+    SpecError
+        One line naming the field and the problem.
+    """
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{source}: a study spec must be a YAML mapping (key: value), got {type(data).__name__}")
+    try:
+        spec = StudySpec.model_validate(dict(data))
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {_first_error_text(exc)}") from None
+    except ValueError as exc:  # raised by helpers outside pydantic's wrapping
+        raise SpecError(f"{source}: {exc}") from None
+    for value in _floats(spec.model_dump()):
+        if not math.isfinite(value):
+            raise SpecError(f"{source}: numbers must be finite (found {value})")
+    return spec
+
+
+def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> StudySpec:
+    """Read and validate a YAML study spec.
+
+    Parameters
+    ----------
+    path
+        The YAML file.
+    overrides
+        Top-level values that replace the file's (e.g. ``{"seed": 3}`` from the CLI).
+
+    Raises
+    ------
+    SpecError
+        The file is missing, not YAML, or not a valid spec.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(
+            f"spec file not found: {path} (give the path of a YAML study spec, e.g. studies/quickstart.yaml)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "cannot parse"
+        raise SpecError(f"{path}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file; a study spec is YAML text") from None
+    if isinstance(data, Mapping) and overrides:
+        data = {**data, **overrides}
+    return parse_spec(data, source=str(path))
+
+
+def builtin_spec_path(name: str = "quickstart") -> Path:
+    """Path of a spec shipped inside the package (``quickstart``)."""
+    return Path(__file__).parent / "studies" / f"{name}.yaml"
+
+
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, Mapping):
+        return [f for v in value.values() for f in _floats(v)]
+    if isinstance(value, list):
+        return [f for v in value for f in _floats(v)]
+    return []
