@@ -13,9 +13,13 @@ The tensors of a cached dataset are shared between calls: treat them as read-onl
 Datasets
 --------
 ``fashion-mnist``
-    torchvision's Fashion-MNIST, 60,000 training and 10,000 test 28×28 images, pixels
-    scaled to [0, 1]. Read from ``<root>/FashionMNIST/raw/`` where ``root`` is
-    ``dataset.root``, else ``$MODELSEL_DATA_ROOT``, else ``~/.cache/modelsel/data``.
+    60,000 training and 10,000 test 28×28 images, pixels scaled to [0, 1]; the
+    official test images are the held-out set. Read from the layout torchvision's
+    ``FashionMNIST`` uses, ``<root>/FashionMNIST/raw/`` (plain or ``.gz`` IDX files),
+    where ``root`` is ``dataset.root``, else ``$MODELSEL_DATA_ROOT``, else
+    ``~/.cache/modelsel/data``. The IDX files are decoded here, to the same tensors
+    torchvision builds: importing torchvision alone costs seconds, so it is imported
+    only to download (``dataset.download: true``).
 ``digits``
     scikit-learn's embedded 8×8 digits, pixels scaled to [0, 1]; a fixed stratified
     test split (``random_state=0``, the same for every study seed).
