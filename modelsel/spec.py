@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -34,7 +34,7 @@ Task = Literal["classification", "regression"]
 Objective = Literal["val_accuracy", "val_loss", "n_params", "fit_seconds"]
 SamplerName = Literal["tpe", "random", "gp", "cmaes", "grid", "nsga2"]
 PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband"]
-Scalar = Union[bool, int, float, str, None]
+Scalar = bool | int | float | str | None
 
 #: Direction Optuna optimizes each objective in.
 OBJECTIVE_DIRECTIONS: dict[str, str] = {
@@ -233,7 +233,7 @@ class SyntheticClassificationSpec(_DatasetBase):
 
 
 DatasetSpec = Annotated[
-    Union[DigitsSpec, FashionMNISTSpec, PolynomialSpec, CSVSpec, SyntheticClassificationSpec],
+    DigitsSpec | FashionMNISTSpec | PolynomialSpec | CSVSpec | SyntheticClassificationSpec,
     Field(discriminator="name"),
 ]
 
@@ -271,7 +271,7 @@ class CategoricalDistribution(_Section):
 
 
 Distribution = Annotated[
-    Union[IntDistribution, FloatDistribution, CategoricalDistribution],
+    IntDistribution | FloatDistribution | CategoricalDistribution,
     Field(discriminator="type"),
 ]
 

@@ -1,0 +1,636 @@
+"""Run every benchmark entry as its own process and write ``benchmarks/results.md``.
+
+The one documented command::
+
+    python benchmarks/run_all.py [--quick] [--out benchmarks/results.md]
+
+On Fashion-MNIST from ``$MODELSEL_DATA_ROOT`` it times, side by side and on the same grid
+(width ∈ {64, 256} × weight_decay ∈ {0, 1e-4}, 5 stratified folds, 5 epochs, batch 256, SGD
+lr 0.1): the hand-written Optuna + StratifiedKFold + D2L ``DataLoader`` loop, skorch under
+``GridSearchCV``, ``MLPClassifier`` under ``GridSearchCV``, and modelsel with one worker,
+two workers and the stacked-folds engine; then a 30-trial TPE search with and without
+median pruning. The machine's GEMM limit is measured first, in the same run.
+
+Each entry is a separate ``subprocess`` whose wall time is measured around the whole
+process (interpreter start and imports included). An entry that fails or times out is
+recorded as ``failed: <last line of its output>`` in the table; the run goes on. Logs,
+the generated specs, the Optuna storages and a ``results.json`` with every raw figure go
+to ``benchmarks/out/<timestamp>/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from baselines import GRIDS, data_root, flops_per_sample  # noqa: E402
+
+#: Entries in the order they run; ``gemm`` first so every fraction uses this run's limit.
+GRID_BASELINES = ("d2l", "skorch", "sklearn")
+MODELSEL_GRID = ("modelsel-1w", "modelsel-2w", "modelsel-stacked")
+TPE_ENTRIES = ("tpe", "tpe-median")
+ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES)
+
+LABELS: dict[str, str] = {
+    "gemm": "GEMM limit (torch.mm)",
+    "d2l": "(1) hand-written Optuna + StratifiedKFold + D2L DataLoader",
+    "skorch": "(2) skorch NeuralNetClassifier + GridSearchCV(cv=5)",
+    "sklearn": "(3) sklearn MLPClassifier + GridSearchCV(cv=5)",
+    "modelsel-1w": "(4) modelsel, 1 worker",
+    "modelsel-2w": "(5) modelsel, 2 workers",
+    "modelsel-stacked": "(6) modelsel, stacked folds",
+    "tpe": "TPE, no pruning",
+    "tpe-median": "TPE, median pruning",
+}
+
+#: The TPE search space (spec syntax); the grid's fixed values fill in everything else.
+TPE_SEARCH: dict[str, dict[str, Any]] = {
+    "width": {"type": "int", "low": 32, "high": 512, "log": True},
+    "lr": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+}
+
+#: The issue's targets for modelsel's best grid entry.
+TARGET_SPEEDUP_D2L = 8.0
+TARGET_SPEEDUP_SKORCH = 2.5
+TARGET_SAMPLES_PER_S = 175_000
+TARGET_GEMM_FRACTION = 0.78
+
+
+@dataclass
+class Settings:
+    """What one benchmark run does."""
+
+    grid: str
+    epochs: int
+    folds: int
+    train_size: int | None
+    tpe_trials: int
+    threads: int | None
+    root: str
+    timeout_s: float
+    out_dir: Path
+    acc_tol: float
+
+
+@dataclass
+class Outcome:
+    """One entry's measured figures (``error`` set when it failed)."""
+
+    key: str
+    label: str
+    command: list[str]
+    process_s: float | None = None
+    load_before: float | None = None
+    error: str | None = None
+    inner_s: float | None = None
+    fold_epochs: int | None = None
+    samples_by_width: dict[str, int] = field(default_factory=dict)
+    best_cv_accuracy: float | None = None
+    best_cv_std: float | None = None
+    best_params: dict[str, Any] | None = None
+    trials_complete: int | None = None
+    trials_pruned: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.process_s is not None
+
+    @property
+    def samples_trained(self) -> int:
+        return sum(self.samples_by_width.values())
+
+
+# ----------------------------------------------------------------- the entries
+
+
+def modelsel_spec(settings: Settings, key: str) -> dict[str, Any]:
+    """The study spec (as a dict) modelsel runs for grid or TPE entry ``key``."""
+    grid = GRIDS[settings.grid]
+    dataset: dict[str, Any] = {"name": "fashion-mnist", "root": settings.root, "standardize": False}
+    if settings.train_size is not None:
+        dataset["train_size"] = settings.train_size
+    spec: dict[str, Any] = {
+        "name": f"bench-{key}",
+        "seed": 0,
+        "dataset": dataset,
+        "model": {"depth": 1, "width": grid["width"][0], "activation": "relu"},
+        "training": {
+            "epochs": settings.epochs,
+            "batch_size": 256,
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "weight_decay": 0.0,
+            "device": "cpu",
+            "engine": "stacked" if key == "modelsel-stacked" else "sequential",
+        },
+        "cv": {"folds": settings.folds},
+        "objectives": ["val_accuracy"],
+    }
+    if key in MODELSEL_GRID:
+        spec["sweep"] = {"width": grid["width"], "weight_decay": grid["weight_decay"]}
+        spec["budget"] = {"n_trials": len(grid["width"]) * len(grid["weight_decay"])}
+    else:
+        spec["training"]["engine"] = "auto"
+        spec["search"] = TPE_SEARCH
+        spec["sampler"] = "tpe"
+        spec["pruner"] = "median" if key == "tpe-median" else "none"
+        spec["budget"] = {"n_trials": settings.tpe_trials}
+    return spec
+
+
+def modelsel_executable() -> list[str]:
+    """How to start the ``modelsel`` CLI with this interpreter's installation."""
+    script = Path(sys.executable).with_name("modelsel")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("modelsel")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from modelsel.cli import main; sys.exit(main())"]
+
+
+def entry_command(settings: Settings, key: str) -> list[str]:
+    """The command line of entry ``key`` (modelsel's spec is written to the entry's folder)."""
+    if key == "gemm" or key in GRID_BASELINES:
+        command = [sys.executable, str(HERE / "baselines.py"), key]
+        if key != "gemm":
+            command += [
+                "--grid",
+                settings.grid,
+                "--epochs",
+                str(settings.epochs),
+                "--folds",
+                str(settings.folds),
+            ]
+            command += ["--data-root", settings.root]
+            if settings.train_size is not None:
+                command += ["--train-size", str(settings.train_size)]
+        if settings.threads is not None:
+            command += ["--threads", str(settings.threads)]
+        return command
+    work = settings.out_dir / key
+    command = [*modelsel_executable(), "study", "run", str(work / "spec.yaml")]
+    command += ["--storage", f"sqlite:///{work / 'bench.db'}", "--output", str(work), "--quiet"]
+    if key == "modelsel-2w":
+        command += ["--workers", "2"]
+    return command
+
+
+# ------------------------------------------------------------------- running
+
+
+def _last_line(*texts: str) -> str:
+    for text in texts:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return lines[-1][:300]
+    return "no output"
+
+
+def run_entry(settings: Settings, key: str) -> Outcome:
+    """Run entry ``key`` as one process and collect its figures."""
+    command = entry_command(settings, key)
+    outcome = Outcome(key=key, label=LABELS[key], command=command)
+    work = settings.out_dir / key
+    work.mkdir(parents=True, exist_ok=True)
+    if key not in ("gemm", *GRID_BASELINES):
+        (work / "spec.yaml").write_text(yaml.safe_dump(modelsel_spec(settings, key), sort_keys=False))
+    env = {**os.environ, "MODELSEL_DATA_ROOT": settings.root}
+    if settings.threads is not None and key not in ("gemm", *GRID_BASELINES):
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
+    outcome.load_before = round(os.getloadavg()[0], 2)
+    print(f"[{time.strftime('%H:%M:%S')}] {key}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=settings.timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        outcome.error = f"failed: timeout after {settings.timeout_s:.0f} s"
+        for name, data in (("stdout", exc.stdout), ("stderr", exc.stderr)):
+            text = data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+            (work / f"{name}.log").write_text(text)
+        return outcome
+    outcome.process_s = round(time.perf_counter() - start, 3)
+    (work / "stdout.log").write_text(proc.stdout)
+    (work / "stderr.log").write_text(proc.stderr)
+    if proc.returncode != 0:
+        outcome.error = f"failed: {_last_line(proc.stderr, proc.stdout)} (exit {proc.returncode})"
+        return outcome
+    try:
+        if key == "gemm" or key in GRID_BASELINES:
+            _read_baseline(outcome, proc.stdout)
+        else:
+            _read_modelsel(outcome, settings, work)
+    except Exception as exc:  # any unreadable result becomes a table entry
+        outcome.error = f"failed: could not read the result: {type(exc).__name__}: {exc}"
+    return outcome
+
+
+def _read_baseline(outcome: Outcome, stdout: str) -> None:
+    result = json.loads(_last_line(stdout) if stdout.strip() else "{}")
+    outcome.inner_s = result["wall_s"]
+    outcome.fold_epochs = result["fold_epochs"]
+    outcome.samples_by_width = {str(k): int(v) for k, v in result["samples_by_width"].items()}
+    outcome.best_cv_accuracy = result["best_cv_accuracy"]
+    outcome.best_cv_std = result.get("best_cv_std")
+    outcome.best_params = result["best_params"]
+    outcome.extra = {
+        k: v for k, v in result.items() if k not in {"name", "wall_s", "samples_by_width", "best_params"}
+    }
+
+
+def _read_modelsel(outcome: Outcome, settings: Settings, work: Path) -> None:
+    """Figures of a modelsel entry, from its Optuna storage."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{work / 'bench.db'}"
+    spec = modelsel_spec(settings, outcome.key)
+    names = optuna.get_all_study_names(storage=storage)
+    name = spec["name"] if spec["name"] in names else (names[0] if len(names) == 1 else None)
+    if name is None:
+        raise ValueError(f"no study '{spec['name']}' in {storage} (found {names})")
+    study = optuna.load_study(study_name=name, storage=storage)
+    state = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED))
+    complete = [t for t in trials if t.state == state.COMPLETE and t.value is not None]
+    outcome.trials_complete = len(complete)
+    outcome.trials_pruned = len(trials) - len(complete)
+    folds = settings.folds
+    default_width = spec["model"]["width"]
+    fold_epochs = 0
+    by_width: dict[str, int] = {}
+    for trial in trials:
+        # modelsel reports the fold-mean validation value once per epoch, all folds in step.
+        epochs = len(trial.intermediate_values) or (settings.epochs if trial.state == state.COMPLETE else 0)
+        fold_epochs += epochs * folds
+        n_train = int(trial.user_attrs.get("n_train", settings.train_size or 60_000))
+        width = str(int(trial.params.get("width", default_width)))
+        # Every sample is in exactly one validation fold, so the training folds hold (k-1)·n in total.
+        by_width[width] = by_width.get(width, 0) + n_train * (folds - 1) * epochs
+    outcome.fold_epochs = fold_epochs
+    outcome.samples_by_width = by_width
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
+    if starts and ends:
+        outcome.inner_s = round((max(ends) - min(starts)).total_seconds(), 3)
+    if complete:
+        best = max(complete, key=lambda t: float(t.value or 0.0))
+        outcome.best_cv_accuracy = round(float(best.value or 0.0), 5)
+        outcome.best_params = dict(best.params)
+        std = best.user_attrs.get("val_metric_std", best.user_attrs.get("cv_std"))
+        outcome.best_cv_std = float(std) if isinstance(std, (int, float)) else None
+
+
+# ------------------------------------------------------------------ the report
+
+
+def gemm_seconds(outcome: Outcome, gemm: Outcome | None) -> float | None:
+    """Seconds the entry's training work would take at the measured GEMM limit."""
+    if gemm is None or not gemm.ok or not outcome.samples_by_width:
+        return None
+    per_width: dict[str, dict[str, float]] = gemm.extra.get("per_width", {})
+    if not per_width:
+        return None
+    total = 0.0
+    for width, samples in outcome.samples_by_width.items():
+        if width in per_width:
+            total += samples * per_width[width]["seconds_per_sample"]
+        else:
+            # An unmeasured width runs at the GFLOP/s of the nearest measured one.
+            nearest = min(per_width, key=lambda w: abs(math.log(int(w) / int(width))))
+            total += samples * flops_per_sample(int(width)) / (per_width[nearest]["gflops"] * 1e9)
+    return total
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _acc(outcome: Outcome) -> str:
+    if outcome.best_cv_accuracy is None:
+        return "–"
+    std = f" ± {outcome.best_cv_std:.4f}" if outcome.best_cv_std is not None else ""
+    return f"{outcome.best_cv_accuracy:.4f}{std}"
+
+
+def _params(params: dict[str, Any] | None) -> str:
+    if not params:
+        return "–"
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def machine_description(threads: int | None) -> str:
+    """CPU model, core count, library versions and thread count, in one line."""
+    model = platform.processor() or platform.machine()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
+            model,
+        )
+    except OSError:
+        pass
+    import numpy
+    import optuna
+    import sklearn
+    import torch
+
+    try:
+        import skorch
+
+        skorch_version = skorch.__version__
+    except ImportError:
+        skorch_version = "not installed"
+    return (
+        f"{model}, {os.cpu_count()} CPUs; Python {platform.python_version()}, torch {torch.__version__} "
+        f"({threads or torch.get_num_threads()} threads), numpy {numpy.__version__}, "
+        f"scikit-learn {sklearn.__version__}, skorch {skorch_version}, optuna {optuna.__version__}"
+    )
+
+
+def render(settings: Settings, outcomes: dict[str, Outcome], command: str, started: str) -> str:
+    """The markdown of ``results.md``."""
+    gemm = outcomes.get("gemm")
+    grid = GRIDS[settings.grid]
+    grid_keys = [k for k in (*GRID_BASELINES, *MODELSEL_GRID) if k in outcomes]
+    modelsel_ok = [outcomes[k] for k in MODELSEL_GRID if k in outcomes and outcomes[k].ok]
+    best_ms = min(modelsel_ok, key=lambda o: o.process_s or math.inf) if modelsel_ok else None
+    reference = best_ms or min(
+        (outcomes[k] for k in grid_keys if outcomes[k].ok),
+        key=lambda o: o.process_s or math.inf,
+        default=None,
+    )
+    ratio_head = "× modelsel best" if best_ms is not None else "× fastest (no modelsel entry ran)"
+    size = f"{settings.train_size:,}" if settings.train_size else "all 60,000"
+    widths = ", ".join(map(str, grid["width"]))
+    decays = ", ".join(f"{v:g}" for v in grid["weight_decay"])
+    lines = [
+        "# modelsel benchmark results",
+        "",
+        f"Fashion-MNIST training split ({size} samples), grid width ∈ {{{widths}}} "
+        f"× weight_decay ∈ {{{decays}}}, "
+        f"{settings.folds}-fold stratified CV, {settings.epochs} epochs, batch 256, SGD lr 0.1, "
+        "MLP 784-w-10 ReLU, pixels in [0, 1].",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {started}",
+        f"- Machine: {machine_description(settings.threads)}",
+        f"- Data root: `{settings.root}`; logs, specs and storages: `{settings.out_dir}`",
+        "",
+        "## The grid: same configurations, folds and epochs for every way",
+        "",
+        f"| way | wall s (process) | in-process s | fold-epochs/s | samples/s | {ratio_head} | "
+        "fraction of GEMM limit | best CV acc (± fold std) | best params | load before |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for key in grid_keys:
+        o = outcomes[key]
+        if not o.ok:
+            lines.append(f"| {o.label} | {o.error} | | | | | | | | {_fmt(o.load_before, 2)} |")
+            continue
+        wall = o.process_s or math.nan
+        limit = gemm_seconds(o, gemm)
+        ratio = wall / reference.process_s if reference is not None and reference.process_s else None
+        lines.append(
+            f"| {o.label} | {_fmt(wall)} | {_fmt(o.inner_s)} | {_fmt((o.fold_epochs or 0) / wall, 2)} | "
+            f"{_fmt(o.samples_trained / wall, 0)} | {_fmt(ratio, 2)} | "
+            f"{_fmt(limit / wall if limit else None, 3)} | {_acc(o)} | {_params(o.best_params)} | "
+            f"{_fmt(o.load_before, 2)} |"
+        )
+    lines += ["", *_gemm_lines(gemm, outcomes, grid_keys), ""]
+    lines += _target_lines(settings, outcomes, best_ms)
+    lines += _tpe_lines(settings, outcomes)
+    lines += _notes(settings, outcomes)
+    return "\n".join(lines) + "\n"
+
+
+def _gemm_lines(gemm: Outcome | None, outcomes: dict[str, Outcome], grid_keys: list[str]) -> list[str]:
+    if gemm is None:
+        return ["GEMM limit: not measured in this run (entry not selected)."]
+    if not gemm.ok:
+        return [f"GEMM limit: {gemm.error}"]
+    per_width = gemm.extra["per_width"]
+    parts = [
+        f"width {w}: {v['gflops']:.1f} GFLOP/s, {v['epoch_s']:.3f} s per 60k-sample epoch, "
+        f"{v['samples_per_s']:,.0f} samples/s"
+        for w, v in per_width.items()
+    ]
+    lines = [
+        f"**GEMM limit** (float32 `torch.mm` at batch 256, {gemm.extra.get('threads')} threads, "
+        "the five GEMMs of a training step without the input gradient, measured in this run): "
+        + "; ".join(parts)
+        + ".",
+    ]
+    done = next((outcomes[k] for k in grid_keys if outcomes[k].ok and outcomes[k].samples_by_width), None)
+    limit = gemm_seconds(done, gemm) if done is not None else None
+    if limit is not None:
+        lines.append(
+            f"The grid's training work ({done.samples_trained:,} samples) takes {limit:.1f} s at that limit; "  # type: ignore[union-attr]
+            "the fraction column is that time over each way's process wall time."
+        )
+    return lines
+
+
+def _target_lines(settings: Settings, outcomes: dict[str, Outcome], best: Outcome | None) -> list[str]:
+    lines = ["## Targets (modelsel's best grid entry)", ""]
+    if best is None:
+        return [*lines, "No modelsel grid entry ran successfully, so no target can be checked.", ""]
+    wall = best.process_s or math.nan
+    rows: list[tuple[str, str, bool | None]] = []
+    for key, target in (("d2l", TARGET_SPEEDUP_D2L), ("skorch", TARGET_SPEEDUP_SKORCH)):
+        other = outcomes.get(key)
+        if other is not None and other.ok:
+            speedup = (other.process_s or math.nan) / wall
+            rows.append((f"≥ {target:g}× {LABELS[key]}", f"{speedup:.2f}×", speedup >= target))
+        else:
+            rows.append((f"≥ {target:g}× {LABELS[key]}", "baseline did not run", None))
+    rate = best.samples_trained / wall
+    rows.append(
+        (f"≥ {TARGET_SAMPLES_PER_S:,} samples/s in total", f"{rate:,.0f}", rate >= TARGET_SAMPLES_PER_S)
+    )
+    limit = gemm_seconds(best, outcomes.get("gemm"))
+    if limit is not None:
+        frac = limit / wall
+        rows.append(
+            (f"≥ {TARGET_GEMM_FRACTION:.0%} of the GEMM limit", f"{frac:.1%}", frac >= TARGET_GEMM_FRACTION)
+        )
+    ref = outcomes.get("d2l")
+    if ref is not None and ref.ok and ref.best_cv_accuracy is not None and best.best_cv_accuracy is not None:
+        delta = best.best_cv_accuracy - ref.best_cv_accuracy
+        rows.append(
+            (
+                f"best CV accuracy within {settings.acc_tol:g} of (1)",
+                f"{delta:+.4f}",
+                abs(delta) <= settings.acc_tol,
+            )
+        )
+    lines += [f"Best modelsel entry: {best.label}.", "", "| target | measured | met |", "|---|---:|:---:|"]
+    for name, value, met in rows:
+        lines.append(f"| {name} | {value} | {'–' if met is None else ('yes' if met else '**no**')} |")
+    return [*lines, ""]
+
+
+def _tpe_lines(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
+    keys = [k for k in TPE_ENTRIES if k in outcomes]
+    if not keys:
+        return []
+    space = ", ".join(
+        f"{k} {v['type']} {v['low']:g}..{v['high']:g}{' log' if v.get('log') else ''}"
+        for k, v in TPE_SEARCH.items()
+    )
+    lines = [
+        f"## TPE search: {settings.tpe_trials} trials, with and without median pruning",
+        "",
+        f"Search space: {space}; {settings.folds} folds, up to {settings.epochs} epochs; "
+        "modelsel `engine: auto`. Fold-epochs spent = Σ over finished trials of (epochs reported × folds).",
+        "",
+        "| search | wall s (process) | trials complete / pruned | fold-epochs spent | samples trained | "
+        "best CV acc (± fold std) | best params |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for key in keys:
+        o = outcomes[key]
+        if not o.ok:
+            lines.append(f"| {o.label} | {o.error} | | | | | |")
+            continue
+        lines.append(
+            f"| {o.label} | {_fmt(o.process_s)} | {o.trials_complete} / {o.trials_pruned} | "
+            f"{o.fold_epochs:,} | {o.samples_trained:,} | {_acc(o)} | {_params(o.best_params)} |"
+        )
+    plain, pruned = outcomes.get("tpe"), outcomes.get("tpe-median")
+    if plain and pruned and plain.ok and pruned.ok and plain.fold_epochs:
+        saved = 1 - (pruned.fold_epochs or 0) / plain.fold_epochs
+        delta = (pruned.best_cv_accuracy or 0.0) - (plain.best_cv_accuracy or 0.0)
+        lines += [
+            "",
+            f"Pruning saved {saved:.0%} of the fold-epochs; best CV accuracy changed by {delta:+.4f}.",
+        ]
+    return [*lines, ""]
+
+
+def _notes(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
+    lines = [
+        "## How to read this",
+        "",
+        "- *wall s (process)*: the whole process, interpreter start, imports, data loading, training, "
+        "evaluation and (for modelsel) its selection, held-out test and report included. *in-process s*: "
+        "the baselines' own timer (from the entry's function, data loading included); for modelsel, first "
+        "trial start to last trial end in the storage.",
+        "- *fold-epochs/s*: configurations × folds × epochs over process wall time; *samples/s*: training "
+        "samples passed through SGD (Σ training-fold sizes × epochs) over process wall time.",
+        "- *× modelsel best*: this way's process wall time over modelsel's fastest grid entry's "
+        "(how many times faster modelsel is). *fraction of GEMM limit*: the time the same training "
+        "work takes at the measured `torch.mm` throughput, over the process wall time.",
+        f"- Accuracies must agree within noise (here: within {settings.acc_tol:g} of the hand-written loop); "
+        "the ± is the standard deviation over folds of the best configuration.",
+        "- sklearn's `alpha` is set to the grid's weight decay, but sklearn adds `alpha / batch_size · W` "
+        "to the gradient where torch's `weight_decay` adds `weight_decay · W`: at batch 256 its penalty is "
+        "256× weaker for the same number. sklearn also initializes with Glorot-uniform rather than torch's "
+        "Kaiming-uniform.",
+        "- *load before*: the 1-minute load average when the entry started. On a 2-core machine anything "
+        "above ≈0.3 means another process competed for the cores and the timings of that entry are "
+        "pessimistic.",
+    ]
+    failed = [o for o in outcomes.values() if not o.ok]
+    if failed:
+        lines.append(
+            "- Failed entries keep their last output line here; the full logs are in "
+            f"`{settings.out_dir}/<entry>/stderr.log`."
+        )
+    return [*lines, ""]
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: --train-size 6000, 2 epochs")
+    parser.add_argument("--out", type=Path, default=HERE / "results.md", help="markdown file to write")
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(ALL_ENTRIES)}")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="small")
+    parser.add_argument("--epochs", type=int, default=None, help="default 5 (2 with --quick)")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--train-size", type=int, default=None, help="default all 60k (6000 with --quick)")
+    parser.add_argument("--tpe-trials", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument(
+        "--data-root", default=None, help="default $MODELSEL_DATA_ROOT, else /work/shared/data"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds per entry (default 1800, 600 quick)"
+    )
+    parser.add_argument(
+        "--acc-tol", type=float, default=None, help="accuracy agreement (default 0.01, 0.03 quick)"
+    )
+    parser.add_argument("--log-dir", type=Path, default=HERE / "out", help="parent folder of the run's logs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected entries one after another and write the results file."""
+    args = build_parser().parse_args(argv)
+    keys = ALL_ENTRIES if args.only is None else tuple(k.strip() for k in args.only.split(",") if k.strip())
+    unknown = [k for k in keys if k not in ALL_ENTRIES]
+    if unknown:
+        print(f"error: unknown entries {unknown}; choose from {', '.join(ALL_ENTRIES)}", file=sys.stderr)
+        return 2
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    settings = Settings(
+        grid=args.grid,
+        epochs=args.epochs or (2 if args.quick else 5),
+        folds=args.folds,
+        train_size=args.train_size or (6000 if args.quick else None),
+        tpe_trials=args.tpe_trials,
+        threads=args.threads,
+        root=str(Path(data_root(args.data_root)).resolve()),
+        timeout_s=args.timeout or (600.0 if args.quick else 1800.0),
+        out_dir=(args.log_dir / stamp).resolve(),
+        acc_tol=args.acc_tol if args.acc_tol is not None else (0.03 if args.quick else 0.01),
+    )
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    argv_text = shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = f"python benchmarks/run_all.py {argv_text}".strip()
+    started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    outcomes: dict[str, Outcome] = {}
+    for key in [k for k in ALL_ENTRIES if k in keys]:
+        outcome = run_entry(settings, key)
+        outcomes[key] = outcome
+        status = outcome.error or f"{outcome.process_s:.1f} s, best CV acc {outcome.best_cv_accuracy}"
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {status}", file=sys.stderr, flush=True)
+    raw = {"settings": {**asdict(settings), "out_dir": str(settings.out_dir)}, "command": command}
+    raw["outcomes"] = {k: asdict(o) for k, o in outcomes.items()}
+    (settings.out_dir / "results.json").write_text(json.dumps(raw, indent=2, default=str))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(settings, outcomes, command, started))
+    print(f"wrote {args.out} (raw figures: {settings.out_dir / 'results.json'})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

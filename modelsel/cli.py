@@ -1,0 +1,226 @@
+"""The ``modelsel`` command line.
+
+Heavy libraries (torch, optuna, pandas) are imported inside the commands so that
+``modelsel --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from modelsel import __version__
+from modelsel.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(func: F) -> F:
+    """Print a UserError as one line and exit 2; Ctrl-C says how to resume."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished trials are kept; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_storage_option = click.option(
+    "--storage",
+    metavar="URL",
+    help="Optuna storage URL (sqlite:///file.db, postgresql://..., journal:file.log). "
+    "Default: the spec's, else OUTPUT/<study>/study.db.",
+)
+_output_option = click.option(
+    "--output",
+    "output_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Folder for reports (OUTPUT/<study>/) and default storages.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modelsel")
+def main() -> None:
+    """Hyperparameter search and model selection for PyTorch MLPs, on Optuna."""
+
+
+@main.group()
+def study() -> None:
+    """Run, list and inspect studies."""
+
+
+@study.command("run")
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@_storage_option
+@click.option("--n-trials", type=click.IntRange(min=1), help="Total finished trials to reach (tops up a study).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to search in this run.")
+@_output_option
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="Override the spec's seed.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override training.device.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel processes.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def run_command(
+    spec: Path | None,
+    storage: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    output_dir: Path,
+    seed: int | None,
+    device: str | None,
+    workers: int,
+    quiet: bool,
+) -> None:
+    """Run the study in SPEC (YAML); without SPEC, the built-in quickstart on digits.
+
+    Re-running the same command resumes the study: finished trials count towards the
+    budget, and a finished study trains nothing and prints its summary again.
+    """
+    from modelsel.spec import builtin_spec_path, load_spec
+    from modelsel.study import run_study
+
+    overrides = {"seed": seed} if seed is not None else None
+    study_spec = load_spec(spec if spec is not None else builtin_spec_path(), overrides=overrides)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    outcome = run_study(
+        study_spec,
+        storage=storage,
+        output_dir=output_dir,
+        n_trials=n_trials,
+        timeout=timeout,
+        device=device,
+        workers=workers,
+        progress=not quiet,
+    )
+    _print_outcome(outcome, folds=study_spec.cv.folds)
+
+
+def _print_outcome(outcome: Any, *, folds: int | None = None) -> None:
+    finished = outcome.n_complete + outcome.n_pruned
+    click.echo(
+        f"Study {outcome.study_name}: {finished} trials finished ({outcome.n_complete} complete, "
+        f"{outcome.n_pruned} pruned, {outcome.n_failed} failed); "
+        f"{outcome.n_trained_this_run} run in this invocation."
+    )
+    if outcome.best_trial_number is None:
+        click.echo("No trial completed, so nothing was selected.")
+    else:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.best_params.items()) or "(fixed configuration)"
+        click.echo(f"Best trial #{outcome.best_trial_number}: {params}")
+        primary = outcome.objectives[0]
+        label = f"val {outcome.metric_name}" if primary == "val_accuracy" else primary.replace("_", " ")
+        fold_text = f"{folds}-fold " if folds else ""
+        if outcome.cv_mean is not None:
+            click.echo(f"CV {label}: {outcome.cv_mean:.4f} ± {outcome.cv_std or 0:.4f} ({fold_text}mean ± std)")
+        test = outcome.test
+        if test and test.get("trial_number") == outcome.best_trial_number:
+            click.echo(
+                f"Held-out test {test['metric_name']}: {test['test_metric']:.4f}, loss {test['test_loss']:.4f} "
+                f"({test.get('n_test', '?')} samples; retrained on the whole training split, "
+                f"{test['epochs']} epochs)"
+            )
+    click.echo(f"Storage: {outcome.storage_url}")
+    click.echo(f"Dashboard: {outcome.dashboard_command}")
+    if outcome.report_path is not None:
+        click.echo(f"Report: {outcome.report_path}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _storages(storage: str | None, output_dir: Path) -> list[str]:
+    from modelsel.storage import find_default_storages
+
+    return [storage] if storage else find_default_storages(output_dir)
+
+
+@study.command("list")
+@_storage_option
+@_output_option
+@_user_errors
+def list_command(storage: str | None, output_dir: Path) -> None:
+    """List stored studies (in --storage, else every study under OUTPUT)."""
+    import optuna
+
+    from modelsel.storage import display_url, open_storage
+
+    urls = _storages(storage, output_dir)
+    if not urls:
+        click.echo(f"No studies under {output_dir}/ (run 'modelsel study run' or pass --storage).")
+        return
+    for url in urls:
+        summaries = optuna.get_all_study_summaries(open_storage(url, heartbeat=False), include_best_trial=False)
+        for summary in sorted(summaries, key=lambda s: s.study_name):
+            click.echo(f"{summary.study_name}\t{summary.n_trials} trials\t{display_url(url)}")
+
+
+def _locate(name: str, storage: str | None, output_dir: Path) -> str:
+    from modelsel.storage import default_storage_url, find_default_storages, study_names
+
+    if storage:
+        return storage
+    default = default_storage_url(output_dir, name)
+    candidates = [default] if Path(default.removeprefix("sqlite:///")).exists() else []
+    candidates += [u for u in find_default_storages(output_dir) if u not in candidates]
+    for url in candidates:
+        if name in study_names(url):
+            return url
+    raise UserError(f"no study named '{name}' under {output_dir}/; pass --storage URL or --output DIR")
+
+
+@study.command("show")
+@click.argument("name")
+@_storage_option
+@_output_option
+@_user_errors
+def show_command(name: str, storage: str | None, output_dir: Path) -> None:
+    """Print a stored study's summary."""
+    from modelsel.study import load_study, summarize
+
+    url = _locate(name, storage, output_dir)
+    outcome = summarize(load_study(name, url), url)
+    report = output_dir / name / "report.html"
+    outcome.report_path = report if report.exists() else None
+    _print_outcome(outcome)
+
+
+@main.group()
+def report() -> None:
+    """Build reports from stored studies."""
+
+
+@report.command("build")
+@click.argument("name")
+@_storage_option
+@_output_option
+@_user_errors
+def build_command(name: str, storage: str | None, output_dir: Path) -> None:
+    """Rebuild trials.csv and report.html of study NAME from its storage alone."""
+    from modelsel.report import build_report
+    from modelsel.study import load_study
+
+    url = _locate(name, storage, output_dir)
+    path = build_report(load_study(name, url), output_dir=output_dir / name)
+    click.echo(f"Report: {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,255 @@
+"""K-fold cross-validation with scikit-learn splitters, and the one-time test evaluation."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from sklearn.model_selection import BaseCrossValidator, KFold, StratifiedKFold
+
+from modelsel.errors import DataError
+from modelsel.spec import CVSpec, StudySpec
+from modelsel.training import Callback, FoldData, History, TrainedMember, evaluate, train_models
+
+if TYPE_CHECKING:
+    from modelsel.data import Dataset
+
+CURVE_NAMES = ("train_loss", "val_loss", "train_metric", "val_metric")
+
+
+def make_splitter(cv: CVSpec, *, task: str, seed: int) -> BaseCrossValidator:
+    """StratifiedKFold for classification (unless ``cv.stratified`` is False), else KFold."""
+    stratified = cv.stratified if cv.stratified is not None else task == "classification"
+    if stratified and task != "classification":
+        raise DataError("cv.stratified: true needs a classification dataset; remove it for regression")
+    random_state = seed if cv.shuffle else None
+    if stratified:
+        return StratifiedKFold(n_splits=cv.folds, shuffle=cv.shuffle, random_state=random_state)
+    return KFold(n_splits=cv.folds, shuffle=cv.shuffle, random_state=random_state)
+
+
+def fold_indices(dataset: Dataset, cv: CVSpec, *, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Train/validation index pairs of each fold of the dataset's training split.
+
+    Raises
+    ------
+    DataError
+        When the split is impossible (e.g. more folds than samples of a class).
+    """
+    splitter = make_splitter(cv, task=dataset.task, seed=seed)
+    y = dataset.y_train.cpu().numpy()
+    n = len(y)
+    if n < cv.folds:
+        raise DataError(f"cv.folds is {cv.folds} but the training split has only {n} samples; lower cv.folds")
+    if dataset.task == "classification" and splitter.__class__ is StratifiedKFold:
+        counts = np.bincount(y)
+        smallest = int(counts[counts > 0].min())
+        if smallest < cv.folds:
+            raise DataError(
+                f"cv.folds is {cv.folds} but a class has only {smallest} training samples; "
+                "lower cv.folds or raise dataset.train_size"
+            )
+    return [(train, val) for train, val in splitter.split(np.zeros(n), y)]
+
+
+def _standardizer(X: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    mean = X.mean(dim=0, keepdim=True)
+    std = X.std(dim=0, keepdim=True).clamp_min(1e-8)
+    return lambda Z: (Z - mean) / std
+
+
+def make_fold_data(
+    dataset: Dataset,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    device: torch.device,
+) -> list[FoldData]:
+    """Materialise each fold's tensors on ``device``; standardize with train-fold statistics."""
+    X = dataset.X_train.to(device)
+    y = dataset.y_train.to(device)
+    folds = []
+    for train_idx, val_idx in splits:
+        train_index = torch.as_tensor(train_idx, device=device)
+        val_index = torch.as_tensor(val_idx, device=device)
+        X_tr, X_va = X.index_select(0, train_index), X.index_select(0, val_index)
+        if dataset.standardize:
+            transform = _standardizer(X_tr)
+            X_tr, X_va = transform(X_tr), transform(X_va)
+        folds.append(
+            FoldData(
+                X_train=X_tr.contiguous(),
+                y_train=y.index_select(0, train_index),
+                X_val=X_va.contiguous(),
+                y_val=y.index_select(0, val_index),
+            )
+        )
+    return folds
+
+
+def fold_mean_curve(histories: Sequence[History], name: str) -> list[float]:
+    """Per-epoch mean over members of curve ``name``; a member that stopped early
+    contributes its last value to later epochs."""
+    curves = [getattr(h, name) for h in histories]
+    length = max((len(c) for c in curves), default=0)
+    return [statistics.fmean(c[min(epoch, len(c) - 1)] for c in curves if c) for epoch in range(length)]
+
+
+@dataclass
+class CVResult:
+    """Outcome of one cross-validated configuration."""
+
+    members: list[TrainedMember]
+    task: str
+
+    @property
+    def histories(self) -> list[History]:
+        return [m.history for m in self.members]
+
+    def fold_values(self, name: str) -> list[float]:
+        """Per-fold value of a curve at the epoch whose weights each fold model ended with."""
+        return [getattr(h, name)[h.final_epoch] for h in self.histories]
+
+    @property
+    def fold_val_loss(self) -> list[float]:
+        return self.fold_values("val_loss")
+
+    @property
+    def fold_val_metric(self) -> list[float]:
+        return self.fold_values("val_metric")
+
+    @property
+    def fold_train_loss(self) -> list[float]:
+        """Final training loss of each fold model, from a full eval-mode pass."""
+        return [h.final_train_loss for h in self.histories]
+
+    @property
+    def fold_train_metric(self) -> list[float]:
+        return [h.final_train_metric for h in self.histories]
+
+    def curves(self) -> dict[str, list[float]]:
+        """Fold-mean per-epoch curves (train/val loss and metric)."""
+        return {name: fold_mean_curve(self.histories, name) for name in CURVE_NAMES}
+
+    @property
+    def fit_seconds(self) -> float:
+        return sum(h.fit_seconds for h in self.histories)
+
+    @property
+    def fold_epochs(self) -> int:
+        return sum(h.epochs_run for h in self.histories)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def cross_validate(
+    spec: StudySpec,
+    dataset: Dataset,
+    *,
+    folds: Sequence[FoldData] | None = None,
+    callbacks: Sequence[Callback] = (),
+    device: torch.device | str = "cpu",
+) -> CVResult:
+    """Train the spec's model on every CV fold of the dataset's training split.
+
+    Parameters
+    ----------
+    spec
+        A spec with every searched value already filled in (see :func:`modelsel.spec.with_params`).
+    dataset
+        The loaded dataset; only its training split is used.
+    folds
+        Pre-built fold tensors (to reuse across trials); built from ``spec.cv`` when omitted.
+    callbacks
+        Training callbacks (pruning, diagnostics).
+    device
+        Where to train.
+    """
+    device = torch.device(device)
+    if folds is None:
+        folds = make_fold_data(dataset, fold_indices(dataset, spec.cv, seed=spec.seed), device=device)
+    members = train_models(
+        folds,
+        model_spec=spec.model,
+        training=spec.training,
+        task=dataset.task,
+        n_outputs=dataset.n_outputs,
+        seed=spec.seed,
+        callbacks=callbacks,
+        device=device,
+    )
+    return CVResult(members=members, task=dataset.task)
+
+
+@dataclass
+class TestScore:
+    """Held-out test evaluation of a configuration retrained on the whole training split."""
+
+    test_loss: float
+    test_metric: float
+    train_loss: float
+    train_metric: float
+    epochs: int
+    fit_seconds: float
+
+
+def fit_and_test(
+    spec: StudySpec,
+    dataset: Dataset,
+    *,
+    epochs: int | None = None,
+    device: torch.device | str = "cpu",
+) -> TestScore:
+    """Retrain on the whole training split and score the held-out test split once.
+
+    Parameters
+    ----------
+    spec
+        The selected configuration (searched values filled in).
+    dataset
+        The dataset; its test split is used here and nowhere else.
+    epochs
+        Epochs to train (e.g. the folds' mean best epoch under early stopping);
+        ``spec.training.epochs`` when omitted.
+    device
+        Where to train.
+    """
+    device = torch.device(device)
+    X_train, y_train = dataset.X_train.to(device), dataset.y_train.to(device)
+    X_test, y_test = dataset.X_test.to(device), dataset.y_test.to(device)
+    if dataset.standardize:
+        transform = _standardizer(X_train)
+        X_train, X_test = transform(X_train), transform(X_test)
+    training = spec.training.model_copy(
+        update={"epochs": epochs or spec.training.epochs, "early_stopping": None}
+    )
+    (member,) = train_models(
+        [FoldData(X_train=X_train, y_train=y_train)],
+        model_spec=spec.model,
+        training=training,
+        task=dataset.task,
+        n_outputs=dataset.n_outputs,
+        seed=spec.seed,
+        device=device,
+    )
+    test_loss, test_metric = evaluate(member.model, X_test, y_test, task=dataset.task)
+    if not math.isfinite(test_loss):
+        raise ArithmeticError(f"the retrained model's test loss is {test_loss}")
+    history = member.history
+    return TestScore(
+        test_loss=test_loss,
+        test_metric=test_metric,
+        train_loss=history.final_train_loss,
+        train_metric=history.final_train_metric,
+        epochs=history.epochs_run,
+        fit_seconds=history.fit_seconds,
+    )

@@ -1,0 +1,279 @@
+"""Tables, seaborn plots and one self-contained HTML report, built from the storage alone.
+
+Everything here reads an Optuna study (its trials and user attributes) and nothing
+else, so ``modelsel report build NAME`` reproduces the report from the database.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import optuna
+import pandas as pd
+import seaborn as sns
+from jinja2 import Environment, PackageLoader, select_autoescape
+from optuna.trial import FrozenTrial, TrialState
+
+from modelsel import __version__
+
+_SUMMARY_ATTRS = (
+    "val_metric_mean",
+    "val_metric_std",
+    "val_loss_mean",
+    "val_loss_std",
+    "train_metric_mean",
+    "train_loss_mean",
+    "n_params",
+    "n_train",
+    "fit_seconds",
+    "fold_epochs",
+    "regime",
+    "pruned_at_epoch",
+    "fail_reason",
+)
+
+
+@dataclass
+class Figure:
+    """One embedded plot of the report."""
+
+    title: str
+    png_base64: str
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    """A titled part of the report: prose, tables (HTML from pandas) and figures."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, parameters, objective values, fold mean/std, timings."""
+    objectives = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name.lower()}
+        row.update({f"param_{k}": v for k, v in trial.params.items()})
+        values = trial.values or [math.nan] * len(objectives)
+        row.update({name: value for name, value in zip(objectives, values, strict=False)})
+        for key in _SUMMARY_ATTRS:
+            row[key] = trial.user_attrs.get(key)
+        row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def figure_to_base64(fig: plt.Figure) -> str:
+    """Render a matplotlib figure as a base64 PNG and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
+    """Optimization history: each finished trial's first objective and the best so far."""
+    objectives = study.user_attrs.get("objectives") or ["value_0"]
+    primary = objectives[0]
+    done = frame[frame["state"] == "complete"].sort_values("trial")
+    if done.empty or primary not in done:
+        return None
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    best = done[primary].cummax() if maximize else done[primary].cummin()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    sns.scatterplot(data=done, x="trial", y=primary, ax=ax, label="trial", color="#4C72B0")
+    ax.step(done["trial"], best, where="post", color="#DD8452", label="best so far")
+    pruned = frame[frame["state"] == "pruned"]
+    if not pruned.empty:
+        ax.scatter(pruned["trial"], [best.iloc[0]] * len(pruned), marker="x", color="grey", label="pruned")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"CV {primary} (fold mean)")
+    ax.legend(loc="best", fontsize=8)
+    sns.despine(fig)
+    return Figure("Optimization history", figure_to_base64(fig), "Pruned trials are marked on the first value.")
+
+
+def plot_importance(study: optuna.Study) -> Figure | None:
+    """Parameter importances (fANOVA) of the first objective; None when not computable."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    varied = {k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1}
+    if len(complete) < 3 or not varied:
+        return None
+    try:
+        importances = optuna.importance.get_param_importances(
+            study, target=(lambda t: t.values[0]) if len(study.directions) > 1 else None
+        )
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return None
+    if not importances:
+        return None
+    data = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(data) + 1.2))
+    sns.barplot(data=data, y="parameter", x="importance", ax=ax, color="#4C72B0")
+    ax.set_xlabel("importance (fANOVA, share of variance of the first objective)")
+    ax.set_ylabel("")
+    sns.despine(fig)
+    return Figure("Parameter importance", figure_to_base64(fig))
+
+
+def plot_training_curves(trial: FrozenTrial, *, title: str | None = None) -> Figure | None:
+    """Train/validation loss per epoch of one trial: fold mean with a min–max band."""
+    fold_curves = trial.user_attrs.get("fold_curves")
+    if not fold_curves:
+        return None
+    rows = []
+    for split in ("train", "val"):
+        for fold, curve in enumerate(fold_curves.get(f"{split}_loss", [])):
+            rows += [
+                {"epoch": epoch + 1, "loss": v, "split": split, "fold": fold}
+                for epoch, v in enumerate(curve)
+                if isinstance(v, (int, float))
+            ]
+    if not rows:
+        return None
+    data = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.lineplot(data=data, x="epoch", y="loss", hue="split", errorbar=("pi", 100), ax=ax)
+    ax.set_yscale("log" if data["loss"].min() > 0 else "linear")
+    sns.despine(fig)
+    return Figure(
+        title or f"Training curves of trial {trial.number}",
+        figure_to_base64(fig),
+        "Fold mean; the band spans the folds (min to max). Train loss is the running mean over batches.",
+    )
+
+
+def _format_table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, classes="data")
+
+
+def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
+    """Counts, the selected trial, its CV score and the held-out test score."""
+    from modelsel.study import best_trial
+
+    section = Section("Summary")
+    objectives = study.user_attrs.get("objectives") or ["value"]
+    counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
+    section.paragraphs.append(
+        f"{len(frame)} trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+        f"{counts.get('fail', 0)} failed. Objective{'s' if len(objectives) > 1 else ''}: "
+        + ", ".join(f"{o} ({d.name.lower()})" for o, d in zip(objectives, study.directions, strict=False))
+        + "."
+    )
+    selected = best_trial(study)
+    if selected is None:
+        section.paragraphs.append("No trial has completed yet.")
+        return section
+    attrs = selected.user_attrs
+    metric = attrs.get("metric_name", "accuracy")
+    rows = [
+        ("selected trial", selected.number),
+        *[(f"param {k}", v) for k, v in selected.params.items()],
+        (f"CV val {metric} (mean ± std)", _pm(attrs.get("val_metric_mean"), attrs.get("val_metric_std"))),
+        ("CV val loss (mean ± std)", _pm(attrs.get("val_loss_mean"), attrs.get("val_loss_std"))),
+        (f"CV train {metric} (mean)", _num(attrs.get("train_metric_mean"))),
+        ("parameters", attrs.get("n_params")),
+        ("regime", attrs.get("regime", "")),
+    ]
+    test = study.user_attrs.get("test_result")
+    if test and test.get("trial_number") == selected.number:
+        rows += [
+            (f"held-out test {test['metric_name']}", _num(test["test_metric"])),
+            ("held-out test loss", _num(test["test_loss"])),
+            ("retrained for epochs", test["epochs"]),
+            ("test samples", test.get("n_test")),
+        ]
+    section.tables.append(_format_table(pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})))
+    return section
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "—"
+
+
+def _pm(mean: Any, std: Any) -> str:
+    if not isinstance(mean, (int, float)):
+        return "—"
+    return f"{mean:.4f} ± {std:.4f}" if isinstance(std, (int, float)) else f"{mean:.4f}"
+
+
+def build_sections(study: optuna.Study, frame: pd.DataFrame) -> list[Section]:
+    """All report sections for a study, in order."""
+    from modelsel.study import best_trial
+
+    sections = [summary_section(study, frame)]
+    search = Section("Search")
+    for figure in (plot_history(study, frame), plot_importance(study)):
+        if figure is not None:
+            search.figures.append(figure)
+    selected = best_trial(study)
+    if selected is not None:
+        curves = plot_training_curves(selected, title=f"Training curves of the selected trial ({selected.number})")
+        if curves is not None:
+            search.figures.append(curves)
+    sections.append(search)
+    table = Section("Trials", paragraphs=["Also written as trials.csv next to this report."])
+    shown = frame.drop(columns=[c for c in ("fail_reason",) if c in frame], errors="ignore")
+    table.tables.append(_format_table(shown))
+    sections.append(table)
+    return sections
+
+
+def build_report(study: optuna.Study, *, output_dir: str | Path) -> Path:
+    """Write ``trials.csv`` and a self-contained ``report.html`` for a study.
+
+    Parameters
+    ----------
+    study
+        A study loaded from its storage.
+    output_dir
+        The study's report folder (created if missing).
+
+    Returns
+    -------
+    Path
+        The HTML report.
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    frame = trials_frame(study)
+    frame.to_csv(output / "trials.csv", index=False)
+    sections = build_sections(study, frame)
+    spec = json.loads(study.user_attrs.get("spec_full", "{}") or "{}")
+    environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
+    html = environment.get_template("report.html").render(
+        study_name=study.study_name,
+        description=spec.get("description", ""),
+        sections=sections,
+        spec_yaml=_spec_text(spec),
+        generated=time.strftime("%Y-%m-%d %H:%M"),
+        version=__version__,
+    )
+    path = output / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _spec_text(spec: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec, sort_keys=False) if spec else ""

@@ -1,0 +1,157 @@
+"""Where studies live: resolving, checking and opening Optuna storages.
+
+Supported URLs:
+
+- ``sqlite:///path/to/study.db`` (the default: ``<output>/<study>/study.db``);
+- ``postgresql://user:password@host:port/db`` (``pip install 'modelsel[postgres]'``);
+- ``journal:path/to/study.log``: Optuna's journal file storage, which is what Optuna
+  recommends when several processes on one machine share a study.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from modelsel.errors import StorageError
+
+_HINT = "use sqlite:///path/to/study.db, postgresql://user@host/db or journal:path/to/study.log"
+_SQLITE_TIMEOUT_S = 60
+
+
+def default_storage_url(output_dir: str | Path, study_name: str) -> str:
+    """SQLite file ``<output_dir>/<study_name>/study.db`` (absolute)."""
+    path = (Path(output_dir) / study_name / "study.db").resolve()
+    return f"sqlite:///{path}"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def storage_kind(url: str) -> str:
+    """``sqlite``, ``postgresql``, ``mysql`` or ``journal``.
+
+    Raises
+    ------
+    StorageError
+        For a URL of any other form.
+    """
+    if url.startswith("journal:"):
+        if not url.removeprefix("journal:").removeprefix("//"):
+            raise StorageError(f"storage URL '{url}' names no file; {_HINT}")
+        return "journal"
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme in ("sqlite", "postgresql", "postgres", "mysql"):
+        if scheme == "sqlite" and not url.startswith("sqlite:///"):
+            raise StorageError(f"storage URL '{redact(url)}' is malformed; {_HINT}")
+        return "postgresql" if scheme == "postgres" else scheme
+    raise StorageError(f"storage URL '{redact(url)}' is not supported; {_HINT}")
+
+
+def local_path(url: str) -> Path | None:
+    """The file behind a SQLite or journal URL, else None."""
+    kind = storage_kind(url)
+    if kind == "journal":
+        return Path(url.removeprefix("journal:").removeprefix("//"))
+    if kind == "sqlite":
+        path = url.removeprefix("sqlite:///").split("?")[0]
+        return None if path in ("", ":memory:") else Path(path)
+    return None
+
+
+def check_storage_url(url: str, *, create_parent: bool = False) -> None:
+    """Validate a storage URL before anything is written.
+
+    Parameters
+    ----------
+    url
+        The storage URL.
+    create_parent
+        Whether a missing folder for a file storage may be created (default storages);
+        otherwise a missing folder is an error.
+    """
+    path = local_path(url)
+    if path is not None and not path.parent.exists() and not create_parent:
+        raise StorageError(
+            f"storage URL '{url}': folder {path.parent} does not exist; create it or choose another path"
+        )
+    if path is not None and path.exists() and path.is_dir():
+        raise StorageError(f"storage URL '{url}' points at a folder; name a file, e.g. {path / 'study.db'}")
+
+
+def display_url(url: str) -> str:
+    """The form optuna-dashboard accepts (a journal storage is given as its file path)."""
+    if storage_kind(url) == "journal":
+        return str(local_path(url))
+    return redact(url)
+
+
+def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = True) -> Any:
+    """Open an Optuna storage, turning connection problems into one-line errors.
+
+    Parameters
+    ----------
+    url
+        The storage URL (see module docs).
+    create_parent
+        Create the folder of a file storage if it is missing.
+    heartbeat
+        Let Optuna mark trials of crashed processes as failed (RDB storages).
+
+    Raises
+    ------
+    StorageError
+        When the URL is malformed, its driver is missing or the server cannot be reached.
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    check_storage_url(url, create_parent=create_parent)
+    kind = storage_kind(url)
+    path = local_path(url)
+    if path is not None and create_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "journal":
+        assert path is not None
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {}
+    if kind == "sqlite":
+        # Several worker processes may write: wait for the lock instead of failing at once.
+        engine_kwargs["connect_args"] = {"timeout": _SQLITE_TIMEOUT_S}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    heartbeat_kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120} if heartbeat else {}
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental in Optuna; they are what marks crashed trials failed.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+    except ModuleNotFoundError as exc:
+        extra = " (pip install 'modelsel[postgres]')" if kind == "postgresql" else ""
+        raise StorageError(f"storage URL '{redact(url)}' needs the driver '{exc.name}'{extra}") from None
+    except Exception as exc:  # SQLAlchemy raises many kinds; all mean "cannot use this storage"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(
+            f"cannot open storage '{redact(url)}': {first_line[:300]}; check the URL and that the server runs"
+        ) from None
+
+
+def study_names(url: str) -> list[str]:
+    """Names of the studies stored at ``url``."""
+    import optuna
+
+    storage = open_storage(url, heartbeat=False)
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+
+
+def find_default_storages(output_dir: str | Path) -> list[str]:
+    """Storage URLs of the studies under ``output_dir`` (``*/study.db`` and ``*/study.log``)."""
+    root = Path(output_dir)
+    urls = [f"sqlite:///{p.resolve()}" for p in sorted(root.glob("*/study.db"))]
+    urls += [f"journal:{p.resolve()}" for p in sorted(root.glob("*/study.log"))]
+    return urls

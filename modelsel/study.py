@@ -1,0 +1,531 @@
+"""Study orchestration: from a spec to a finished, resumable Optuna study.
+
+:func:`run_study` resolves the storage, loads and checks the data (so that bad input
+fails before anything is written), creates or resumes the study, tops it up to its
+trial budget, retrains the selected configuration on the whole training split, scores
+the held-out test split once, and builds the report.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from modelsel import __version__
+from modelsel.cv import fit_and_test, fold_indices
+from modelsel.errors import SpecError, UserError
+from modelsel.objective import StudyObjective, grid_search_space, sweep_grid
+from modelsel.spec import (
+    OBJECTIVE_DIRECTIONS,
+    StudySpec,
+    parse_spec,
+    resolve_field,
+    with_params,
+)
+from modelsel.storage import default_storage_url, display_url, open_storage, storage_kind
+from modelsel.training import resolve_device
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+# Spec sections that may change between runs of one study without changing what it measures.
+_RUN_ONLY_KEYS = ("budget", "storage", "description")
+
+
+@dataclass
+class StudyOutcome:
+    """What a finished run (or a look at a stored study) reports."""
+
+    study_name: str
+    storage_url: str
+    objectives: list[str]
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    n_trained_this_run: int = 0
+    best_trial_number: int | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_values: list[float] = field(default_factory=list)
+    cv_mean: float | None = None
+    cv_std: float | None = None
+    metric_name: str = "accuracy"
+    test: dict[str, Any] | None = None
+    report_path: Path | None = None
+
+    @property
+    def dashboard_command(self) -> str:
+        return f"optuna-dashboard {display_url(self.storage_url)}"
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The sampler a spec names, seeded with the spec's seed.
+
+    Raises
+    ------
+    SpecError
+        When ``sampler.options`` are not accepted by the sampler.
+    """
+    samplers = optuna.samplers
+    options = dict(spec.sampler.options)
+    name = "grid" if spec.sweep is not None else spec.sampler.name
+    try:
+        if name == "grid":
+            grid = sweep_grid(spec) if spec.sweep is not None else grid_search_space(spec)
+            return samplers.GridSampler(grid, seed=spec.seed)
+        factory: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+            "tpe": samplers.TPESampler,
+            "random": samplers.RandomSampler,
+            "gp": samplers.GPSampler,
+            "cmaes": samplers.CmaEsSampler,
+            "nsga2": samplers.NSGAIISampler,
+        }
+        return factory[name](seed=spec.seed, **options)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"sampler.options: {exc}") from None
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The pruner a spec names (``none`` never prunes).
+
+    Raises
+    ------
+    SpecError
+        When ``pruner.options`` are not accepted by the pruner.
+    """
+    pruners = optuna.pruners
+    options = dict(spec.pruner.options)
+    try:
+        if spec.pruner.name == "none":
+            return pruners.NopPruner()
+        if spec.pruner.name == "median":
+            options.setdefault("n_startup_trials", 5)
+            options.setdefault("n_warmup_steps", 1)
+            return pruners.MedianPruner(**options)
+        if spec.pruner.name == "percentile":
+            options.setdefault("percentile", 25.0)
+            options.setdefault("n_startup_trials", 5)
+            options.setdefault("n_warmup_steps", 1)
+            return pruners.PercentilePruner(**options)
+        if spec.pruner.name == "successive_halving":
+            return pruners.SuccessiveHalvingPruner(**options)
+        options.setdefault("min_resource", 1)
+        options.setdefault("max_resource", spec.training.epochs)
+        return pruners.HyperbandPruner(**options)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"pruner.options: {exc}") from None
+
+
+def study_budget(spec: StudySpec, n_trials: int | None = None) -> int | None:
+    """Total finished trials the study should reach: a sweep's grid size, else the budget."""
+    if spec.sweep is not None:
+        cells = 1
+        for values in sweep_grid(spec).values():
+            cells *= len(values)
+        return cells
+    return n_trials if n_trials is not None else spec.budget.n_trials
+
+
+def spec_fingerprint(spec: StudySpec) -> dict[str, Any]:
+    """The parts of a spec that define what a study measures (budget/storage excluded)."""
+    data = spec.model_dump(mode="json")
+    for key in _RUN_ONLY_KEYS:
+        data.pop(key, None)
+    return data
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _load_dataset_for(spec: StudySpec) -> Any:
+    from modelsel.data import load_dataset
+
+    return load_dataset(spec.dataset, seed=spec.seed)
+
+
+def preflight(spec: StudySpec) -> str:
+    """Load the data for every distinct dataset configuration the study will use and check
+    the CV split works for each; return the task. Raises a UserError on any problem."""
+    dataset = _load_dataset_for(spec)
+    task = dataset.task
+    objectives = spec.resolved_objectives(task)
+    if task == "regression" and "val_accuracy" in objectives:
+        raise SpecError("objectives: val_accuracy needs a classification dataset; use val_loss")
+    fold_indices(dataset, spec.cv, seed=spec.seed)
+    variants: list[dict[str, Any]] = []
+    if spec.sweep is not None:
+        for axis, values in spec.sweep.axes.items():
+            if resolve_field(spec, axis)[0] == "dataset":
+                variants += [{axis: v} for v in values]
+    for key, dist in spec.search.items():
+        if resolve_field(spec, key)[0] == "dataset":
+            ends = list(getattr(dist, "choices", None) or [dist.low, dist.high])  # type: ignore[union-attr]
+            variants += [{key: v} for v in ends]
+    for params in variants:
+        variant = with_params(spec, params)
+        fold_indices(_load_dataset_for(variant), variant.cv, seed=variant.seed)
+    return task
+
+
+def _finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task: str) -> optuna.Study:
+    storage = open_storage(storage_url, create_parent=create_parent)
+    objectives = spec.resolved_objectives(task)  # type: ignore[arg-type]
+    directions = [optuna.study.StudyDirection[OBJECTIVE_DIRECTIONS[o].upper()] for o in objectives]
+    fingerprint = spec_fingerprint(spec)
+    try:
+        existing = optuna.load_study(study_name=spec.name, storage=storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        stored = json.loads(existing.user_attrs.get("spec", "{}"))
+        changed = _differences(stored, fingerprint)
+        if changed:
+            raise UserError(
+                f"study '{spec.name}' in {display_url(storage_url)} was created from a different spec "
+                f"(differs in: {', '.join(changed[:5])}); rename the study, use another --storage, "
+                "or delete the old database"
+            )
+        existing.sampler = make_sampler(spec)
+        existing.pruner = make_pruner(spec)
+        return existing
+    study = optuna.create_study(
+        storage=storage,
+        study_name=spec.name,
+        directions=directions,
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+        load_if_exists=True,
+    )
+    study.set_user_attr("spec", json.dumps(fingerprint, sort_keys=True))
+    study.set_user_attr("spec_full", spec.to_json())
+    study.set_user_attr("objectives", objectives)
+    study.set_user_attr("task", task)
+    study.set_user_attr("modelsel_version", __version__)
+    study.set_user_attr("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return study
+
+
+def _run_worker(
+    spec_json: str,
+    storage_url: str,
+    target: int | None,
+    timeout: float | None,
+    device: str,
+    threads: int,
+) -> int:
+    """Body of one worker process: optimize until the shared budget is reached."""
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = parse_spec(json.loads(spec_json))
+    study = optuna.load_study(
+        study_name=spec.name,
+        storage=open_storage(storage_url),
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+    )
+    return _optimize(study, spec, target=target, timeout=timeout, device=torch.device(device))
+
+
+def _optimize(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    target: int | None,
+    timeout: float | None,
+    device: torch.device,
+    on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> int:
+    task = study.user_attrs.get("task") or _load_dataset_for(spec).task
+    objective = StudyObjective(
+        spec,
+        load_dataset=_load_dataset_for,
+        objectives=spec.resolved_objectives(task),
+        device=device,
+    )
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = []
+    if target is not None:
+        callbacks.append(optuna.study.MaxTrialsCallback(target, states=FINISHED_STATES))
+    if on_trial is not None:
+        callbacks.append(on_trial)
+    before = len(study.trials)
+    remaining = None if target is None else max(target - _finished_count(study), 0)
+    if remaining == 0:
+        return 0
+    # n_trials bounds this process's own attempts; MaxTrialsCallback stops at the shared total.
+    n_trials = None if remaining is None else remaining * 3 + 10
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        callbacks=callbacks,
+        gc_after_trial=False,
+        catch=(),
+    )
+    return len(study.trials) - before
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    storage: str | None = None,
+    output_dir: str | Path = "reports",
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    device: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    build_report: bool = True,
+) -> StudyOutcome:
+    """Run (or resume) the study a spec describes, then select, test and report.
+
+    Parameters
+    ----------
+    spec
+        The validated study spec.
+    storage
+        Storage URL overriding the spec's; default SQLite under ``output_dir``.
+    output_dir
+        Folder of the report (``<output_dir>/<study name>/``) and default storage.
+    n_trials
+        Total finished trials (complete + pruned) the study should reach; overrides
+        ``budget.n_trials``. Already-finished trials count, so a re-run tops up.
+    timeout
+        Seconds this run may spend searching (``budget.timeout`` when omitted).
+    device
+        ``auto``, ``cpu`` or ``cuda``; overrides ``training.device``.
+    workers
+        Parallel worker processes sharing the storage (1 thread each on CPU).
+    progress
+        Show a progress bar over trials.
+    build_report
+        Write ``trials.csv`` and ``report.html`` at the end.
+
+    Raises
+    ------
+    UserError
+        Bad spec values, data, storage or options; nothing is written in that case.
+    """
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if device is not None:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
+    try:
+        torch_device = resolve_device(spec.training.device)
+    except RuntimeError as exc:
+        raise UserError(f"{exc}; use --device cpu") from None
+    storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
+    storage_kind(storage_url)
+    target = study_budget(spec, n_trials)
+    timeout = timeout if timeout is not None else spec.budget.timeout
+    if target is None and timeout is None:
+        raise SpecError("budget: give n_trials or timeout (or --n-trials/--timeout), or the study never ends")
+    task = preflight(spec)
+    is_default_storage = storage is None and spec.storage is None
+    study = _open_study(spec, storage_url, create_parent=is_default_storage, task=task)
+
+    trained = 0
+    if target is None or _finished_count(study) < target:
+        trained = _search(study, spec, storage_url, target, timeout, torch_device, workers, progress)
+    outcome = select_and_test(study, spec, storage_url=storage_url, device=torch_device)
+    outcome.n_trained_this_run = trained
+    if build_report:
+        from modelsel.report import build_report as write_report
+
+        report_dir = Path(output_dir) / spec.name
+        outcome.report_path = write_report(study, output_dir=report_dir)
+    return outcome
+
+
+def _search(
+    study: optuna.Study,
+    spec: StudySpec,
+    storage_url: str,
+    target: int | None,
+    timeout: float | None,
+    device: torch.device,
+    workers: int,
+    progress: bool,
+) -> int:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=target,
+        initial=_finished_count(study),
+        desc=f"{spec.name} trials",
+        unit="trial",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+
+    def update(study: optuna.Study, trial: FrozenTrial) -> None:
+        bar.n = _finished_count(study)
+        best = _best_value_text(study)
+        bar.set_postfix_str(best, refresh=False)
+        bar.refresh()
+
+    try:
+        if workers == 1:
+            return _optimize(study, spec, target=target, timeout=timeout, device=device, on_trial=update)
+        return _run_parallel(study, spec, storage_url, target, timeout, device, workers, bar)
+    finally:
+        bar.close()
+
+
+def _run_parallel(
+    study: optuna.Study,
+    spec: StudySpec,
+    storage_url: str,
+    target: int | None,
+    timeout: float | None,
+    device: torch.device,
+    workers: int,
+    bar: Any,
+) -> int:
+    threads = 1 if device.type == "cpu" else max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [
+            pool.submit(_run_worker, spec.to_json(), storage_url, target, timeout, device.type, threads)
+            for _ in range(workers)
+        ]
+        while not all(f.done() for f in futures):
+            time.sleep(0.5)
+            bar.n = _finished_count(study)
+            bar.refresh()
+        return sum(f.result() for f in futures)
+
+
+def _best_value_text(study: optuna.Study) -> str:
+    try:
+        if len(study.directions) == 1:
+            return f"best {study.best_value:.4g}"
+    except ValueError:
+        pass
+    return ""
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The selected trial: the best one, or for several objectives the Pareto-optimal
+    trial that is best on the first objective."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    if len(study.directions) == 1:
+        return study.best_trial
+    front = study.best_trials
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    return min(front, key=lambda t: sign * t.values[0])
+
+
+def retrain_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
+    """Epochs for the final retrain: the folds' mean best epoch under early stopping."""
+    final_epochs = trial.user_attrs.get("final_epochs")
+    if spec.training.early_stopping is not None and final_epochs:
+        return max(1, round(statistics.fmean(final_epochs)))
+    return spec.training.epochs
+
+
+def select_and_test(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    storage_url: str,
+    device: torch.device,
+) -> StudyOutcome:
+    """Retrain the selected configuration on the whole training split and score the test split.
+
+    The test split is touched once per selected trial: the score is stored as the study
+    user attribute ``test_result`` and reused while the selection does not change.
+    """
+    outcome = summarize(study, storage_url)
+    selected = best_trial(study)
+    if selected is None:
+        return outcome
+    stored = study.user_attrs.get("test_result")
+    if stored is None or stored.get("trial_number") != selected.number:
+        trial_spec = with_params(spec, selected.params)
+        dataset = _load_dataset_for(trial_spec)
+        score = fit_and_test(trial_spec, dataset, epochs=retrain_epochs(selected, trial_spec), device=device)
+        stored = {
+            "trial_number": selected.number,
+            "params": selected.params,
+            "metric_name": "accuracy" if dataset.task == "classification" else "rmse",
+            "test_loss": score.test_loss,
+            "test_metric": score.test_metric,
+            "train_loss": score.train_loss,
+            "train_metric": score.train_metric,
+            "epochs": score.epochs,
+            "fit_seconds": score.fit_seconds,
+            "n_test": int(dataset.X_test.shape[0]),
+        }
+        study.set_user_attr("test_result", stored)
+    outcome.test = stored
+    return outcome
+
+
+def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
+    """Read a study's state (counts, selection, CV score, stored test result)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    objectives = study.user_attrs.get("objectives") or ["value"] * len(study.directions)
+    outcome = StudyOutcome(
+        study_name=study.study_name,
+        storage_url=storage_url,
+        objectives=list(objectives),
+        n_complete=counts[TrialState.COMPLETE],
+        n_pruned=counts[TrialState.PRUNED],
+        n_failed=counts[TrialState.FAIL],
+        test=study.user_attrs.get("test_result"),
+    )
+    selected = best_trial(study)
+    if selected is not None:
+        outcome.best_trial_number = selected.number
+        outcome.best_params = dict(selected.params)
+        outcome.best_values = list(selected.values)
+        primary = objectives[0]
+        attrs = selected.user_attrs
+        outcome.metric_name = attrs.get("metric_name", "accuracy")
+        if primary == "val_accuracy":
+            outcome.cv_mean, outcome.cv_std = attrs.get("val_metric_mean"), attrs.get("val_metric_std")
+        elif primary == "val_loss":
+            outcome.cv_mean, outcome.cv_std = attrs.get("val_loss_mean"), attrs.get("val_loss_std")
+        else:
+            outcome.cv_mean, outcome.cv_std = selected.values[0], 0.0
+    return outcome
+
+
+def load_study(name: str, storage_url: str) -> optuna.Study:
+    """Open a stored study by name.
+
+    Raises
+    ------
+    UserError
+        When no study of that name is stored there (the message lists those that are).
+    """
+    storage = open_storage(storage_url, heartbeat=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+        known = ", ".join(names) if names else "none"
+        raise UserError(
+            f"no study named '{name}' in {display_url(storage_url)} (studies there: {known}); "
+            "pass the right --storage"
+        ) from None

@@ -1,0 +1,352 @@
+"""The training engine: k models trained side by side on tensors held in memory.
+
+All members (usually the k fold models of one trial) advance one epoch at a time, so
+after every epoch the exact fold-mean validation value exists and can be reported to
+an Optuna pruner. Batches are slices of a shuffled index into tensors that already sit
+on the device; no per-sample Python runs on the hot loop.
+
+Callbacks (as in skorch) plug in pruning, gradient diagnostics and progress without
+touching the loop: see :class:`Callback`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from modelsel.models import MLP, build_mlp
+from modelsel.spec import ModelSpec, TrainingSpec
+
+Task = Literal["classification", "regression"]
+_EVAL_BATCH = 8192
+
+
+@dataclass
+class FoldData:
+    """Training and (optional) validation tensors of one member, on any device."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+
+@dataclass
+class History:
+    """Per-epoch curves of one trained member.
+
+    ``*_metric`` is accuracy for classification and RMSE for regression. The running
+    train values are means over the epoch's batches (dropout on), unless the training
+    spec asks for ``train_metrics: full``. ``final_train_*`` always come from a full
+    evaluation pass in eval mode over the training data at the end.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    train_metric: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_metric: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    final_epoch: int = -1
+    stopped_early: bool = False
+    final_train_loss: float = math.nan
+    final_train_metric: float = math.nan
+    fit_seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.train_loss)
+
+
+
+@dataclass
+class TrainedMember:
+    """A trained model with its history."""
+
+    model: MLP
+    history: History
+
+
+class Diverged(Exception):
+    """Training produced a non-finite loss."""
+
+    def __init__(self, member: int, epoch: int, reason: str) -> None:
+        super().__init__(f"member {member} diverged at epoch {epoch + 1}: {reason}")
+        self.member = member
+        self.epoch = epoch
+        self.reason = reason
+
+
+class Callback:
+    """Hooks into the training loop; subclass and override what you need.
+
+    Exceptions raised by a hook (e.g. ``optuna.TrialPruned``) stop training and propagate.
+    """
+
+    #: Set to True to receive :meth:`on_grads_computed` (costs a little per epoch).
+    wants_grads: bool = False
+
+    def on_train_begin(self, models: Sequence[MLP]) -> None:
+        """Called once, after the models are built."""
+
+    def on_grads_computed(self, member: int, model: MLP, epoch: int) -> None:
+        """Called after ``backward`` of the first batch of each epoch, before clipping."""
+
+    def on_epoch_end(self, epoch: int, histories: Sequence[History]) -> None:
+        """Called when every active member has finished ``epoch`` (0-based)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``auto|cpu|cuda`` into a torch device (``auto``: CUDA when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Seed of member ``member``: independent of how many members train together."""
+    return (seed * 1_000_003 + member * 7919 + 17) % (2**62)
+
+
+def make_optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
+    """The optimizer the training spec names; weight decay applies to weights, not biases."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        is_weight = name.endswith("weight") and param.ndim >= 2
+        (decay if is_weight else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": training.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if training.optimizer in ("sgd", "momentum"):
+        momentum = training.momentum if training.optimizer == "momentum" else 0.0
+        return torch.optim.SGD(groups, lr=training.lr, momentum=momentum, foreach=True)
+    if training.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=training.lr, foreach=True)
+    return torch.optim.AdamW(groups, lr=training.lr, foreach=True)
+
+
+def loss_function(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if task == "classification":
+        return F.cross_entropy(output, target)
+    return F.mse_loss(output.squeeze(-1), target)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, task: Task) -> tuple[float, float]:
+    """Loss and metric (accuracy, or RMSE for regression) of ``model`` on ``(X, y)`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=X.device)
+    correct = torch.zeros((), device=X.device, dtype=torch.int64)
+    for start in range(0, X.shape[0], _EVAL_BATCH):
+        xb, yb = X[start : start + _EVAL_BATCH], y[start : start + _EVAL_BATCH]
+        out = model(xb)
+        if task == "classification":
+            loss_sum += F.cross_entropy(out, yb, reduction="sum")
+            correct += (out.argmax(dim=1) == yb).sum()
+        else:
+            loss_sum += F.mse_loss(out.squeeze(-1), yb, reduction="sum")
+    model.train(was_training)
+    n = X.shape[0]
+    loss = loss_sum.item() / n
+    metric = correct.item() / n if task == "classification" else math.sqrt(loss)
+    return loss, metric
+
+
+def _l1_penalty(model: MLP) -> torch.Tensor:
+    return torch.stack([layer.weight.abs().sum() for layer in model.linear_layers()]).sum()
+
+
+class _Member:
+    """Mutable training state of one member."""
+
+    def __init__(
+        self, index: int, data: FoldData, model: MLP, training: TrainingSpec, *, shuffle_seed: int
+    ) -> None:
+        self.index = index
+        self.data = data
+        self.model = model
+        self.optimizer = make_optimizer(model, training)
+        self.generator = torch.Generator().manual_seed(shuffle_seed)
+        self.history = History()
+        self.active = True
+        self.best_val_loss = math.inf
+        self.epochs_without_improvement = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+
+def train_models(
+    members: Sequence[FoldData],
+    *,
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    task: Task,
+    n_outputs: int,
+    seed: int,
+    callbacks: Sequence[Callback] = (),
+    device: torch.device | str = "cpu",
+) -> list[TrainedMember]:
+    """Train one MLP per member, all advancing an epoch at a time.
+
+    Parameters
+    ----------
+    members
+        Data of each model (e.g. the k CV folds), already on ``device``.
+    model_spec, training
+        What to build and how to train it (epochs, batch size, optimizer, L1/L2,
+        clipping, early stopping on validation loss).
+    task
+        ``classification`` (cross-entropy) or ``regression`` (MSE).
+    n_outputs
+        Output units: number of classes, or 1.
+    seed
+        Seeds initialisation, shuffling and dropout; same seed, same numbers on CPU.
+    callbacks
+        Hooks called at train begin, after the first backward of each epoch and at
+        each epoch end.
+    device
+        Where the models live; the data must already be there.
+
+    Returns
+    -------
+    list of TrainedMember
+        Each member's model (best weights under early stopping) and history.
+
+    Raises
+    ------
+    Diverged
+        When a member's training loss becomes NaN or infinite.
+    """
+    device = torch.device(device)
+    n_inputs = members[0].X_train.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        states: list[_Member] = []
+        for index, data in enumerate(members):
+            torch.manual_seed(member_seed(seed, index))
+            model = build_mlp(model_spec, n_inputs=n_inputs, n_outputs=n_outputs).to(device)
+            shuffle_seed = member_seed(seed + 1, index)
+            states.append(_Member(index, data, model, training, shuffle_seed=shuffle_seed))
+        torch.manual_seed(seed)
+        for callback in callbacks:
+            callback.on_train_begin([s.model for s in states])
+        grad_callbacks = [c for c in callbacks if c.wants_grads]
+        for epoch in range(training.epochs):
+            for state in states:
+                if state.active:
+                    _run_epoch(state, epoch, training=training, task=task, grad_callbacks=grad_callbacks)
+            histories = [s.history for s in states]
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, histories)
+            if not any(s.active for s in states):
+                break
+    for state in states:
+        _finish(state, task=task)
+    return [TrainedMember(model=s.model, history=s.history) for s in states]
+
+
+def _run_epoch(
+    state: _Member,
+    epoch: int,
+    *,
+    training: TrainingSpec,
+    task: Task,
+    grad_callbacks: Sequence[Callback],
+) -> None:
+    started = time.perf_counter()
+    model, optimizer, data = state.model, state.optimizer, state.data
+    X, y = data.X_train, data.y_train
+    n = X.shape[0]
+    batch_size = min(training.batch_size, n)
+    perm = torch.randperm(n, generator=state.generator).to(X.device, non_blocking=True)
+    # BatchNorm cannot train on a batch of one sample: drop such a last batch.
+    stop = n - 1 if (has_batch_norm(model) and n % batch_size == 1) else n
+    clip = training.grad_clip
+    l1 = training.l1
+    classification = task == "classification"
+    loss_sum = torch.zeros((), device=X.device)
+    correct = torch.zeros((), device=X.device, dtype=torch.int64)
+    model.train()
+    for step, start in enumerate(range(0, stop, batch_size)):
+        idx = perm[start : min(start + batch_size, stop)]
+        xb = X.index_select(0, idx)
+        yb = y.index_select(0, idx)
+        out = model(xb)
+        loss = loss_function(task, out, yb)
+        objective = loss + l1 * _l1_penalty(model) if l1 > 0 else loss
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if step == 0:
+            for callback in grad_callbacks:
+                callback.on_grads_computed(state.index, model, epoch)
+        if clip is not None:
+            if clip.kind == "norm":
+                nn.utils.clip_grad_norm_(model.parameters(), clip.threshold, foreach=True)
+            else:
+                nn.utils.clip_grad_value_(model.parameters(), clip.threshold, foreach=True)
+        optimizer.step()
+        loss_sum += loss.detach() * idx.numel()
+        if classification:
+            correct += (out.detach().argmax(dim=1) == yb).sum()
+    train_loss = loss_sum.item() / stop
+    if not math.isfinite(train_loss):
+        raise Diverged(state.index, epoch, f"training loss is {train_loss}")
+    history = state.history
+    if training.train_metrics == "full":
+        train_loss, train_metric = evaluate(model, X, y, task=task)
+    else:
+        train_metric = correct.item() / stop if classification else math.sqrt(train_loss)
+    history.train_loss.append(train_loss)
+    history.train_metric.append(train_metric)
+    if data.X_val is not None and data.y_val is not None:
+        val_loss, val_metric = evaluate(model, data.X_val, data.y_val, task=task)
+        if not math.isfinite(val_loss):
+            raise Diverged(state.index, epoch, f"validation loss is {val_loss}")
+        history.val_loss.append(val_loss)
+        history.val_metric.append(val_metric)
+        _track_best(state, epoch, val_loss, training)
+    history.fit_seconds += time.perf_counter() - started
+
+
+def has_batch_norm(model: MLP) -> bool:
+    """Whether the model has batch-norm layers."""
+    return any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+
+
+def _track_best(state: _Member, epoch: int, val_loss: float, training: TrainingSpec) -> None:
+    stopping = training.early_stopping
+    min_delta = stopping.min_delta if stopping is not None else 0.0
+    if val_loss < state.best_val_loss - min_delta:
+        state.best_val_loss = val_loss
+        state.history.best_epoch = epoch
+        state.epochs_without_improvement = 0
+        if stopping is not None:
+            state.best_state = copy.deepcopy(state.model.state_dict())
+    else:
+        state.epochs_without_improvement += 1
+        if stopping is not None and state.epochs_without_improvement >= stopping.patience:
+            state.active = False
+            state.history.stopped_early = True
+
+
+def _finish(state: _Member, *, task: Task) -> None:
+    history = state.history
+    if state.best_state is not None:
+        state.model.load_state_dict(state.best_state)
+        history.final_epoch = history.best_epoch
+    else:
+        history.final_epoch = history.epochs_run - 1
+    loss, metric = evaluate(state.model, state.data.X_train, state.data.y_train, task=task)
+    history.final_train_loss = loss
+    history.final_train_metric = metric
