@@ -62,6 +62,8 @@ class Section:
     paragraphs: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
+    #: Long tables (e.g. one row per trial) scroll inside a box.
+    scroll_tables: bool = False
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -185,7 +187,7 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     metric = attrs.get("metric_name", "accuracy")
     rows = [
         ("selected trial", selected.number),
-        *[(f"param {k}", v) for k, v in selected.params.items()],
+        *[(f"param {k}", _fmt(v)) for k, v in selected.params.items()],
         (f"CV val {metric} (mean ± std)", _pm(attrs.get("val_metric_mean"), attrs.get("val_metric_std"))),
         ("CV val loss (mean ± std)", _pm(attrs.get("val_loss_mean"), attrs.get("val_loss_std"))),
         (f"CV train {metric} (mean)", _num(attrs.get("train_metric_mean"))),
@@ -202,6 +204,10 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
         ]
     section.tables.append(_format_table(pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})))
     return section
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _num(value: Any) -> str:
@@ -229,7 +235,7 @@ def build_sections(study: optuna.Study, frame: pd.DataFrame) -> list[Section]:
         if curves is not None:
             search.figures.append(curves)
     sections.append(search)
-    table = Section("Trials", paragraphs=["Also written as trials.csv next to this report."])
+    table = Section("Trials", paragraphs=["Also written as trials.csv next to this report."], scroll_tables=True)
     shown = frame.drop(columns=[c for c in ("fail_reason",) if c in frame], errors="ignore")
     table.tables.append(_format_table(shown))
     sections.append(table)
