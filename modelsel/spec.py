@@ -579,7 +579,12 @@ def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
         if part in _DATASET_CLASSES:
             model = _DATASET_CLASSES[part]
             continue
-        field = model.model_fields.get(part) if model is not None else None
+        if part in _DISTRIBUTION_CLASSES:
+            model = _DISTRIBUTION_CLASSES[part]
+            continue
+        if model is None:  # a key of a mapping such as ``search``; a union tag follows
+            continue
+        field = model.model_fields.get(part)
         if field is None:
             return ""
         candidates = [
@@ -591,6 +596,12 @@ def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
         return ""
     return "; allowed keys: " + ", ".join(model.model_fields)
 
+
+_DISTRIBUTION_CLASSES: dict[str, type[BaseModel]] = {
+    "int": IntDistribution,
+    "float": FloatDistribution,
+    "categorical": CategoricalDistribution,
+}
 
 _DATASET_CLASSES: dict[str, type[BaseModel]] = {
     "digits": DigitsSpec,
