@@ -225,7 +225,7 @@ def run_d2l(
         start,
         fold_epochs=len(cells) * folds * epochs,
         samples_by_width=_samples_by_width(grid, labels[chosen], folds, epochs),
-        best_cv_accuracy=round(float(best.value), 5),
+        best_cv_accuracy=round(study.best_value, 5),
         best_params=best.params,
         best_cv_std=round(float(np.std(fold_scores[best.number])), 5),
         train_size=len(chosen),
@@ -347,7 +347,7 @@ def _grid_search_result(
 # ----------------------------------------------------------------------- gemm
 
 
-def gemm_step_seconds(width: int, batch: int = BATCH_SIZE, repeats: int = 7, min_time: float = 0.25) -> float:
+def gemm_step_seconds(width: int, batch: int = BATCH_SIZE, repeats: int = 15, min_time: float = 0.1) -> float:
     """Best-of-``repeats`` seconds of the GEMMs of one training step of the 784-``width``-10 MLP.
 
     The five ``torch.mm`` calls use the layouts autograd uses for ``nn.Linear`` (weights
@@ -401,7 +401,7 @@ def _best_time(fn: Callable[[], None], repeats: int, min_time: float) -> float:
     return best
 
 
-def run_gemm(widths: Sequence[int], repeats: int = 7) -> dict[str, Any]:
+def run_gemm(widths: Sequence[int], repeats: int = 15) -> dict[str, Any]:
     """The GEMM limit of a training step at batch 256 for each width (float32 ``torch.mm``)."""
     start = time.perf_counter()
     per_width: dict[str, dict[str, float]] = {}

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -87,6 +88,7 @@ class Settings:
     threads: int | None
     root: str
     timeout_s: float
+    quiet_wait_s: float
     out_dir: Path
     acc_tol: float
 
@@ -100,6 +102,8 @@ class Outcome:
     command: list[str]
     process_s: float | None = None
     load_before: float | None = None
+    other_cpu_s: float | None = None
+    waited_s: float | None = None
     error: str | None = None
     inner_s: float | None = None
     fold_epochs: int | None = None
@@ -199,11 +203,51 @@ def entry_command(settings: Settings, key: str) -> list[str]:
 # ------------------------------------------------------------------- running
 
 
-def _last_line(*texts: str) -> str:
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes on the machine have used since boot (``/proc/stat``), if readable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()[1:]
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait is busy.
+    ticks = [int(v) for v in fields[:8]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait: float, busy_fraction: float = 0.15, window: float = 2.0) -> float:
+    """Wait up to ``max_wait`` seconds for the machine's CPUs to be idle; return the seconds waited.
+
+    Quiet means less than ``busy_fraction`` of all CPUs busy over a ``window``-second sample,
+    so that an entry does not start while another process (possibly in another container
+    sharing these cores, invisible to ``ps``) is computing.
+    """
+    start = time.perf_counter()
+    cpus = os.cpu_count() or 1
+    while max_wait > 0:
+        before = busy_cpu_seconds()
+        time.sleep(window)
+        after = busy_cpu_seconds()
+        if before is None or after is None:
+            break
+        if (after - before) / (window * cpus) < busy_fraction or time.perf_counter() - start >= max_wait:
+            break
+    return round(time.perf_counter() - start, 1)
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children (and their waited-for descendants)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _last_line(*texts: str, limit: int | None = 300) -> str:
+    """The last non-empty line of the first text that has one (cut to ``limit`` characters)."""
     for text in texts:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
-            return lines[-1][:300]
+            return lines[-1][:limit]
     return "no output"
 
 
@@ -218,8 +262,11 @@ def run_entry(settings: Settings, key: str) -> Outcome:
     env = {**os.environ, "MODELSEL_DATA_ROOT": settings.root}
     if settings.threads is not None and key not in ("gemm", *GRID_BASELINES):
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
+    outcome.waited_s = wait_for_quiet(settings.quiet_wait_s)
     outcome.load_before = round(os.getloadavg()[0], 2)
-    print(f"[{time.strftime('%H:%M:%S')}] {key}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    waited = f" (waited {outcome.waited_s:.0f} s for idle CPUs)" if outcome.waited_s else ""
+    print(f"[{time.strftime('%H:%M:%S')}] {key}{waited}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    busy_start, children_start = busy_cpu_seconds(), children_cpu_seconds()
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -232,6 +279,11 @@ def run_entry(settings: Settings, key: str) -> Outcome:
             (work / f"{name}.log").write_text(text)
         return outcome
     outcome.process_s = round(time.perf_counter() - start, 3)
+    busy_end = busy_cpu_seconds()
+    if busy_start is not None and busy_end is not None:
+        # Busy CPU time on the machine during the entry that its own process tree did not use.
+        own = children_cpu_seconds() - children_start
+        outcome.other_cpu_s = round(max(0.0, busy_end - busy_start - own), 1)
     (work / "stdout.log").write_text(proc.stdout)
     (work / "stderr.log").write_text(proc.stderr)
     if proc.returncode != 0:
@@ -248,7 +300,7 @@ def run_entry(settings: Settings, key: str) -> Outcome:
 
 
 def _read_baseline(outcome: Outcome, stdout: str) -> None:
-    result = json.loads(_last_line(stdout) if stdout.strip() else "{}")
+    result = json.loads(_last_line(stdout, limit=None))
     outcome.inner_s = result["wall_s"]
     outcome.fold_epochs = result["fold_epochs"]
     outcome.samples_by_width = {str(k): int(v) for k, v in result["samples_by_width"].items()}
@@ -337,6 +389,10 @@ def _acc(outcome: Outcome) -> str:
     return f"{outcome.best_cv_accuracy:.4f}{std}"
 
 
+def _contention(outcome: Outcome) -> str:
+    return f"{_fmt(outcome.load_before, 2)} / {_fmt(outcome.other_cpu_s, 1)}"
+
+
 def _params(params: dict[str, Any] | None) -> str:
     if not params:
         return "–"
@@ -384,7 +440,6 @@ def render(settings: Settings, outcomes: dict[str, Outcome], command: str, start
         key=lambda o: o.process_s or math.inf,
         default=None,
     )
-    ratio_head = "× modelsel best" if best_ms is not None else "× fastest (no modelsel entry ran)"
     size = f"{settings.train_size:,}" if settings.train_size else "all 60,000"
     widths = ", ".join(map(str, grid["width"]))
     decays = ", ".join(f"{v:g}" for v in grid["weight_decay"])
@@ -403,14 +458,37 @@ def render(settings: Settings, outcomes: dict[str, Outcome], command: str, start
         "",
         "## The grid: same configurations, folds and epochs for every way",
         "",
+    ]
+    if not grid_keys:
+        lines.append("No grid entry was selected in this run.")
+    else:
+        lines += _grid_table(settings, outcomes, grid_keys, reference, best_ms is not None)
+    lines += ["", *_gemm_lines(gemm, outcomes, grid_keys), ""]
+    lines += _target_lines(settings, outcomes, best_ms)
+    lines += _tpe_lines(settings, outcomes)
+    lines += _notes(settings, outcomes)
+    return "\n".join(lines) + "\n"
+
+
+def _grid_table(
+    settings: Settings,
+    outcomes: dict[str, Outcome],
+    grid_keys: list[str],
+    reference: Outcome | None,
+    reference_is_modelsel: bool,
+) -> list[str]:
+    gemm = outcomes.get("gemm")
+    ratio_head = "× modelsel best" if reference_is_modelsel else "× fastest (no modelsel entry ran)"
+    lines = [
         f"| way | wall s (process) | in-process s | fold-epochs/s | samples/s | {ratio_head} | "
-        "fraction of GEMM limit | best CV acc (± fold std) | best params | load before |",
+        "fraction of GEMM limit | best CV acc (± fold std) | best params | load before / others' CPU s |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for key in grid_keys:
         o = outcomes[key]
         if not o.ok:
-            lines.append(f"| {o.label} | {o.error} | | | | | | | | {_fmt(o.load_before, 2)} |")
+            error = (o.error or "").replace("|", "\\|")
+            lines.append(f"| {o.label} | {error} | | | | | | | | {_contention(o)} |")
             continue
         wall = o.process_s or math.nan
         limit = gemm_seconds(o, gemm)
@@ -419,13 +497,9 @@ def render(settings: Settings, outcomes: dict[str, Outcome], command: str, start
             f"| {o.label} | {_fmt(wall)} | {_fmt(o.inner_s)} | {_fmt((o.fold_epochs or 0) / wall, 2)} | "
             f"{_fmt(o.samples_trained / wall, 0)} | {_fmt(ratio, 2)} | "
             f"{_fmt(limit / wall if limit else None, 3)} | {_acc(o)} | {_params(o.best_params)} | "
-            f"{_fmt(o.load_before, 2)} |"
+            f"{_contention(o)} |"
         )
-    lines += ["", *_gemm_lines(gemm, outcomes, grid_keys), ""]
-    lines += _target_lines(settings, outcomes, best_ms)
-    lines += _tpe_lines(settings, outcomes)
-    lines += _notes(settings, outcomes)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _gemm_lines(gemm: Outcome | None, outcomes: dict[str, Outcome], grid_keys: list[str]) -> list[str]:
@@ -447,10 +521,10 @@ def _gemm_lines(gemm: Outcome | None, outcomes: dict[str, Outcome], grid_keys: l
     ]
     done = next((outcomes[k] for k in grid_keys if outcomes[k].ok and outcomes[k].samples_by_width), None)
     limit = gemm_seconds(done, gemm) if done is not None else None
-    if limit is not None:
+    if done is not None and limit is not None:
         lines.append(
-            f"The grid's training work ({done.samples_trained:,} samples) takes {limit:.1f} s at that limit; "  # type: ignore[union-attr]
-            "the fraction column is that time over each way's process wall time."
+            f"The grid's training work ({done.samples_trained:,} samples) takes {limit:.1f} s at that "
+            "limit; the fraction column is that time over each way's process wall time."
         )
     return lines
 
@@ -509,17 +583,19 @@ def _tpe_lines(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
         "modelsel `engine: auto`. Fold-epochs spent = Σ over finished trials of (epochs reported × folds).",
         "",
         "| search | wall s (process) | trials complete / pruned | fold-epochs spent | samples trained | "
-        "best CV acc (± fold std) | best params |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "best CV acc (± fold std) | best params | load before / others' CPU s |",
+        "|---|---:|---:|---:|---:|---|---|---:|",
     ]
     for key in keys:
         o = outcomes[key]
         if not o.ok:
-            lines.append(f"| {o.label} | {o.error} | | | | | |")
+            error = (o.error or "").replace("|", "\\|")
+            lines.append(f"| {o.label} | {error} | | | | | | {_contention(o)} |")
             continue
         lines.append(
             f"| {o.label} | {_fmt(o.process_s)} | {o.trials_complete} / {o.trials_pruned} | "
-            f"{o.fold_epochs:,} | {o.samples_trained:,} | {_acc(o)} | {_params(o.best_params)} |"
+            f"{o.fold_epochs:,} | {o.samples_trained:,} | {_acc(o)} | {_params(o.best_params)} | "
+            f"{_contention(o)} |"
         )
     plain, pruned = outcomes.get("tpe"), outcomes.get("tpe-median")
     if plain and pruned and plain.ok and pruned.ok and plain.fold_epochs:
@@ -551,10 +627,21 @@ def _notes(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
         "to the gradient where torch's `weight_decay` adds `weight_decay · W`: at batch 256 its penalty is "
         "256× weaker for the same number. sklearn also initializes with Glorot-uniform rather than torch's "
         "Kaiming-uniform.",
-        "- *load before*: the 1-minute load average when the entry started. On a 2-core machine anything "
-        "above ≈0.3 means another process competed for the cores and the timings of that entry are "
-        "pessimistic.",
+        "- *load before / others' CPU s*: the 1-minute load average when the entry started, and the CPU "
+        "seconds that processes outside the entry used on the machine while it ran (from `/proc/stat` less "
+        "the entry's own process tree). More than a few seconds means something else competed for the "
+        "cores and that entry's timings are pessimistic; rerun it on a quiet machine. Each entry waits "
+        f"(up to {settings.quiet_wait_s:g} s, `--quiet-wait`) for idle CPUs before it starts.",
     ]
+    cells = len(GRIDS[settings.grid]["width"]) * len(GRIDS[settings.grid]["weight_decay"])
+    for key in MODELSEL_GRID:
+        o = outcomes.get(key)
+        finished = (o.trials_complete or 0) + (o.trials_pruned or 0) if o is not None and o.ok else cells
+        if o is not None and finished != cells:
+            lines.append(
+                f"- {o.label} finished {finished} trials for a {cells}-cell grid; its fold-epochs, "
+                "samples/s and GEMM fraction count all the work it did."
+            )
     failed = [o for o in outcomes.values() if not o.ok]
     if failed:
         lines.append(
@@ -588,6 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--acc-tol", type=float, default=None, help="accuracy agreement (default 0.01, 0.03 quick)"
     )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="before each entry, wait up to this many seconds for idle CPUs (0: don't wait)",
+    )
     parser.add_argument("--log-dir", type=Path, default=HERE / "out", help="parent folder of the run's logs")
     return parser
 
@@ -610,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         root=str(Path(data_root(args.data_root)).resolve()),
         timeout_s=args.timeout or (600.0 if args.quick else 1800.0),
+        quiet_wait_s=args.quiet_wait,
         out_dir=(args.log_dir / stamp).resolve(),
         acc_tol=args.acc_tol if args.acc_tol is not None else (0.03 if args.quick else 0.01),
     )
