@@ -40,6 +40,8 @@ from modelsel.training import resolve_device
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # Spec sections that may change between runs of one study without changing what it measures.
 _RUN_ONLY_KEYS = ("budget", "storage", "description")
+# Training keys that say where a study runs, not what it measures (--device may differ on resume).
+_RUN_ONLY_TRAINING_KEYS = ("device",)
 
 
 @dataclass
@@ -140,6 +142,8 @@ def spec_fingerprint(spec: StudySpec) -> dict[str, Any]:
     data = spec.model_dump(mode="json")
     for key in _RUN_ONLY_KEYS:
         data.pop(key, None)
+    for key in _RUN_ONLY_TRAINING_KEYS:
+        data.get("training", {}).pop(key, None)
     return data
 
 
@@ -195,6 +199,8 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
         existing = None
     if existing is not None:
         stored = json.loads(existing.user_attrs.get("spec", "{}"))
+        for key in _RUN_ONLY_TRAINING_KEYS:  # fingerprints stored before device was run-only
+            stored.get("training", {}).pop(key, None)
         changed = _differences(stored, fingerprint)
         if changed:
             raise UserError(
