@@ -29,8 +29,9 @@ def default_storage_url(output_dir: str | Path, study_name: str) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL with any password replaced by ``***`` (everything up to the last ``@``: when in
+    doubt, hide more)."""
+    return re.sub(r"(://[^:/@]+:).*@", r"\1***@", url)
 
 
 def storage_kind(url: str) -> str:
@@ -49,6 +50,10 @@ def storage_kind(url: str) -> str:
     if scheme in ("sqlite", "postgresql", "postgres", "mysql"):
         if scheme == "sqlite" and not url.startswith("sqlite:///"):
             raise StorageError(f"storage URL '{redact(url)}' is malformed; {_HINT}")
+        if scheme != "sqlite" and urlsplit(url).netloc.count("@") > 1:
+            raise StorageError(
+                f"storage URL '{redact(url)}' has '@' in its user name or password; write each such '@' as %40"
+            )
         return "postgresql" if scheme == "postgres" else scheme
     raise StorageError(f"storage URL '{redact(url)}' is not supported; {_HINT}")
 
