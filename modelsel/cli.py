@@ -167,7 +167,8 @@ def list_command(storage: str | None, output_dir: Path) -> None:
         click.echo(f"No studies under {output_dir}/ (run 'modelsel study run' or pass --storage).")
         return
     for url in urls:
-        summaries = optuna.get_all_study_summaries(open_storage(url, heartbeat=False), include_best_trial=False)
+        opened = open_storage(url, heartbeat=False, must_exist=True)
+        summaries = optuna.get_all_study_summaries(opened, include_best_trial=False)
         for summary in sorted(summaries, key=lambda s: s.study_name):
             click.echo(f"{summary.study_name}\t{summary.n_trials} trials\t{display_url(url)}")
 

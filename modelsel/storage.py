@@ -96,7 +96,7 @@ def display_url(url: str) -> str:
     return redact(url)
 
 
-def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = True) -> Any:
+def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = True, must_exist: bool = False) -> Any:
     """Open an Optuna storage, turning connection problems into one-line errors.
 
     Parameters
@@ -107,6 +107,9 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         Create the folder of a file storage if it is missing.
     heartbeat
         Let Optuna mark trials of crashed processes as failed (RDB storages).
+    must_exist
+        Refuse a file storage that does not exist instead of creating an empty one
+        (for commands that only read studies).
 
     Raises
     ------
@@ -119,6 +122,8 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
     check_storage_url(url, create_parent=create_parent)
     kind = storage_kind(url)
     path = local_path(url)
+    if must_exist and path is not None and not path.is_file():
+        raise StorageError(f"storage URL '{url}': no study storage at {path}; check the path")
     if path is not None and create_parent:
         path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "journal":
@@ -150,7 +155,7 @@ def study_names(url: str) -> list[str]:
     """Names of the studies stored at ``url``."""
     import optuna
 
-    storage = open_storage(url, heartbeat=False)
+    storage = open_storage(url, heartbeat=False, must_exist=True)
     return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 

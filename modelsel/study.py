@@ -525,7 +525,7 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
     UserError
         When no study of that name is stored there (the message lists those that are).
     """
-    storage = open_storage(storage_url, heartbeat=False)
+    storage = open_storage(storage_url, heartbeat=False, must_exist=True)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
