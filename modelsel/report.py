@@ -79,6 +79,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row[key] = trial.user_attrs.get(key)
         row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None
         rows.append(row)
+    if not rows:  # keep the columns, so that a study without trials still reports
+        return pd.DataFrame(columns=["trial", "state", *objectives, *_SUMMARY_ATTRS, "duration_s"])
     return pd.DataFrame(rows)
 
 
