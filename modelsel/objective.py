@@ -17,11 +17,13 @@ import torch
 from modelsel.cv import CVResult, cross_validate, fold_indices, fold_mean_curve, make_fold_data, mean_std
 from modelsel.diagnostics import GradientStats, mean_weight_stats
 from modelsel.models import mlp_param_count
+from modelsel.regimes import baseline_error, classify, numbers_from_attrs
 from modelsel.spec import (
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
     StudySpec,
+    SweepSpec,
     with_params,
 )
 from modelsel.training import Callback, Diverged, FoldData, History
@@ -49,7 +51,7 @@ def rounded(value: Any, digits: int = 6) -> Any:
 
 def sweep_grid(spec: StudySpec) -> dict[str, list[Any]]:
     """The GridSampler search space of a sweep spec (a ``seed`` axis when ``repeats`` > 1)."""
-    assert spec.sweep is not None
+    assert isinstance(spec.sweep, SweepSpec), "a list of sweep grids runs one study per grid"
     grid: dict[str, list[Any]] = {axis: list(values) for axis, values in spec.sweep.axes.items()}
     if spec.sweep.repeats > 1:
         grid[SWEEP_SEED_PARAM] = [spec.seed + r for r in range(spec.sweep.repeats)]
@@ -159,6 +161,8 @@ class StudyObjective:
         n_params = mlp_param_count(trial_spec.model, n_inputs=dataset.n_features, n_outputs=dataset.n_outputs)
         trial.set_user_attr("n_params", n_params)
         trial.set_user_attr("n_train", int(dataset.X_train.shape[0]))
+        baseline = rounded(baseline_error(dataset.y_train, dataset.task))
+        trial.set_user_attr("baseline_error", baseline)
         gradient_stats = GradientStats()
         callbacks: list[Callback] = [gradient_stats]
         if len(self.objectives) == 1 and self.objectives[0] in _CURVE_OF_OBJECTIVE:
@@ -174,9 +178,16 @@ class StudyObjective:
         except Diverged as exc:
             trial.set_user_attr("fail_reason", f"diverged: {exc}")
             trial.set_user_attr("regime", "diverged")
+            trial.set_user_attr("regime_reason", f"training diverged: {exc.reason}")
             trial.set_user_attr("grad_norms", rounded(gradient_stats.fold_mean()))
             raise optuna.TrialPruned(f"diverged: {exc}") from None
-        for key, value in trial_record(result, gradient_stats).items():
+        record = trial_record(result, gradient_stats)
+        numbers = numbers_from_attrs({**record, "baseline_error": baseline})
+        if numbers is not None:
+            # The label from the trial's own numbers; a sweep's report relabels with its neighbours.
+            verdict = classify(numbers, self.spec.regimes)
+            record.update(regime=verdict.regime, regime_reason=verdict.reason, regime_evidence=verdict.evidence)
+        for key, value in rounded(record).items():
             trial.set_user_attr(key, value)
         values = [self._objective_value(name, result, n_params) for name in self.objectives]
         return values[0] if len(values) == 1 else values

@@ -222,11 +222,16 @@ def _pm(mean: Any, std: Any) -> str:
     return f"{mean:.4f} ± {std:.4f}" if isinstance(std, (int, float)) else f"{mean:.4f}"
 
 
-def build_sections(study: optuna.Study, frame: pd.DataFrame) -> list[Section]:
-    """All report sections for a study, in order."""
+def build_sections(
+    study: optuna.Study, frame: pd.DataFrame, *, output_dir: str | Path | None = None
+) -> list[Section]:
+    """All report sections for a study, in order (a sweep's sections also write
+    ``sweep.csv`` and its plots into ``output_dir`` when given)."""
     from modelsel.study import best_trial
+    from modelsel.sweeps import sweep_sections
 
     sections = [summary_section(study, frame)]
+    sections += sweep_sections(study, output_dir=output_dir)
     search = Section("Search")
     for figure in (plot_history(study, frame), plot_importance(study)):
         if figure is not None:
@@ -263,7 +268,7 @@ def build_report(study: optuna.Study, *, output_dir: str | Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     frame = trials_frame(study)
     frame.to_csv(output / "trials.csv", index=False)
-    sections = build_sections(study, frame)
+    sections = build_sections(study, frame, output_dir=output)
     spec = json.loads(study.user_attrs.get("spec_full", "{}") or "{}")
     environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
     html = environment.get_template("report.html").render(

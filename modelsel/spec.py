@@ -338,6 +338,35 @@ class BudgetSpec(_Section):
     timeout: float | None = Field(None, gt=0.0, description="seconds for this run")
 
 
+class RegimeSpec(_Section):
+    """Thresholds of the regime labels (underfit / good / overfit / diverged).
+
+    Errors are the error rate (1 − accuracy) for classification and the MSE for
+    regression; ``*_error`` and ``overfit_gap`` are shares of the *baseline error*, the
+    training-split error of a trivial predictor (majority class, or the mean target).
+    The rule is written out in the README ("Regimes").
+    """
+
+    underfit_error: float = Field(
+        0.25, gt=0.0, description="train error / baseline error at or above which a trial underfits"
+    )
+    overfit_gap: float = Field(
+        0.05, gt=0.0, description="(val error - train error) / baseline error at or above which a trial overfits"
+    )
+    val_rise: float = Field(
+        0.2, gt=0.0, description="val loss ending this share above its minimum while train loss falls: overfit"
+    )
+    diverge_ratio: float = Field(
+        1.0, gt=0.0, description="last-epoch train loss above this multiple of the first epoch's: diverged"
+    )
+    tolerance_se: float = Field(
+        1.0, ge=0.0, description="sweep: within this many standard errors of the best cell's val error is good"
+    )
+    tolerance_rel: float = Field(
+        0.05, ge=0.0, description="sweep: within this share of the best cell's val error is good"
+    )
+
+
 def _name_shorthand(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
@@ -355,7 +384,10 @@ class StudySpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     search: dict[str, Distribution] = Field(default_factory=dict)
-    sweep: SweepSpec | None = None
+    sweep: SweepSpec | list[SweepSpec] | None = Field(
+        None, description="a grid over one or two axes, or a list of grids (one study per grid)"
+    )
+    regimes: RegimeSpec = Field(default_factory=RegimeSpec)
     cv: CVSpec = Field(default_factory=CVSpec)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
@@ -396,9 +428,18 @@ class StudySpec(_Section):
                 raise ValueError("give either 'search' or 'sweep', not both")
             if self.sampler.name not in ("grid", "tpe") or self.sampler.options:
                 raise ValueError("a sweep runs on the grid sampler; leave 'sampler' out")
-            for axis, values in self.sweep.axes.items():
-                for value in values:
-                    with_field(self, axis, value)
+            grids = self.sweep_list()
+            if not grids:
+                raise ValueError("sweep: list at least one grid, or leave 'sweep' out")
+            if len({tuple(g.axes) for g in grids}) != len(grids):
+                raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
+            for grid in grids:
+                for axis, values in grid.axes.items():
+                    for value in values:
+                        try:
+                            with_field(self, axis, value)
+                        except ValueError as exc:
+                            raise ValueError(f"sweep.{axis}: {exc}") from None
         elif self.sampler.name == "grid":
             for key, dist in self.search.items():
                 if isinstance(dist, FloatDistribution) and dist.step is None:
@@ -432,6 +473,12 @@ class StudySpec(_Section):
     @property
     def is_sweep(self) -> bool:
         return self.sweep is not None
+
+    def sweep_list(self) -> list[SweepSpec]:
+        """The sweep's grids: none, one, or several (a list of grids runs one study per grid)."""
+        if self.sweep is None:
+            return []
+        return list(self.sweep) if isinstance(self.sweep, list) else [self.sweep]
 
     def to_json(self) -> str:
         """Canonical JSON of the spec (stored with the study)."""

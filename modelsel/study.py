@@ -170,8 +170,8 @@ def preflight(spec: StudySpec) -> str:
         raise SpecError("objectives: val_accuracy needs a classification dataset; use val_loss")
     fold_indices(dataset, spec.cv, seed=spec.seed)
     variants: list[dict[str, Any]] = []
-    if spec.sweep is not None:
-        for axis, values in spec.sweep.axes.items():
+    for grid in spec.sweep_list():
+        for axis, values in grid.axes.items():
             if resolve_field(spec, axis)[0] == "dataset":
                 variants += [{axis: v} for v in values]
     for key, dist in spec.search.items():
@@ -221,6 +221,8 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     )
     study.set_user_attr("spec", json.dumps(fingerprint, sort_keys=True))
     study.set_user_attr("spec_full", spec.to_json())
+    if spec.sweep_list():
+        study.set_user_attr("sweep_axes", list(spec.sweep_list()[0].axes))  # spec_full sorts keys
     study.set_user_attr("objectives", objectives)
     study.set_user_attr("task", task)
     study.set_user_attr("modelsel_version", __version__)
@@ -330,6 +332,20 @@ def run_study(
     """
     if workers < 1:
         raise UserError("--workers must be at least 1")
+    if isinstance(spec.sweep, list):
+        from modelsel.sweeps import run_sweep_maps
+
+        return run_sweep_maps(
+            spec,
+            storage=storage,
+            output_dir=output_dir,
+            n_trials=n_trials,
+            timeout=timeout,
+            device=device,
+            workers=workers,
+            progress=progress,
+            build_report=build_report,
+        )
     if device is not None:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
     try:

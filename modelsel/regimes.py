@@ -1,0 +1,408 @@
+"""Regime labels: does a trained configuration underfit, fit well, overfit or diverge?
+
+Two rules, both written out in plain words in the README ("Regimes"):
+
+* :func:`classify` reads one trial's own numbers (train and validation error, the
+  generalization gap, the loss curves) and is stored with every finished trial as the
+  user attribute ``regime`` (with ``regime_reason`` and ``regime_evidence``).
+* :func:`classify_in_context` relabels the cells of a sweep using their neighbours:
+  the best cell trained on the same data is the yardstick, and a worse cell is
+  underfit or overfit depending on which side of the best it lies on a capacity axis
+  (the U-shaped validation curve), or else on whether its extra validation error comes
+  from a higher training error or a larger gap. The report stores it as ``sweep_regime``.
+
+Errors are the error rate (1 − accuracy) for classification and the MSE for
+regression. Thresholds are shares of the *baseline error* (the training-split error of
+the majority class or of the mean target), so one default serves every dataset.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from modelsel.spec import RegimeSpec
+
+REGIMES = ("underfit", "good", "overfit", "diverged")
+
+#: How a larger value of a model/training field changes capacity: +1 more, -1 less.
+CAPACITY_DIRECTION: dict[str, int] = {
+    "width": 1,
+    "depth": 1,
+    "degree": 1,
+    "epochs": 1,
+    "weight_decay": -1,
+    "l1": -1,
+    "dropout": -1,
+}
+
+
+@dataclass(frozen=True)
+class TrialNumbers:
+    """What the regime rule reads about one trained configuration (fold means).
+
+    ``*_error`` is the error rate for classification and the MSE for regression; the
+    loss curves are fold means per epoch; ``final_epoch`` is the (0-based) epoch whose
+    weights the folds ended with (early stopping restores an earlier one).
+    """
+
+    train_error: float
+    val_error: float
+    baseline_error: float | None = None
+    train_loss_curve: Sequence[float] = ()
+    val_loss_curve: Sequence[float] = ()
+    final_epoch: int | None = None
+    fold_train_errors: Sequence[float] = ()
+    fold_val_errors: Sequence[float] = ()
+
+    @property
+    def gap(self) -> float:
+        return self.val_error - self.train_error
+
+
+@dataclass
+class Verdict:
+    """A regime label with the plain-words reason and the numbers behind it."""
+
+    regime: str
+    reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ from storage
+
+
+def baseline_error(y_train: torch.Tensor, task: str) -> float:
+    """Training-split error of a trivial predictor: the majority class's error rate
+    (classification) or the variance of the target, i.e. the MSE of predicting its mean."""
+    if task == "classification":
+        counts = torch.bincount(y_train.long())
+        return 1.0 - float(counts.max()) / float(counts.sum())
+    return float(y_train.double().var(unbiased=False))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if _is_number(value) else None
+
+
+def numbers_from_attrs(attrs: Mapping[str, Any]) -> TrialNumbers | None:
+    """The rule's inputs from a finished trial's user attributes (None if incomplete)."""
+    classification = attrs.get("metric_name", "accuracy") == "accuracy"
+    if classification:
+        fold_train = [1.0 - v for v in attrs.get("fold_train_metric") or [] if _is_number(v)]
+        fold_val = [1.0 - v for v in attrs.get("fold_val_metric") or [] if _is_number(v)]
+        train_metric, val_metric = _number(attrs.get("train_metric_mean")), _number(attrs.get("val_metric_mean"))
+        train = None if train_metric is None else 1.0 - train_metric
+        val = None if val_metric is None else 1.0 - val_metric
+    else:
+        fold_train = [v for v in attrs.get("fold_train_loss") or [] if _is_number(v)]
+        fold_val = [v for v in attrs.get("fold_val_loss") or [] if _is_number(v)]
+        train, val = _number(attrs.get("train_loss_mean")), _number(attrs.get("val_loss_mean"))
+    if train is None or val is None:
+        return None
+    curves = attrs.get("curves") or {}
+    final_epochs = attrs.get("final_epochs") or []
+    lengths = [len(c) for c in (attrs.get("fold_curves") or {}).get("val_loss", [])]
+    # The epoch whose weights the folds ended with, on the fold-mean curve: the last one
+    # unless early stopping restored earlier weights in every fold.
+    final_epoch = None
+    if final_epochs and lengths and any(f != n for f, n in zip(final_epochs, lengths, strict=False)):
+        final_epoch = max(final_epochs) - 1
+    baseline = _number(attrs.get("baseline_error"))
+    return TrialNumbers(
+        train_error=train,
+        val_error=val,
+        baseline_error=baseline if baseline is not None and baseline > 0 else None,
+        train_loss_curve=[float(v) if _is_number(v) else math.nan for v in curves.get("train_loss", [])],
+        val_loss_curve=[float(v) if _is_number(v) else math.nan for v in curves.get("val_loss", [])],
+        final_epoch=final_epoch,
+        fold_train_errors=fold_train,
+        fold_val_errors=fold_val,
+    )
+
+
+def error_name(metric_name: str) -> str:
+    """What 'error' means for a trial whose metric is ``metric_name``."""
+    return "error" if metric_name == "accuracy" else "MSE"
+
+
+# ------------------------------------------------------------- own numbers only
+
+
+def _finite(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def curve_shape(numbers: TrialNumbers) -> dict[str, Any]:
+    """Validation-loss rise above its minimum, up to the epoch the weights come from,
+    and whether the training loss fell over the same epochs."""
+    val = list(numbers.val_loss_curve)
+    train = list(numbers.train_loss_curve)
+    if not val or not _finite(val):
+        return {}
+    end = len(val) - 1 if numbers.final_epoch is None else min(numbers.final_epoch, len(val) - 1)
+    best_epoch = min(range(end + 1), key=lambda e: val[e])
+    low = val[best_epoch]
+    rise = (val[end] - low) / low if low > 0 else 0.0
+    fell = bool(train) and len(train) > end and train[end] < train[best_epoch]
+    return {
+        "val_loss_min": low,
+        "val_loss_min_epoch": best_epoch + 1,
+        "val_loss_end": val[end],
+        "val_rise": rise,
+        "train_loss_fell_after_min": fell,
+    }
+
+
+def classify(numbers: TrialNumbers, thresholds: RegimeSpec | None = None) -> Verdict:
+    """Label one trial from its own numbers.
+
+    In order, the first that holds:
+
+    1. ``diverged``: a non-finite error or loss, or the last epoch's training loss
+       above ``diverge_ratio`` × the first epoch's;
+    2. ``underfit``: training error ≥ ``underfit_error`` × baseline error;
+    3. ``overfit``: gap (val − train error) ≥ ``overfit_gap`` × baseline error, or the
+       validation loss ended ≥ ``val_rise`` above its minimum while the training loss
+       kept falling;
+    4. ``good``.
+    """
+    t = thresholds or RegimeSpec()
+    evidence: dict[str, Any] = {
+        "train_error": numbers.train_error,
+        "val_error": numbers.val_error,
+        "gap": numbers.gap,
+        "baseline_error": numbers.baseline_error,
+    }
+    values = [numbers.train_error, numbers.val_error, *numbers.train_loss_curve, *numbers.val_loss_curve]
+    if not _finite(values):
+        return Verdict("diverged", "a loss or error is not finite", evidence)
+    train_curve = list(numbers.train_loss_curve)
+    if len(train_curve) >= 2:
+        first, last = train_curve[0], train_curve[-1]
+        evidence.update(train_loss_first=first, train_loss_last=last)
+        if last > t.diverge_ratio * first:
+            return Verdict(
+                "diverged",
+                f"training loss ended at {last:.4g}, above its first-epoch value {first:.4g}",
+                evidence,
+            )
+    baseline = numbers.baseline_error
+    if baseline:
+        train_share = numbers.train_error / baseline
+        gap_share = numbers.gap / baseline
+        evidence.update(train_share=train_share, gap_share=gap_share)
+        if train_share >= t.underfit_error:
+            return Verdict(
+                "underfit",
+                f"training error {numbers.train_error:.4g} is {train_share:.0%} of the trivial "
+                f"predictor's {baseline:.4g} (threshold {t.underfit_error:.0%})",
+                evidence,
+            )
+        if gap_share >= t.overfit_gap:
+            return Verdict(
+                "overfit",
+                f"validation error {numbers.val_error:.4g} exceeds training error {numbers.train_error:.4g} "
+                f"by {numbers.gap:.4g}, {gap_share:.0%} of the trivial predictor's error "
+                f"(threshold {t.overfit_gap:.0%})",
+                evidence,
+            )
+    shape = curve_shape(numbers)
+    evidence.update(shape)
+    if shape and shape["val_rise"] >= t.val_rise and shape["train_loss_fell_after_min"]:
+        return Verdict(
+            "overfit",
+            f"validation loss rose {shape['val_rise']:.0%} above its minimum (epoch "
+            f"{shape['val_loss_min_epoch']}) while training loss kept falling",
+            evidence,
+        )
+    return Verdict("good", "fits its training data and generalizes within the thresholds", evidence)
+
+
+# --------------------------------------------------------------- sweep context
+
+
+@dataclass
+class Cell:
+    """One finished trial of a sweep, for :func:`classify_in_context`.
+
+    ``axes`` holds the swept values (without the repeat seed); ``data_key`` identifies
+    the data the cell was trained on (values of swept dataset fields such as
+    ``train_size``); cells are compared only with cells of the same data.
+    """
+
+    axes: dict[str, Any]
+    numbers: TrialNumbers
+    own: Verdict
+    seed: Any = None
+    data_key: tuple[Any, ...] = ()
+
+    @property
+    def cell_key(self) -> tuple[Any, ...]:
+        return tuple((k, _key(v)) for k, v in sorted(self.axes.items()))
+
+
+def _key(value: Any) -> str:
+    # Grid values compare by value: 0 and 0.0 (or a numpy scalar) are the same cell.
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, str)):
+        value = value.item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(float(value))
+    return repr(value)
+
+
+def _capacity_value(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+        return float(sum(value))  # per-layer widths: total units
+    return None
+
+
+def capacity_side(axes: Mapping[str, Any], best: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """Whether ``axes`` has more (+1) or less (-1) capacity than ``best``; 0 when axes
+    disagree or one that differs has no known direction. Also the differing axes."""
+    signs: set[int] = set()
+    differing: list[str] = []
+    for axis, value in axes.items():
+        if _key(value) == _key(best.get(axis)):
+            continue
+        differing.append(axis)
+        field_name = axis.rpartition(".")[2]
+        direction = CAPACITY_DIRECTION.get(field_name)
+        here, there = _capacity_value(value), _capacity_value(best.get(axis))
+        if direction is None or here is None or there is None or here == there:
+            return 0, differing
+        signs.add(direction * (1 if here > there else -1))
+    return (signs.pop() if len(signs) == 1 else 0), differing
+
+
+def _paired_difference(rows: Sequence[Cell], best_rows: Sequence[Cell]) -> tuple[float, float]:
+    """Mean and standard error of a cell's validation error minus the best cell's.
+
+    Folds are shared by cells trained with the same seed on the same data, so the
+    per-fold differences are paired (pooled over repeats); when a row has no partner
+    the best cell's own fold spread gives the standard error.
+    """
+    diffs: list[float] = []
+    for row in rows:
+        partner = next((b for b in best_rows if _key(b.seed) == _key(row.seed)), None)
+        mine = list(row.numbers.fold_val_errors)
+        if partner is None or not mine or len(partner.numbers.fold_val_errors) != len(mine):
+            diffs = []
+            break
+        diffs += [a - b for a, b in zip(mine, partner.numbers.fold_val_errors, strict=True)]
+    if diffs:
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+        return statistics.fmean(diffs), se
+    best_val = statistics.fmean(b.numbers.val_error for b in best_rows)
+    folds = [e for b in best_rows for e in b.numbers.fold_val_errors]
+    se = statistics.stdev(folds) / math.sqrt(len(folds)) if len(folds) > 1 else 0.0
+    return statistics.fmean(r.numbers.val_error for r in rows) - best_val, se
+
+
+def _fmt_axes(axes: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in axes.items())
+
+
+def classify_in_context(cells: Sequence[Cell], thresholds: RegimeSpec | None = None) -> list[Verdict]:
+    """Relabel the cells of a sweep using their neighbours (same order as ``cells``).
+
+    Within the cells trained on the same data, the best cell (lowest validation error,
+    averaged over repeats) is the yardstick:
+
+    * a cell whose own numbers say ``diverged``, ``underfit`` or ``overfit`` keeps it;
+    * a cell within ``tolerance_se`` standard errors (of the paired per-fold difference)
+      or within ``tolerance_rel`` of the best validation error is ``good``;
+    * a worse cell on a capacity axis is ``overfit`` when it has more capacity than the
+      best cell (wider, deeper, higher degree, more epochs, less weight decay, L1 or
+      dropout) and ``underfit`` when it has less: the two sides of the U-shaped
+      validation curve;
+    * when the axes disagree or have no capacity direction, the worse cell is
+      ``underfit`` if its extra validation error over the best comes more from a higher
+      training error, ``overfit`` if more from a larger gap.
+    """
+    t = thresholds or RegimeSpec()
+    verdicts: list[Verdict | None] = [None] * len(cells)
+    slices: dict[tuple[Any, ...], list[int]] = {}
+    for index, cell in enumerate(cells):
+        slices.setdefault(tuple(_key(k) for k in cell.data_key), []).append(index)
+    for members in slices.values():
+        by_cell: dict[tuple[Any, ...], list[int]] = {}
+        for index in members:
+            if cells[index].own.regime != "diverged":
+                by_cell.setdefault(cells[index].cell_key, []).append(index)
+        if not by_cell:
+            continue
+        best_key = min(by_cell, key=lambda k: statistics.fmean(cells[i].numbers.val_error for i in by_cell[k]))
+        best_rows = [cells[i] for i in by_cell[best_key]]
+        best = best_rows[0]
+        best_val = statistics.fmean(b.numbers.val_error for b in best_rows)
+        best_train = statistics.fmean(b.numbers.train_error for b in best_rows)
+        best_gap = best_val - best_train
+        for index in members:
+            cell = cells[index]
+            evidence: dict[str, Any] = {
+                **cell.own.evidence,
+                "best_cell": _fmt_axes(best.axes),
+                "best_val_error": best_val,
+                "own_regime": cell.own.regime,
+            }
+            if cell.own.regime != "good":
+                verdicts[index] = Verdict(cell.own.regime, cell.own.reason, evidence)
+                continue
+            if cell.cell_key == best_key:
+                verdicts[index] = Verdict("good", "lowest validation error of the sweep", evidence)
+                continue
+            # A cell is judged as a whole (its repeats pooled); its own-number labels stay per row.
+            rows = [cells[i] for i in by_cell[cell.cell_key]]
+            diff, se = _paired_difference(rows, best_rows)
+            band = max(t.tolerance_se * se, t.tolerance_rel * best_val)
+            d_train = statistics.fmean(r.numbers.train_error for r in rows) - best_train
+            d_gap = statistics.fmean(r.numbers.gap for r in rows) - best_gap
+            evidence.update(val_excess=diff, val_excess_se=se, tolerance=band, d_train=d_train, d_gap=d_gap)
+            if diff <= band:
+                verdicts[index] = Verdict(
+                    "good",
+                    f"validation error within {band:.3g} of the best cell ({_fmt_axes(best.axes)}); "
+                    f"excess {diff:.3g} ± {se:.2g}",
+                    evidence,
+                )
+                continue
+            from_gap = d_gap > d_train
+            side, differing = capacity_side(cell.axes, best.axes)
+            evidence.update(capacity_side=side, excess_from="gap" if from_gap else "training error")
+            where = f"validation error {diff:.3g} above the best cell ({_fmt_axes(best.axes)})"
+            if side != 0:
+                regime = "overfit" if side > 0 else "underfit"
+                more = "more" if side > 0 else "less"
+                reason = f"{more} capacity than the best cell ({', '.join(differing)}) and {where}"
+                if from_gap != (side > 0):
+                    reason += (
+                        "; note: its extra error comes more from a "
+                        + ("larger gap" if from_gap else "higher training error")
+                        + f" (train {d_train:+.3g}, gap {d_gap:+.3g})"
+                    )
+            else:
+                regime = "overfit" if from_gap else "underfit"
+                reason = (
+                    f"{where}, mostly from a "
+                    + ("larger gap" if from_gap else "higher training error")
+                    + f" (train {d_train:+.3g}, gap {d_gap:+.3g})"
+                )
+            verdicts[index] = Verdict(regime, reason, evidence)
+    return [
+        v if v is not None else Verdict(c.own.regime, c.own.reason, dict(c.own.evidence))
+        for v, c in zip(verdicts, cells, strict=True)
+    ]

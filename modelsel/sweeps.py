@@ -1,0 +1,731 @@
+"""Sweeps: the tidy table, regime labels in context, plots and findings, from storage alone.
+
+A sweep study's trials carry their grid values as parameters and everything else as
+user attributes, and the study carries its spec (``spec_full``). From those alone this
+module builds:
+
+* ``sweep.csv``: one row per cell × seed with every axis, fold mean/std of the train
+  and validation error, the gap, the trial's own ``regime`` and the ``sweep_regime``
+  that uses its neighbours (:func:`modelsel.regimes.classify_in_context`);
+* a validation curve per axis (a learning curve for ``train_size``), a regime map for
+  two axes, training curves of selected cells, weight size against weight decay / L1;
+* a plain-language finding per axis.
+
+A spec whose ``sweep`` lists several grids runs one study per grid
+(:func:`run_sweep_maps`), named ``<name>-<axis>-x-<axis>``, in one storage, plus a
+combined report.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import optuna
+import pandas as pd
+import seaborn as sns
+from matplotlib.colors import LogNorm
+from matplotlib.patches import Patch
+from optuna.trial import TrialState
+
+from modelsel.regimes import (
+    REGIMES,
+    Cell,
+    Verdict,
+    classify,
+    classify_in_context,
+    error_name,
+    numbers_from_attrs,
+)
+from modelsel.spec import RegimeSpec, StudySpec
+
+if TYPE_CHECKING:
+    from modelsel.report import Section
+    from modelsel.study import StudyOutcome
+
+REGIME_COLORS = {"underfit": "#4C72B0", "good": "#55A868", "overfit": "#DD8452", "diverged": "#C44E52"}
+SEED_COLUMN = "seed"
+#: Dataset fields that are model choices rather than a different data set.
+_MODEL_LIKE_DATA_FIELDS = {"degree"}
+
+
+# ------------------------------------------------------------------------- spec
+
+
+def value_key(value: Any) -> str:
+    """A comparable text key for a grid value (numpy scalars and 0 vs 0.0 agree)."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, str)):
+        value = value.item()
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(float(value))
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def sweep_info(study: optuna.Study) -> tuple[list[str], list[str], RegimeSpec, dict[str, Any]] | None:
+    """The study's sweep axes, which of them change the data, the regime thresholds and
+    the stored spec; None when the study is not a (single-grid) sweep."""
+    try:
+        spec = json.loads(study.user_attrs.get("spec_full", "") or "{}")
+    except ValueError:
+        return None
+    sweep = spec.get("sweep")
+    if not isinstance(sweep, dict) or not sweep.get("axes"):
+        return None
+    axes = list(sweep["axes"])
+    ordered = study.user_attrs.get("sweep_axes")
+    if isinstance(ordered, list) and sorted(ordered) == sorted(axes):
+        axes = list(ordered)  # the spec's own axis order (stored specs sort their keys)
+    dataset_fields = set(spec.get("dataset") or {})
+    other_fields = set(spec.get("model") or {}) | set(spec.get("training") or {})
+    data_axes = []
+    for axis in axes:
+        section, _, name = axis.rpartition(".")
+        in_data = section == "dataset" or (not section and name in dataset_fields and name not in other_fields)
+        if in_data and name not in _MODEL_LIKE_DATA_FIELDS:
+            data_axes.append(axis)
+    try:
+        thresholds = RegimeSpec.model_validate(spec.get("regimes") or {})
+    except ValueError:
+        thresholds = RegimeSpec()
+    return axes, data_axes, thresholds, spec
+
+
+# ------------------------------------------------------------------------ table
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def sweep_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial (cell × seed): axes, seed, errors (fold mean/std), gap, regimes.
+
+    Columns ``fold_train_errors``/``fold_val_errors`` (lists) are for plotting and are
+    left out of ``sweep.csv``.
+    """
+    info = sweep_info(study)
+    if info is None:
+        return pd.DataFrame()
+    axes, data_axes, thresholds, spec = info
+    default_seed = spec.get("seed", 0)
+    rows: list[dict[str, Any]] = []
+    cells: list[Cell] = []
+    cell_rows: list[int] = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            continue
+        attrs = trial.user_attrs
+        row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name.lower()}
+        row.update({axis: trial.params.get(axis) for axis in axes})
+        row[SEED_COLUMN] = trial.params.get(SEED_COLUMN, default_seed)
+        row["n_params"] = attrs.get("n_params")
+        row["n_train"] = attrs.get("n_train")
+        row["error"] = error_name(attrs.get("metric_name", "accuracy"))
+        numbers = numbers_from_attrs(attrs) if trial.state == TrialState.COMPLETE else None
+        if numbers is not None:
+            own = classify(numbers, thresholds)
+            row.update(
+                train_error=numbers.train_error,
+                train_error_std=_std(numbers.fold_train_errors),
+                val_error=numbers.val_error,
+                val_error_std=_std(numbers.fold_val_errors),
+                gap=numbers.gap,
+                train_loss=attrs.get("train_loss_mean"),
+                val_loss=attrs.get("val_loss_mean"),
+                val_loss_std=attrs.get("val_loss_std"),
+                baseline_error=numbers.baseline_error,
+                regime=attrs.get("regime", own.regime),
+                regime_reason=attrs.get("regime_reason", own.reason),
+                fold_train_errors=list(numbers.fold_train_errors),
+                fold_val_errors=list(numbers.fold_val_errors),
+            )
+            cells.append(
+                Cell(
+                    axes={a: row[a] for a in axes},
+                    numbers=numbers,
+                    own=own,
+                    seed=row[SEED_COLUMN],
+                    data_key=tuple(row[a] for a in data_axes),
+                )
+            )
+            cell_rows.append(len(rows))
+        else:
+            regime = attrs.get("regime")
+            row.update(
+                regime=regime,
+                regime_reason=attrs.get("regime_reason") or attrs.get("fail_reason"),
+                sweep_regime=regime,
+                sweep_reason=attrs.get("regime_reason") or attrs.get("fail_reason"),
+            )
+        rows.append(row)
+    for index, verdict in zip(cell_rows, classify_in_context(cells, thresholds), strict=True):
+        rows[index]["sweep_regime"] = verdict.regime
+        rows[index]["sweep_reason"] = verdict.reason
+        rows[index]["excess_from"] = verdict.evidence.get("excess_from")
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    grids = spec["sweep"]["axes"]
+    positions = {a: {value_key(v): i for i, v in enumerate(grids.get(a, []))} for a in axes}
+    frame["_order"] = frame.apply(
+        lambda r: tuple(positions[a].get(value_key(r[a]), len(positions[a])) for a in axes), axis=1
+    )
+    frame = frame.sort_values(["_order", SEED_COLUMN, "trial"], kind="stable").drop(columns="_order")
+    frame = frame.reset_index(drop=True)
+    for column in ("val_error", "sweep_regime", "sweep_reason", "regime", "excess_from"):
+        if column not in frame:
+            frame[column] = None
+    # The best cell of each data setting: lowest validation error averaged over repeats.
+    cell_keys = frame.apply(lambda r: tuple(value_key(r[a]) for a in axes), axis=1)
+    data_keys = frame.apply(lambda r: tuple(value_key(r[a]) for a in data_axes), axis=1)
+    sums: dict[tuple[str, ...], list[float]] = {}
+    for key, value in zip(cell_keys, frame["val_error"], strict=True):
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            sums.setdefault(tuple(key), []).append(float(value))
+    best: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for key, values in sums.items():
+        data = tuple(key[axes.index(a)] for a in data_axes)
+        if data not in best or statistics.fmean(values) < statistics.fmean(sums[best[data]]):
+            best[data] = key
+    frame["best_cell"] = [best.get(tuple(d)) == tuple(c) for c, d in zip(cell_keys, data_keys, strict=True)]
+    return frame
+
+
+def csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame as written to ``sweep.csv`` (fold lists left out)."""
+    return frame.drop(columns=[c for c in ("fold_train_errors", "fold_val_errors") if c in frame])
+
+
+def cell_summary(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
+    """One row per cell (repeats pooled): mean and fold std of the errors, gap and the
+    most common regime labels."""
+    done = frame[frame["val_error"].notna()] if "val_error" in frame else frame.iloc[0:0]
+    rows = []
+    for _, group in frame.groupby([frame[a].map(value_key) for a in axes], sort=False, dropna=False):
+        first = group.iloc[0]
+        row: dict[str, Any] = {a: first[a] for a in axes}
+        finished = done.loc[done.index.intersection(group.index)]
+        row["seeds"] = len(group)
+        if not finished.empty:
+            folds_val = [v for lst in finished["fold_val_errors"] for v in lst]
+            folds_train = [v for lst in finished["fold_train_errors"] for v in lst]
+            row.update(
+                train_error=float(finished["train_error"].mean()),
+                train_error_std=_std(folds_train),
+                val_error=float(finished["val_error"].mean()),
+                val_error_std=_std(folds_val),
+                gap=float(finished["gap"].mean()),
+            )
+        row["regime"] = _majority(group["regime"])
+        row["sweep_regime"] = _majority(group["sweep_regime"])
+        row["best_cell"] = bool(group["best_cell"].any())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _majority(values: pd.Series) -> Any:
+    counts = Counter(v for v in values if isinstance(v, str))
+    if not counts:
+        return None
+    return max(counts, key=lambda k: (counts[k], -REGIMES.index(k) if k in REGIMES else 0))
+
+
+# ------------------------------------------------------------------------ plots
+
+
+def _save(fig: plt.Figure, path: Path | None) -> str:
+    from modelsel.report import figure_to_base64
+
+    png = figure_to_base64(fig)
+    if path is not None:
+        path.write_bytes(base64.b64decode(png))
+    return png
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _log_scale(values: Sequence[float]) -> bool:
+    positive = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+    return bool(positive) and len(positive) == len(values) and max(positive) / min(positive) > 30
+
+
+def _regime_legend(ax: plt.Axes, regimes: Sequence[str]) -> list[Patch]:
+    return [Patch(facecolor=REGIME_COLORS[r], alpha=0.25, label=r) for r in REGIMES if r in regimes]
+
+
+def plot_validation_curve(summary: pd.DataFrame, axis: str, axes: Sequence[str], error: str) -> plt.Figure | None:
+    """Train and validation error against one axis (mean ± fold std), best value marked,
+    background shaded by each cell's sweep regime; one panel per value of the other axis."""
+    if summary.empty or "val_error" not in summary:
+        return None
+    others = [a for a in axes if a != axis]
+    panels = [(None, summary)] if not others else list(summary.groupby(summary[others[0]].map(value_key), sort=False))
+    panels = panels[:8]
+    fig, axs = plt.subplots(1, len(panels), figsize=(min(4.2 * len(panels), 16), 3.6), sharey=True, squeeze=False)
+    values_all = list(summary["val_error"].dropna()) + list(summary["train_error"].dropna())
+    log = error != "error" and _log_scale(values_all)  # error rates stay linear
+    seen: set[str] = set()
+    for ax, (_, panel) in zip(axs[0], panels, strict=False):
+        xs = list(range(len(panel)))
+        labels = [_fmt(v) for v in panel[axis]]
+        for x, regime in zip(xs, panel["sweep_regime"], strict=True):
+            if isinstance(regime, str) and regime in REGIME_COLORS:
+                ax.axvspan(x - 0.5, x + 0.5, color=REGIME_COLORS[regime], alpha=0.15, lw=0)
+                seen.add(regime)
+        for split, color in (("train", "#4C72B0"), ("val", "#DD8452")):
+            mean = panel[f"{split}_error"].to_numpy(dtype=float)
+            std = panel[f"{split}_error_std"].to_numpy(dtype=float)
+            lower = np.minimum(std, 0.9 * mean) if log else std  # a log axis cannot show mean - std <= 0
+            ax.errorbar(
+                xs,
+                mean,
+                yerr=np.vstack([lower, std]),
+                marker="o",
+                capsize=3,
+                color=color,
+                label=f"{split} {error}",
+            )
+        if panel["val_error"].notna().any():
+            best = int(np.nanargmin(panel["val_error"].to_numpy(dtype=float)))
+            ax.plot([best], [panel["val_error"].iloc[best]], marker="*", ms=16, color="black", ls="", label="best")
+        ax.set_xticks(xs, labels, rotation=30 if max(len(s) for s in labels) > 5 else 0)
+        ax.set_xlim(-0.5, len(xs) - 0.5)
+        ax.set_xlabel(axis)
+        if others:
+            ax.set_title(f"{others[0]}={_fmt(panel[others[0]].iloc[0])}", fontsize=9)
+        if log:
+            ax.set_yscale("log")
+    axs[0][0].set_ylabel(error)
+    handles, _ = axs[0][0].get_legend_handles_labels()
+    axs[0][-1].legend(handles=handles + _regime_legend(axs[0][-1], sorted(seen)), fontsize=7, loc="best")
+    sns.despine(fig)
+    fig.tight_layout()
+    return fig
+
+
+def plot_regime_map(summary: pd.DataFrame, axes: Sequence[str], error: str) -> plt.Figure | None:
+    """Heatmap of the validation error over two axes, each cell labelled by its regime."""
+    if len(axes) != 2 or summary.empty or "val_error" not in summary:
+        return None
+    rows_axis, cols_axis = axes
+    row_labels = dict(zip(summary[rows_axis].map(value_key), summary[rows_axis], strict=True))
+    col_labels = dict(zip(summary[cols_axis].map(value_key), summary[cols_axis], strict=True))
+    row_values, col_values = list(row_labels), list(col_labels)
+    grid = np.full((len(row_values), len(col_values)), np.nan)
+    notes = np.full(grid.shape, "", dtype=object)
+    for _, r in summary.iterrows():
+        i, j = row_values.index(value_key(r[rows_axis])), col_values.index(value_key(r[cols_axis]))
+        value = r.get("val_error")
+        grid[i, j] = value if isinstance(value, (int, float)) else np.nan
+        regime = r.get("sweep_regime") or "—"
+        star = " ★" if r.get("best_cell") else ""
+        numeric = isinstance(value, (int, float)) and math.isfinite(value)
+        notes[i, j] = f"{value:.3g}{star}\n{regime}" if numeric else regime
+    finite = grid[np.isfinite(grid)]
+    norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if error != "error" and _log_scale(list(finite)) else None
+    fig, ax = plt.subplots(figsize=(1.3 * len(col_values) + 2.5, 0.8 * len(row_values) + 1.6))
+    sns.heatmap(
+        pd.DataFrame(
+            grid,
+            index=[_fmt(v) for v in row_labels.values()],
+            columns=[_fmt(v) for v in col_labels.values()],
+        ),
+        annot=notes,
+        fmt="",
+        cmap="viridis_r",
+        norm=norm,
+        cbar_kws={"label": f"validation {error}"},
+        annot_kws={"fontsize": 8},
+        ax=ax,
+    )
+    ax.set_ylabel(rows_axis)
+    ax.set_xlabel(cols_axis)
+    return fig
+
+
+def plot_weights(study: optuna.Study, frame: pd.DataFrame, axes: Sequence[str]) -> plt.Figure | None:
+    """Squared L2 norm of the weights per layer and share of near-zero weights against
+    the weight-decay / L1 axis (one line per layer, or per value of the other axis)."""
+    reg_axes = [a for a in axes if a.rpartition(".")[2] in ("weight_decay", "l1")]
+    if not reg_axes or frame.empty:
+        return None
+    axis = reg_axes[0]
+    others = [a for a in axes if a != axis]
+    trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    labels = dict(zip(frame[axis].map(value_key), frame[axis], strict=True))
+    order = list(labels)
+    rows = []
+    for _, r in frame.iterrows():
+        trial = trials.get(int(r["trial"]))
+        stats = trial.user_attrs.get("weight_stats") if trial is not None else None
+        if not stats:
+            continue
+        position = order.index(value_key(r[axis]))
+        if others:
+            rows.append(
+                {
+                    "position": position,
+                    "line": f"{others[0]}={_fmt(r[others[0]])}",
+                    "sq_norm": sum(s["sq_norm"] for s in stats.values()),
+                    "near_zero_share": statistics.fmean(s["near_zero_share"] for s in stats.values()),
+                }
+            )
+        else:
+            rows += [
+                {"position": position, "line": layer, "sq_norm": s["sq_norm"], "near_zero_share": s["near_zero_share"]}
+                for layer, s in stats.items()
+            ]
+    if not rows:
+        return None
+    data = pd.DataFrame(rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    sns.lineplot(data=data, x="position", y="sq_norm", hue="line", marker="o", ax=left, errorbar=("pi", 100))
+    sns.lineplot(data=data, x="position", y="near_zero_share", hue="line", marker="o", ax=right, errorbar=("pi", 100))
+    if (data["sq_norm"] > 0).all():
+        left.set_yscale("log")
+    what = "total over layers" if others else "per layer"
+    left.set_ylabel(f"‖W‖² ({what})")
+    right.set_ylabel("share of |w| < 1e-3" + (" (mean over layers)" if others else ""))
+    for ax in (left, right):
+        ax.set_xticks(range(len(order)), [_fmt(v) for v in labels.values()])
+        ax.set_xlabel(axis)
+        ax.legend(fontsize=7, title=None)
+    sns.despine(fig)
+    fig.tight_layout()
+    return fig
+
+
+def selected_trials(frame: pd.DataFrame) -> list[tuple[int, str]]:
+    """Trials whose training curves the report shows: the best cell, the most underfit
+    (highest training error), the most overfit (largest gap) and a diverged one."""
+    done = frame[frame["val_error"].notna()] if "val_error" in frame else frame.iloc[0:0]
+    picks: list[tuple[int, str]] = []
+    if not done.empty:
+        best = done.iloc[int(np.argmin(done["val_error"].to_numpy(dtype=float)))]
+        picks.append((int(best["trial"]), "best cell"))
+        for regime, column in (("underfit", "train_error"), ("overfit", "gap")):
+            group = done[done["sweep_regime"] == regime]
+            if not group.empty:
+                row = group.iloc[int(np.argmax(group[column].to_numpy(dtype=float)))]
+                picks.append((int(row["trial"]), f"most {regime}"))
+    diverged = frame[frame["sweep_regime"] == "diverged"]
+    if not diverged.empty:
+        picks.append((int(diverged.iloc[0]["trial"]), "diverged"))
+    unique: dict[int, str] = {}
+    for number, why in picks:
+        unique.setdefault(number, why)
+    return list(unique.items())
+
+
+# --------------------------------------------------------------------- findings
+
+
+def _verb(regime: str) -> str:
+    return {"underfit": "underfits", "overfit": "overfits", "diverged": "diverged"}.get(regime, f"is {regime}")
+
+
+def _describe(row: pd.Series, error: str) -> str:
+    regime = row.get("sweep_regime")
+    if regime == "underfit":
+        return f"underfits (train {error} {row['train_error']:.3g}, val {row['val_error']:.3g})"
+    if regime == "overfit":
+        text = f"overfits (gap {row['gap']:.3g}, val {error} {row['val_error']:.3g})"
+        return text
+    if regime == "good":
+        return f"is as good within noise (val {error} {row['val_error']:.3g})"
+    if regime == "diverged":
+        return "diverged"
+    return "has no result"
+
+
+def axis_findings(frame: pd.DataFrame, axes: Sequence[str], data_axes: Sequence[str]) -> list[str]:
+    """One plain-language sentence (or a few) per swept axis."""
+    summary = cell_summary(frame, axes)
+    done = summary[summary.get("val_error", pd.Series(dtype=float)).notna()] if "val_error" in summary else summary
+    if done.empty:
+        return ["No cell has finished yet."]
+    error = str(frame["error"].dropna().iloc[0]) if "error" in frame and frame["error"].notna().any() else "error"
+    best = done.iloc[int(np.argmin(done["val_error"].to_numpy(dtype=float)))]
+    findings = []
+    for axis in axes:
+        others = [a for a in axes if a != axis]
+        line = summary
+        where = ""
+        if others:
+            line = summary[summary[others[0]].map(value_key) == value_key(best[others[0]])]
+            where = f" (at {others[0]}={_fmt(best[others[0]])})"
+        line = line.reset_index(drop=True)
+        finished = line[line["val_error"].notna()]
+        if finished.empty:
+            continue
+        if axis in data_axes:
+            first, last = finished.iloc[0], finished.iloc[-1]
+            labels = ", ".join(f"{_fmt(r[axis])}: {r['sweep_regime']}" for _, r in finished.iterrows())
+            findings.append(
+                f"Along {axis}{where}: validation {error} goes from {first['val_error']:.3g} at {axis}="
+                f"{_fmt(first[axis])} to {last['val_error']:.3g} at {_fmt(last[axis])}, and the gap from "
+                f"{first['gap']:.3g} to {last['gap']:.3g} (regimes: {labels})."
+            )
+            continue
+        b = int(finished.index[int(np.argmin(finished["val_error"].to_numpy(dtype=float)))])
+        top = line.iloc[b]
+        text = (
+            f"Along {axis}{where}: validation {error} is lowest at {axis}={_fmt(top[axis])} "
+            f"({top['val_error']:.3g} ± {top['val_error_std']:.2g}; train {top['train_error']:.3g}, "
+            f"gap {top['gap']:.3g})"
+        )
+        if top["sweep_regime"] not in ("good", None):
+            text += f", yet that cell itself {_verb(top['sweep_regime'])}"
+        for side, part in (("below", line.loc[: b - 1]), ("above", line.loc[b + 1 :])):
+            if part.empty:
+                continue
+            pieces = [f"at {axis}={_fmt(r[axis])} the model {_describe(r, error)}" for _, r in part.iterrows()]
+            text += f"; {side} it " + ", ".join(pieces)
+        text += "."
+        notes = _disagreements(frame, axis, line, top, error)
+        findings.append(text + notes)
+    return findings
+
+
+def _disagreements(frame: pd.DataFrame, axis: str, line: pd.DataFrame, top: pd.Series, error: str) -> str:
+    """A note where a cell's label (its side of the best on a capacity axis) and the
+    source of its extra error (training error vs gap) disagree."""
+    notes = []
+    for _, r in line.iterrows():
+        same = frame[axis].map(value_key) == value_key(r[axis])
+        rows = frame[same & frame["sweep_regime"].eq(r["sweep_regime"])]
+        sources = {s for s in rows.get("excess_from", pd.Series(dtype=object)) if isinstance(s, str)}
+        if r["sweep_regime"] == "overfit" and sources == {"training error"}:
+            notes.append(
+                f"at {axis}={_fmt(r[axis])} the training {error} is also higher than at the best "
+                f"({r['train_error']:.3g} vs {top['train_error']:.3g}), so part of its extra validation "
+                "error comes from fitting the training data less well, not from a larger gap"
+            )
+        elif r["sweep_regime"] == "underfit" and sources == {"gap"}:
+            notes.append(
+                f"at {axis}={_fmt(r[axis])} most of the extra validation {error} is a larger gap "
+                f"({r['gap']:.3g} vs {top['gap']:.3g}), not a higher training error"
+            )
+    return (" Note: " + "; ".join(notes) + ".") if notes else ""
+
+
+# --------------------------------------------------------------------- sections
+
+
+def sweep_sections(study: optuna.Study, *, output_dir: str | Path | None = None) -> list[Section]:
+    """Report sections of a sweep study (empty for other studies); with ``output_dir``,
+    also writes ``sweep.csv`` and the plots as PNG files there."""
+    from modelsel.report import Figure, Section, _format_table, plot_training_curves
+
+    info = sweep_info(study)
+    if info is None:
+        return []
+    axes, data_axes, thresholds, _ = info
+    frame = sweep_frame(study)
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        csv_frame(frame).to_csv(out / "sweep.csv", index=False)
+    findings = Section("Sweep findings", scroll_tables=True)
+    plots = Section("Sweep plots")
+    if frame.empty:
+        findings.paragraphs.append("No cell of the sweep has finished yet.")
+        return [findings]
+    error = str(frame["error"].dropna().iloc[0]) if frame["error"].notna().any() else "error"
+    counts = Counter(r for r in frame["sweep_regime"] if isinstance(r, str))
+    findings.paragraphs.append(
+        f"Grid over {' × '.join(axes)}: {frame[axes].drop_duplicates().shape[0]} cells, {len(frame)} finished "
+        f"trials. Regimes in context: " + ", ".join(f"{counts[r]} {r}" for r in REGIMES if counts[r]) + "."
+    )
+    findings.paragraphs += axis_findings(frame, axes, data_axes)
+    findings.paragraphs.append(
+        "Labels: 'regime' uses a trial's own numbers; 'sweep_regime' compares it with the best cell trained "
+        "on the same data (within noise: good; worse with more capacity: overfit; with less: underfit). "
+        f"Thresholds: underfit at train {error} ≥ {thresholds.underfit_error:.0%} of the trivial predictor's, "
+        f"overfit at a gap ≥ {thresholds.overfit_gap:.0%} of it or a validation loss {thresholds.val_rise:.0%} "
+        f"above its minimum; good within {thresholds.tolerance_se:g} SE or {thresholds.tolerance_rel:.0%} of "
+        "the best. Every row is in sweep.csv."
+    )
+    summary = cell_summary(frame, axes)
+    shown = summary.drop(columns=["seeds"] if (summary["seeds"] == 1).all() else [])
+    findings.tables.append(_format_table(shown))
+
+    def add(fig: plt.Figure | None, title: str, filename: str, caption: str = "") -> None:
+        if fig is not None:
+            png = _save(fig, out / filename if out is not None else None)
+            plots.figures.append(Figure(title, png, caption))
+
+    for axis in axes:
+        is_learning = axis.rpartition(".")[2] == "train_size"
+        add(
+            plot_validation_curve(summary, axis, axes, error),
+            ("Learning curve" if is_learning else "Validation curve") + f": {axis}",
+            f"{'learning' if is_learning else 'validation'}_curve_{axis.replace('.', '_')}.png",
+            f"Train and validation {error} (fold mean ± std over folds and repeats); ★ marks the lowest "
+            "validation error; the background shows each cell's regime in context.",
+        )
+    add(
+        plot_regime_map(summary, axes, error),
+        f"Regime map: {' × '.join(axes)}",
+        "regime_map.png",
+        f"Validation {error} per cell with its regime in context; ★ the best cell of each data setting.",
+    )
+    add(
+        plot_weights(study, frame, axes),
+        "Weight size against regularization",
+        "weights.png",
+        "Squared L2 norm of the weights and share of weights below 1e-3 in magnitude (fold mean; the band "
+        "spans repeats). Weight decay shrinks ‖W‖²; L1 drives weights to zero.",
+    )
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number, why in selected_trials(frame):
+        trial = trials[number]
+        cell = ", ".join(f"{a}={_fmt(trial.params.get(a))}" for a in axes)
+        figure = plot_training_curves(trial, title=f"Training curves, {why}: {cell} (trial {number})")
+        if figure is not None:
+            if out is not None:
+                (out / f"training_curves_trial{number}.png").write_bytes(base64.b64decode(figure.png_base64))
+            plots.figures.append(replace(figure))
+    return [findings, plots]
+
+
+# ------------------------------------------------------------- several grids
+
+
+def map_name(spec: StudySpec, axes: Sequence[str]) -> str:
+    """Study name of one grid of a multi-grid sweep: ``<name>-<axis>-x-<axis>``."""
+    return f"{spec.name}-{'-x-'.join(a.replace('.', '_') for a in axes)}"
+
+
+def map_specs(spec: StudySpec) -> list[StudySpec]:
+    """One single-grid spec per grid of a multi-grid sweep (the spec itself otherwise)."""
+    if not isinstance(spec.sweep, list):
+        return [spec]
+    return [
+        spec.model_copy(update={"name": map_name(spec, list(grid.axes)), "sweep": grid})
+        for grid in spec.sweep
+    ]
+
+
+def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Path, **options: Any) -> StudyOutcome:
+    """Run every grid of a multi-grid sweep as its own resumable study in one storage.
+
+    Each grid's study is named :func:`map_name`; its report goes to
+    ``<output_dir>/<map name>/`` as for any study, and a combined report with every
+    map's findings and plots to ``<output_dir>/<name>/report.html``. The returned
+    outcome sums the counts and carries the map whose selected trial scores best.
+    """
+    from modelsel.storage import default_storage_url, local_path
+    from modelsel.study import preflight, run_study
+
+    children = map_specs(spec)
+    for child in children:
+        preflight(child)  # bad input in any grid: fail before anything is written
+    url = storage or spec.storage or default_storage_url(output_dir, spec.name)
+    path = local_path(url)
+    if storage is None and spec.storage is None and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    outcomes = [
+        run_study(child.model_copy(update={"storage": url}), storage=url, output_dir=output_dir, **options)
+        for child in children
+    ]
+    chosen = _best_outcome(outcomes)
+    combined = replace(
+        chosen,
+        study_name=f"{spec.name} [{len(outcomes)} maps; best: {chosen.study_name}]",
+        n_complete=sum(o.n_complete for o in outcomes),
+        n_pruned=sum(o.n_pruned for o in outcomes),
+        n_failed=sum(o.n_failed for o in outcomes),
+        n_trained_this_run=sum(o.n_trained_this_run for o in outcomes),
+    )
+    if options.get("build_report", True):
+        studies = [optuna.load_study(study_name=o.study_name, storage=url) for o in outcomes]
+        combined.report_path = build_maps_report(spec, studies, output_dir=Path(output_dir) / spec.name)
+    return combined
+
+
+def _best_outcome(outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
+    from modelsel.spec import OBJECTIVE_DIRECTIONS
+
+    scored = [o for o in outcomes if o.best_values]
+    if not scored:
+        return outcomes[0]
+    sign = -1 if OBJECTIVE_DIRECTIONS.get(scored[0].objectives[0]) == "maximize" else 1
+    return min(scored, key=lambda o: sign * o.best_values[0])
+
+
+def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, output_dir: str | Path) -> Path:
+    """One HTML report with the findings and plots of every grid of a multi-grid sweep."""
+    import time
+
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from modelsel import __version__
+    from modelsel.report import Section, summary_section, trials_frame
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections: list[Section] = [
+        Section(
+            "Maps",
+            paragraphs=[
+                f"This sweep lists {len(studies)} grids; each ran as its own study in the same storage: "
+                + ", ".join(s.study_name for s in studies)
+                + ". Each study's own report (with sweep.csv) is in the folder of that name."
+            ],
+        )
+    ]
+    for study in studies:
+        summary = summary_section(study, trials_frame(study))
+        summary.title = f"{study.study_name}: summary"
+        sections.append(summary)
+        for section in sweep_sections(study):
+            section.title = f"{study.study_name}: {section.title.lower()}"
+            sections.append(section)
+    environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
+    import yaml
+
+    html = environment.get_template("report.html").render(
+        study_name=spec.name,
+        description=spec.description,
+        sections=sections,
+        spec_yaml=yaml.safe_dump(json.loads(spec.to_json()), sort_keys=False),
+        generated=time.strftime("%Y-%m-%d %H:%M"),
+        version=__version__,
+    )
+    path = out / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+__all__ = [
+    "REGIME_COLORS",
+    "Verdict",
+    "axis_findings",
+    "build_maps_report",
+    "cell_summary",
+    "map_specs",
+    "run_sweep_maps",
+    "sweep_frame",
+    "sweep_info",
+    "sweep_sections",
+]

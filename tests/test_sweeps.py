@@ -1,0 +1,160 @@
+"""Tests of sweeps: grid coverage and resume, tables and plots from storage alone,
+several grids in one spec, the image cases and D2L's polynomial example end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from modelsel.report import build_report
+from modelsel.spec import load_spec, parse_spec
+from modelsel.study import FINISHED_STATES, _open_study, _optimize, preflight, run_study
+from modelsel.sweeps import map_specs, sweep_frame
+
+CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+#: 2 × 2 cells × 2 seeds = 8 trials of a tiny synthetic study (200 samples, 2 folds, 2 epochs).
+GRID = {"width": [2, 8], "weight_decay": [0, 0.001], "repeats": 2}
+
+
+def tiny_spec_data(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "dataset": {"name": "synthetic-classification", "n_samples": 200, "n_features": 8,
+                    "n_informative": 4, "n_redundant": 0, "n_classes": 2},
+        "model": {"depth": 1, "width": 8},
+        "training": {"epochs": 2, "batch_size": 32, "lr": 0.01},
+        "cv": {"folds": 2},
+    }
+    data.update(changes)
+    return data
+
+
+def sweep_spec(name: str = "grid", **changes: Any) -> Any:
+    return parse_spec(tiny_spec_data(name=name, sweep=GRID, **changes))
+
+
+def cells(study: optuna.Study) -> list[tuple[Any, ...]]:
+    trials = study.get_trials(deepcopy=False, states=FINISHED_STATES)
+    return sorted((t.params["width"], t.params["weight_decay"], t.params["seed"]) for t in trials)
+
+
+EXPECTED = sorted((w, d, s) for w in (2, 8) for d in (0, 0.001) for s in (0, 1))
+
+
+def test_grid_covers_every_cell_once_and_resumes_without_redoing_cells(tmp_path: Path) -> None:
+    spec = sweep_spec()
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    task = preflight(spec)
+    # An interrupted first run: 3 of the 8 cells finished.
+    study = _open_study(spec, url, create_parent=False, task=task)
+    _optimize(study, spec, target=3, timeout=None, device=CPU)
+    first = cells(study)
+    assert len(first) == 3 and len(set(first)) == 3
+    outcome = run_study(spec, storage=url, output_dir=tmp_path, progress=False, build_report=False)
+    assert outcome.n_trained_this_run == 5
+    study = optuna.load_study(study_name="grid", storage=url)
+    assert cells(study) == EXPECTED  # every cell × seed exactly once
+    assert set(first) <= set(cells(study))
+    again = run_study(spec, storage=url, output_dir=tmp_path, progress=False, build_report=False)
+    assert again.n_trained_this_run == 0
+    assert len(optuna.load_study(study_name="grid", storage=url).trials) == 8
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        assert trial.user_attrs["regime"] in ("underfit", "good", "overfit")
+        assert trial.user_attrs["regime_reason"]
+        assert "gap" in trial.user_attrs["regime_evidence"]
+        assert trial.user_attrs["baseline_error"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_tables_and_plots_come_from_the_storage_alone(tmp_path: Path) -> None:
+    spec = sweep_spec(name="alone")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    run_study(spec, storage=url, output_dir=tmp_path / "run", progress=False, build_report=False)
+    fresh = optuna.load_study(study_name="alone", storage=url)
+    out = tmp_path / "rebuilt"
+    report = build_report(fresh, output_dir=out)
+    table = pd.read_csv(out / "sweep.csv")
+    assert len(table) == 8
+    for column in ("width", "weight_decay", "seed", "train_error", "train_error_std", "val_error",
+                   "val_error_std", "gap", "regime", "sweep_regime", "best_cell"):
+        assert column in table
+    assert table["sweep_regime"].isin(["underfit", "good", "overfit", "diverged"]).all()
+    assert (table["gap"] == table["val_error"] - table["train_error"]).all() or \
+        ((table["gap"] - (table["val_error"] - table["train_error"])).abs() < 1e-9).all()
+    assert table.groupby(["width", "weight_decay"])["best_cell"].all().sum() == 1
+    names = {p.name for p in out.iterdir()}
+    assert {"validation_curve_width.png", "validation_curve_weight_decay.png", "regime_map.png",
+            "weights.png"} <= names
+    assert any(n.startswith("training_curves_trial") for n in names)
+    html = report.read_text(encoding="utf-8")
+    for text in ("Sweep findings", "Along width", "Along weight_decay", "Regime map", "Weight size"):
+        assert text in html
+    # The frame is the same however often it is rebuilt.
+    again = sweep_frame(optuna.load_study(study_name="alone", storage=url))
+    assert list(again["trial"]) == list(table["trial"])
+
+
+def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> None:
+    data = tiny_spec_data(name="maps")
+    data["sweep"] = [{"width": [2, 8], "weight_decay": [0, 0.01]}, {"width": [2, 8], "train_size": [60, 160]}]
+    spec = parse_spec(data)
+    assert [s.name for s in map_specs(spec)] == ["maps-width-x-weight_decay", "maps-width-x-train_size"]
+    outcome = run_study(spec, output_dir=tmp_path, progress=False)
+    assert outcome.n_complete == 8 and outcome.n_trained_this_run == 8
+    url = f"sqlite:///{(tmp_path / 'maps' / 'study.db').resolve()}"
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(url))
+    assert names == ["maps-width-x-train_size", "maps-width-x-weight_decay"]
+    assert outcome.report_path == tmp_path / "maps" / "report.html"
+    html = outcome.report_path.read_text(encoding="utf-8")
+    assert "maps-width-x-train_size: sweep findings" in html and "maps-width-x-weight_decay: sweep plots" in html
+    assert (tmp_path / "maps-width-x-train_size" / "sweep.csv").exists()
+    assert (tmp_path / "maps-width-x-train_size" / "learning_curve_train_size.png").exists()
+    again = run_study(spec, output_dir=tmp_path, progress=False, build_report=False)
+    assert again.n_trained_this_run == 0
+
+
+def test_image_cases_tiny_model_underfits_huge_model_on_few_samples_overfits(tmp_path: Path) -> None:
+    spec = parse_spec(
+        {
+            "name": "image",
+            "dataset": {"name": "digits", "train_size": 200},
+            "model": {"depth": 1},
+            "training": {"epochs": 30, "batch_size": 32, "lr": 0.001, "weight_decay": 0.0},
+            "cv": {"folds": 3},
+            "sweep": {"width": [2, 512]},
+        }
+    )
+    run_study(spec, storage=f"sqlite:///{tmp_path / 's.db'}", output_dir=tmp_path, progress=False)
+    table = pd.read_csv(tmp_path / "image" / "sweep.csv").set_index("width")
+    assert table.loc[2, "sweep_regime"] == "underfit"
+    assert table.loc[2, "regime"] == "underfit"  # also on its own numbers
+    assert table.loc[512, "sweep_regime"] == "overfit"
+    assert table.loc[512, "train_error"] < 0.02 < 0.05 < table.loc[512, "gap"]
+
+
+@pytest.mark.slow
+def test_polynomial_d2l_end_to_end(tmp_path: Path) -> None:
+    spec = load_spec(REPO / "studies" / "polynomial_d2l.yaml")
+    run_study(spec, output_dir=tmp_path, progress=False)
+    table = pd.read_csv(tmp_path / "polynomial_d2l" / "sweep.csv").set_index("degree")
+    assert table.loc[1, "sweep_regime"] == "underfit"
+    assert table.loc[3, "sweep_regime"] == "good"
+    assert table.loc[3, "best_cell"]
+    # Degree 19 generalizes worse than degree 3 and sits on the high-capacity side: overfit.
+    assert table.loc[19, "val_error"] > table.loc[3, "val_error"]
+    assert table.loc[19, "sweep_regime"] == "overfit"
+    html = (tmp_path / "polynomial_d2l" / "report.html").read_text(encoding="utf-8")
+    assert "Along degree: validation MSE is lowest at degree=3" in html
+    spec_attrs = json.loads(optuna.load_study(
+        study_name="polynomial_d2l", storage=f"sqlite:///{(tmp_path / 'polynomial_d2l' / 'study.db').resolve()}"
+    ).user_attrs["spec_full"])
+    assert spec_attrs["sweep"]["axes"] == {"degree": [1, 3, 19]}
