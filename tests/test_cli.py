@@ -1,0 +1,297 @@
+"""End-to-end tests of the ``modelsel`` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from conftest import files_under, tiny_spec_data
+
+from modelsel.cli import main
+
+
+@pytest.fixture
+def workdir(fast_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty current directory (the default ``reports/`` output lands here)."""
+    monkeypatch.chdir(fast_tmp)
+    return fast_tmp
+
+
+@pytest.fixture
+def spec_file(workdir: Path) -> Callable[..., Path]:
+    import yaml
+
+    def write(data: dict[str, object] | None = None, name: str = "tiny.yaml", **changes: object) -> Path:
+        path = workdir / name
+        content = tiny_spec_data(**changes) if data is None else data
+        path.write_text(yaml.safe_dump(content, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_user_error(result: Result, *fragments: str) -> str:
+    """Exit code 2, exactly one line on stderr starting with 'error:', no traceback."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    stderr = result.stderr
+    assert stderr.startswith("error: ")
+    assert stderr.count("\n") == 1 and stderr.endswith("\n")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in stderr
+    return stderr
+
+
+# ------------------------------------------------------------------- help
+
+
+def test_help_lists_the_commands() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "Usage: " in result.stdout and "study" in result.stdout and "report" in result.stdout
+    study_help = invoke("study", "-h")
+    assert study_help.exit_code == 0
+    for command in ("run", "list", "show"):
+        assert command in study_help.stdout
+    run_help = invoke("study", "run", "--help")
+    for option in ("--storage", "--n-trials", "--timeout", "--output", "--seed", "--device", "--workers"):
+        assert option in run_help.stdout
+    assert invoke("report", "build", "--help").exit_code == 0
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and "modelsel, version 0.1.0" in result.stdout
+
+
+# ------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_study_run_end_to_end_then_resume_list_show_and_report(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    spec = spec_file()
+    result = invoke("study", "run", str(spec), "--quiet")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    db = (workdir / "reports" / "tiny" / "study.db").resolve()
+    assert "Study tiny: 2 trials finished (2 complete, 0 pruned, 0 failed); 2 run in this invocation." in out
+    # Parameters in the order the spec searches them.
+    assert re.search(r"^Best trial #\d+: width=\d+, lr=0\.\d+$", out, flags=re.MULTILINE), out
+    cv_line = r"^CV val accuracy: (0\.\d{4}|1\.0000) ± (\d\.\d{4}) \(2-fold mean ± std\)$"
+    assert re.search(cv_line, out, flags=re.MULTILINE), out
+    assert re.search(
+        r"^Held-out test accuracy: \d\.\d{4}, loss \d+\.\d{4} \(40 samples; retrained on the whole training split, "
+        r"2 epochs\)$",
+        out,
+        flags=re.MULTILINE,
+    ), out
+    assert f"Storage: sqlite:///{db}\n" in out
+    assert f"Dashboard: optuna-dashboard sqlite:///{db}\n" in out
+    report = Path("reports") / "tiny" / "report.html"
+    assert f"Report: {report}\n" in out
+    assert report.is_file() and (workdir / "reports" / "tiny" / "trials.csv").is_file()
+
+    # The same command again resumes: nothing to train, the same summary.
+    again = invoke("study", "run", str(spec), "--quiet")
+    assert again.exit_code == 0, again.output
+    assert "2 trials finished (2 complete, 0 pruned, 0 failed); 0 run in this invocation." in again.stdout
+    assert again.stdout.splitlines()[1:] == out.splitlines()[1:]
+
+    # A larger budget tops the study up.
+    more = invoke("study", "run", str(spec), "--quiet", "--n-trials", "3")
+    assert more.exit_code == 0, more.output
+    assert "3 trials finished (3 complete, 0 pruned, 0 failed); 1 run in this invocation." in more.stdout
+
+    listed = invoke("study", "list")
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout == f"tiny\t3 trials\tsqlite:///{db}\n"
+    listed_by_url = invoke("study", "list", "--storage", f"sqlite:///{db}")
+    assert listed_by_url.stdout == listed.stdout
+
+    shown = invoke("study", "show", "tiny")
+    assert shown.exit_code == 0, shown.output
+    assert "Study tiny: 3 trials finished" in shown.stdout
+    assert re.search(r"^Best trial #\d+: width=\d+, lr=", shown.stdout, flags=re.MULTILINE)
+    assert "CV val accuracy: " in shown.stdout and "Held-out test accuracy: " in shown.stdout
+    assert f"Report: {report}\n" in shown.stdout
+
+    report.unlink()
+    (workdir / "reports" / "tiny" / "trials.csv").unlink()
+    built = invoke("report", "build", "tiny")
+    assert built.exit_code == 0, built.output
+    assert built.stdout == f"Report: {report}\n"
+    assert report.is_file() and (workdir / "reports" / "tiny" / "trials.csv").is_file()
+    assert "tiny" in report.read_text(encoding="utf-8")
+
+    # --storage and --output work for another folder.
+    elsewhere = invoke("report", "build", "tiny", "--storage", f"sqlite:///{db}", "--output", "elsewhere")
+    assert elsewhere.exit_code == 0, elsewhere.output
+    assert (workdir / "elsewhere" / "tiny" / "report.html").is_file()
+
+
+def test_study_run_with_a_journal_storage_and_output_folder(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file(budget={"n_trials": 1})
+    (workdir / "runs").mkdir()
+    result = invoke("study", "run", str(spec), "--quiet", "--storage", "journal:runs/tiny.log", "--output", "out")
+    assert result.exit_code == 0, result.output
+    assert "Storage: journal:runs/tiny.log\n" in result.stdout
+    assert "Dashboard: optuna-dashboard runs/tiny.log\n" in result.stdout
+    assert (workdir / "out" / "tiny" / "report.html").is_file()
+    assert not (workdir / "out" / "tiny" / "study.db").exists()
+    listed = invoke("study", "list", "--storage", "journal:runs/tiny.log")
+    assert listed.stdout == "tiny\t1 trials\truns/tiny.log\n"
+
+
+def test_study_list_without_studies(workdir: Path) -> None:
+    result = invoke("study", "list")
+    assert result.exit_code == 0
+    assert result.stdout == "No studies under reports/ (run 'modelsel study run' or pass --storage).\n"
+    assert files_under(workdir) == []
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def assert_nothing_written(workdir: Path, *keep: str) -> None:
+    assert [p.name for p in files_under(workdir)] == sorted(keep)
+
+
+def test_unknown_spec_key(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    data = tiny_spec_data()
+    data["model"]["widht"] = 8  # type: ignore[index]
+    spec = spec_file(data)
+    stderr = assert_user_error(invoke("study", "run", str(spec)), "model.widht: unknown key", "allowed keys: ")
+    assert stderr.startswith(f"error: {spec}: ")
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
+def test_wrong_type_and_impossible_range(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file(cv={"folds": "two"})
+    assert_user_error(invoke("study", "run", str(spec)), "cv.folds: ")
+    search = tiny_spec_data()["search"]
+    search["lr"] = {"type": "log", "low": 0.1, "high": 0.001}
+    spec = spec_file(search=search)
+    assert_user_error(invoke("study", "run", str(spec)), "search.lr: low (0.1) is above high (0.001); swap them")
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
+def test_invalid_yaml(workdir: Path) -> None:
+    (workdir / "broken.yaml").write_text("name: tiny\nmodel: {depth: 1\n", encoding="utf-8")
+    assert_user_error(invoke("study", "run", "broken.yaml"), "broken.yaml: invalid YAML at line ")
+    assert_nothing_written(workdir, "broken.yaml")
+
+
+def test_missing_spec_file(workdir: Path) -> None:
+    assert_user_error(invoke("study", "run", "nope.yaml"), "spec file not found: nope.yaml")
+    assert_nothing_written(workdir)
+
+
+def test_bad_storage_url(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file()
+    assert_user_error(invoke("study", "run", str(spec), "--storage", "mongodb://host/db"), "is not supported")
+    assert_user_error(
+        invoke("study", "run", str(spec), "--storage", "sqlite:///no/such/folder/s.db"),
+        "folder no/such/folder does not exist",
+    )
+    assert_user_error(invoke("study", "list", "--storage", "sqlite://s.db"), "is malformed")
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
+def test_unknown_study_name(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    assert_user_error(invoke("study", "show", "nosuch"), "no study named 'nosuch' under reports/")
+    assert_user_error(invoke("report", "build", "nosuch"), "no study named 'nosuch' under reports/")
+    assert_nothing_written(workdir)
+    # Looking into a storage file that does not exist creates no database.
+    assert_user_error(invoke("study", "show", "nosuch", "--storage", "sqlite:///typo.db"), "typo.db")
+    assert_user_error(invoke("study", "list", "--storage", "sqlite:///typo.db"), "typo.db")
+    assert_user_error(invoke("report", "build", "nosuch", "--storage", "journal:typo.log"), "typo.log")
+    assert_nothing_written(workdir)
+
+
+def test_unknown_study_name_in_an_existing_storage(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file(budget={"n_trials": 1})
+    assert invoke("study", "run", str(spec), "--quiet", "--storage", "sqlite:///s.db").exit_code == 0
+    before = files_under(workdir)
+    assert_user_error(
+        invoke("report", "build", "other", "--storage", "sqlite:///s.db"),
+        "no study named 'other' in sqlite:///s.db (studies there: tiny)",
+    )
+    assert files_under(workdir) == before
+
+
+def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file()
+    result = invoke("study", "run", str(spec), "--n-trials", "0")
+    assert result.exit_code == 2
+    assert "Invalid value for '--n-trials'" in result.stderr
+    assert "Traceback" not in result.output
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
+def test_too_many_folds_for_the_data(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file(dataset={**tiny_spec_data()["dataset"], "train_size": 6}, cv={"folds": 4})
+    assert_user_error(invoke("study", "run", str(spec)), "cv.folds is 4 but a class has only")
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
+def test_changed_spec_or_seed_on_resume(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file(budget={"n_trials": 1})
+    assert invoke("study", "run", str(spec), "--quiet").exit_code == 0
+    assert_user_error(invoke("study", "run", str(spec), "--seed", "1"), "differs in: seed")
+    spec_file(budget={"n_trials": 1}, training={"epochs": 3, "batch_size": 32, "lr": 0.01})
+    assert_user_error(invoke("study", "run", str(spec)), "differs in: training.epochs")
+    # The device is not part of what a study measures.
+    resumed = invoke("study", "run", str(spec_file(budget={"n_trials": 1})), "--quiet", "--device", "cpu")
+    assert resumed.exit_code == 0, resumed.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file()
+    assert_user_error(invoke("study", "run", str(spec), "--device", "cuda"), "use --device cpu")
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
+# ------------------------------------------------------------------- the quickstart
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path: Path) -> None:
+    """`modelsel study run` with no argument, through the installed entry point (3 of its 30 trials)."""
+    exe = shutil.which("modelsel")
+    command = [exe] if exe else [sys.executable, "-m", "modelsel.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*command, "study", "run", "--n-trials", "3", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Study quickstart: 3 trials finished" in out
+    assert re.search(r"^Best trial #\d+: width=\d+, depth=\d+, activation=\w+, lr=", out, flags=re.MULTILINE), out
+    assert "(5-fold mean ± std)" in out
+    assert "Held-out test accuracy: " in out and "(360 samples;" in out
+    db = (tmp_path / "reports" / "quickstart" / "study.db").resolve()
+    assert f"Storage: sqlite:///{db}\n" in out
+    assert f"Dashboard: optuna-dashboard sqlite:///{db}\n" in out
+    assert "Report: reports/quickstart/report.html\n" in out
+    assert (tmp_path / "reports" / "quickstart" / "report.html").is_file()

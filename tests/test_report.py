@@ -1,0 +1,124 @@
+"""Tests of modelsel.report: trials.csv and a self-contained, escaped report.html from the storage alone."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import fast_folder, tiny_spec_data
+from optuna.trial import TrialState
+
+from modelsel.report import build_report, trials_frame
+from modelsel.spec import parse_spec
+from modelsel.study import run_study
+
+DESCRIPTION = "Evil <script>alert('x')</script> & friends"
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A finished study with complete and pruned trials, in SQLite; its run built no report."""
+    with fast_folder(tmp_path_factory.mktemp("report")) as folder:
+        yield _run_stored(folder)
+
+
+def _run_stored(folder: Path) -> tuple[str, Path]:
+    url = f"sqlite:///{folder}/study.db"
+    spec = parse_spec(
+        tiny_spec_data(
+            description=DESCRIPTION,
+            training={"epochs": 3, "batch_size": 32},
+            search={"lr": [0.05, 0.00001], "width": {"type": "int", "low": 4, "high": 16}},
+            pruner={"name": "median", "options": {"n_startup_trials": 1, "n_warmup_steps": 0}},
+            budget={"n_trials": 4},
+        )
+    )
+    run_study(spec, storage=url, output_dir=folder / "unused", progress=False, build_report=False)
+    return url, folder
+
+
+@pytest.fixture(scope="module")
+def built(stored: tuple[str, Path]) -> tuple[optuna.Study, Path, str]:
+    url, folder = stored
+    study = optuna.load_study(study_name="tiny", storage=url)  # the storage alone, in a fresh object
+    path = build_report(study, output_dir=folder / "out" / "tiny")
+    return study, path, path.read_text(encoding="utf-8")
+
+
+def test_trials_csv_has_one_row_per_trial(built: tuple[optuna.Study, Path, str]) -> None:
+    study, path, _ = built
+    frame = pd.read_csv(path.parent / "trials.csv")
+    assert len(frame) == len(study.trials) == 4
+    assert frame["trial"].tolist() == [t.number for t in study.trials]
+    assert frame["state"].tolist() == [t.state.name.lower() for t in study.trials]
+    expected = {"param_lr", "param_width", "val_accuracy", "val_metric_mean", "val_metric_std", "state", "duration_s"}
+    assert expected <= set(frame.columns)
+    for row, trial in zip(frame.itertuples(), study.trials, strict=True):
+        assert row.param_lr == pytest.approx(trial.params["lr"])
+        assert row.param_width == trial.params["width"]
+        assert row.duration_s == pytest.approx(trial.duration.total_seconds())
+        if trial.state == TrialState.COMPLETE:
+            assert row.val_metric_mean == pytest.approx(trial.user_attrs["val_metric_mean"])
+            assert row.val_metric_std == pytest.approx(trial.user_attrs["val_metric_std"])
+            assert row.val_accuracy == pytest.approx(trial.values[0])
+        else:
+            assert row.pruned_at_epoch == trial.user_attrs["pruned_at_epoch"]
+            assert pd.isna(row.val_metric_mean)
+
+
+def test_the_study_has_complete_and_pruned_trials(built: tuple[optuna.Study, Path, str]) -> None:
+    study, _, _ = built
+    states = {t.state for t in study.trials}
+    assert states == {TrialState.COMPLETE, TrialState.PRUNED}
+
+
+def test_report_html_is_self_contained(built: tuple[optuna.Study, Path, str]) -> None:
+    _, path, html = built
+    assert path.name == "report.html"
+    sources = re.findall(r"""\bsrc\s*=\s*["']?([^"' >]+)""", html, flags=re.IGNORECASE)
+    assert sources, "the report should embed plots"
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    for source in sources:
+        assert base64.b64decode(source.removeprefix("data:image/png;base64,")).startswith(b"\x89PNG\r\n\x1a\n")
+    assert not re.search(r"\bhref\s*=", html, flags=re.IGNORECASE)
+    assert not re.search(r"<link\b|@import|url\(", html, flags=re.IGNORECASE)
+    assert not re.search(r"https?://", html)
+
+
+def test_report_escapes_user_text(built: tuple[optuna.Study, Path, str]) -> None:
+    _, _, html = built
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;" in html
+    assert "&amp; friends" in html
+
+
+def test_report_shows_the_study_selection_and_test_score(built: tuple[optuna.Study, Path, str]) -> None:
+    study, _, html = built
+    assert "<title>modelsel report: tiny</title>" in html
+    assert "<h1>tiny</h1>" in html
+    counts = f"{len(study.trials)} trials: "
+    assert counts in html
+    test = study.user_attrs["test_result"]
+    assert f"held-out test {test['metric_name']}" in html
+    assert f"{test['test_metric']:.4f}" in html
+    assert "selected trial" in html
+
+
+def test_report_rebuilt_twice_gives_the_same_table(stored: tuple[str, Path]) -> None:
+    url, folder = stored
+    first = build_report(optuna.load_study(study_name="tiny", storage=url), output_dir=folder / "a")
+    second = build_report(optuna.load_study(study_name="tiny", storage=url), output_dir=folder / "b")
+    assert (first.parent / "trials.csv").read_text() == (second.parent / "trials.csv").read_text()
+
+
+def test_report_of_a_study_without_trials(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/e.db")
+    path = build_report(study, output_dir=tmp_path / "out")
+    assert "No trial has completed yet." in path.read_text(encoding="utf-8")
+    assert trials_frame(study).empty
+    assert pd.read_csv(tmp_path / "out" / "trials.csv").columns[:2].tolist() == ["trial", "state"]

@@ -1,0 +1,385 @@
+"""Tests of modelsel.spec: loading, defaults, shorthands and every bad-input message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import tiny_spec_data
+
+from modelsel.errors import SpecError, UserError
+from modelsel.spec import (
+    CategoricalDistribution,
+    DigitsSpec,
+    FloatDistribution,
+    GradClipSpec,
+    IntDistribution,
+    StudySpec,
+    builtin_spec_path,
+    load_spec,
+    parse_spec,
+    resolve_field,
+    with_field,
+    with_params,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spec_error(data: Any) -> str:
+    """Parse ``data`` expecting a SpecError; return its message after checking it is one line."""
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, source="s.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("s.yaml: ")
+    return message
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    return {"name": "t", **changes}
+
+
+# ------------------------------------------------------------------- valid specs
+
+
+def test_tiny_spec_loads_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_data()), encoding="utf-8")
+    loaded = load_spec(path)
+    assert isinstance(loaded, StudySpec)
+    assert loaded.name == "tiny"
+    assert loaded.dataset.name == "synthetic-classification"
+    assert loaded.cv.folds == 2
+    assert loaded.training.epochs == 2
+    assert loaded.budget.n_trials == 2
+    assert set(loaded.search) == {"width", "lr"}
+
+
+def test_defaults() -> None:
+    loaded = parse_spec({"name": "defaults"})
+    assert loaded.seed == 0
+    assert isinstance(loaded.dataset, DigitsSpec)
+    assert loaded.model.depth == 1 and loaded.model.width == 64
+    assert loaded.model.activation == "relu"
+    assert loaded.model.dropout == 0.0 and not loaded.model.batch_norm and not loaded.model.residual
+    assert loaded.model.init == "default"
+    training = loaded.training
+    assert (training.epochs, training.batch_size, training.optimizer, training.lr) == (20, 64, "adam", 1e-3)
+    assert training.weight_decay == 0.0 and training.l1 == 0.0
+    assert training.grad_clip is None and training.early_stopping is None
+    assert training.device == "auto"
+    assert loaded.search == {} and loaded.sweep is None
+    assert loaded.cv.folds == 5 and loaded.cv.shuffle and loaded.cv.stratified is None
+    assert loaded.sampler.name == "tpe" and loaded.pruner.name == "none"
+    assert loaded.budget.n_trials == 20 and loaded.budget.timeout is None
+    assert loaded.objectives is None and loaded.storage is None
+    assert loaded.resolved_objectives("classification") == ["val_accuracy"]
+    assert loaded.resolved_objectives("regression") == ["val_loss"]
+
+
+def test_load_spec_overrides_replace_top_level_values(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_data()), encoding="utf-8")
+    assert load_spec(path, overrides={"seed": 7}).seed == 7
+
+
+def test_bundled_quickstart_spec_parses_with_budget_30() -> None:
+    quickstart = load_spec(builtin_spec_path())
+    assert quickstart.name == "quickstart"
+    assert quickstart.dataset.name == "digits"
+    assert quickstart.budget.n_trials == 30
+    assert quickstart.cv.folds == 5
+    assert quickstart.sampler.name == "tpe" and quickstart.pruner.name == "median"
+    assert {"width", "depth", "activation", "lr", "dropout", "weight_decay"} <= set(quickstart.search)
+
+
+def test_repository_studies_match_the_bundled_quickstart() -> None:
+    # studies/quickstart.yaml is what the README points users at; it must be the one the CLI runs.
+    assert load_spec(REPO / "studies" / "quickstart.yaml") == load_spec(builtin_spec_path())
+
+
+# ------------------------------------------------------------------- shorthands
+
+
+def test_grad_clip_float_shorthand_clips_the_norm() -> None:
+    loaded = parse_spec(spec(training={"grad_clip": 1.0}))
+    assert loaded.training.grad_clip == GradClipSpec(kind="norm", threshold=1.0)
+    assert parse_spec(spec(training={"grad_clip": 0})).training.grad_clip is None
+    by_value = parse_spec(spec(training={"grad_clip": {"kind": "value", "threshold": 0.5}}))
+    assert by_value.training.grad_clip == GradClipSpec(kind="value", threshold=0.5)
+
+
+def test_early_stopping_shorthands() -> None:
+    on = parse_spec(spec(training={"early_stopping": True})).training.early_stopping
+    assert on is not None and on.patience == 5 and on.min_delta == 0.0
+    assert parse_spec(spec(training={"early_stopping": False})).training.early_stopping is None
+    patience = parse_spec(spec(training={"early_stopping": 3})).training.early_stopping
+    assert patience is not None and patience.patience == 3
+
+
+def test_search_shorthands_and_sampler_string() -> None:
+    loaded = parse_spec(
+        spec(
+            search={
+                "lr": {"type": "log", "low": 0.001, "high": 0.1},
+                "activation": ["relu", "tanh"],
+                "depth": {"type": "int", "low": 1, "high": 3},
+            },
+            sampler="random",
+            pruner="median",
+        )
+    )
+    assert loaded.search["lr"] == FloatDistribution(type="float", low=0.001, high=0.1, log=True)
+    assert loaded.search["activation"] == CategoricalDistribution(type="categorical", choices=["relu", "tanh"])
+    assert loaded.search["depth"] == IntDistribution(type="int", low=1, high=3)
+    assert loaded.sampler.name == "random" and loaded.sampler.options == {}
+    assert loaded.pruner.name == "median"
+    assert parse_spec(spec(sampler="tpe")).sampler.name == "tpe"
+
+
+def test_width_list_gives_per_layer_widths() -> None:
+    loaded = parse_spec(spec(model={"depth": 3, "width": [32, 16, 8]}))
+    assert loaded.model.hidden_widths() == (32, 16, 8)
+    assert parse_spec(spec(model={"depth": 2, "width": 5})).model.hidden_widths() == (5, 5)
+    assert parse_spec(spec(model={"depth": 0})).model.hidden_widths() == ()
+
+
+# ------------------------------------------------------------------- with_params
+
+
+def test_with_params_replaces_fields_in_their_sections() -> None:
+    base = parse_spec(spec())
+    updated = with_params(base, {"lr": 0.05, "width": 12, "model.depth": 2, "training.epochs": 3, "seed": 4})
+    assert updated.training.lr == 0.05 and updated.training.epochs == 3
+    assert updated.model.width == 12 and updated.model.depth == 2
+    assert updated.seed == 4
+    assert base.training.lr == 1e-3 and base.model.width == 64  # the original is unchanged
+    assert resolve_field(base, "lr") == ("training", "lr")
+    assert resolve_field(base, "train_size") == ("dataset", "train_size")
+
+
+def test_with_params_validates_values() -> None:
+    base = parse_spec(spec())
+    with pytest.raises(ValueError, match=r"model\.dropout"):
+        with_params(base, {"dropout": 1.5})
+    with pytest.raises(ValueError, match=r"training\.epochs"):
+        with_params(base, {"epochs": "many"})
+    with pytest.raises(ValueError, match="width lists 2 layers but depth is 1"):
+        with_field(base, "width", [4, 4])
+    with pytest.raises(ValueError, match=r"'learning_rate' is not a searchable field; choose one of: .*lr"):
+        with_params(base, {"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="not a searchable field"):
+        with_params(base, {"model.lr": 0.1})  # lr lives in training, not model
+
+
+def test_with_params_validates_fields_together() -> None:
+    # depth and a width list are only consistent when changed together.
+    updated = with_params(parse_spec(spec()), {"depth": 2, "width": [8, 4]})
+    assert updated.model.hidden_widths() == (8, 4)
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def test_unknown_top_level_key_lists_allowed_keys() -> None:
+    message = spec_error(spec(epochs=3))
+    assert "epochs: unknown key" in message
+    assert "allowed keys: name, description, seed, dataset, model, training" in message
+
+
+@pytest.mark.parametrize(
+    ("data", "where", "allowed"),
+    [
+        ({"model": {"widht": 3}}, "model.widht", "depth, width, activation"),
+        ({"training": {"learning_rate": 0.1}}, "training.learning_rate", "epochs, batch_size, optimizer, lr"),
+        ({"cv": {"fold": 3}}, "cv.fold", "folds, stratified, shuffle"),
+        ({"dataset": {"name": "digits", "n_samples": 5}}, "dataset.n_samples", "train_size, standardize, name"),
+        ({"training": {"grad_clip": {"threshold": 1, "type": "norm"}}}, "training.grad_clip.type", "kind, threshold"),
+        ({"search": {"lr": {"type": "float", "low": 0.1, "high": 1, "lg": True}}}, "search.lr.lg", "low, high"),
+    ],
+)
+def test_unknown_nested_key_names_path_and_lists_allowed_keys(data: dict[str, Any], where: str, allowed: str) -> None:
+    message = spec_error(spec(**data))
+    assert f"{where}: unknown key" in message
+    assert "allowed keys: " in message
+    assert allowed in message
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "hint"),
+    [
+        ({"training": {"epochs": "many"}}, "training.epochs", "valid integer"),
+        ({"training": {"lr": "fast"}}, "training.lr", "valid number"),
+        ({"model": {"batch_norm": "sometimes"}}, "model.batch_norm", "valid boolean"),
+        ({"seed": [1, 2]}, "seed", "valid integer"),
+        ({"model": "big"}, "model", "dictionary"),
+    ],
+)
+def test_wrong_type_names_field(data: dict[str, Any], field: str, hint: str) -> None:
+    message = spec_error(spec(**data))
+    assert f"s.yaml: {field}: " in message
+    assert hint in message
+
+
+def test_missing_name_is_reported() -> None:
+    assert "name: required key is missing" in spec_error({"seed": 1})
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"cv": {"folds": 1}}, "cv.folds: Input should be greater than or equal to 2"),
+        ({"model": {"dropout": 1.0}}, "model.dropout: Input should be less than 1"),
+        ({"model": {"dropout": -0.1}}, "model.dropout: Input should be greater than or equal to 0"),
+        ({"training": {"epochs": 0}}, "training.epochs: Input should be greater than or equal to 1"),
+        ({"training": {"lr": 0}}, "training.lr: Input should be greater than 0"),
+        ({"budget": {"n_trials": 0}}, "budget.n_trials: Input should be greater than or equal to 1"),
+        ({"model": {"width": 0}}, "model.width: every width must be >= 1"),
+        ({"dataset": {"name": "digits", "train_size": 1.5}}, "dataset.train_size: a fractional train_size"),
+        ({"training": {"lr": float("nan")}}, "training.lr"),
+        ({"training": {"weight_decay": float("inf")}}, "must be finite"),
+    ],
+)
+def test_out_of_range_values(data: dict[str, Any], expected: str) -> None:
+    assert expected in spec_error(spec(**data))
+
+
+def test_unknown_dataset_lists_datasets() -> None:
+    message = spec_error(spec(dataset={"name": "mnist"}))
+    assert "dataset: " in message and "'mnist'" in message
+    for name in ("digits", "fashion-mnist", "polynomial", "csv", "synthetic-classification"):
+        assert f"'{name}'" in message
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "choices"),
+    [
+        ({"sampler": "bayes"}, "sampler.name", ["tpe", "random", "gp", "cmaes", "grid", "nsga2"]),
+        ({"sampler": {"name": "annealing"}}, "sampler.name", ["tpe", "random"]),
+        ({"pruner": "aggressive"}, "pruner.name", ["none", "median", "percentile", "successive_halving", "hyperband"]),
+        ({"model": {"activation": "swish"}}, "model.activation", ["relu", "leaky_relu", "elu", "gelu", "tanh"]),
+        ({"model": {"init": "orthogonal"}}, "model.init", ["default", "xavier_uniform", "kaiming_normal"]),
+        ({"training": {"optimizer": "lbfgs"}}, "training.optimizer", ["sgd", "momentum", "adam", "adamw"]),
+        ({"objectives": ["accuracy"]}, "objectives.0", ["val_accuracy", "val_loss", "n_params"]),
+    ],
+)
+def test_unknown_choice_lists_valid_choices(data: dict[str, Any], field: str, choices: list[str]) -> None:
+    message = spec_error(spec(**data))
+    assert f"{field}: " in message
+    for choice in choices:
+        assert f"'{choice}'" in message
+
+
+def test_width_list_length_must_match_depth() -> None:
+    message = spec_error(spec(model={"depth": 2, "width": [8, 8, 8]}))
+    assert "model: width lists 3 layers but depth is 2" in message
+    assert "give one width per hidden layer or a single int" in message
+
+
+def test_low_above_high() -> None:
+    message = spec_error(spec(search={"lr": {"type": "float", "low": 0.1, "high": 0.01}}))
+    assert "search.lr: low (0.1) is above high (0.01); swap them" in message
+    assert "search.width: low (9) is above high (3)" in spec_error(
+        spec(search={"width": {"type": "int", "low": 9, "high": 3}})
+    )
+
+
+@pytest.mark.parametrize(
+    "dist", [{"type": "float", "low": 0.0, "high": 0.1, "log": True}, {"type": "log", "low": -1, "high": 1}]
+)
+def test_log_distribution_needs_positive_low(dist: dict[str, Any]) -> None:
+    message = spec_error(spec(search={"weight_decay": dist}))
+    assert "search.weight_decay: a log distribution needs low > 0" in message
+
+
+def test_search_range_endpoints_are_validated_against_the_field() -> None:
+    message = spec_error(spec(search={"dropout": {"type": "float", "low": 0.0, "high": 1.5}}))
+    assert "search.dropout: value 1.5 is invalid" in message
+    assert "model.dropout" in message
+    message = spec_error(spec(search={"activation": ["relu", "swish"]}))
+    assert "search.activation: value 'swish' is invalid" in message
+
+
+@pytest.mark.parametrize("key", ["device", "name", "learning_rate", "model.lr"])
+def test_search_on_unsearchable_or_unknown_field(key: str) -> None:
+    message = spec_error(spec(search={key: [1, 2]}))
+    assert f"'{key}' is not a searchable field" in message
+    assert "choose one of: " in message and "lr" in message and "width" in message
+
+
+def test_unknown_distribution_type() -> None:
+    message = spec_error(spec(search={"lr": {"type": "uniform", "low": 0.1, "high": 1}}))
+    assert "search.lr: " in message and "'uniform'" in message and "'float'" in message
+
+
+def test_search_and_sweep_together() -> None:
+    message = spec_error(spec(search={"lr": [0.1, 0.01]}, sweep={"width": [4, 8]}))
+    assert "give either 'search' or 'sweep', not both" in message
+
+
+def test_multi_objective_with_a_pruner() -> None:
+    message = spec_error(spec(objectives=["val_accuracy", "n_params"], pruner="median"))
+    assert "pruning works with one objective only" in message and "pruner: none" in message
+    parse_spec(spec(objectives=["val_accuracy", "n_params"]))  # without a pruner it is fine
+
+
+def test_val_accuracy_on_a_regression_dataset() -> None:
+    message = spec_error(spec(dataset={"name": "polynomial"}, objectives=["val_accuracy"]))
+    assert "val_accuracy needs a classification dataset; use val_loss" in message
+
+
+def test_objectives_listed_twice_or_empty() -> None:
+    assert "an objective is listed twice" in spec_error(spec(objectives=["val_loss", "val_loss"]))
+    assert "list at least one objective" in spec_error(spec(objectives=[]))
+
+
+def test_grid_sampler_needs_a_finite_grid() -> None:
+    message = spec_error(spec(sampler="grid", search={"lr": {"type": "float", "low": 0.1, "high": 1.0}}))
+    assert "search.lr: the grid sampler needs a finite grid; give 'step'" in message
+
+
+def test_bad_study_name() -> None:
+    assert "name: " in spec_error({"name": "my study!"})
+
+
+def test_non_mapping_yaml_is_rejected(tmp_path: Path) -> None:
+    for text, kind in (("- a\n- b\n", "list"), ("just text\n", "str"), ("", "NoneType")):
+        path = tmp_path / "s.yaml"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(SpecError, match=f"a study spec must be a YAML mapping.*got {kind}"):
+            load_spec(path)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: a\nmodel:\n  depth: 2\n  width: [8, 8\ntraining: {}\n", encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: invalid YAML at line ")
+    line = int(message.split("at line ")[1].split(",")[0])
+    assert 4 <= line <= 5
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00\x81name")
+    with pytest.raises(SpecError, match="not a UTF-8 text file"):
+        load_spec(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError) as info:
+        load_spec(missing)
+    assert str(info.value).startswith(f"spec file not found: {missing}")
+    assert isinstance(info.value, UserError)
+
+
+def test_error_reports_the_first_problem_and_counts_the_rest() -> None:
+    message = spec_error(spec(training={"epochs": 0, "lr": -1, "batch_size": 0}))
+    assert message.endswith("(and 2 more problems)")

@@ -1,0 +1,281 @@
+"""Tests of modelsel.storage: URL kinds, redaction, checks, journal files and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from conftest import files_under, tiny_spec_data
+
+from modelsel.cli import main
+from modelsel.errors import StorageError, UserError
+from modelsel.spec import parse_spec
+from modelsel.storage import (
+    check_storage_url,
+    default_storage_url,
+    display_url,
+    find_default_storages,
+    local_path,
+    open_storage,
+    redact,
+    storage_kind,
+    study_names,
+)
+from modelsel.study import load_study, run_study
+
+PG_BIN = Path(os.environ.get("MODELSEL_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def one_line_error(exc: pytest.ExceptionInfo[BaseException]) -> str:
+    message = str(exc.value)
+    assert "\n" not in message and message
+    return message
+
+
+# ------------------------------------------------------------------- URL kinds
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("sqlite:///study.db", "sqlite"),
+        ("sqlite:////abs/path/study.db", "sqlite"),
+        ("postgresql://user@host/db", "postgresql"),
+        ("postgresql+psycopg://user:pw@127.0.0.1:5432/db", "postgresql"),
+        ("postgres://user@host/db", "postgresql"),
+        ("mysql+pymysql://user@host/db", "mysql"),
+        ("journal:study.log", "journal"),
+        ("journal:///abs/study.log", "journal"),
+    ],
+)
+def test_storage_kind(url: str, kind: str) -> None:
+    assert storage_kind(url) == kind
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("mongodb://host/db", "is not supported"),
+        ("study.db", "is not supported"),
+        ("", "is not supported"),
+        ("sqlite://study.db", "is malformed"),
+        ("journal:", "names no file"),
+    ],
+)
+def test_bad_storage_urls(url: str, problem: str) -> None:
+    with pytest.raises(StorageError) as info:
+        storage_kind(url)
+    message = one_line_error(info)
+    assert problem in message
+    assert "use sqlite:///path/to/study.db, postgresql://user@host/db or journal:path/to/study.log" in message
+
+
+def test_local_path() -> None:
+    assert local_path("sqlite:///rel/study.db") == Path("rel/study.db")
+    assert local_path("sqlite:////abs/study.db?timeout=3") == Path("/abs/study.db")
+    assert local_path("journal:runs/study.log") == Path("runs/study.log")
+    assert local_path("postgresql://u@h/db") is None
+    assert local_path("sqlite:///:memory:") is None
+
+
+def test_default_storage_url_is_an_absolute_sqlite_file(tmp_path: Path) -> None:
+    url = default_storage_url(tmp_path / "reports", "my-study")
+    assert url == f"sqlite:///{tmp_path.resolve()}/reports/my-study/study.db"
+    assert storage_kind(url) == "sqlite"
+
+
+# ------------------------------------------------------------------- redaction
+
+
+def test_redact_hides_passwords_only() -> None:
+    assert redact("postgresql://alice:s3cret@db.example:5432/studies") == "postgresql://alice:***@db.example:5432/studies"
+    assert redact("postgresql+psycopg://bob:p@ss:w0rd@host/db") == "postgresql+psycopg://bob:***@host/db"
+    assert redact("postgresql://bob:p/w@host/db?x=1") == "postgresql://bob:***@host/db?x=1"
+    assert redact("postgresql://alice@db.example/studies") == "postgresql://alice@db.example/studies"
+    assert redact("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"
+
+
+def test_errors_and_display_never_show_the_password() -> None:
+    with pytest.raises(StorageError) as info:
+        storage_kind("redis://alice:s3cret@host/0")
+    assert "s3cret" not in str(info.value) and "alice:***@host" in str(info.value)
+    assert "s3cret" not in display_url("postgresql://alice:s3cret@host/db")
+
+
+def test_an_unencoded_at_sign_in_the_password_is_refused_without_showing_it() -> None:
+    with pytest.raises(StorageError) as info:
+        storage_kind("postgresql+psycopg://bob:p@ss:w0rd@host/db")
+    message = one_line_error(info)
+    assert "write each such '@' as %40" in message
+    assert "w0rd" not in message and "ss:" not in message
+    assert storage_kind("postgresql+psycopg://bob:p%40ss@host/db") == "postgresql"
+    assert storage_kind("sqlite:////tmp/a@b/study.db") == "sqlite"
+
+
+def test_display_url_of_a_journal_is_its_file() -> None:
+    assert display_url("journal:runs/study.log") == "runs/study.log"
+    assert display_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+# ------------------------------------------------------------------- checks
+
+
+def test_missing_folder_is_an_error_unless_it_may_be_created(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/missing/study.db"
+    with pytest.raises(StorageError) as info:
+        check_storage_url(url)
+    message = one_line_error(info)
+    assert f"folder {tmp_path}/missing does not exist; create it or choose another path" in message
+    with pytest.raises(StorageError, match="does not exist"):
+        open_storage(url)
+    with pytest.raises(StorageError, match="does not exist"):
+        check_storage_url(f"journal:{tmp_path}/missing/study.log")
+    assert files_under(tmp_path) == []
+    check_storage_url(url, create_parent=True)
+    open_storage(url, create_parent=True)
+    assert (tmp_path / "missing" / "study.db").is_file()
+
+
+def test_a_folder_is_not_a_storage_file(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="points at a folder; name a file"):
+        check_storage_url(f"sqlite:///{tmp_path}")
+
+
+def test_reading_a_missing_storage_file_creates_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/typo.db"
+    with pytest.raises(StorageError) as info:
+        study_names(url)
+    assert "typo.db" in one_line_error(info)
+    with pytest.raises(UserError):
+        load_study("tiny", url)
+    with pytest.raises(UserError):
+        load_study("tiny", f"journal:{tmp_path}/typo.log")
+    assert files_under(tmp_path) == []
+
+
+def test_unreachable_postgres_is_one_line_with_the_password_hidden() -> None:
+    url = f"postgresql+psycopg://alice:s3cret@127.0.0.1:{free_port()}/studies"
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    message = one_line_error(info)
+    assert message.startswith("cannot open storage 'postgresql+psycopg://alice:***@127.0.0.1:")
+    assert "check the URL and that the server runs" in message
+    assert "s3cret" not in message
+
+
+def test_unreachable_postgres_via_the_cli_exits_2() -> None:
+    url = f"postgresql+psycopg://alice:s3cret@127.0.0.1:{free_port()}/studies"
+    result = CliRunner().invoke(main, ["study", "list", "--storage", url])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: cannot open storage ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "s3cret" not in result.output + result.stderr
+
+
+# ------------------------------------------------------------------- journal and sqlite studies
+
+
+def test_a_study_in_a_journal_file(fast_tmp: Path) -> None:
+    url = f"journal:{fast_tmp}/runs/study.log"
+    (fast_tmp / "runs").mkdir()
+    outcome = run_study(
+        parse_spec(tiny_spec_data()), storage=url, output_dir=fast_tmp / "reports", progress=False, build_report=False
+    )
+    assert outcome.n_complete == 2
+    assert outcome.dashboard_command == f"optuna-dashboard {fast_tmp}/runs/study.log"
+    assert (fast_tmp / "runs" / "study.log").is_file()
+    assert study_names(url) == ["tiny"]
+    study = optuna.load_study(study_name="tiny", storage=open_storage(url))
+    assert len(study.trials) == 2 and "test_result" in study.user_attrs
+    # A second run resumes from the journal.
+    again = run_study(parse_spec(tiny_spec_data()), storage=url, output_dir=fast_tmp / "reports", progress=False)
+    assert again.n_trained_this_run == 0 and again.test == outcome.test
+
+
+def test_find_default_storages(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "study.db").touch()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "study.log").touch()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "other.db").touch()
+    assert find_default_storages(tmp_path) == [
+        f"sqlite:///{(tmp_path / 'a' / 'study.db').resolve()}",
+        f"journal:{(tmp_path / 'b' / 'study.log').resolve()}",
+    ]
+    assert find_default_storages(tmp_path / "nothing-here") == []
+
+
+# ------------------------------------------------------------------- PostgreSQL server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server on loopback for this test, stopped afterwards.
+
+    initdb refuses to run as root, so as root the server runs as the unprivileged user
+    ``nobody`` (its data lives in a temporary folder owned by that user).
+    """
+    for tool in ("initdb", "pg_ctl"):
+        if not (PG_BIN / tool).is_file():
+            pytest.skip(f"PostgreSQL server binaries not found: {PG_BIN / tool} is missing (set MODELSEL_PG_BIN)")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed")
+    root = Path(tempfile.mkdtemp(prefix="modelsel-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("nobody")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "nobody", "--"]
+    data, log, port = root / "data", root / "server.log", free_port()
+
+    def pg(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefix, *args], cwd=root, capture_output=True, text=True, timeout=120)
+
+    try:
+        init = pg(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
+        assert init.returncode == 0, f"initdb failed: {init.stderr}"
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        start = pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        assert start.returncode == 0, f"pg_ctl start failed: {start.stderr}\n{log.read_text() if log.exists() else ''}"
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.server
+def test_a_study_on_a_postgresql_server(postgres_url: str, fast_tmp: Path) -> None:
+    outcome = run_study(
+        parse_spec(tiny_spec_data()), storage=postgres_url, output_dir=fast_tmp / "reports", progress=False
+    )
+    assert outcome.n_complete == 2 and outcome.test is not None
+    assert outcome.storage_url == postgres_url
+    runner = CliRunner()
+    listed = runner.invoke(main, ["study", "list", "--storage", postgres_url])
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.startswith(f"tiny\t2 trials\t{postgres_url}")
+    shown = runner.invoke(
+        main, ["study", "show", "tiny", "--storage", postgres_url, "--output", str(fast_tmp / "reports")]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"Best trial #{outcome.best_trial_number}:" in shown.stdout
+    assert f"Storage: {postgres_url}" in shown.stdout
+    # Resuming against the server tops the study up.
+    more = run_study(parse_spec(tiny_spec_data()), storage=postgres_url, n_trials=3, progress=False, build_report=False)
+    assert more.n_trained_this_run == 1 and more.n_complete == 3

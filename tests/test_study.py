@@ -1,0 +1,240 @@
+"""Tests of modelsel.study: budgets and resuming, spec changes, the one-time test score,
+reproducibility, selection and the checks that run before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from conftest import files_under, tiny_spec_data
+from optuna.trial import TrialState
+
+from modelsel.errors import DataError, SpecError, StorageError, UserError
+from modelsel.spec import StudySpec, parse_spec
+from modelsel.study import (
+    best_trial,
+    load_study,
+    make_pruner,
+    make_sampler,
+    retrain_epochs,
+    run_study,
+    study_budget,
+    summarize,
+)
+
+
+def tiny(**changes: Any) -> StudySpec:
+    return parse_spec(tiny_spec_data(**changes))
+
+
+def run(spec: StudySpec, url: str, fast_tmp: Path, **kwargs: Any) -> Any:
+    kwargs.setdefault("build_report", False)
+    return run_study(spec, storage=url, output_dir=fast_tmp / "reports", progress=False, **kwargs)
+
+
+def finished(url: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=name, storage=url)
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+# ------------------------------------------------------------------ budgets
+
+
+def test_n_trials_is_a_total_across_runs(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    first = run(tiny(), url, fast_tmp, n_trials=2)
+    assert first.n_trained_this_run == 2 and first.n_complete == 2
+    second = run(tiny(), url, fast_tmp, n_trials=3)
+    assert second.n_trained_this_run == 1
+    assert second.n_complete + second.n_pruned == 3
+    assert sorted(t.number for t in finished(url)) == [0, 1, 2]
+    again = run(tiny(), url, fast_tmp, n_trials=3)
+    assert again.n_trained_this_run == 0
+    assert len(finished(url)) == 3
+    # A smaller budget than what is stored trains nothing either.
+    assert run(tiny(), url, fast_tmp, n_trials=2).n_trained_this_run == 0
+
+
+def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    outcome = run(tiny(budget={"n_trials": 2}), url, fast_tmp)
+    assert outcome.n_trained_this_run == 2 and len(finished(url)) == 2
+    assert study_budget(tiny(budget={"n_trials": 7})) == 7
+    assert study_budget(tiny(budget={"n_trials": 7}), 3) == 3
+
+
+def test_finished_study_reuses_the_stored_test_result(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    first = run(tiny(), url, fast_tmp)
+    assert first.test is not None
+    assert first.test["trial_number"] == first.best_trial_number
+    assert 0.0 <= first.test["test_metric"] <= 1.0
+    assert first.test["n_test"] == 40
+    stored = optuna.load_study(study_name="tiny", storage=url).user_attrs["test_result"]
+    assert stored == first.test
+    second = run(tiny(), url, fast_tmp)
+    assert second.n_trained_this_run == 0
+    # A retrain would measure a new fit_seconds; the stored result comes back unchanged.
+    assert second.test == first.test
+
+
+def test_a_changed_spec_is_refused_on_resume(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(budget={"n_trials": 1}), url, fast_tmp)
+    changed = tiny(training={"epochs": 3, "batch_size": 32, "lr": 0.01}, budget={"n_trials": 2})
+    with pytest.raises(UserError) as info:
+        run(changed, url, fast_tmp)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "study 'tiny'" in message and "differs in: training.epochs" in message
+    assert "rename the study, use another --storage" in message
+    assert len(finished(url)) == 1  # nothing ran
+    search = tiny_spec_data()["search"]
+    search["width"]["high"] = 32
+    with pytest.raises(UserError, match=r"differs in: search\.width\.high\)"):
+        run(tiny(search=search), url, fast_tmp)
+
+
+def test_budget_description_and_storage_may_change_on_resume(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(budget={"n_trials": 1}), url, fast_tmp)
+    outcome = run(tiny(budget={"n_trials": 2}, description="now with a longer text", storage=url), url, fast_tmp)
+    assert outcome.n_trained_this_run == 1
+
+
+def test_the_device_may_be_overridden_on_resume(fast_tmp: Path) -> None:
+    # --device says where to train, not what is measured: resuming elsewhere must work.
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(budget={"n_trials": 1}), url, fast_tmp)
+    outcome = run(tiny(budget={"n_trials": 2}), url, fast_tmp, device="cpu")
+    assert outcome.n_trained_this_run == 1
+
+
+# ------------------------------------------------------------ reproducibility
+
+
+def test_same_spec_and_seed_give_the_same_trials_in_two_storages(fast_tmp: Path) -> None:
+    results = []
+    for name in ("a", "b"):
+        url = f"sqlite:///{fast_tmp}/{name}.db"
+        outcome = run(tiny(), url, fast_tmp)
+        trials = finished(url)
+        results.append(
+            (
+                [t.params for t in trials],
+                [t.values for t in trials],
+                [t.user_attrs["fold_val_loss"] for t in trials],
+                {k: v for k, v in (outcome.test or {}).items() if k != "fit_seconds"},
+            )
+        )
+    assert results[0] == results[1]
+
+
+def test_another_seed_gives_other_trials(fast_tmp: Path) -> None:
+    a = run(tiny(), f"sqlite:///{fast_tmp}/a.db", fast_tmp)
+    b = run(tiny(seed=1), f"sqlite:///{fast_tmp}/b.db", fast_tmp)
+    assert a.best_params != b.best_params
+
+
+# ------------------------------------------------------------------ selection
+
+
+def test_outcome_summarizes_the_best_trial(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    outcome = run(tiny(budget={"n_trials": 3}), url, fast_tmp)
+    study = optuna.load_study(study_name="tiny", storage=url)
+    best = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.values[0])
+    assert outcome.best_trial_number == best.number
+    assert outcome.best_params == best.params
+    assert outcome.cv_mean == best.user_attrs["val_metric_mean"]
+    assert outcome.cv_std == best.user_attrs["val_metric_std"]
+    assert outcome.objectives == ["val_accuracy"] and outcome.metric_name == "accuracy"
+    assert outcome.storage_url == url
+    assert outcome.dashboard_command == f"optuna-dashboard {url}"
+    assert (outcome.n_complete, outcome.n_pruned, outcome.n_failed) == (3, 0, 0)
+    assert study.user_attrs["objectives"] == ["val_accuracy"]
+    assert study.user_attrs["task"] == "classification"
+    assert parse_spec(json.loads(study.user_attrs["spec_full"])) == tiny(budget={"n_trials": 3})
+    shown = summarize(load_study("tiny", url), url)
+    assert shown.best_trial_number == outcome.best_trial_number
+    assert (shown.cv_mean, shown.test) == (outcome.cv_mean, outcome.test)
+
+
+def test_multi_objective_selects_the_pareto_trial_best_on_the_first_objective(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    spec = tiny(objectives=["val_accuracy", "n_params"], sampler="nsga2", budget={"n_trials": 3})
+    outcome = run(spec, url, fast_tmp)
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    selected = best_trial(study)
+    assert selected is not None and selected.number == outcome.best_trial_number
+    assert selected in study.best_trials
+    assert selected.values[0] == max(t.values[0] for t in study.best_trials)
+    assert outcome.test is not None and outcome.test["trial_number"] == selected.number
+
+
+def test_retrain_epochs_follow_early_stopping() -> None:
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={"final_epochs": [2, 3, 5]})
+    stopping = tiny(training={"epochs": 9, "early_stopping": 2})
+    assert retrain_epochs(trial, stopping) == 3
+    assert retrain_epochs(trial, tiny(training={"epochs": 9})) == 9
+
+
+def test_load_study_lists_the_stored_studies(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(budget={"n_trials": 1}), url, fast_tmp)
+    assert load_study("tiny", url).study_name == "tiny"
+    with pytest.raises(UserError, match=r"no study named 'other' in .*studies there: tiny"):
+        load_study("other", url)
+
+
+# ------------------------------------------------------ nothing written on bad input
+
+
+def test_too_many_folds_fails_before_anything_is_written(fast_tmp: Path) -> None:
+    spec = tiny(
+        dataset={**tiny_spec_data()["dataset"], "train_size": 6},
+        cv={"folds": 4},
+    )
+    with pytest.raises(DataError, match=r"cv\.folds is 4"):
+        run_study(spec, output_dir=fast_tmp / "reports", progress=False)
+    assert files_under(fast_tmp) == []
+
+
+def test_a_bad_storage_url_fails_before_anything_is_written(fast_tmp: Path) -> None:
+    with pytest.raises(StorageError, match="not supported"):
+        run_study(tiny(), storage="mongodb://host/db", output_dir=fast_tmp / "reports", progress=False)
+    with pytest.raises(StorageError, match="does not exist"):
+        run_study(tiny(), storage=f"sqlite:///{fast_tmp}/missing/s.db", output_dir=fast_tmp / "reports", progress=False)
+    assert files_under(fast_tmp) == []
+
+
+def test_the_default_storage_and_report_go_under_the_output_folder(fast_tmp: Path) -> None:
+    outcome = run_study(tiny(budget={"n_trials": 1}), output_dir=fast_tmp / "reports", progress=False)
+    folder = fast_tmp / "reports" / "tiny"
+    assert outcome.storage_url == f"sqlite:///{(folder / 'study.db').resolve()}"
+    assert outcome.report_path == folder / "report.html"
+    assert {p.name for p in folder.iterdir()} >= {"study.db", "report.html", "trials.csv"}
+
+
+def test_a_budget_is_required() -> None:
+    with pytest.raises(SpecError, match="budget: give n_trials or timeout"):
+        run_study(tiny(budget={"n_trials": None}), storage="sqlite:////nonexistent/x.db", progress=False)
+
+
+def test_workers_must_be_positive(fast_tmp: Path) -> None:
+    with pytest.raises(UserError, match="--workers must be at least 1"):
+        run_study(tiny(), output_dir=fast_tmp, workers=0, progress=False)
+
+
+def test_bad_sampler_and_pruner_options_are_spec_errors() -> None:
+    with pytest.raises(SpecError, match=r"sampler\.options"):
+        make_sampler(tiny(sampler={"name": "tpe", "options": {"n_startup": 3}}))
+    with pytest.raises(SpecError, match=r"pruner\.options"):
+        make_pruner(tiny(pruner={"name": "median", "options": {"warmup": 3}}))
+    assert isinstance(make_sampler(tiny(sampler="random")), optuna.samplers.RandomSampler)
+    assert isinstance(make_pruner(tiny(pruner="hyperband")), optuna.pruners.HyperbandPruner)
+    assert isinstance(make_pruner(tiny()), optuna.pruners.NopPruner)
