@@ -235,12 +235,19 @@ def postgres_url() -> Iterator[str]:
         if not (PG_BIN / tool).is_file():
             pytest.skip(f"PostgreSQL server binaries not found: {PG_BIN / tool} is missing (set MODELSEL_PG_BIN)")
     pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed")
-    root = Path(tempfile.mkdtemp(prefix="modelsel-pg-"))
     prefix: list[str] = []
+    user: pwd.struct_passwd | None = None
     if os.geteuid() == 0:
-        user = pwd.getpwnam("nobody")
-        os.chown(root, user.pw_uid, user.pw_gid)
+        try:
+            user = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root, and there is no unprivileged user 'nobody' to run PostgreSQL as")
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root, and 'runuser' (util-linux) is missing to run PostgreSQL as 'nobody'")
         prefix = ["runuser", "-u", "nobody", "--"]
+    root = Path(tempfile.mkdtemp(prefix="modelsel-pg-"))
+    if user is not None:
+        os.chown(root, user.pw_uid, user.pw_gid)
     data, log, port = root / "data", root / "server.log", free_port()
 
     def pg(*args: str) -> subprocess.CompletedProcess[str]:
