@@ -615,6 +615,9 @@ def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
         message = "unknown key" + _allowed_keys_hint(first["loc"], prefix)
     elif first["type"] == "missing":
         message = "required key is missing"
+    elif first["type"] == "union_tag_not_found":
+        key = str((first.get("ctx") or {}).get("discriminator", "")).strip("'")
+        message = f"missing '{key}'" + (f"; give one of: {_TAG_CHOICES[key]}" if key in _TAG_CHOICES else "")
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"{where}: {message}{more}" if where else f"{message}{more}"
 
@@ -643,6 +646,12 @@ def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
         return ""
     return "; allowed keys: " + ", ".join(model.model_fields)
 
+
+#: What to write for each discriminator key of a tagged union, when it is left out.
+_TAG_CHOICES = {
+    "name": "digits, fashion-mnist, polynomial, csv, synthetic-classification",
+    "type": "int, float, log, categorical (or give a list of choices)",
+}
 
 _DISTRIBUTION_CLASSES: dict[str, type[BaseModel]] = {
     "int": IntDistribution,
