@@ -310,6 +310,18 @@ def test_search_on_unsearchable_or_unknown_field(key: str) -> None:
     assert "choose one of: " in message and "lr" in message and "width" in message
 
 
+def test_dataset_without_a_name_says_which_names_exist() -> None:
+    message = spec_error(spec(dataset={"train_size": 100}))
+    assert "dataset: missing 'name'" in message
+    assert "digits, fashion-mnist, polynomial, csv, synthetic-classification" in message
+
+
+def test_distribution_without_a_type_says_which_types_exist() -> None:
+    message = spec_error(spec(search={"lr": {"low": 0.001, "high": 0.1}}))
+    assert "search.lr: missing 'type'" in message
+    assert "int, float, log, categorical" in message
+
+
 def test_unknown_distribution_type() -> None:
     message = spec_error(spec(search={"lr": {"type": "uniform", "low": 0.1, "high": 1}}))
     assert "search.lr: " in message and "'uniform'" in message and "'float'" in message
