@@ -220,6 +220,20 @@ def test_the_default_storage_and_report_go_under_the_output_folder(fast_tmp: Pat
     assert {p.name for p in folder.iterdir()} >= {"study.db", "report.html", "trials.csv"}
 
 
+def test_val_accuracy_on_a_regression_csv_fails_before_anything_is_written(fast_tmp: Path) -> None:
+    # The task of a CSV is only known from its target column, so this is caught at run time.
+    rows = "\n".join(f"{i},{i % 7 * 0.5},{i * 0.37:.2f}" for i in range(60))
+    (fast_tmp / "data.csv").write_text("a,b,target\n" + rows + "\n", encoding="utf-8")
+    spec = tiny(
+        dataset={"name": "csv", "path": str(fast_tmp / "data.csv"), "target": "target"},
+        objectives=["val_accuracy"],
+        search=None,
+    )
+    with pytest.raises(SpecError, match="val_accuracy needs a classification dataset; use val_loss"):
+        run_study(spec, output_dir=fast_tmp / "reports", progress=False)
+    assert [p.name for p in files_under(fast_tmp)] == ["data.csv"]
+
+
 def test_a_budget_is_required() -> None:
     with pytest.raises(SpecError, match="budget: give n_trials or timeout"):
         run_study(tiny(budget={"n_trials": None}), storage="sqlite:////nonexistent/x.db", progress=False)
