@@ -109,15 +109,15 @@ def run_command(
         workers=workers,
         progress=not quiet,
     )
-    _print_outcome(outcome, folds=study_spec.cv.folds)
+    _print_outcome(outcome, folds=study_spec.cv.folds, after_run=True)
 
 
-def _print_outcome(outcome: Any, *, folds: int | None = None) -> None:
+def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = False) -> None:
     finished = outcome.n_complete + outcome.n_pruned
+    ran = f"; {outcome.n_trained_this_run} run in this invocation" if after_run else ""
     click.echo(
         f"Study {outcome.study_name}: {finished} trials finished ({outcome.n_complete} complete, "
-        f"{outcome.n_pruned} pruned, {outcome.n_failed} failed); "
-        f"{outcome.n_trained_this_run} run in this invocation."
+        f"{outcome.n_pruned} pruned, {outcome.n_failed} failed){ran}."
     )
     if outcome.best_trial_number is None:
         click.echo("No trial completed, so nothing was selected.")

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for trial in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name.lower()}
         row.update({f"param_{k}": v for k, v in trial.params.items()})
-        values = trial.values or [math.nan] * len(objectives)
+        # Optuna keeps a pruned trial's last reported value; only complete trials have objective values.
+        complete = trial.state == TrialState.COMPLETE and trial.values is not None
+        values = trial.values if complete else [math.nan] * len(objectives)
         row.update({name: value for name, value in zip(objectives, values, strict=False)})
         for key in _SUMMARY_ATTRS:
             row[key] = trial.user_attrs.get(key)
@@ -115,15 +118,17 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
 
 
 def plot_importance(study: optuna.Study) -> Figure | None:
-    """Parameter importances (fANOVA) of the first objective; None when not computable."""
+    """Parameter importances (Optuna's default evaluator) of the first objective; None when not computable."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = {k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1}
     if len(complete) < 3 or not varied:
         return None
     try:
-        importances = optuna.importance.get_param_importances(
-            study, target=(lambda t: t.values[0]) if len(study.directions) > 1 else None
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the evaluator warns on small studies; the plot says enough
+            importances = optuna.importance.get_param_importances(
+                study, target=(lambda t: t.values[0]) if len(study.directions) > 1 else None
+            )
     except (RuntimeError, ValueError, ZeroDivisionError):
         return None
     if not importances:
@@ -131,7 +136,7 @@ def plot_importance(study: optuna.Study) -> Figure | None:
     data = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(data) + 1.2))
     sns.barplot(data=data, y="parameter", x="importance", ax=ax, color="#4C72B0")
-    ax.set_xlabel("importance (fANOVA, share of variance of the first objective)")
+    ax.set_xlabel("importance for the first objective (Optuna's default evaluator)")
     ax.set_ylabel("")
     sns.despine(fig)
     return Figure("Parameter importance", figure_to_base64(fig))

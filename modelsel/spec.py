@@ -563,7 +563,10 @@ def with_params(spec: StudySpec, params: Mapping[str, Any]) -> StudySpec:
 
 
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
-    resolve_field(spec, key)
+    try:
+        resolve_field(spec, key)
+    except ValueError as exc:
+        raise ValueError(f"search.{key}: {exc}") from None
     if isinstance(dist, CategoricalDistribution):
         endpoints: list[Any] = list(dist.choices)
     else:
@@ -676,6 +679,8 @@ def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
     SpecError
         One line naming the field and the problem.
     """
+    if data is None:
+        raise SpecError(f"{source}: the spec is empty; give at least 'name: my-study' (see studies/quickstart.yaml)")
     if not isinstance(data, Mapping):
         raise SpecError(f"{source}: a study spec must be a YAML mapping (key: value), got {type(data).__name__}")
     try:

@@ -358,11 +358,23 @@ def test_bad_study_name() -> None:
 
 
 def test_non_mapping_yaml_is_rejected(tmp_path: Path) -> None:
-    for text, kind in (("- a\n- b\n", "list"), ("just text\n", "str"), ("", "NoneType")):
+    for text, kind in (("- a\n- b\n", "list"), ("just text\n", "str")):
         path = tmp_path / "s.yaml"
         path.write_text(text, encoding="utf-8")
         with pytest.raises(SpecError, match=f"a study spec must be a YAML mapping.*got {kind}"):
             load_spec(path)
+
+
+def test_empty_yaml_says_what_to_write(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing yet\n", encoding="utf-8")
+    with pytest.raises(SpecError, match=r"empty.yaml: the spec is empty; give at least 'name: my-study'"):
+        load_spec(path)
+
+
+def test_search_on_unknown_field_names_the_search_key(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"search\.colour: 'colour' is not a searchable field; choose one of: "):
+        parse_spec({"name": "s", "search": {"colour": ["red", "blue"]}})
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
