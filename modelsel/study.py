@@ -9,12 +9,9 @@ the held-out test split once, and builds the report.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,6 @@ from modelsel.objective import StudyObjective, grid_search_space, sweep_grid
 from modelsel.spec import (
     OBJECTIVE_DIRECTIONS,
     StudySpec,
-    parse_spec,
     resolve_field,
     with_params,
 )
@@ -230,25 +226,11 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     return study
 
 
-def _run_worker(
-    spec_json: str,
-    storage_url: str,
-    target: int | None,
-    timeout: float | None,
-    device: str,
-    threads: int,
-) -> int:
-    """Body of one worker process: optimize until the shared budget is reached."""
-    torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = parse_spec(json.loads(spec_json))
-    study = optuna.load_study(
-        study_name=spec.name,
-        storage=open_storage(storage_url),
-        sampler=make_sampler(spec),
-        pruner=make_pruner(spec),
-    )
-    return _optimize(study, spec, target=target, timeout=timeout, device=torch.device(device))
+def _run_worker(*args: Any) -> None:
+    """Entry point of a spawned ``--workers`` process (see :mod:`modelsel.parallel`)."""
+    from modelsel.parallel import worker_main
+
+    worker_main(*args)
 
 
 def _optimize(
@@ -420,18 +402,12 @@ def _run_parallel(
     workers: int,
     bar: Any,
 ) -> int:
-    threads = 1 if device.type == "cpu" else max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [
-            pool.submit(_run_worker, spec.to_json(), storage_url, target, timeout, device.type, threads)
-            for _ in range(workers)
-        ]
-        while not all(f.done() for f in futures):
-            time.sleep(0.5)
-            bar.n = _finished_count(study)
-            bar.refresh()
-        return sum(f.result() for f in futures)
+    """``workers`` processes (this one included) share the storage and an exact budget;
+    1 intra-op thread each on CPU. See :mod:`modelsel.parallel` for the storage, budget,
+    Ctrl-C and error rules."""
+    from modelsel.parallel import run_parallel
+
+    return run_parallel(study, spec, storage_url, target, timeout, device, workers, bar)
 
 
 def _best_value_text(study: optuna.Study) -> str:

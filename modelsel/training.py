@@ -11,12 +11,14 @@ touching the loop: see :class:`Callback`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +29,9 @@ from modelsel.spec import ModelSpec, TrainingSpec
 
 Task = Literal["classification", "regression"]
 _EVAL_BATCH = 8192
+#: Bytes of shuffled input rows gathered at once (see ``_run_epoch``): a whole epoch of
+#: small inputs (digits: 1,150 x 64 floats), a few batches of large ones (Fashion-MNIST).
+GATHER_BYTES = 2 << 20
 
 
 @dataclass
@@ -118,22 +123,51 @@ def member_seed(seed: int, member: int) -> int:
 
 
 def make_optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
-    """The optimizer the training spec names; weight decay applies to weights, not biases."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
-        is_weight = name.endswith("weight") and param.ndim >= 2
-        (decay if is_weight else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": training.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """The optimizer the training spec names; weight decay applies to weights, not biases.
+
+    One parameter group when ``weight_decay`` is 0 (two groups make Adam run its update
+    twice per step), and the fused single-kernel implementation where this torch has one
+    for the device (CPU and CUDA in torch >= 2.4), else the multi-tensor one.
+    """
+    params = list(model.parameters())
+    groups: list[dict[str, Any]]
+    if training.weight_decay > 0:
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, param in model.named_parameters():
+            is_weight = name.endswith("weight") and param.ndim >= 2
+            (decay if is_weight else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": training.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": params, "weight_decay": 0.0}]
+    device_type = params[0].device.type if params else "cpu"
+    if device_type in ("cpu", "cuda"):
+        try:
+            return _optimizer(groups, training, fused=True)
+        except (RuntimeError, ValueError, TypeError):  # no fused kernel in this torch for this device
+            pass
+    return _optimizer(groups, training, fused=False)
+
+
+def _optimizer(groups: list[dict[str, Any]], training: TrainingSpec, *, fused: bool) -> torch.optim.Optimizer:
+    fused_flag = True if fused else None
+    foreach_flag = None if fused else True
     if training.optimizer in ("sgd", "momentum"):
         momentum = training.momentum if training.optimizer == "momentum" else 0.0
-        return torch.optim.SGD(groups, lr=training.lr, momentum=momentum, foreach=True)
+        return torch.optim.SGD(groups, lr=training.lr, momentum=momentum, fused=fused_flag, foreach=foreach_flag)
     if training.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=training.lr, foreach=True)
-    return torch.optim.AdamW(groups, lr=training.lr, foreach=True)
+        return torch.optim.Adam(groups, lr=training.lr, fused=fused_flag, foreach=foreach_flag)
+    return torch.optim.AdamW(groups, lr=training.lr, fused=fused_flag, foreach=foreach_flag)
+
+
+def stop_index(n: int, batch_size: int, *, batch_norm: bool) -> int:
+    """Samples a member trains on per epoch: all ``n``, except that batch norm cannot
+    train on a last batch of one sample, which is then dropped."""
+    batch = min(batch_size, n)
+    return n - 1 if (batch_norm and n % batch == 1) else n
 
 
 def loss_function(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -178,6 +212,8 @@ class _Member:
         self.index = index
         self.data = data
         self.model = model
+        self.params = list(model.parameters())
+        self.batch_norm = has_batch_norm(model)
         self.optimizer = make_optimizer(model, training)
         self.generator = torch.Generator().manual_seed(shuffle_seed)
         self.history = History()
@@ -206,7 +242,8 @@ def train_models(
         Data of each model (e.g. the k CV folds), already on ``device``.
     model_spec, training
         What to build and how to train it (epochs, batch size, optimizer, L1/L2,
-        clipping, early stopping on validation loss).
+        clipping, early stopping on validation loss, and ``engine``: the members one
+        after another, or stacked into one batched model; see :func:`choose_engine`).
     task
         ``classification`` (cross-entropy) or ``regression`` (MSE).
     n_outputs
@@ -231,7 +268,57 @@ def train_models(
     """
     device = torch.device(device)
     n_inputs = members[0].X_train.shape[1]
-    with torch.random.fork_rng(devices=[]):
+    engine = choose_engine(
+        model_spec,
+        training,
+        n_members=len(members),
+        n_inputs=n_inputs,
+        n_outputs=n_outputs,
+        device=device,
+    )
+    with _thread_policy(model_spec, training, n_inputs=n_inputs, n_outputs=n_outputs, device=device):
+        if engine == "stacked":
+            from modelsel.stacked import StackJob, train_stacked
+
+            jobs = [
+                StackJob(data=data, model=model_spec, training=training, seed=seed, index=index)
+                for index, data in enumerate(members)
+            ]
+            results = train_stacked(
+                jobs,
+                task=task,
+                n_outputs=n_outputs,
+                callbacks=callbacks,
+                device=device,
+                raise_on_divergence=True,
+            )
+            return [r.member for r in results]
+        return _train_sequential(
+            members,
+            model_spec=model_spec,
+            training=training,
+            task=task,
+            n_outputs=n_outputs,
+            seed=seed,
+            callbacks=callbacks,
+            device=device,
+        )
+
+
+def _train_sequential(
+    members: Sequence[FoldData],
+    *,
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    task: Task,
+    n_outputs: int,
+    seed: int,
+    callbacks: Sequence[Callback],
+    device: torch.device,
+) -> list[TrainedMember]:
+    """The one-model path: each member is its own MLP; all advance one epoch at a time."""
+    n_inputs = members[0].X_train.shape[1]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         states: list[_Member] = []
         for index, data in enumerate(members):
             torch.manual_seed(member_seed(seed, index))
@@ -265,40 +352,52 @@ def _run_epoch(
     grad_callbacks: Sequence[Callback],
 ) -> None:
     started = time.perf_counter()
-    model, optimizer, data = state.model, state.optimizer, state.data
+    model, optimizer, data, params = state.model, state.optimizer, state.data, state.params
     X, y = data.X_train, data.y_train
     n = X.shape[0]
     batch_size = min(training.batch_size, n)
-    perm = torch.randperm(n, generator=state.generator).to(X.device, non_blocking=True)
-    # BatchNorm cannot train on a batch of one sample: drop such a last batch.
-    stop = n - 1 if (has_batch_norm(model) and n % batch_size == 1) else n
+    stop = stop_index(n, training.batch_size, batch_norm=state.batch_norm)
+    perm = torch.randperm(n, generator=state.generator)[:stop]
+    if X.device.type != "cpu":
+        perm = perm.pin_memory().to(X.device, non_blocking=True)
+    # Gather a chunk of shuffled rows at once, then take batches as views of it: one
+    # index_select per chunk instead of two per step (a whole epoch for small inputs).
+    row_bytes = max(1, X.shape[1] * X.element_size())
+    chunk = max(batch_size, (GATHER_BYTES // row_bytes) // batch_size * batch_size)
     clip = training.grad_clip
     l1 = training.l1
     classification = task == "classification"
     loss_sum = torch.zeros((), device=X.device)
     correct = torch.zeros((), device=X.device, dtype=torch.int64)
     model.train()
-    for step, start in enumerate(range(0, stop, batch_size)):
-        idx = perm[start : min(start + batch_size, stop)]
-        xb = X.index_select(0, idx)
-        yb = y.index_select(0, idx)
-        out = model(xb)
-        loss = loss_function(task, out, yb)
-        objective = loss + l1 * _l1_penalty(model) if l1 > 0 else loss
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        if step == 0:
-            for callback in grad_callbacks:
-                callback.on_grads_computed(state.index, model, epoch)
-        if clip is not None:
-            if clip.kind == "norm":
-                nn.utils.clip_grad_norm_(model.parameters(), clip.threshold, foreach=True)
-            else:
-                nn.utils.clip_grad_value_(model.parameters(), clip.threshold, foreach=True)
-        optimizer.step()
-        loss_sum += loss.detach() * idx.numel()
-        if classification:
-            correct += (out.detach().argmax(dim=1) == yb).sum()
+    step = 0
+    for chunk_start in range(0, stop, chunk):
+        index = perm[chunk_start : chunk_start + chunk]
+        X_chunk = X.index_select(0, index)
+        y_chunk = y.index_select(0, index)
+        for start in range(0, index.shape[0], batch_size):
+            xb = X_chunk[start : start + batch_size]
+            yb = y_chunk[start : start + batch_size]
+            out = model(xb)
+            loss = loss_function(task, out, yb)
+            objective = loss + l1 * _l1_penalty(model) if l1 > 0 else loss
+            for param in params:
+                param.grad = None
+            objective.backward()
+            if step == 0:
+                for callback in grad_callbacks:
+                    callback.on_grads_computed(state.index, model, epoch)
+            if clip is not None:
+                if clip.kind == "norm":
+                    nn.utils.clip_grad_norm_(params, clip.threshold, foreach=True)
+                else:
+                    nn.utils.clip_grad_value_(params, clip.threshold, foreach=True)
+            optimizer.step()
+            with torch.no_grad():
+                loss_sum.add_(loss, alpha=yb.shape[0])
+                if classification:
+                    correct.add_((out.argmax(dim=1) == yb).sum())
+            step += 1
     train_loss = loss_sum.item() / stop
     if not math.isfinite(train_loss):
         raise Diverged(state.index, epoch, f"training loss is {train_loss}")
@@ -317,6 +416,64 @@ def _run_epoch(
         history.val_metric.append(val_metric)
         _track_best(state, epoch, val_loss, training)
     history.fit_seconds += time.perf_counter() - started
+
+
+def step_flops(model_spec: ModelSpec, *, n_inputs: int, n_outputs: int, batch_size: int) -> int:
+    """Multiply-adds x 2 of one training step of one model (forward, and backward without
+    the input gradient): about ``6 * batch * weights``."""
+    widths = (n_inputs, *model_spec.hidden_widths(), n_outputs)
+    weights = sum(a * b for a, b in itertools.pairwise(widths))
+    return 6 * batch_size * weights
+
+
+def choose_engine(
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    *,
+    n_members: int,
+    n_inputs: int,
+    n_outputs: int,
+    device: torch.device,
+) -> Literal["sequential", "stacked"]:
+    """The engine ``training.engine`` names, resolving ``auto``.
+
+    RULE_PLACEHOLDER
+    """
+    if training.engine != "auto":
+        return training.engine
+    if device.type == "cuda":
+        return "stacked"
+    flops = step_flops(model_spec, n_inputs=n_inputs, n_outputs=n_outputs, batch_size=training.batch_size)
+    return "stacked" if flops <= STACKED_CPU_MAX_STEP_FLOPS else "sequential"
+
+
+#: ``engine: auto`` on CPU stacks the members when one member's step is at most this
+#: many FLOPs (see :func:`choose_engine` for the measurements behind it).
+STACKED_CPU_MAX_STEP_FLOPS = 60_000_000
+#: On CPU, train with one thread when one member's step is at most this many FLOPs.
+ONE_THREAD_MAX_STEP_FLOPS = 20_000_000
+
+
+@contextlib.contextmanager
+def _thread_policy(
+    model_spec: ModelSpec, training: TrainingSpec, *, n_inputs: int, n_outputs: int, device: torch.device
+) -> Iterator[None]:
+    """Run small CPU models on one thread (restored afterwards).
+
+    A small model's steps are a few tiny kernels each, too small for intra-op threads to
+    pay off; and when other processes share the cores, OpenMP threads that spin at every
+    kernel's barrier make a 2-thread process many times slower than a 1-thread one.
+    """
+    threads = torch.get_num_threads()
+    flops = step_flops(model_spec, n_inputs=n_inputs, n_outputs=n_outputs, batch_size=training.batch_size)
+    if device.type != "cpu" or threads == 1 or flops > ONE_THREAD_MAX_STEP_FLOPS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def has_batch_norm(model: MLP) -> bool:

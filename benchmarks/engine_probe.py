@@ -1,0 +1,182 @@
+"""Engine measurements (owned by the engine work, not part of ``run_all.py``).
+
+Times ``train_models`` engines side by side in one process, interleaved and repeated,
+and prints medians, so ratios stay meaningful on a shared machine::
+
+    python benchmarks/engine_probe.py [--case NAME ...] [--repeats 5] [--threads 1]
+        [--baseline PATH_TO_OLD_training.py]
+
+Each case trains k fold models for a few epochs; the figure is training samples per
+second summed over members (member epochs x train size / wall seconds), and the CPU
+time per step (process time, less sensitive to other processes than wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelsel.cv import fold_indices, make_fold_data
+from modelsel.data import load_dataset
+from modelsel.spec import CVSpec, DigitsSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
+from modelsel.training import FoldData, train_models
+
+
+@dataclass
+class Case:
+    dataset: str
+    model: ModelSpec
+    training: TrainingSpec
+    folds: int = 5
+
+
+def _synthetic(n: int, d: int, classes: int, folds: int) -> list[FoldData]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(folds):
+        m = n + (i % 2)
+        X = torch.randn(m, d, generator=g)
+        y = torch.randint(0, classes, (m,), generator=g)
+        out.append(FoldData(X, y, X[: m // 4], y[: m // 4]))
+    return out
+
+
+CASES: dict[str, Case] = {
+    "digits-q": Case(
+        "digits",
+        ModelSpec(depth=2, width=64, dropout=0.2),
+        TrainingSpec(optimizer="adam", lr=1e-3, batch_size=64, epochs=5, weight_decay=1e-4),
+    ),
+    "digits-q-nodrop": Case(
+        "digits",
+        ModelSpec(depth=2, width=64),
+        TrainingSpec(optimizer="adam", lr=1e-3, batch_size=64, epochs=5),
+    ),
+    "digits-wide": Case(
+        "digits",
+        ModelSpec(depth=1, width=256, dropout=0.2),
+        TrainingSpec(optimizer="adam", lr=1e-3, batch_size=64, epochs=5, weight_decay=1e-4),
+    ),
+}
+
+for _batch in (32, 64, 128, 256):
+    CASES[f"d2l-b{_batch}"] = Case(
+        "fashion",
+        ModelSpec(depth=1, width=256),
+        TrainingSpec(optimizer="sgd", lr=0.1, batch_size=_batch, epochs=1),
+    )
+
+
+def _folds(case: Case) -> list[FoldData]:
+    if case.dataset == "fashion":
+        ds = load_dataset(FashionMNISTSpec(name="fashion-mnist", root=_data_root()), seed=0)
+    elif case.dataset == "digits":
+        ds = load_dataset(DigitsSpec(name="digits"), seed=0)
+    else:
+        n, d = (int(v) for v in case.dataset.split("x"))
+        return _synthetic(n, d, 10, case.folds)
+    return make_fold_data(ds, fold_indices(ds, CVSpec(folds=case.folds), seed=0), device=torch.device("cpu"))
+
+
+def _data_root() -> str:
+    import os
+
+    return os.environ.get("MODELSEL_DATA_ROOT", "/work/shared/data")
+
+
+def _load_baseline(path: str) -> Callable[..., Any]:
+    spec = importlib.util.spec_from_file_location("baseline_training", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_training"] = module
+    spec.loader.exec_module(module)
+    return module.train_models  # type: ignore[no-any-return]
+
+
+def measure(
+    case: Case, engines: dict[str, Callable[[TrainingSpec], Any]], repeats: int
+) -> dict[str, dict[str, float]]:
+    folds = _folds(case)
+    samples = sum(f.X_train.shape[0] for f in folds) * case.training.epochs
+    steps = sum(-(-f.X_train.shape[0] // case.training.batch_size) for f in folds) * case.training.epochs
+    wall: dict[str, list[float]] = {k: [] for k in engines}
+    cpu: dict[str, list[float]] = {k: [] for k in engines}
+    for name, run in engines.items():  # warm-up
+        run_case = case.training.model_copy(update={"epochs": 1})
+        run(run_case, folds) if False else None
+        del run_case
+    for _ in range(repeats):
+        for name, run in engines.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(case.training, folds)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    out = {}
+    for name in engines:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        out[name] = {
+            "samples_per_s": samples / w,
+            "wall_s": w,
+            "cpu_ms_per_step": c / steps * 1e3,
+            "cpu_samples_per_s": samples / c,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--case", action="append", choices=sorted(CASES), default=None)
+    parser.add_argument("--synthetic", action="append", default=[], help="NxD:width:depth:batch:optimizer")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline", default=None, help="an older training.py to time side by side")
+    parser.add_argument("--engines", default="sequential,stacked")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = {name: CASES[name] for name in (args.case or [])}
+    for text in args.synthetic:
+        shape, width, depth, batch, opt = text.split(":")
+        cases[f"syn-{text}"] = Case(
+            shape,
+            ModelSpec(depth=int(depth), width=int(width)),
+            TrainingSpec(optimizer=opt, lr=1e-3, batch_size=int(batch), epochs=2),
+        )
+    baseline = _load_baseline(args.baseline) if args.baseline else None
+    for name, case in cases.items():
+        engines: dict[str, Callable[[TrainingSpec, list[FoldData]], Any]] = {}
+        n_out = 10
+        if baseline is not None:
+            engines["baseline"] = lambda t, f, case=case: baseline(
+                f, model_spec=case.model, training=t, task="classification", n_outputs=n_out, seed=0
+            )
+        for engine in args.engines.split(","):
+            engines[engine] = lambda t, f, engine=engine, case=case: train_models(
+                f,
+                model_spec=case.model,
+                training=t.model_copy(update={"engine": engine}),
+                task="classification",
+                n_outputs=n_out,
+                seed=0,
+            )
+        result = measure(case, engines, args.repeats)
+        ref = next(iter(result.values()))
+        for engine, r in result.items():
+            print(
+                f"{name:28s} {engine:11s} {r['samples_per_s']:10.0f} samples/s  wall {r['wall_s']:7.3f} s  "
+                f"cpu {r['cpu_ms_per_step']:7.3f} ms/step  cpu-ratio {ref['cpu_ms_per_step'] / r['cpu_ms_per_step']:.2f}x "
+                f"wall-ratio {ref['wall_s'] / r['wall_s']:.2f}x",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

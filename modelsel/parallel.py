@@ -1,0 +1,316 @@
+"""Parallel trials on one machine: ``modelsel study run --workers N``.
+
+N processes share the study's storage and run trials until the shared budget is
+spent. The calling process is worker 0 (its imports and cached data are already
+there); N - 1 more are started with ``spawn`` (safe with torch's thread pools, unlike
+``fork``). On CPU every worker trains with one intra-op thread: on a machine with as
+many cores as workers that uses every core without oversubscription, and a 1-thread
+process is not slowed down by OpenMP threads spinning at barriers while other
+processes hold the cores.
+
+Budget
+    The budget is exact within one invocation: before each trial a worker claims one
+    of the ``target - finished`` slots from a counter shared by the workers (under its
+    lock), so exactly the missing number of trials is started. (Optuna's
+    ``MaxTrialsCallback`` alone, checked when a trial ends, lets each other worker's
+    running trial finish: up to N - 1 trials over.) A trial that fails with an error
+    stops the run. Two separate invocations on one storage can still overshoot by their
+    running trials; each also stops once the storage holds ``target`` finished trials.
+
+Storage
+    The storage a study already has is used as it is: SQLite by default, opened with a
+    60 s lock timeout (``modelsel.storage``), so a worker waits for another's write
+    instead of failing. Workers write a few rows per epoch and a few dozen per trial, so
+    with a handful of processes the lock is almost never contended. Optuna recommends
+    its journal file storage for many processes on one node (``--storage
+    journal:path.log``); it is not made the default for ``--workers`` because the default
+    storage must stay the same file across runs, or a study started with ``--workers 2``
+    would not be found when resumed without it.
+
+Samplers
+    Each worker seeds its sampler differently (``seed + 7919 * worker``), or they would
+    draw the same first configurations; TPE runs with ``constant_liar`` (unless the spec
+    sets it) so concurrent workers do not all sample next to the same running trial.
+
+Interrupts and errors
+    Ctrl-C reaches the calling process; it stops claiming trials, terminates the other
+    workers (their running trials are stored as failed) and re-raises, so the CLI says
+    how to resume. A worker that fails sends one line (worker, exception type, message);
+    the run stops and raises :class:`WorkerError` with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+
+from modelsel.errors import UserError
+from modelsel.spec import StudySpec, parse_spec
+from modelsel.storage import open_storage
+
+_SEED_STRIDE = 7919
+_POLL_S = 0.25
+
+
+class WorkerError(UserError):
+    """A worker process failed; the message is its one-line error."""
+
+
+def worker_sampler(spec: StudySpec, worker: int) -> optuna.samplers.BaseSampler:
+    """The sampler of worker ``worker``: seeded apart from the others; TPE with constant liar."""
+    from modelsel.study import make_sampler
+
+    options = dict(spec.sampler.options)
+    if spec.sampler.name == "tpe" and spec.sweep is None:
+        options.setdefault("constant_liar", True)
+    sampler_spec = spec.model_copy(
+        update={
+            "seed": spec.seed + _SEED_STRIDE * worker,
+            "sampler": spec.sampler.model_copy(update={"options": options}),
+        }
+    )
+    return make_sampler(sampler_spec)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Use ``threads`` intra-op threads inside the block."""
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def worker_threads(device: torch.device, workers: int) -> int:
+    """Intra-op threads per worker: 1 on CPU, else the cores shared out."""
+    if device.type == "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+class _Shared:
+    """The state the workers share: budget slots, finished count, stop flag, errors."""
+
+    def __init__(self, context: Any, slots: int | None) -> None:
+        self.slots = context.Value("q", -1 if slots is None else slots)
+        self.done = context.Value("q", 0)
+        self.stop = context.Event()
+        self.errors = context.Queue()
+
+    def claim(self) -> bool:
+        """Take one trial slot; False when the budget is spent or the run is stopping."""
+        if self.stop.is_set():
+            return False
+        with self.slots.get_lock():
+            if self.slots.value == 0:
+                return False
+            if self.slots.value > 0:
+                self.slots.value -= 1
+        return True
+
+    def finished_one(self) -> None:
+        with self.done.get_lock():
+            self.done.value += 1
+
+
+def trial_loop(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    device: torch.device,
+    target: int | None,
+    deadline: float | None,
+    shared: _Shared,
+    on_trial: Any = None,
+) -> int:
+    """Run trials one at a time while slots, time and the budget last; return how many."""
+    from modelsel.objective import StudyObjective
+    from modelsel.study import FINISHED_STATES, _load_dataset_for
+
+    task = study.user_attrs.get("task") or _load_dataset_for(spec).task
+    objective = StudyObjective(
+        spec,
+        load_dataset=_load_dataset_for,
+        objectives=spec.resolved_objectives(task),
+        device=device,
+    )
+
+    def finished(study: optuna.Study, trial: FrozenTrial) -> None:
+        shared.finished_one()
+        if on_trial is not None:
+            on_trial(study, trial)
+
+    ran = 0
+    while True:
+        if deadline is not None and time.time() >= deadline:
+            break
+        if target is not None and len(study.get_trials(deepcopy=False, states=FINISHED_STATES)) >= target:
+            break  # another invocation on the same storage filled the budget
+        if not shared.claim():
+            break
+        study.optimize(objective, n_trials=1, callbacks=[finished], gc_after_trial=False, catch=())
+        ran += 1
+    return ran
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def worker_main(
+    index: int,
+    spec_json: str,
+    storage_url: str,
+    target: int | None,
+    deadline: float | None,
+    device_type: str,
+    threads: int,
+    shared: _Shared,
+) -> None:
+    """Entry point of a spawned worker process."""
+    # Ctrl-C goes to the whole process group: the calling process handles it and
+    # terminates the workers, whose SIGTERM then fails their running trial cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        torch.set_num_threads(threads)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        from modelsel.study import make_pruner
+
+        spec = parse_spec(json.loads(spec_json))
+        study = optuna.load_study(
+            study_name=spec.name,
+            storage=open_storage(storage_url),
+            sampler=worker_sampler(spec, index),
+            pruner=make_pruner(spec),
+        )
+        trial_loop(
+            study, spec, device=torch.device(device_type), target=target, deadline=deadline, shared=shared
+        )
+    except KeyboardInterrupt:
+        return
+    except BaseException as exc:  # report every failure as one line to the calling process
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        shared.errors.put(f"worker {index}: {type(exc).__name__}{': ' + text if text else ''}")
+        shared.stop.set()
+        raise SystemExit(1) from None
+
+
+def run_parallel(
+    study: optuna.Study,
+    spec: StudySpec,
+    storage_url: str,
+    target: int | None,
+    timeout: float | None,
+    device: torch.device,
+    workers: int,
+    bar: Any,
+) -> int:
+    """Run the study with ``workers`` processes (this one included); return trials run here and there."""
+    from modelsel.study import FINISHED_STATES
+
+    context = multiprocessing.get_context("spawn")
+    finished_before = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    slots = None if target is None else max(target - finished_before, 0)
+    shared = _Shared(context, slots)
+    deadline = None if timeout is None else time.time() + timeout
+    threads = worker_threads(device, workers)
+    processes = [
+        context.Process(
+            target=worker_main,
+            args=(i, spec.to_json(), storage_url, target, deadline, device.type, threads, shared),
+            name=f"modelsel-worker-{i}",
+            daemon=True,
+        )
+        for i in range(1, workers)
+    ]
+    for process in processes:
+        process.start()
+    refreshing = threading.Event()
+    refresher = threading.Thread(target=_refresh_bar, args=(bar, finished_before, shared, refreshing), daemon=True)
+    refresher.start()
+    sampler = study.sampler
+    try:
+        study.sampler = worker_sampler(spec, 0)
+        with torch_threads(threads):
+            trial_loop(study, spec, device=device, target=target, deadline=deadline, shared=shared)
+        _wait(processes, shared)
+    except BaseException:
+        shared.stop.set()
+        _terminate(processes)
+        raise
+    finally:
+        study.sampler = sampler
+        refreshing.set()
+        refresher.join()
+        bar.n = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        bar.refresh()
+    return int(shared.done.value)
+
+
+def _refresh_bar(bar: Any, initial: int, shared: _Shared, stop: threading.Event) -> None:
+    shown = -1
+    while not stop.wait(_POLL_S):
+        done = int(shared.done.value)
+        if done != shown:
+            shown = done
+            bar.n = initial + done
+            bar.refresh()
+
+
+def _wait(processes: list[Any], shared: _Shared) -> None:
+    """Wait for the workers; on the first error, stop the others and raise it."""
+    while True:
+        message = _first_error(shared)
+        if message is not None:
+            shared.stop.set()
+            _terminate(processes)
+            raise WorkerError(message)
+        alive = [p for p in processes if p.is_alive()]
+        if not alive:
+            break
+        alive[0].join(_POLL_S)
+    failed = [(i, p.exitcode) for i, p in enumerate(processes, start=1) if p.exitcode not in (0, None)]
+    # A message put just before its worker exited may still be on its way through the pipe.
+    message = _first_error(shared, wait_s=2.0 if failed or shared.stop.is_set() else 0.0)
+    if message is not None:
+        raise WorkerError(message)
+    if failed:
+        i, code = failed[0]
+        raise WorkerError(f"worker {i} exited with code {code} (killed? out of memory?)")
+
+
+def _first_error(shared: _Shared, wait_s: float = 0.0) -> str | None:
+    try:
+        message: str = shared.errors.get(timeout=wait_s) if wait_s > 0 else shared.errors.get_nowait()
+    except queue.Empty:
+        return None
+    return message
+
+
+def _terminate(processes: list[Any], grace_s: float = 10.0) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()

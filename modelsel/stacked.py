@@ -1,0 +1,736 @@
+"""The stacked engine: many MLPs of one architecture trained as one batched model.
+
+The k fold models of a trial (or several configurations of a sweep that share an
+architecture) are stacked along a leading *member* axis: every member's parameters are
+one row of a flat ``[k, T]`` tensor, each linear layer is a ``[k, out, in]`` view of it
+and runs as one ``torch.baddbmm``. Per member there are separate initial weights (built
+exactly as the one-model path builds them), shuffles (the same per-member generators),
+dropout masks, batch-norm statistics, optimizer state, weight decay, L1, gradient
+clipping (the norm is taken per member), early stopping and divergence detection.
+
+Semantics match :func:`modelsel.training.train_models` with ``engine: sequential``:
+
+- the same initial weights and the same batches in the same order, so without dropout
+  the results agree to float rounding (``tests/test_stacked.py`` checks every feature);
+- uneven member sizes (CV folds differ by one sample) are handled by padding the last,
+  ragged batch and weighting each member's loss by its own batch size; a member with no
+  batch left in a step is not updated (its rows are restored, its optimizer step count
+  is not advanced), so every member sees exactly its own batches;
+- dropout masks come from one generator for the whole stack (not the global stream of
+  the one-model path), so with dropout the two engines agree in distribution only;
+- a member that stops early or reaches its epoch count leaves the stack: the remaining
+  ones are compacted, so stopped members cost nothing.
+
+Each member keeps a normal :class:`~modelsel.models.MLP` whose parameters are views of
+its row, so callbacks (e.g. gradient statistics) and :func:`~modelsel.training.evaluate`
+work on it unchanged; at the end every model gets its own storage back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from modelsel.models import MLP, HiddenBlock, build_mlp
+from modelsel.spec import ModelSpec, TrainingSpec
+from modelsel.training import (
+    GATHER_BYTES,
+    Callback,
+    Diverged,
+    FoldData,
+    History,
+    Task,
+    TrainedMember,
+    evaluate,
+    member_seed,
+    stop_index,
+)
+
+
+class _StackedLinear(torch.autograd.Function):
+    """``x @ W.mT + b`` for every member at once, writing the weight and bias gradients
+    straight into their rows of the flat gradient buffer.
+
+    Autograd would allocate each gradient and then add it into the preassigned buffer
+    (one more pass over every parameter per step, plus zeroing the buffer); writing with
+    ``out=`` saves both, which is ~20% of a step for a D2L-sized layer.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        grad_weight: torch.Tensor,
+        grad_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.grad_buffers = (grad_weight, grad_bias)
+        return torch.baddbmm(bias, x, weight.mT)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_weight, grad_bias = ctx.grad_buffers
+        torch.bmm(grad_out.mT, x, out=grad_weight)
+        torch.sum(grad_out, dim=1, keepdim=True, out=grad_bias)
+        grad_x = torch.bmm(grad_out, weight) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None
+
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+_BN_EPS = 1e-5
+_BN_MOMENTUM = 0.1
+
+
+@dataclass
+class StackJob:
+    """One member of a stack: its data, configuration and identity.
+
+    ``seed`` and ``index`` give the member the initial weights and shuffles that
+    :func:`~modelsel.training.train_models` gives its member ``index`` under ``seed``.
+    """
+
+    data: FoldData
+    model: ModelSpec
+    training: TrainingSpec
+    seed: int
+    index: int = 0
+
+
+@dataclass
+class StackResult:
+    """A trained member, and the divergence that stopped it (if any)."""
+
+    member: TrainedMember
+    diverged: Diverged | None = None
+
+
+def stack_signature(model: ModelSpec, training: TrainingSpec) -> tuple[Any, ...]:
+    """What must be equal for members to share a stack.
+
+    The architecture (widths, activation, batch norm, residual links), the optimizer
+    kind, the batch size and the train-metric mode. Learning rate, momentum, weight
+    decay, L1, dropout, init, clipping, early stopping, epochs and seed may differ.
+    """
+    return (
+        model.hidden_widths(),
+        model.activation,
+        model.batch_norm,
+        model.residual,
+        training.optimizer,
+        training.batch_size,
+        training.train_metrics,
+    )
+
+
+def _column(values: Sequence[float], like: torch.Tensor) -> float | torch.Tensor:
+    """A per-member value: a Python float when all members agree, else a ``[k, 1]`` column."""
+    first = values[0]
+    if all(v == first for v in values):
+        return float(first)
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1)
+
+
+def _scaled_add_(target: torch.Tensor, tensor: torch.Tensor, scale: float | torch.Tensor) -> None:
+    """``target += scale * tensor`` for a scalar or a per-member column ``scale``."""
+    if isinstance(scale, torch.Tensor):
+        target.addcmul_(tensor, scale)
+    else:
+        target.add_(tensor, alpha=scale)
+
+
+@dataclass
+class _Slot:
+    """Where one parameter of a member lives in the member's flat row."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+    linear_weight: bool
+
+
+@dataclass
+class _MemberState:
+    """Bookkeeping of one member (the Python side; tensors live in the stack)."""
+
+    position: int
+    job: StackJob
+    model: MLP
+    n_train: int
+    stop: int
+    generator: torch.Generator
+    history: History = field(default_factory=History)
+    active: bool = True
+    optimizer_steps: int = 0
+    best_val_loss: float = math.inf
+    epochs_without_improvement: int = 0
+    best_row: torch.Tensor | None = None
+    best_buffers: list[torch.Tensor] | None = None
+    best_bn_steps: int = 0
+    diverged: Diverged | None = None
+
+
+class StackedTrainer:
+    """Trains :class:`StackJob` members of one :func:`stack_signature` as one model."""
+
+    def __init__(
+        self,
+        jobs: Sequence[StackJob],
+        *,
+        task: Task,
+        n_outputs: int,
+        device: torch.device,
+        callbacks: Sequence[Callback] = (),
+        raise_on_divergence: bool = True,
+    ) -> None:
+        if not jobs:
+            raise ValueError("a stack needs at least one member")
+        signatures = {stack_signature(j.model, j.training) for j in jobs}
+        if len(signatures) != 1:
+            raise ValueError("stacked members must share architecture, optimizer, batch size and metric mode")
+        self.jobs = list(jobs)
+        self.task = task
+        self.device = device
+        self.callbacks = list(callbacks)
+        self.grad_callbacks = [c for c in callbacks if c.wants_grads]
+        self.raise_on_divergence = raise_on_divergence
+        first = jobs[0]
+        self.optimizer_kind = first.training.optimizer
+        self.batch_size = first.training.batch_size
+        self.full_train_metrics = first.training.train_metrics == "full"
+        self.classification = task == "classification"
+        self.batch_norm = first.model.batch_norm
+        self.n_inputs = first.data.X_train.shape[1]
+        self.members = [self._build_member(p, job, n_outputs) for p, job in enumerate(jobs)]
+        reference = self.members[0].model
+        self.slots = self._layout(reference)
+        self.row_size = sum(s.numel for s in self.slots)
+        self.residual = [block.residual for block in _blocks(reference)]
+        self.activation = _blocks(reference)[0].activation if reference.blocks else None
+        self.dtype = reference.output.weight.dtype
+        self.dropout_generator = torch.Generator(device=device)
+        self.dropout_generator.manual_seed(member_seed(first.seed + 2, 0))
+        self.stack: list[_MemberState] = []
+        self.flat = torch.empty(0)
+        self.grad = torch.empty(0)
+        self.buffers: list[torch.Tensor] = []
+        self.opt_state: list[torch.Tensor] = []
+        self._restack(self.members, initial=True)
+
+    # ------------------------------------------------------------------ building
+
+    def _build_member(self, position: int, job: StackJob, n_outputs: int) -> _MemberState:
+        torch.manual_seed(member_seed(job.seed, job.index))
+        model = build_mlp(job.model, n_inputs=self.n_inputs, n_outputs=n_outputs).to(self.device)
+        n = job.data.X_train.shape[0]
+        generator = torch.Generator().manual_seed(member_seed(job.seed + 1, job.index))
+        stop = stop_index(n, self.batch_size, batch_norm=job.model.batch_norm)
+        return _MemberState(position, job, model, n, stop, generator)
+
+    @staticmethod
+    def _layout(model: MLP) -> list[_Slot]:
+        linear = {id(layer.weight) for layer in model.linear_layers()}
+        slots, offset = [], 0
+        for name, param in model.named_parameters():
+            slots.append(_Slot(name, tuple(param.shape), offset, param.numel(), id(param) in linear))
+            offset += param.numel()
+        return slots
+
+    def _restack(self, members: list[_MemberState], *, initial: bool = False) -> None:
+        """(Re)build the stacked tensors for ``members`` (compacting away the others)."""
+        old = {id(m): i for i, m in enumerate(self.stack)}
+        k = len(members)
+        device, T = self.device, self.row_size
+        if initial:
+            flat = torch.empty(k, T, device=device, dtype=self.dtype)
+            for i, m in enumerate(members):
+                params = dict(m.model.named_parameters())
+                for slot in self.slots:
+                    flat[i, slot.offset : slot.offset + slot.numel] = params[slot.name].detach().reshape(-1)
+            norms = [_norms(m.model) for m in members]
+            buffers = [
+                torch.stack([getattr(member_norms[b], name).detach() for member_norms in norms])
+                for b in range(len(self.residual))
+                for name in ("running_mean", "running_var")
+            ] if self.batch_norm else []
+            state: list[torch.Tensor] = []
+        else:
+            rows = torch.tensor([old[id(m)] for m in members], device=device)
+            flat = self.flat.index_select(0, rows)
+            buffers = [b.index_select(0, rows) for b in self.buffers]
+            state = [s.index_select(0, rows) for s in self.opt_state]
+        self.flat = flat
+        self.grad = torch.zeros_like(flat)
+        self.buffers = buffers
+        self.opt_state = state
+        self.stack = members
+        self._make_views()
+        self._make_hyperparameters()
+
+    def _make_views(self) -> None:
+        k = len(self.stack)
+        views: dict[str, torch.Tensor] = {}
+        grads: dict[str, torch.Tensor] = {}
+        for slot in self.slots:
+            view = self.flat[:, slot.offset : slot.offset + slot.numel]
+            grad = self.grad[:, slot.offset : slot.offset + slot.numel]
+            if len(slot.shape) == 1:  # biases and batch-norm affine: [k, 1, h] broadcasts over the batch
+                shape: tuple[int, ...] = (k, 1, slot.shape[0])
+            else:
+                shape = (k, *slot.shape)
+            leaf = view.view(shape)
+            leaf.requires_grad_(True)
+            # Linear layers: _StackedLinear writes the gradient rows itself; batch-norm
+            # affine gradients are copied there after each backward.
+            grads[slot.name] = grad.view(shape)
+            views[slot.name] = leaf
+        self.views = views
+        self.grad_views = grads
+        n_blocks = len(self.residual)
+        names = [f"blocks.{b}.linear" for b in range(n_blocks)] + ["output"]
+        self.layers = [
+            (views[f"{n}.weight"], views[f"{n}.bias"], grads[f"{n}.weight"], grads[f"{n}.bias"]) for n in names
+        ]
+        self.norms = (
+            [(views[f"blocks.{b}.norm.weight"], views[f"blocks.{b}.norm.bias"]) for b in range(n_blocks)]
+            if self.batch_norm
+            else []
+        )
+        self.norm_grads = [
+            (views[slot.name], grads[slot.name]) for slot in self.slots if ".norm." in slot.name
+        ]
+        for row, member in enumerate(self.stack):
+            _point_model_at(member.model, self.slots, self.flat[row], self.grad[row])
+            for b, norm in enumerate(_norms(member.model)):
+                norm.running_mean = self.buffers[2 * b][row]
+                norm.running_var = self.buffers[2 * b + 1][row]
+
+    def _make_hyperparameters(self) -> None:
+        trainings = [m.job.training for m in self.stack]
+        like = self.flat
+        weight_mask = torch.zeros(1, self.row_size, device=self.device, dtype=self.dtype)
+        for slot in self.slots:
+            if slot.linear_weight:
+                weight_mask[0, slot.offset : slot.offset + slot.numel] = 1.0
+        lr = [t.lr for t in trainings]
+        wd = [t.weight_decay for t in trainings]
+        l1 = [t.l1 for t in trainings]
+        self.lr = _column(lr, like)
+        self.momentum = _column([t.momentum if t.optimizer == "momentum" else 0.0 for t in trainings], like)
+        self.has_momentum = self.optimizer_kind == "momentum"
+        self.weight_decay = (
+            weight_mask * torch.tensor(wd, device=self.device, dtype=self.dtype).view(-1, 1) if any(wd) else None
+        )
+        if self.optimizer_kind == "adamw" and self.weight_decay is not None:
+            lr_column = torch.tensor(lr, device=self.device, dtype=self.dtype).view(-1, 1)
+            self.decoupled_decay: torch.Tensor | None = 1.0 - lr_column * self.weight_decay
+        else:
+            self.decoupled_decay = None
+        self.l1 = weight_mask * torch.tensor(l1, device=self.device, dtype=self.dtype).view(-1, 1) if any(l1) else None
+        clips = [t.grad_clip for t in trainings]
+        norm = [c.threshold if c is not None and c.kind == "norm" else math.inf for c in clips]
+        value = [c.threshold if c is not None and c.kind == "value" else math.inf for c in clips]
+        self.clip_norm = _column(norm, like) if any(math.isfinite(v) for v in norm) else None
+        self.clip_value = (
+            torch.tensor(value, device=self.device, dtype=self.dtype).view(-1, 1)
+            if any(math.isfinite(v) for v in value)
+            else None
+        )
+        p = [m.job.model.dropout for m in self.stack]
+        self.dropout = any(p)
+        if self.dropout:
+            # Masks compare 16 random bits with a threshold: P(keep) = 1 - p to within 2**-16.
+            thresholds = [min(round(q * 65536), 65535) - 32768 for q in p]
+            scales = [1.0 / (1.0 - q) for q in p]
+            self.drop_threshold: int | torch.Tensor = _int16_column(thresholds, self.device)
+            self.drop_scale: float | torch.Tensor = (
+                scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=self.device).view(-1, 1, 1)
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def train(self) -> list[StackResult]:
+        """Train every member to its epoch count, early stop or divergence."""
+        for callback in self.callbacks:
+            callback.on_train_begin([m.model for m in self.members])
+        max_epochs = max(m.job.training.epochs for m in self.members)
+        for epoch in range(max_epochs):
+            self._run_epoch(epoch)
+            histories = [m.history for m in self.members]
+            for callback in self.callbacks:
+                callback.on_epoch_end(epoch, histories)
+            staying = [m for m in self.stack if m.active]
+            if not staying:
+                break
+            if len(staying) != len(self.stack):
+                self._leave([m for m in self.stack if not m.active])
+                self._restack(staying)
+        if self.stack:
+            self._leave(list(self.stack))
+            self.stack = []
+        return [self._finish(m) for m in self.members]
+
+    def _run_epoch(self, epoch: int) -> None:
+        started = time.perf_counter()
+        stack = self.stack
+        k = len(stack)
+        n_max = max(m.n_train for m in stack)
+        width = min(self.batch_size, n_max)
+        stops = [m.stop for m in stack]
+        length = max(stops)
+        index = torch.zeros(k, length, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        for row, m in enumerate(stack):
+            index[row, : m.stop] = torch.randperm(m.n_train, generator=m.generator)[: m.stop]
+        index = index.to(self.device, non_blocking=True)
+        loss_sum = torch.zeros(k, device=self.device)
+        correct = torch.zeros(k, device=self.device, dtype=torch.int64)
+        row_bytes = self.n_inputs * stack[0].job.data.X_train.element_size()
+        chunk = max(width, (GATHER_BYTES // max(1, k * row_bytes)) // width * width)
+        x_buffer = torch.empty(k, min(chunk, length), self.n_inputs, device=self.device, dtype=self.dtype)
+        y_dtype = stack[0].job.data.y_train.dtype
+        y_buffer = torch.empty(k, min(chunk, length), device=self.device, dtype=y_dtype)
+        step = 0
+        for chunk_start in range(0, length, chunk):
+            chunk_end = min(chunk_start + chunk, length)
+            for row, m in enumerate(stack):
+                rows = index[row, chunk_start:chunk_end]
+                torch.index_select(m.job.data.X_train, 0, rows, out=x_buffer[row, : chunk_end - chunk_start])
+                torch.index_select(m.job.data.y_train, 0, rows, out=y_buffer[row, : chunk_end - chunk_start])
+            for start in range(chunk_start, chunk_end, width):
+                end = min(start + width, chunk_end)
+                counts = [min(max(s - start, 0), end - start) for s in stops]
+                xb = x_buffer[:, start - chunk_start : end - chunk_start]
+                yb = y_buffer[:, start - chunk_start : end - chunk_start]
+                self._step(xb, yb, counts, loss_sum, correct, epoch=epoch, first=step == 0)
+                step += 1
+        seconds = (time.perf_counter() - started) / k
+        self._end_epoch(epoch, loss_sum, correct, seconds)
+
+    def _step(
+        self,
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        counts: list[int],
+        loss_sum: torch.Tensor,
+        correct: torch.Tensor,
+        *,
+        epoch: int,
+        first: bool,
+    ) -> None:
+        k, width = xb.shape[0], xb.shape[1]
+        ragged = any(c != width for c in counts)
+        idle = [row for row, c in enumerate(counts) if c == 0]
+        saved = self._save_rows(idle) if idle else None
+        mask: torch.Tensor | None = None
+        weights: torch.Tensor | None = None
+        if ragged:
+            count_tensor = torch.tensor(counts, device=self.device)
+            mask = torch.arange(width, device=self.device).view(1, -1) < count_tensor.view(-1, 1)
+            weights = mask / count_tensor.clamp(min=1).view(-1, 1).to(self.dtype)
+        out = self._forward(xb, mask)
+        if self.classification:
+            per_sample = F.cross_entropy(
+                out.reshape(k * width, -1), yb.reshape(k * width), reduction="none"
+            ).view(k, width)
+        else:
+            per_sample = (out.squeeze(-1) - yb).square()
+        objective = per_sample.sum() / width if weights is None else (per_sample * weights).sum()
+        objective.backward()
+        for leaf, grad in self.norm_grads:
+            grad.copy_(leaf.grad)  # type: ignore[arg-type]
+            leaf.grad = None
+        with torch.no_grad():
+            if self.l1 is not None:
+                self.grad.addcmul_(self.flat.sign(), self.l1)
+            if first:
+                for m in self.stack:
+                    for callback in self.grad_callbacks:
+                        callback.on_grads_computed(m.position, m.model, epoch)
+            self._clip()
+            self._optimizer_step([c > 0 for c in counts] if idle else None)
+            detached = per_sample.detach()
+            if mask is None:
+                loss_sum += detached.sum(dim=1)
+                if self.classification:
+                    correct += (out.detach().argmax(dim=-1) == yb).sum(dim=1)
+            else:
+                loss_sum += (detached * mask).sum(dim=1)
+                if self.classification:
+                    correct += ((out.detach().argmax(dim=-1) == yb) & mask).sum(dim=1)
+            if saved is not None:
+                self._restore_rows(idle, saved)
+        for row, m in enumerate(self.stack):
+            if counts[row] > 0:
+                m.optimizer_steps += 1
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x
+        for b, (weight, bias, grad_weight, grad_bias) in enumerate(self.layers[:-1]):
+            z = _StackedLinear.apply(h, weight, bias, grad_weight, grad_bias)
+            if self.batch_norm:
+                z = self._batch_norm(z, b, mask)
+            assert self.activation is not None
+            a = self.activation(z)
+            if self.dropout:
+                a = a * self._dropout_mask(a)
+            h = h + a if self.residual[b] else a
+        weight, bias, grad_weight, grad_bias = self.layers[-1]
+        out: torch.Tensor = _StackedLinear.apply(h, weight, bias, grad_weight, grad_bias)
+        return out
+
+    def _batch_norm(self, z: torch.Tensor, block: int, mask: torch.Tensor | None) -> torch.Tensor:
+        gamma, beta = self.norms[block]
+        running_mean, running_var = self.buffers[2 * block], self.buffers[2 * block + 1]
+        if mask is None:
+            n = z.shape[1]
+            var, mean = torch.var_mean(z, dim=1, keepdim=True, correction=0)
+            unbias: float | torch.Tensor = n / max(n - 1, 1)
+        else:
+            m = mask.unsqueeze(-1).to(z.dtype)
+            count = m.sum(dim=1, keepdim=True)
+            safe = count.clamp(min=1.0)
+            mean = (z * m).sum(dim=1, keepdim=True) / safe
+            var = ((z - mean).square() * m).sum(dim=1, keepdim=True) / safe
+            unbias = (safe / (count - 1.0).clamp(min=1.0)).squeeze(1)
+        normalized = (z - mean) * torch.rsqrt(var + _BN_EPS)
+        with torch.no_grad():
+            running_mean.lerp_(mean.detach().squeeze(1), _BN_MOMENTUM)
+            running_var.lerp_(var.detach().squeeze(1) * unbias, _BN_MOMENTUM)
+        return torch.addcmul(beta, normalized, gamma)
+
+    def _dropout_mask(self, a: torch.Tensor) -> torch.Tensor:
+        numel = a.numel()
+        bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=a.device)
+        bits.random_(-(2**63), 2**63 - 1, generator=self.dropout_generator)
+        draws = bits.view(torch.int16)[:numel].view(a.shape)
+        keep = draws >= self.drop_threshold
+        return keep.to(a.dtype).mul_(self.drop_scale)
+
+    def _clip(self) -> None:
+        if self.clip_norm is not None:
+            norms = torch.linalg.vector_norm(self.grad, dim=1, keepdim=True)
+            coefficient = (self.clip_norm / (norms + 1e-6)).clamp_(max=1.0)
+            self.grad.mul_(coefficient)
+        if self.clip_value is not None:
+            self.grad.clamp_(min=-self.clip_value, max=self.clip_value)
+
+    def _optimizer_step(self, stepping: list[bool] | None) -> None:
+        p, g = self.flat, self.grad
+        kind = self.optimizer_kind
+        if kind in ("sgd", "momentum"):
+            if self.weight_decay is not None:
+                g.addcmul_(p, self.weight_decay)
+            update = g
+            if self.has_momentum:
+                if not self.opt_state:
+                    self.opt_state = [g.clone()]
+                else:
+                    self.opt_state[0].mul_(self.momentum).add_(g)
+                update = self.opt_state[0]
+            _scaled_add_(p, update, -self.lr)
+            return
+        if not self.opt_state:
+            self.opt_state = [torch.zeros_like(p), torch.zeros_like(p)]
+        exp_avg, exp_avg_sq = self.opt_state
+        beta1, beta2 = _ADAM_BETAS
+        steps = [m.optimizer_steps + 1 for m in self.stack]
+        if stepping is not None:
+            steps = [s if go else max(s - 1, 1) for s, go in zip(steps, stepping, strict=True)]
+        if self.weight_decay is not None:
+            if self.decoupled_decay is not None:
+                p.mul_(self.decoupled_decay)
+            else:
+                g.addcmul_(p, self.weight_decay)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        lrs = [self.lr] * len(steps) if isinstance(self.lr, float) else self.lr.view(-1).tolist()
+        step_size = _column([lr / (1 - beta1**s) for lr, s in zip(lrs, steps, strict=True)], p)
+        correction = _column([math.sqrt(1 - beta2**s) for s in steps], p)
+        denom = exp_avg_sq.sqrt()
+        denom.div_(correction).add_(_ADAM_EPS)
+        if isinstance(step_size, torch.Tensor):
+            # (value * exp_avg) / denom, rounded as addcdiv_ rounds it: a member's numbers do
+            # not depend on whether its neighbours made the same number of steps.
+            p.add_(exp_avg.mul(-step_size).div_(denom))
+        else:
+            p.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _save_rows(self, rows: list[int]) -> list[torch.Tensor]:
+        index = torch.tensor(rows, device=self.device)
+        return [t.index_select(0, index) for t in (self.flat, *self.buffers, *self.opt_state)]
+
+    def _restore_rows(self, rows: list[int], saved: list[torch.Tensor]) -> None:
+        index = torch.tensor(rows, device=self.device)
+        tensors = (self.flat, *self.buffers, *self.opt_state)
+        for tensor, values in zip(tensors, saved, strict=False):
+            tensor.index_copy_(0, index, values)
+
+    # ------------------------------------------------------------ epoch end
+
+    def _end_epoch(self, epoch: int, loss_sum: torch.Tensor, correct: torch.Tensor, seconds: float) -> None:
+        losses = loss_sum.tolist()
+        corrects = correct.tolist()
+        for row, m in enumerate(self.stack):
+            started = time.perf_counter()
+            history = m.history
+            data = m.job.data
+            train_loss = losses[row] / m.stop
+            if not math.isfinite(train_loss):
+                self._diverge(m, epoch, f"training loss is {train_loss}")
+                continue
+            if self.full_train_metrics:
+                train_loss, train_metric = evaluate(m.model, data.X_train, data.y_train, task=self.task)
+            else:
+                train_metric = corrects[row] / m.stop if self.classification else math.sqrt(train_loss)
+            history.train_loss.append(train_loss)
+            history.train_metric.append(train_metric)
+            if data.X_val is not None and data.y_val is not None:
+                val_loss, val_metric = evaluate(m.model, data.X_val, data.y_val, task=self.task)
+                if not math.isfinite(val_loss):
+                    history.fit_seconds += seconds + time.perf_counter() - started
+                    self._diverge(m, epoch, f"validation loss is {val_loss}")
+                    continue
+                history.val_loss.append(val_loss)
+                history.val_metric.append(val_metric)
+                self._track_best(m, row, epoch, val_loss)
+            if history.epochs_run >= m.job.training.epochs:
+                m.active = False
+            history.fit_seconds += seconds + time.perf_counter() - started
+
+    def _diverge(self, m: _MemberState, epoch: int, reason: str) -> None:
+        m.active = False
+        m.diverged = Diverged(m.position, epoch, reason)
+        if self.raise_on_divergence:
+            raise m.diverged
+
+    def _track_best(self, m: _MemberState, row: int, epoch: int, val_loss: float) -> None:
+        stopping = m.job.training.early_stopping
+        min_delta = stopping.min_delta if stopping is not None else 0.0
+        if val_loss < m.best_val_loss - min_delta:
+            m.best_val_loss = val_loss
+            m.history.best_epoch = epoch
+            m.epochs_without_improvement = 0
+            if stopping is not None:
+                m.best_row = self.flat[row].clone()
+                m.best_buffers = [b[row].clone() for b in self.buffers]
+                m.best_bn_steps = m.optimizer_steps
+        else:
+            m.epochs_without_improvement += 1
+            if stopping is not None and m.epochs_without_improvement >= stopping.patience:
+                m.active = False
+                m.history.stopped_early = True
+
+    def _leave(self, members: list[_MemberState]) -> None:
+        """Give the members' models their own storage (their rows are about to go)."""
+        for m in members:
+            for param in m.model.parameters():
+                param.data = param.data.clone()
+                param.grad = None
+            for norm in _norms(m.model):
+                norm.running_mean = norm.running_mean.clone()
+                norm.running_var = norm.running_var.clone()
+                norm.num_batches_tracked.fill_(m.optimizer_steps)
+
+    def _finish(self, m: _MemberState) -> StackResult:
+        history = m.history
+        if m.best_row is not None:
+            _load_row(m.model, self.slots, m.best_row)
+            if m.best_buffers:
+                for b, norm in enumerate(_norms(m.model)):
+                    norm.running_mean.copy_(m.best_buffers[2 * b])
+                    norm.running_var.copy_(m.best_buffers[2 * b + 1])
+                    norm.num_batches_tracked.fill_(m.best_bn_steps)
+            history.final_epoch = history.best_epoch
+        else:
+            history.final_epoch = history.epochs_run - 1
+        if m.diverged is None:
+            loss, metric = evaluate(m.model, m.job.data.X_train, m.job.data.y_train, task=self.task)
+            history.final_train_loss = loss
+            history.final_train_metric = metric
+        return StackResult(TrainedMember(model=m.model, history=history), m.diverged)
+
+
+def _blocks(model: MLP) -> list[HiddenBlock]:
+    return [block for block in model.blocks if isinstance(block, HiddenBlock)]
+
+
+def _norms(model: MLP) -> list[Any]:
+    """The batch-norm layers of ``model`` (typed loosely: their buffers are plain tensors)."""
+    return [module for module in model.modules() if isinstance(module, nn.BatchNorm1d)]
+
+
+def _int16_column(values: Sequence[int], device: torch.device) -> int | torch.Tensor:
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(list(values), dtype=torch.int16, device=device).view(-1, 1, 1)
+
+
+def _point_model_at(model: MLP, slots: Sequence[_Slot], row: torch.Tensor, grad_row: torch.Tensor) -> None:
+    """Make ``model``'s parameters (and their grads) views of one stacked row."""
+    params = dict(model.named_parameters())
+    for slot in slots:
+        param = params[slot.name]
+        param.data = row[slot.offset : slot.offset + slot.numel].view(slot.shape)
+        param.grad = grad_row[slot.offset : slot.offset + slot.numel].view(slot.shape)
+
+
+def _load_row(model: MLP, slots: Sequence[_Slot], row: torch.Tensor) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for slot in slots:
+            params[slot.name].copy_(row[slot.offset : slot.offset + slot.numel].view(slot.shape))
+
+
+def train_stacked(
+    jobs: Sequence[StackJob],
+    *,
+    task: Task,
+    n_outputs: int,
+    callbacks: Sequence[Callback] = (),
+    device: torch.device | str = "cpu",
+    raise_on_divergence: bool = False,
+) -> list[StackResult]:
+    """Train several members of one :func:`stack_signature` as one stacked model.
+
+    Parameters
+    ----------
+    jobs
+        The members: data (on ``device``), model and training specs, seed and index.
+        Members may differ in learning rate, momentum, weight decay, L1, dropout, init,
+        clipping, early stopping, epochs and seed (e.g. the trials of a sweep).
+    task, n_outputs
+        As in :func:`~modelsel.training.train_models`.
+    callbacks
+        ``on_epoch_end`` receives every member's history, in job order.
+    device
+        Where the members train.
+    raise_on_divergence
+        Raise :class:`~modelsel.training.Diverged` for the first member whose loss
+        becomes non-finite (the fold semantics); by default such a member leaves the
+        stack, the others go on, and its :class:`StackResult` carries the reason.
+    """
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        trainer = StackedTrainer(
+            jobs,
+            task=task,
+            n_outputs=n_outputs,
+            device=device,
+            callbacks=callbacks,
+            raise_on_divergence=raise_on_divergence,
+        )
+        return trainer.train()
+
+
+#: Factory signature, for type checkers of callers that inject a trainer.
+TrainerFactory = Callable[..., list[StackResult]]

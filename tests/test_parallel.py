@@ -1,0 +1,70 @@
+"""Tests of ``--workers N``: an exact shared budget, resuming, samplers, errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import tiny_spec_data
+from optuna.trial import TrialState
+
+from modelsel.parallel import WorkerError, _Shared, _wait, worker_main, worker_sampler, worker_threads
+from modelsel.spec import parse_spec
+from modelsel.study import run_study
+
+
+def test_two_workers_reach_exactly_the_budget_and_resume(fast_tmp: Path) -> None:
+    spec = parse_spec(tiny_spec_data(name="parallel"))
+    first = run_study(spec, output_dir=fast_tmp, n_trials=3, workers=2, progress=False, build_report=False)
+    assert (first.n_complete + first.n_pruned, first.n_trained_this_run, first.n_failed) == (3, 3, 0)
+    study = optuna.load_study(study_name="parallel", storage=first.storage_url)
+    # Each worker samples its own configurations (no duplicated first draws).
+    params = [tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)]
+    assert len(set(params)) == len(params) == 3
+    second = run_study(spec, output_dir=fast_tmp, n_trials=5, workers=2, progress=False, build_report=False)
+    assert (second.n_complete + second.n_pruned, second.n_trained_this_run, second.n_failed) == (5, 2, 0)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == len(states) == 5
+    assert second.test is not None  # the selected trial was retrained and tested once
+
+
+def test_slots_are_claimed_exactly_once() -> None:
+    shared = _Shared(multiprocessing.get_context("spawn"), 3)
+    assert [shared.claim() for _ in range(5)] == [True, True, True, False, False]
+    unlimited = _Shared(multiprocessing.get_context("spawn"), None)
+    assert all(unlimited.claim() for _ in range(10))
+    unlimited.stop.set()
+    assert not unlimited.claim()
+
+
+def test_worker_samplers_are_seeded_apart() -> None:
+    spec = parse_spec(tiny_spec_data(sampler="tpe"))
+    first, second = worker_sampler(spec, 0), worker_sampler(spec, 1)
+    assert isinstance(first, optuna.samplers.TPESampler)
+    assert first._constant_liar
+    draws = []
+    for sampler in (first, second):
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+        draws.append([t.params["x"] for t in study.trials])
+    assert draws[0] != draws[1]
+
+
+def test_one_thread_per_cpu_worker() -> None:
+    assert worker_threads(torch.device("cpu"), 2) == 1
+    assert worker_threads(torch.device("cuda"), 2) >= 1
+
+
+def test_a_failing_worker_reports_one_line(fast_tmp: Path) -> None:
+    shared = _Shared(multiprocessing.get_context("spawn"), 1)
+    spec = parse_spec(tiny_spec_data(name="missing"))
+    url = f"sqlite:///{fast_tmp / 'nothing.db'}"
+    with pytest.raises(SystemExit):
+        worker_main(3, spec.to_json(), url, 1, None, "cpu", 1, shared)
+    assert shared.stop.is_set()
+    with pytest.raises(WorkerError, match=r"^worker 3: KeyError: ") as info:
+        _wait([], shared)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,373 @@
+"""Tests of the stacked engine: every model and training feature matches the one-model
+path (float tolerance), uneven member sizes, early stopping, divergence, per-member
+hyperparameters, dropout statistics, callbacks and the ``engine: auto`` rule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from modelsel.diagnostics import GradientStats
+from modelsel.spec import ModelSpec, TrainingSpec
+from modelsel.stacked import StackedTrainer, StackJob, stack_signature, train_stacked
+from modelsel.training import (
+    Diverged,
+    FoldData,
+    TrainedMember,
+    choose_engine,
+    train_models,
+)
+
+N_CLASSES = 3
+
+
+def fold(n: int, *, seed: int, n_features: int = 5, task: str = "classification", n_val: int = 11) -> FoldData:
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        X = torch.randn(m, n_features, generator=gen)
+        if task == "classification":
+            return X, (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+        return X, 2 * X[:, 0] - X[:, 1] + 0.1 * torch.randn(m, generator=gen)
+
+    X, y = sample(n)
+    X_val, y_val = sample(n_val)
+    return FoldData(X_train=X, y_train=y, X_val=X_val, y_val=y_val)
+
+
+def folds(sizes: Sequence[int] = (37, 36, 38), **kwargs: Any) -> list[FoldData]:
+    return [fold(n, seed=i, **kwargs) for i, n in enumerate(sizes)]
+
+
+def run(
+    members: Sequence[FoldData],
+    engine: str,
+    *,
+    model: dict[str, Any],
+    training: dict[str, Any],
+    task: str = "classification",
+    seed: int = 3,
+    callbacks: Sequence[Any] = (),
+) -> list[TrainedMember]:
+    return train_models(
+        members,
+        model_spec=ModelSpec.model_validate(model),
+        training=TrainingSpec.model_validate({"epochs": 4, "batch_size": 8, **training, "engine": engine}),
+        task=task,  # type: ignore[arg-type]
+        n_outputs=N_CLASSES if task == "classification" else 1,
+        seed=seed,
+        callbacks=callbacks,
+    )
+
+
+def assert_same_training(
+    sequential: Sequence[TrainedMember],
+    stacked: Sequence[TrainedMember],
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    skip: tuple[str, ...] = (),
+) -> None:
+    assert len(sequential) == len(stacked)
+    for a, b in zip(sequential, stacked, strict=True):
+        ha, hb = a.history, b.history
+        assert ha.epochs_run == hb.epochs_run
+        assert (ha.best_epoch, ha.final_epoch, ha.stopped_early) == (hb.best_epoch, hb.final_epoch, hb.stopped_early)
+        for name in ("train_loss", "val_loss", "train_metric", "val_metric"):
+            torch.testing.assert_close(getattr(hb, name), getattr(ha, name), rtol=rtol, atol=atol, msg=name)
+        assert math.isclose(ha.final_train_loss, hb.final_train_loss, rel_tol=rtol, abs_tol=atol)
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if not any(part in key for part in skip):
+                torch.testing.assert_close(sb[key], sa[key], rtol=rtol, atol=atol, msg=key)
+
+
+FEATURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "adam": ({"depth": 1, "width": 16}, {"optimizer": "adam", "lr": 0.01}),
+    "sgd, per-layer widths, tanh": (
+        {"depth": 2, "width": [8, 12], "activation": "tanh"},
+        {"optimizer": "sgd", "lr": 0.1},
+    ),
+    "momentum, weight decay, gelu": (
+        {"depth": 1, "width": 16, "activation": "gelu"},
+        {"optimizer": "momentum", "lr": 0.05, "weight_decay": 0.01},
+    ),
+    "adamw, weight decay, l1, elu": (
+        {"depth": 1, "width": 16, "activation": "elu"},
+        {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "l1": 0.001},
+    ),
+    "adam, weight decay, clip norm, residual, leaky_relu": (
+        {"depth": 3, "width": 16, "activation": "leaky_relu", "residual": True},
+        {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.01, "grad_clip": 0.5},
+    ),
+    "clip value, sigmoid, xavier_normal": (
+        {"depth": 1, "width": 16, "activation": "sigmoid", "init": "xavier_normal"},
+        {"optimizer": "sgd", "lr": 0.5, "grad_clip": {"kind": "value", "threshold": 0.01}},
+    ),
+    "batch norm, kaiming_uniform": (
+        {"depth": 2, "width": 16, "batch_norm": True, "init": "kaiming_uniform"},
+        {"optimizer": "momentum", "lr": 0.05},
+    ),
+    "depth 0": ({"depth": 0}, {"optimizer": "adam", "lr": 0.01}),
+    "kaiming_normal, xavier_uniform-free defaults": (
+        {"depth": 1, "width": 16, "init": "kaiming_normal"},
+        {"optimizer": "sgd", "lr": 0.05},
+    ),
+    "full train metrics": ({"depth": 1, "width": 16}, {"optimizer": "adam", "lr": 0.01, "train_metrics": "full"}),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_stacked_matches_sequential(feature: str) -> None:
+    model, training = FEATURES[feature]
+    members = folds()
+    assert_same_training(
+        run(members, "sequential", model=model, training=training),
+        run(members, "stacked", model=model, training=training),
+    )
+
+
+def test_xavier_uniform_and_regression_match() -> None:
+    model = {"depth": 1, "width": 16, "init": "xavier_uniform"}
+    members = folds(task="regression")
+    training = {"optimizer": "adam", "lr": 0.01}
+    assert_same_training(
+        run(members, "sequential", model=model, training=training, task="regression"),
+        run(members, "stacked", model=model, training=training, task="regression"),
+    )
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        (32, 33, 16, 5),  # different step counts: members sit out the last steps
+        (33, 32, 41),  # batch norm drops a last batch of one sample for some members only
+        (7, 40),  # a member smaller than one batch
+    ],
+)
+def test_uneven_member_sizes(sizes: tuple[int, ...]) -> None:
+    members = folds(sizes)
+    for model, training in (
+        ({"depth": 1, "width": 16}, {"optimizer": "adam", "lr": 0.01}),
+        ({"depth": 1, "width": 16, "batch_norm": True}, {"optimizer": "momentum", "lr": 0.05}),
+    ):
+        assert_same_training(
+            run(members, "sequential", model=model, training=training),
+            run(members, "stacked", model=model, training=training),
+        )
+
+
+def test_batch_norm_with_adam_matches_in_what_is_determined() -> None:
+    # The bias before a batch norm gets a gradient that is pure rounding noise, which
+    # Adam normalises into full-size steps: it (and the running mean that follows it)
+    # differ between any two implementations. Everything else must match.
+    members = folds()
+    model = {"depth": 1, "width": 16, "batch_norm": True}
+    training = {"optimizer": "adam", "lr": 0.01}
+    sequential = run(members, "sequential", model=model, training=training)
+    stacked = run(members, "stacked", model=model, training=training)
+    for a, b in zip(sequential, stacked, strict=True):
+        torch.testing.assert_close(b.history.train_loss, a.history.train_loss, rtol=1e-4, atol=1e-5)
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        for key in ("blocks.0.linear.weight", "blocks.0.norm.weight", "blocks.0.norm.bias", "output.weight"):
+            torch.testing.assert_close(sb[key], sa[key], rtol=1e-4, atol=1e-5)
+        assert torch.equal(sa["blocks.0.norm.num_batches_tracked"], sb["blocks.0.norm.num_batches_tracked"])
+
+
+def test_early_stopping_per_member() -> None:
+    members = folds((37, 36, 38, 35))
+    model = {"depth": 1, "width": 32}
+    training = {"optimizer": "adam", "lr": 0.05, "epochs": 30, "early_stopping": {"patience": 2}}
+    sequential = run(members, "sequential", model=model, training=training)
+    stacked = run(members, "stacked", model=model, training=training)
+    assert any(m.history.stopped_early for m in stacked)
+    assert len({m.history.epochs_run for m in stacked}) > 1  # members stop at different epochs
+    assert_same_training(sequential, stacked)
+
+
+def test_a_diverging_fold_raises_as_in_the_sequential_engine() -> None:
+    members = folds()
+    members[1].X_train[3, 0] = math.inf
+    model, training = {"depth": 1, "width": 8}, {"optimizer": "sgd", "lr": 0.1}
+    errors = []
+    for engine in ("sequential", "stacked"):
+        with pytest.raises(Diverged) as info:
+            run(members, engine, model=model, training=training)
+        errors.append((info.value.member, info.value.epoch))
+    assert errors[0] == errors[1] == (1, 0)
+
+
+def solo(job: StackJob) -> TrainedMember:
+    """The job trained alone by the one-model path."""
+    assert job.index == 0
+    training = job.training.model_copy(update={"engine": "sequential"})
+    (member,) = train_models(
+        [job.data], model_spec=job.model, training=training, task="classification",
+        n_outputs=N_CLASSES, seed=job.seed,
+    )
+    return member
+
+
+def test_stacked_sweep_members_with_different_hyperparameters() -> None:
+    base = TrainingSpec(epochs=4, batch_size=8, optimizer="momentum", lr=0.05)
+    data = fold(37, seed=0)
+    variants: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        ({}, {}),
+        ({"dropout": 0.0, "init": "xavier_uniform"}, {"lr": 0.02, "weight_decay": 0.01}),
+        ({}, {"momentum": 0.5, "l1": 0.001, "grad_clip": 0.3}),
+        ({}, {"grad_clip": {"kind": "value", "threshold": 0.05}, "epochs": 2}),
+        ({}, {"early_stopping": {"patience": 1}, "epochs": 6, "lr": 0.3}),
+    ]
+    jobs = [
+        StackJob(
+            data=data,
+            model=ModelSpec.model_validate({"depth": 1, "width": 16, **model_changes}),
+            training=TrainingSpec.model_validate({**base.model_dump(), **training_changes}),
+            seed=10 + i,
+        )
+        for i, (model_changes, training_changes) in enumerate(variants)
+    ]
+    results = train_stacked(jobs, task="classification", n_outputs=N_CLASSES)
+    assert [r.member.history.epochs_run for r in results][3] == 2
+    for job, result in zip(jobs, results, strict=True):
+        assert result.diverged is None
+        assert_same_training([solo(job)], [result.member])
+
+
+def test_adam_sweep_members_with_different_learning_rates() -> None:
+    data = fold(37, seed=0)
+    jobs = [
+        StackJob(data=data, model=ModelSpec(depth=1, width=16), training=TrainingSpec(
+            epochs=3, batch_size=8, optimizer=optimizer, lr=lr, weight_decay=wd), seed=1)
+        for optimizer in ("adam", "adamw") for lr, wd in ((0.01, 0.0), (0.003, 0.05))
+    ]
+    for optimizer in ("adam", "adamw"):
+        group = [j for j in jobs if j.training.optimizer == optimizer]
+        results = train_stacked(group, task="classification", n_outputs=N_CLASSES)
+        for job, result in zip(group, results, strict=True):
+            assert_same_training([solo(job)], [result.member])
+
+
+def test_a_diverging_sweep_member_leaves_the_others_unharmed() -> None:
+    data = fold(37, seed=0)
+    jobs = [
+        StackJob(data=data, model=ModelSpec(depth=1, width=16),
+                 training=TrainingSpec(epochs=4, batch_size=8, optimizer="sgd", lr=lr), seed=2)
+        for lr in (0.05, 1e6, 0.1)
+    ]
+    results = train_stacked(jobs, task="classification", n_outputs=N_CLASSES)
+    assert results[1].diverged is not None and results[1].diverged.member == 1
+    assert results[1].member.history.epochs_run < 4
+    for i in (0, 2):
+        assert results[i].diverged is None
+        assert_same_training([solo(jobs[i])], [results[i].member])
+
+
+def test_members_must_share_a_stack_signature() -> None:
+    data = fold(20, seed=0)
+    jobs = [
+        StackJob(data=data, model=ModelSpec(depth=1, width=16), training=TrainingSpec(), seed=0),
+        StackJob(data=data, model=ModelSpec(depth=1, width=8), training=TrainingSpec(), seed=0),
+    ]
+    assert stack_signature(jobs[0].model, jobs[0].training) != stack_signature(jobs[1].model, jobs[1].training)
+    with pytest.raises(ValueError, match="share architecture"):
+        train_stacked(jobs, task="classification", n_outputs=N_CLASSES)
+
+
+# ------------------------------------------------------------------------ dropout
+
+
+def test_dropout_masks_keep_each_members_rate_and_scale() -> None:
+    data = fold(64, seed=0)
+    rates = (0.0, 0.2, 0.5)
+    jobs = [
+        StackJob(data=data, model=ModelSpec(depth=1, width=16, dropout=p), training=TrainingSpec(), seed=0)
+        for p in rates
+    ]
+    trainer = StackedTrainer(jobs, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
+    a = torch.ones(len(rates), 4000, 64)
+    mask = trainer._dropout_mask(a)
+    for i, p in enumerate(rates):
+        kept = mask[i] != 0
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+        torch.testing.assert_close(mask[i][kept], torch.full_like(mask[i][kept], 1 / (1 - p)))
+    assert not torch.equal(mask[1, :100], mask[1, 100:200])  # fresh bits everywhere
+
+
+def test_dropout_trains_as_well_stacked_as_sequential() -> None:
+    # Masks come from different random streams, so only the statistics can agree.
+    members = folds((120, 121, 119, 120), n_val=200)
+    model = {"depth": 1, "width": 32, "dropout": 0.3}
+    training = {"optimizer": "adam", "lr": 0.01, "epochs": 8, "batch_size": 16}
+    accuracy = {}
+    for engine in ("sequential", "stacked"):
+        trained = run(members, engine, model=model, training=training)
+        accuracy[engine] = sum(m.history.val_metric[-1] for m in trained) / len(trained)
+    assert accuracy["stacked"] > 0.7 and accuracy["sequential"] > 0.7
+    assert abs(accuracy["stacked"] - accuracy["sequential"]) < 0.06
+
+
+# ---------------------------------------------------------------------- callbacks
+
+
+def test_gradient_stats_and_models_are_the_one_model_paths() -> None:
+    members = folds()
+    model, training = {"depth": 2, "width": 16}, {"optimizer": "adam", "lr": 0.01, "l1": 0.001}
+    stats = {engine: GradientStats() for engine in ("sequential", "stacked")}
+    trained = {
+        engine: run(members, engine, model=model, training=training, callbacks=[stats[engine]])
+        for engine in stats
+    }
+    for member in range(len(members)):
+        for layer, values in stats["sequential"].norms[member].items():
+            torch.testing.assert_close(stats["stacked"].norms[member][layer], values, rtol=1e-4, atol=1e-6)
+    # Every stacked model owns its storage: changing one changes no other.
+    models = [m.model for m in trained["stacked"]]
+    before = models[1].output.weight.detach().clone()
+    with torch.no_grad():
+        models[0].output.weight.add_(1.0)
+    assert torch.equal(models[1].output.weight, before)
+    assert all(p.grad is None for p in models[0].parameters())
+
+
+def test_training_does_not_disturb_the_global_random_state() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run(folds(), "stacked", model={"depth": 1, "width": 8, "dropout": 0.2}, training={"epochs": 1})
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_same_seed_same_numbers_with_dropout() -> None:
+    model, training = {"depth": 1, "width": 8, "dropout": 0.2}, {"epochs": 2}
+    first = run(folds(), "stacked", model=model, training=training)
+    second = run(folds(), "stacked", model=model, training=training)
+    for a, b in zip(first, second, strict=True):
+        assert a.history.train_loss == b.history.train_loss
+
+
+# ------------------------------------------------------------------- engine auto
+
+
+def test_engine_auto_rule() -> None:
+    def choose(model: ModelSpec, batch: int, device: str = "cpu", n_inputs: int = 784, engine: str = "auto") -> str:
+        return choose_engine(
+            model,
+            TrainingSpec(batch_size=batch, engine=engine),  # type: ignore[arg-type]
+            n_members=5,
+            n_inputs=n_inputs,
+            n_outputs=10,
+            device=torch.device(device),
+        )
+
+    d2l = ModelSpec(depth=1, width=256)
+    assert choose(d2l, 256) == "sequential"
+    assert choose(d2l, 256, device="cuda") == "stacked"
+    assert choose(ModelSpec(depth=2, width=64), 64, n_inputs=64) == "stacked"  # the quickstart's digits
+    assert choose(d2l, 64, engine="sequential") == "sequential"
+    assert choose(d2l, 256, engine="stacked") == "stacked"
