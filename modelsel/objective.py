@@ -89,16 +89,26 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
 
 
 class PruningCallback(Callback):
-    """Reports each epoch's fold-mean validation value to Optuna and prunes on its word."""
+    """Reports the fold-mean validation value to Optuna and prunes on its word.
 
-    def __init__(self, trial: optuna.Trial, objective: str) -> None:
+    Every epoch is reported for runs of up to ``max_reports`` epochs; longer runs report
+    every ``ceil(epochs / max_reports)``-th epoch and the last, since each report is a
+    storage write (the full per-epoch curves are stored with the trial anyway).
+    """
+
+    def __init__(self, trial: optuna.Trial, objective: str, *, epochs: int, max_reports: int = 100) -> None:
         self.trial = trial
         self.curve = _CURVE_OF_OBJECTIVE.get(objective, "val_loss")
+        self.every = max(1, math.ceil(epochs / max_reports))
+        self.last_epoch = epochs - 1
+        self.can_prune = not isinstance(trial.study.pruner, optuna.pruners.NopPruner)
 
     def on_epoch_end(self, epoch: int, histories: Sequence[History]) -> None:
+        if (epoch + 1) % self.every and epoch != self.last_epoch:
+            return
         value = fold_mean_curve(histories, self.curve)[epoch]
         self.trial.report(value, epoch)
-        if self.trial.should_prune():
+        if self.can_prune and self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
             self.trial.set_user_attr("curves", rounded(_partial_curves(histories)))
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (fold-mean {self.curve} {value:.4g})")
@@ -166,7 +176,7 @@ class StudyObjective:
         gradient_stats = GradientStats()
         callbacks: list[Callback] = [gradient_stats]
         if len(self.objectives) == 1 and self.objectives[0] in _CURVE_OF_OBJECTIVE:
-            callbacks.append(PruningCallback(trial, self.objectives[0]))
+            callbacks.append(PruningCallback(trial, self.objectives[0], epochs=trial_spec.training.epochs))
         try:
             result = cross_validate(
                 trial_spec,

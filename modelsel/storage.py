@@ -140,7 +140,10 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         with warnings.catch_warnings():
             # Heartbeats are marked experimental in Optuna; they are what marks crashed trials failed.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+        if kind == "sqlite":
+            _use_sqlite_wal(storage.engine)
+        return storage
     except ModuleNotFoundError as exc:
         extra = " (pip install 'modelsel[postgres]')" if kind == "postgresql" else ""
         raise StorageError(f"storage URL '{redact(url)}' needs the driver '{exc.name}'{extra}") from None
@@ -149,6 +152,27 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         raise StorageError(
             f"cannot open storage '{redact(url)}': {first_line[:300]}; check the URL and that the server runs"
         ) from None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _use_sqlite_wal(engine: Any) -> None:
+    """Write-ahead log with ``synchronous=NORMAL`` on every connection.
+
+    Each trial writes many small transactions (intermediate values, user attributes);
+    in the default rollback-journal mode every one of them waits for a disk sync.
+    WAL keeps commits durable against a crash of the process (not of the OS) and lets
+    readers (the dashboard, other workers) proceed while a worker writes.
+    """
+    from sqlalchemy import event
+
+    engine.dispose()  # connections opened while Optuna created its tables lack the pragmas
+    event.listen(engine, "connect", _sqlite_pragmas)
 
 
 def study_names(url: str) -> list[str]:
