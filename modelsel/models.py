@@ -21,13 +21,14 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 # Nonlinearity names torch.nn.init.calculate_gain knows, for Kaiming init.
-_KAIMING_NONLINEARITY: dict[str, Literal["relu", "leaky_relu", "tanh", "sigmoid"]] = {
+_KAIMING_NONLINEARITY: dict[str, Literal["relu", "leaky_relu", "tanh", "sigmoid", "linear"]] = {
     "relu": "relu",
     "leaky_relu": "leaky_relu",
     "elu": "relu",
     "gelu": "relu",
     "tanh": "tanh",
     "sigmoid": "sigmoid",
+    "linear": "linear",
 }
 
 
@@ -91,15 +92,19 @@ class MLP(nn.Module):
                 activation=activation,
                 dropout=dropout,
                 batch_norm=batch_norm,
-                residual=residual,
+                # Links join hidden layers only, never the input to the first hidden layer.
+                residual=residual and index > 0,
             )
-            for n_in, n_out in itertools.pairwise(widths)
+            for index, (n_in, n_out) in enumerate(itertools.pairwise(widths))
         )
         self.output = nn.Linear(widths[-1], n_outputs)
         self.activation_name = activation
         if init != "default":
-            for layer in self.linear_layers():
-                _init_linear(layer, init, activation)
+            for block in self.blocks:
+                assert isinstance(block, HiddenBlock)
+                _init_linear(block.linear, init, activation)
+            # The output layer feeds no nonlinearity: Kaiming uses the linear gain there.
+            _init_linear(self.output, init, "linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

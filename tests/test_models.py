@@ -136,8 +136,14 @@ def test_init_gives_the_documented_weight_std_and_zero_biases(
     model = build_mlp(
         model_spec(depth=2, width=[400, 300], activation=activation, init=init), n_inputs=200, n_outputs=100
     )
-    for std, fan_in, fan_out in _weight_stds(model):
+    *hidden, (output_std, output_fan_in, _) = _weight_stds(model)
+    for std, fan_in, fan_out in hidden:
         assert std == pytest.approx(expected_std(fan_in, fan_out), rel=0.05)
+    # The output layer feeds no nonlinearity: Kaiming uses the linear gain (1) there.
+    if init.startswith("kaiming"):
+        assert output_std == pytest.approx(1 / math.sqrt(output_fan_in), rel=0.05)
+    else:
+        assert output_std == pytest.approx(expected_std(output_fan_in, 100), rel=0.05)
     for layer in model.linear_layers():
         assert torch.count_nonzero(layer.bias) == 0
 
@@ -200,6 +206,11 @@ def test_residual_links_only_between_equal_widths() -> None:
     torch.testing.assert_close(h2, h1 + torch.tanh(model.blocks[1].linear(h1)))
     h3 = hidden_output(model, 2, x)
     torch.testing.assert_close(h3, torch.tanh(model.blocks[2].linear(h2)))
+
+
+def test_no_residual_link_from_the_input_into_the_first_hidden_layer() -> None:
+    model = build_mlp(model_spec(depth=2, width=5, residual=True), n_inputs=5, n_outputs=2)
+    assert [block.residual for block in model.blocks] == [False, True]
 
 
 def test_no_residual_links_unless_asked() -> None:
