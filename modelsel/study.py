@@ -36,8 +36,9 @@ from modelsel.training import resolve_device
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # Spec sections that may change between runs of one study without changing what it measures.
 _RUN_ONLY_KEYS = ("budget", "storage", "description")
-# Training keys that say where a study runs, not what it measures (--device may differ on resume).
-_RUN_ONLY_TRAINING_KEYS = ("device",)
+# Training keys that say where and how a study runs, not what it measures (they may differ on resume;
+# the engines agree within float tolerance).
+_RUN_ONLY_TRAINING_KEYS = ("device", "engine")
 
 
 @dataclass
