@@ -223,7 +223,7 @@ def run_parallel(
     bar: Any,
 ) -> int:
     """Run the study with ``workers`` processes (this one included); return trials run here and there."""
-    from modelsel.study import FINISHED_STATES
+    from modelsel.study import FINISHED_STATES, _best_value_text
 
     context = multiprocessing.get_context("spawn")
     finished_before = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
@@ -246,10 +246,16 @@ def run_parallel(
     refresher = threading.Thread(target=_refresh_bar, args=(bar, finished_before, shared, refreshing), daemon=True)
     refresher.start()
     sampler = study.sampler
+
+    def show_best(study: optuna.Study, trial: FrozenTrial) -> None:
+        bar.set_postfix_str(_best_value_text(study), refresh=False)
+
     try:
         study.sampler = worker_sampler(spec, 0)
         with torch_threads(threads):
-            trial_loop(study, spec, device=device, target=target, deadline=deadline, shared=shared)
+            trial_loop(
+                study, spec, device=device, target=target, deadline=deadline, shared=shared, on_trial=show_best
+            )
         _wait(processes, shared)
     except BaseException:
         shared.stop.set()

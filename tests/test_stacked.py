@@ -371,3 +371,29 @@ def test_engine_auto_rule() -> None:
     assert choose(ModelSpec(depth=2, width=64), 64, n_inputs=64) == "stacked"  # the quickstart's digits
     assert choose(d2l, 64, engine="sequential") == "sequential"
     assert choose(d2l, 256, engine="stacked") == "stacked"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stacked_matches_sequential_and_is_the_auto_choice() -> None:
+    device = torch.device("cuda")
+    members = [
+        FoldData(*(t.to(device) if t is not None else None for t in (f.X_train, f.y_train, f.X_val, f.y_val)))
+        for f in folds((37, 36, 38))
+    ]
+    model = ModelSpec(depth=2, width=16, batch_norm=True, dropout=0.0)
+    training = TrainingSpec(epochs=3, batch_size=8, optimizer="momentum", lr=0.05, grad_clip=1.0)
+    assert choose_engine(model, training, n_members=3, n_inputs=5, n_outputs=N_CLASSES, device=device) == "stacked"
+    trained = {
+        engine: train_models(
+            members, model_spec=model, training=training.model_copy(update={"engine": engine}),
+            task="classification", n_outputs=N_CLASSES, seed=3, device=device,
+        )
+        for engine in ("sequential", "stacked")
+    }
+    assert_same_training(trained["sequential"], trained["stacked"], rtol=1e-3, atol=1e-4)
+    dropout = ModelSpec(depth=1, width=16, dropout=0.3)
+    run_dropout = train_models(
+        members, model_spec=dropout, training=training.model_copy(update={"engine": "stacked"}),
+        task="classification", n_outputs=N_CLASSES, seed=3, device=device,
+    )
+    assert all(math.isfinite(m.history.train_loss[-1]) for m in run_dropout)
