@@ -18,10 +18,11 @@ Budget
     running trials; each also stops once the storage holds ``target`` finished trials.
 
 Storage
-    The storage a study already has is used as it is: SQLite by default, opened with a
-    60 s lock timeout (``modelsel.storage``), so a worker waits for another's write
-    instead of failing. Workers write a few rows per epoch and a few dozen per trial, so
-    with a handful of processes the lock is almost never contended. Optuna recommends
+    The storage a study already has is used as it is: SQLite by default, in WAL mode
+    (readers do not block the writer) with a 60 s busy timeout (``modelsel.storage``),
+    so a worker waits for another's write instead of failing. Workers write a few rows
+    per epoch and a few dozen per trial, so with a handful of processes the lock is
+    almost never contended. Optuna recommends
     its journal file storage for many processes on one node (``--storage
     journal:path.log``); it is not made the default for ``--workers`` because the default
     storage must stay the same file across runs, or a study started with ``--workers 2``
