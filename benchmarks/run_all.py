@@ -220,8 +220,8 @@ def wait_for_quiet(max_wait: float, busy_fraction: float = 0.15, window: float =
     """Wait up to ``max_wait`` seconds for the machine's CPUs to be idle; return the seconds waited.
 
     Quiet means less than ``busy_fraction`` of all CPUs busy over a ``window``-second sample,
-    so that an entry does not start while another process (possibly in another container
-    sharing these cores, invisible to ``ps``) is computing.
+    so that an entry does not start while another process (another user's tests, another
+    benchmark) is computing on these cores.
     """
     start = time.perf_counter()
     cpus = os.cpu_count() or 1
@@ -713,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-root", default=None, help="default $MODELSEL_DATA_ROOT, else /work/shared/data"
     )
     parser.add_argument(
-        "--timeout", type=float, default=None, help="seconds per entry (default 1800, 600 quick)"
+        "--timeout", type=float, default=None, help="seconds per entry (default 3600, 600 quick)"
     )
     parser.add_argument(
         "--acc-tol", type=float, default=None, help="accuracy agreement (default 0.01, 0.03 quick)"
@@ -745,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tpe_trials=args.tpe_trials,
         threads=args.threads,
         root=str(Path(data_root(args.data_root)).resolve()),
-        timeout_s=args.timeout or (600.0 if args.quick else 1800.0),
+        timeout_s=args.timeout or (600.0 if args.quick else 3600.0),
         quiet_wait_s=args.quiet_wait,
         out_dir=(args.log_dir / stamp).resolve(),
         acc_tol=args.acc_tol if args.acc_tol is not None else (0.03 if args.quick else 0.01),
