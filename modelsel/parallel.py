@@ -141,16 +141,9 @@ def trial_loop(
     on_trial: Any = None,
 ) -> int:
     """Run trials one at a time while slots, time and the budget last; return how many."""
-    from modelsel.objective import StudyObjective
-    from modelsel.study import FINISHED_STATES, _load_dataset_for
+    from modelsel.study import FINISHED_STATES, study_objective
 
-    task = study.user_attrs.get("task") or _load_dataset_for(spec).task
-    objective = StudyObjective(
-        spec,
-        load_dataset=_load_dataset_for,
-        objectives=spec.resolved_objectives(task),
-        device=device,
-    )
+    objective = study_objective(study, spec, device=device)
 
     def finished(study: optuna.Study, trial: FrozenTrial) -> None:
         shared.finished_one()

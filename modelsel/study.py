@@ -234,6 +234,17 @@ def _run_worker(*args: Any) -> None:
     worker_main(*args)
 
 
+def study_objective(study: optuna.Study, spec: StudySpec, *, device: torch.device) -> StudyObjective:
+    """The Optuna objective of ``spec`` for ``study`` (its task read from the study, else the data)."""
+    task = study.user_attrs.get("task") or _load_dataset_for(spec).task
+    return StudyObjective(
+        spec,
+        load_dataset=_load_dataset_for,
+        objectives=spec.resolved_objectives(task),
+        device=device,
+    )
+
+
 def _optimize(
     study: optuna.Study,
     spec: StudySpec,
@@ -243,13 +254,7 @@ def _optimize(
     device: torch.device,
     on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> int:
-    task = study.user_attrs.get("task") or _load_dataset_for(spec).task
-    objective = StudyObjective(
-        spec,
-        load_dataset=_load_dataset_for,
-        objectives=spec.resolved_objectives(task),
-        device=device,
-    )
+    objective = study_objective(study, spec, device=device)
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = []
     if target is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(target, states=FINISHED_STATES))
