@@ -343,6 +343,15 @@ def _read_modelsel(outcome: Outcome, settings: Settings, work: Path) -> None:
         by_width[width] = by_width.get(width, 0) + n_train * (folds - 1) * epochs
     outcome.fold_epochs = fold_epochs
     outcome.samples_by_width = by_width
+    outcome.extra["pruned_after_all_epochs"] = sum(
+        1 for t in trials if t.state == state.PRUNED and len(t.intermediate_values) >= settings.epochs
+    )
+    if outcome.key in MODELSEL_GRID:
+        grid = GRIDS[settings.grid]
+        ran = [(int(t.params["width"]), float(t.params["weight_decay"])) for t in trials]
+        cells = [(int(w), float(wd)) for w in grid["width"] for wd in grid["weight_decay"]]
+        outcome.extra["grid_missing"] = [c for c in cells if c not in ran]
+        outcome.extra["grid_repeated"] = sorted({c for c in ran if ran.count(c) > 1})
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
     ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
     if starts and ends:
@@ -648,6 +657,12 @@ def _tpe_lines(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
             "",
             f"Pruning saved {saved:.0%} of the fold-epochs; best CV accuracy changed by {delta:+.4f}.",
         ]
+        late = pruned.extra.get("pruned_after_all_epochs", 0)
+        if late:
+            lines.append(
+                f"{late} of the {pruned.trials_pruned} pruned trials were pruned only after their last "
+                "epoch, so pruning saved them nothing."
+            )
     return [*lines, ""]
 
 
@@ -679,11 +694,17 @@ def _notes(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
     cells = len(GRIDS[settings.grid]["width"]) * len(GRIDS[settings.grid]["weight_decay"])
     for key in MODELSEL_GRID:
         o = outcomes.get(key)
-        finished = (o.trials_complete or 0) + (o.trials_pruned or 0) if o is not None and o.ok else cells
-        if o is not None and finished != cells:
+        if o is None or not o.ok:
+            continue
+        finished = (o.trials_complete or 0) + (o.trials_pruned or 0)
+        missing, repeated = o.extra.get("grid_missing", []), o.extra.get("grid_repeated", [])
+        if finished != cells or missing or repeated:
             lines.append(
-                f"- {o.label} finished {finished} trials for a {cells}-cell grid; its fold-epochs, "
-                "samples/s and GEMM fraction count all the work it did."
+                f"- **{o.label} did not run the grid exactly once**: {finished} trials for {cells} cells"
+                + (f"; never ran (width, weight_decay) {', '.join(map(str, missing))}" if missing else "")
+                + (f"; ran {', '.join(map(str, repeated))} more than once" if repeated else "")
+                + ". Its fold-epochs, samples/s and GEMM fraction count the work it did; its best CV "
+                "accuracy is over the cells it ran."
             )
     failed = [o for o in outcomes.values() if not o.ok]
     if failed:
