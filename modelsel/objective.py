@@ -108,7 +108,8 @@ class PruningCallback(Callback):
             return
         value = fold_mean_curve(histories, self.curve)[epoch]
         self.trial.report(value, epoch)
-        if self.can_prune and self.trial.should_prune():
+        # Pruning after the last epoch would discard a finished result and save nothing.
+        if self.can_prune and epoch != self.last_epoch and self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
             self.trial.set_user_attr("curves", rounded(_partial_curves(histories)))
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (fold-mean {self.curve} {value:.4g})")

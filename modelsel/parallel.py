@@ -73,6 +73,10 @@ def worker_sampler(spec: StudySpec, worker: int) -> optuna.samplers.BaseSampler:
     """The sampler of worker ``worker``: seeded apart from the others; TPE with constant liar."""
     from modelsel.study import make_sampler
 
+    if spec.sweep is not None or spec.sampler.name == "grid":
+        # Every worker must see the same grid order: GridSampler's seed permutes the cells
+        # (and a sweep's seed axis derives from the spec seed), and cell i goes to trial i.
+        return make_sampler(spec)
     options = dict(spec.sampler.options)
     if spec.sampler.name == "tpe" and spec.sweep is None:
         options.setdefault("constant_liar", True)

@@ -68,3 +68,18 @@ def test_a_failing_worker_reports_one_line(fast_tmp: Path) -> None:
     with pytest.raises(WorkerError, match=r"^worker 3: KeyError: ") as info:
         _wait([], shared)
     assert "\n" not in str(info.value)
+
+
+def test_two_workers_cover_a_sweep_grid_exactly_once(fast_tmp: Path) -> None:
+    sweep = {"width": [4, 8], "lr": [0.01, 0.05]}
+    spec = parse_spec(tiny_spec_data(name="psweep", search=None, sampler=None, sweep=sweep))
+    outcome = run_study(spec, output_dir=fast_tmp, workers=2, progress=False, build_report=False)
+    study = optuna.load_study(study_name="psweep", storage=outcome.storage_url)
+    cells = sorted((t.params["width"], t.params["lr"]) for t in study.get_trials(deepcopy=False))
+    assert cells == [(4, 0.01), (4, 0.05), (8, 0.01), (8, 0.05)]
+
+
+def test_grid_workers_share_one_cell_order() -> None:
+    spec = parse_spec(tiny_spec_data(search=None, sampler=None, sweep={"width": [4, 8, 16], "lr": [0.01, 0.05]}))
+    grids = [worker_sampler(spec, w)._all_grids for w in range(3)]
+    assert grids[0] == grids[1] == grids[2]
