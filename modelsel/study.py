@@ -227,13 +227,6 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     return study
 
 
-def _run_worker(*args: Any) -> None:
-    """Entry point of a spawned ``--workers`` process (see :mod:`modelsel.parallel`)."""
-    from modelsel.parallel import worker_main
-
-    worker_main(*args)
-
-
 def study_objective(study: optuna.Study, spec: StudySpec, *, device: torch.device) -> StudyObjective:
     """The Optuna objective of ``spec`` for ``study`` (its task read from the study, else the data)."""
     task = study.user_attrs.get("task") or _load_dataset_for(spec).task
@@ -393,27 +386,11 @@ def _search(
     try:
         if workers == 1:
             return _optimize(study, spec, target=target, timeout=timeout, device=device, on_trial=update)
-        return _run_parallel(study, spec, storage_url, target, timeout, device, workers, bar)
+        from modelsel.parallel import run_parallel
+
+        return run_parallel(study, spec, storage_url, target, timeout, device, workers, bar)
     finally:
         bar.close()
-
-
-def _run_parallel(
-    study: optuna.Study,
-    spec: StudySpec,
-    storage_url: str,
-    target: int | None,
-    timeout: float | None,
-    device: torch.device,
-    workers: int,
-    bar: Any,
-) -> int:
-    """``workers`` processes (this one included) share the storage and an exact budget;
-    1 intra-op thread each on CPU. See :mod:`modelsel.parallel` for the storage, budget,
-    Ctrl-C and error rules."""
-    from modelsel.parallel import run_parallel
-
-    return run_parallel(study, spec, storage_url, target, timeout, device, workers, bar)
 
 
 def _best_value_text(study: optuna.Study) -> str:
