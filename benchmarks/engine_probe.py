@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--baseline", default=None, help="an older training.py to time side by side")
     parser.add_argument("--engines", default="sequential,stacked")
+    parser.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cases = {name: CASES[name] for name in (args.case or [])}
@@ -148,6 +149,7 @@ def main() -> None:
             TrainingSpec(optimizer=opt, lr=1e-3, batch_size=int(batch), epochs=2),
         )
     baseline = _load_baseline(args.baseline) if args.baseline else None
+    figures: dict[str, dict[str, dict[str, float]]] = {}
     for name, case in cases.items():
         engines: dict[str, Callable[[TrainingSpec, list[FoldData]], Any]] = {}
         if baseline is not None:
@@ -164,6 +166,7 @@ def main() -> None:
                 seed=0,
             )
         result = measure(case, engines, args.repeats)
+        figures[name] = result
         ref = next(iter(result.values()))
         for engine, r in result.items():
             print(
@@ -173,6 +176,10 @@ def main() -> None:
                 f"wall-ratio {ref['wall_s'] / r['wall_s']:.2f}x",
                 flush=True,
             )
+    if args.json:
+        import json
+
+        print(json.dumps({"name": "engines", "threads": args.threads, "repeats": args.repeats, "cases": figures}))
 
 
 if __name__ == "__main__":

@@ -46,20 +46,24 @@ from baselines import GRIDS, data_root, flops_per_sample  # noqa: E402
 
 #: Entries in the order they run; ``gemm`` first so every fraction uses this run's limit.
 GRID_BASELINES = ("d2l", "skorch", "sklearn")
-MODELSEL_GRID = ("modelsel-1w", "modelsel-2w", "modelsel-stacked")
+MODELSEL_GRID = ("modelsel-1w", "modelsel-2w", "modelsel-stacked", "modelsel-stacked-2w")
 TPE_ENTRIES = ("tpe", "tpe-median")
-ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES)
+ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines")
+#: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
+ENGINE_CASES = ("d2l-b64", "d2l-b256")
 
 LABELS: dict[str, str] = {
     "gemm": "GEMM limit (torch.mm)",
     "d2l": "(1) hand-written Optuna + StratifiedKFold + D2L DataLoader",
     "skorch": "(2) skorch NeuralNetClassifier + GridSearchCV(cv=5)",
     "sklearn": "(3) sklearn MLPClassifier + GridSearchCV(cv=5)",
-    "modelsel-1w": "(4) modelsel, 1 worker",
-    "modelsel-2w": "(5) modelsel, 2 workers",
-    "modelsel-stacked": "(6) modelsel, stacked folds",
+    "modelsel-1w": "(4) modelsel, 1 worker, one model at a time (engine: sequential)",
+    "modelsel-2w": "(5) modelsel, 2 workers (engine: sequential)",
+    "modelsel-stacked": "(6) modelsel, stacked folds (engine: stacked, the default), 1 worker",
+    "modelsel-stacked-2w": "(7) modelsel, stacked folds, 2 workers",
     "tpe": "TPE, no pruning",
     "tpe-median": "TPE, median pruning",
+    "engines": "stacked vs sequential engine (engine_probe.py)",
 }
 
 #: The TPE search space (spec syntax); the grid's fixed values fill in everything else.
@@ -74,6 +78,8 @@ TARGET_SPEEDUP_D2L = 8.0
 TARGET_SPEEDUP_SKORCH = 2.5
 TARGET_SAMPLES_PER_S = 175_000
 TARGET_GEMM_FRACTION = 0.78
+TARGET_WORKERS_SPEEDUP = 1.15
+TARGET_STACKED_SPEEDUP = 1.5
 
 
 @dataclass
@@ -145,7 +151,7 @@ def modelsel_spec(settings: Settings, key: str) -> dict[str, Any]:
             "lr": 0.1,
             "weight_decay": 0.0,
             "device": "cpu",
-            "engine": "stacked" if key == "modelsel-stacked" else "sequential",
+            "engine": "stacked" if key.startswith("modelsel-stacked") else "sequential",
         },
         "cv": {"folds": settings.folds},
         "objectives": ["val_accuracy"],
@@ -175,6 +181,11 @@ def modelsel_executable() -> list[str]:
 
 def entry_command(settings: Settings, key: str) -> list[str]:
     """The command line of entry ``key`` (modelsel's spec is written to the entry's folder)."""
+    if key == "engines":
+        command = [sys.executable, str(HERE / "engine_probe.py"), "--repeats", "3", "--json"]
+        for case in ENGINE_CASES:
+            command += ["--case", case]
+        return [*command, "--threads", str(settings.threads or os.cpu_count() or 1)]
     if key == "gemm" or key in GRID_BASELINES:
         command = [sys.executable, str(HERE / "baselines.py"), key]
         if key != "gemm":
@@ -195,7 +206,7 @@ def entry_command(settings: Settings, key: str) -> list[str]:
     work = settings.out_dir / key
     command = [*modelsel_executable(), "study", "run", str(work / "spec.yaml")]
     command += ["--storage", f"sqlite:///{work / 'bench.db'}", "--output", str(work), "--quiet"]
-    if key == "modelsel-2w":
+    if key.endswith("-2w"):
         command += ["--workers", "2"]
     return command
 
@@ -257,10 +268,10 @@ def run_entry(settings: Settings, key: str) -> Outcome:
     outcome = Outcome(key=key, label=LABELS[key], command=command)
     work = settings.out_dir / key
     work.mkdir(parents=True, exist_ok=True)
-    if key not in ("gemm", *GRID_BASELINES):
+    if key not in ("gemm", "engines", *GRID_BASELINES):
         (work / "spec.yaml").write_text(yaml.safe_dump(modelsel_spec(settings, key), sort_keys=False))
     env = {**os.environ, "MODELSEL_DATA_ROOT": settings.root}
-    if settings.threads is not None and key not in ("gemm", *GRID_BASELINES):
+    if settings.threads is not None and key not in ("gemm", "engines", *GRID_BASELINES):
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
     outcome.waited_s = wait_for_quiet(settings.quiet_wait_s)
     outcome.load_before = round(os.getloadavg()[0], 2)
@@ -290,7 +301,9 @@ def run_entry(settings: Settings, key: str) -> Outcome:
         outcome.error = f"failed: {_last_line(proc.stderr, proc.stdout)} (exit {proc.returncode})"
         return outcome
     try:
-        if key == "gemm" or key in GRID_BASELINES:
+        if key == "engines":
+            outcome.extra = json.loads(_last_line(proc.stdout, limit=None))
+        elif key == "gemm" or key in GRID_BASELINES:
             _read_baseline(outcome, proc.stdout)
         else:
             _read_modelsel(outcome, settings, work)
@@ -513,6 +526,7 @@ def render(
     lines += ["", *_gemm_lines(gemm, outcomes, grid_keys), ""]
     lines += _target_lines(settings, outcomes, best_ms)
     lines += _tpe_lines(settings, outcomes)
+    lines += _engine_lines(outcomes)
     lines += _notes(settings, outcomes)
     return "\n".join(lines) + "\n"
 
@@ -604,6 +618,31 @@ def _target_lines(settings: Settings, outcomes: dict[str, Outcome], best: Outcom
         rows.append(
             (f"≥ {TARGET_GEMM_FRACTION:.0%} of the GEMM limit", f"{frac:.1%}", frac >= TARGET_GEMM_FRACTION)
         )
+    for one, two, what in (
+        ("modelsel-1w", "modelsel-2w", "sequential"),
+        ("modelsel-stacked", "modelsel-stacked-2w", "stacked"),
+    ):
+        a, b = outcomes.get(one), outcomes.get(two)
+        if a is not None and b is not None and a.ok and b.ok and a.process_s and b.process_s:
+            speedup = a.process_s / b.process_s
+            rows.append(
+                (
+                    f"2 workers ≥ {TARGET_WORKERS_SPEEDUP:g}× 1 worker ({what}, whole process)",
+                    f"{speedup:.2f}×",
+                    speedup >= TARGET_WORKERS_SPEEDUP,
+                )
+            )
+    seq, stk = outcomes.get("modelsel-1w"), outcomes.get("modelsel-stacked")
+    if seq is not None and stk is not None and seq.ok and stk.ok and seq.process_s and stk.process_s:
+        speedup = seq.process_s / stk.process_s
+        rows.append(
+            (
+                "stacked folds over sequential, batch 256, 1 worker (whole process; the issue's "
+                f"≥ {TARGET_STACKED_SPEEDUP:g}× is at batch 64, see the engine section)",
+                f"{speedup:.2f}×",
+                None,
+            )
+        )
     ref = outcomes.get("d2l")
     if ref is not None and ref.ok and ref.best_cv_accuracy is not None and best.best_cv_accuracy is not None:
         delta = best.best_cv_accuracy - ref.best_cv_accuracy
@@ -617,6 +656,40 @@ def _target_lines(settings: Settings, outcomes: dict[str, Outcome], best: Outcom
     lines += [f"Best modelsel entry: {best.label}.", "", "| target | measured | met |", "|---|---:|:---:|"]
     for name, value, met in rows:
         lines.append(f"| {name} | {value} | {'–' if met is None else ('yes' if met else '**no**')} |")
+    return [*lines, ""]
+
+
+def _engine_lines(outcomes: dict[str, Outcome]) -> list[str]:
+    outcome = outcomes.get("engines")
+    if outcome is None:
+        return []
+    lines = ["## Engines: the k fold models stacked vs one at a time", ""]
+    if not outcome.ok:
+        return [*lines, f"Not measured: {outcome.error}", ""]
+    extra = outcome.extra
+    lines += [
+        f"`benchmarks/engine_probe.py`, in one process, {extra['threads']} thread(s), median of "
+        f"{extra['repeats']} interleaved runs: 5 fold models of the D2L MLP (784-256-10, SGD lr 0.1) on "
+        "Fashion-MNIST folds for one epoch, per-epoch validation and the final training-set evaluation "
+        "included.",
+        "",
+        "| case | engine | samples/s | CPU ms / step | stacked over sequential |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for case, engines in extra["cases"].items():
+        sequential = engines.get("sequential", {}).get("wall_s")
+        for engine, figures in engines.items():
+            ratio = sequential / figures["wall_s"] if sequential and engine != "sequential" else None
+            lines.append(
+                f"| {case} | {engine} | {figures['samples_per_s']:,.0f} | {figures['cpu_ms_per_step']:.2f} | "
+                f"{_fmt(ratio, 2)} |"
+            )
+    b64 = extra["cases"].get("d2l-b64", {})
+    if "sequential" in b64 and "stacked" in b64:
+        speedup = b64["sequential"]["wall_s"] / b64["stacked"]["wall_s"]
+        met = "met" if speedup >= TARGET_STACKED_SPEEDUP else "**not met**"
+        target = f"Target stacked ≥ {TARGET_STACKED_SPEEDUP:g}× sequential at batch 64 on CPU"
+        lines += ["", f"{target}: {speedup:.2f}× ({met})."]
     return [*lines, ""]
 
 

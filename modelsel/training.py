@@ -456,48 +456,39 @@ def choose_engine(
 ) -> Literal["sequential", "stacked"]:
     """The engine ``training.engine`` names, resolving ``auto``.
 
-    ``auto`` stacks the members (see :mod:`modelsel.stacked`) on CUDA always (one set of
-    kernel launches for all members instead of one per member), and on CPU when one
-    member's training step is at most :data:`STACKED_CPU_MAX_STEP_FLOPS` (64 MFLOP,
-    :func:`step_flops`); else it trains the members one after another. The rule does
-    not depend on how many members train, so a member trains the same (bit for bit,
-    without dropout) alone or beside others.
+    ``auto`` stacks the members (see :mod:`modelsel.stacked`): on CUDA one set of kernel
+    launches serves all members instead of one per member, and on CPU the stacked engine
+    was as fast or faster at every shape measured. The rule does not depend on how many
+    members train, so a member trains the same (bit for bit, without dropout) alone or
+    beside others. ``engine: sequential`` keeps the one-model reference path.
 
-    Measured on the 2-core AMD EPYC (AVX2) this was written on, shared with other
-    processes, 1 thread, 5 folds, training only (epochs 3 minus epochs 1), median of 5
-    interleaved runs, stacked/sequential samples per CPU-second:
+    Measured on the 2-core AMD EPYC (AVX2) this was written on, quiet, 5 members,
+    ``benchmarks/engine_probe.py`` (median of 2-3 interleaved runs, training and
+    per-epoch evaluation), stacked over sequential samples per second:
 
-    ====================================  ==========  ===============
-    model, batch, optimizer               MFLOP/step  stacked/seq
-    ====================================  ==========  ===============
+    ====================================  ==========  =========  =========
+    model, batch, optimizer               MFLOP/step  1 thread   2 threads
+    ====================================  ==========  =========  =========
     digits 64-32-10, b32, Adam                   0.4  3.8x
     digits 64-64-64-10 + dropout, b64, Adam      3.4  2.9x
-    digits 64-256x3-10, b64, Adam               57.6  1.3x
-    Fashion 784-256-10 (D2L), b32, SGD            39  0.9x - 1.0x
-    Fashion 784-256-10 (D2L), b64, SGD            78  1.0x - 1.5x
-    Fashion 784-256-10 (D2L), b128, SGD          156  0.95x - 1.1x
-    Fashion 784-256-10 (D2L), b256, SGD          312  1.2x - 1.5x
-    Fashion 784-1024-10, b256, SGD              1248  0.95x - 1.0x
-    ====================================  ==========  ===============
+    784-128-128-10, b32, momentum                 21             1.20x
+    Fashion 784-256-10 (D2L), b64, SGD            78  1.13x      1.23x
+    Fashion 784-256-10 (D2L), b256, SGD          312  1.14x      1.30x
+    784-512x3-10, b128, Adam                     714             0.95x
+    784-1024-10, b256, SGD                      1248             1.05x
+    ====================================  ==========  =========  =========
 
-    Small steps are overhead-bound (Python, dispatch, the optimizer's per-tensor
-    loops), which stacking divides by k: a clear, repeatable win. GEMM-bound steps
-    cost the same either way (``bmm`` over k members vs k ``mm``), and the run-to-run
-    spread on the shared machine (about +-30%) is larger than any difference, so
-    ``auto`` keeps the one-model path there (with torch's multi-threaded ``mm`` and
-    optimizer kernels). Set ``engine: stacked`` or ``sequential`` to override.
+    Small steps are overhead-bound (Python, dispatch, the optimizer's per-tensor loops),
+    which stacking divides by k. GEMM-bound steps cost about the same either way
+    (``bmm`` over k members vs k ``mm``), and stacking still saves the per-member
+    gradient allocations and optimizer calls. (The first two rows are from an earlier,
+    busier session.) Set ``engine: stacked`` or ``sequential`` to override.
     """
     if training.engine != "auto":
         return training.engine
-    if device.type == "cuda":
-        return "stacked"
-    flops = step_flops(model_spec, n_inputs=n_inputs, n_outputs=n_outputs, batch_size=training.batch_size)
-    return "stacked" if flops <= STACKED_CPU_MAX_STEP_FLOPS else "sequential"
+    return "stacked"
 
 
-#: ``engine: auto`` on CPU stacks the members when one member's step is at most this
-#: many FLOPs (see :func:`choose_engine` for the measurements behind it).
-STACKED_CPU_MAX_STEP_FLOPS = 64_000_000
 #: On CPU, train with one thread when one member's step is at most this many FLOPs:
 #: every model of the built-in quickstart search (at most 58 MFLOP: depth 3, width 256,
 #: batch 64 on digits), not the D2L Fashion-MNIST MLP (78 MFLOP at batch 64, 312 at 256),

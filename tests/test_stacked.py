@@ -366,7 +366,8 @@ def test_engine_auto_rule() -> None:
         )
 
     d2l = ModelSpec(depth=1, width=256)
-    assert choose(d2l, 256) == "sequential"
+    assert choose(d2l, 256) == "stacked"
+    assert choose(ModelSpec(depth=3, width=1024), 256) == "stacked"
     assert choose(d2l, 256, device="cuda") == "stacked"
     assert choose(ModelSpec(depth=2, width=64), 64, n_inputs=64) == "stacked"  # the quickstart's digits
     assert choose(d2l, 64, engine="sequential") == "sequential"
