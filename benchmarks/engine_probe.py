@@ -4,7 +4,7 @@ Times ``train_models`` engines side by side in one process, interleaved and repe
 and prints medians, so ratios stay meaningful on a shared machine::
 
     python benchmarks/engine_probe.py [--case NAME ...] [--repeats 5] [--threads 1]
-        [--baseline PATH_TO_OLD_training.py]
+        [--baseline PATH_TO_OLD_training.py] [--device cuda] [--json]
 
 Each case trains k fold models for a few epochs; the figure is training samples per
 second summed over members (member epochs x train size / wall seconds), and the CPU
@@ -77,7 +77,17 @@ for _batch in (32, 64, 128, 256):
     )
 
 
-def _folds(case: Case) -> list[FoldData]:
+def _folds(case: Case, device: torch.device) -> list[FoldData]:
+    folds = _cpu_folds(case)
+    if device.type == "cpu":
+        return folds
+    return [
+        FoldData(*(t.to(device) if t is not None else None for t in (f.X_train, f.y_train, f.X_val, f.y_val)))
+        for f in folds
+    ]
+
+
+def _cpu_folds(case: Case) -> list[FoldData]:
     if case.dataset == "fashion":
         ds = load_dataset(FashionMNISTSpec(name="fashion-mnist", root=_data_root()), seed=0)
     elif case.dataset == "digits":
@@ -104,9 +114,9 @@ def _load_baseline(path: str) -> Callable[..., Any]:
 
 
 def measure(
-    case: Case, engines: dict[str, Callable[[TrainingSpec], Any]], repeats: int
+    case: Case, engines: dict[str, Callable[..., Any]], repeats: int, device: torch.device
 ) -> dict[str, dict[str, float]]:
-    folds = _folds(case)
+    folds = _folds(case, device)
     samples = sum(f.X_train.shape[0] for f in folds) * case.training.epochs
     steps = sum(-(-f.X_train.shape[0] // case.training.batch_size) for f in folds) * case.training.epochs
     wall: dict[str, list[float]] = {k: [] for k in engines}
@@ -115,6 +125,8 @@ def measure(
         for name, run in engines.items():
             t0, c0 = time.perf_counter(), time.process_time()
             run(case.training, folds)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     out = {}
@@ -138,7 +150,9 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="an older training.py to time side by side")
     parser.add_argument("--engines", default="sequential,stacked")
     parser.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the folds and models live there)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     cases = {name: CASES[name] for name in (args.case or [])}
     for text in args.synthetic:
@@ -164,8 +178,9 @@ def main() -> None:
                 task="classification",
                 n_outputs=N_OUTPUTS,
                 seed=0,
+                device=device,
             )
-        result = measure(case, engines, args.repeats)
+        result = measure(case, engines, args.repeats, device)
         figures[name] = result
         ref = next(iter(result.values()))
         for engine, r in result.items():
@@ -179,7 +194,17 @@ def main() -> None:
     if args.json:
         import json
 
-        print(json.dumps({"name": "engines", "threads": args.threads, "repeats": args.repeats, "cases": figures}))
+        print(
+            json.dumps(
+                {
+                    "name": "engines",
+                    "threads": args.threads,
+                    "repeats": args.repeats,
+                    "device": str(device),
+                    "cases": figures,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":
