@@ -8,7 +8,8 @@ that the storage alone is enough to rebuild every table, plot and report.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -26,10 +27,14 @@ from modelsel.spec import (
     SweepSpec,
     with_params,
 )
-from modelsel.training import Callback, Diverged, FoldData, History
+from modelsel.stacked import StackedTrainer, StackJob, stack_signature
+from modelsel.training import Callback, Diverged, FoldData, History, thread_policy
 
 if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
     from modelsel.data import Dataset
+    from modelsel.models import MLP
 
 #: Per-epoch value reported to Optuna for each objective that can be pruned on.
 _CURVE_OF_OBJECTIVE = {"val_accuracy": "val_metric", "val_loss": "val_loss"}
@@ -122,6 +127,71 @@ def _partial_curves(histories: Sequence[History]) -> dict[str, list[float]]:
     }
 
 
+@dataclass
+class _PreparedTrial:
+    """A trial's resolved spec, data and recorders, ready to train."""
+
+    trial: optuna.Trial
+    spec: StudySpec
+    dataset: Dataset
+    folds: list[FoldData]
+    baseline: Any
+    n_params: int
+    gradient_stats: GradientStats
+    callbacks: list[Callback]
+
+
+class _TrialSlice(Callback):
+    """One trial's view of a stacked model that trains several trials.
+
+    Passes the hooks of the trial's own members (``positions`` in the stack's job order)
+    to the trial's callbacks, with fold indices from 0; when the trial is pruned or one
+    of its folds diverges, takes its members out of the stack.
+    """
+
+    def __init__(self, prepared: _PreparedTrial, positions: range) -> None:
+        self.prepared = prepared
+        self.positions = positions
+        self.trainer: StackedTrainer | None = None
+        self.pruned: optuna.TrialPruned | None = None
+        self.done = False
+        self.wants_grads = any(c.wants_grads for c in prepared.callbacks)
+
+    def on_train_begin(self, models: Sequence[MLP]) -> None:
+        own = [models[p] for p in self.positions]
+        for callback in self.prepared.callbacks:
+            callback.on_train_begin(own)
+
+    def on_grads_computed(self, member: int, model: MLP, epoch: int) -> None:
+        if self.done or member not in self.positions:
+            return
+        for callback in self.prepared.callbacks:
+            if callback.wants_grads:
+                callback.on_grads_computed(member - self.positions.start, model, epoch)
+
+    def on_epoch_end(self, epoch: int, histories: Sequence[History]) -> None:
+        if self.done or epoch >= self.prepared.spec.training.epochs:
+            return
+        assert self.trainer is not None
+        if any(self.trainer.divergence(p) is not None for p in self.positions):
+            self._stop()
+            return
+        own = [histories[p] for p in self.positions]
+        if not any(len(h.val_loss) > epoch or len(h.train_loss) > epoch for h in own):
+            return  # every fold stopped early before this epoch
+        try:
+            for callback in self.prepared.callbacks:
+                callback.on_epoch_end(epoch, own)
+        except optuna.TrialPruned as exc:
+            self.pruned = exc
+            self._stop()
+
+    def _stop(self) -> None:
+        assert self.trainer is not None
+        self.done = True
+        self.trainer.stop_members(list(self.positions))
+
+
 class StudyObjective:
     """Callable Optuna objective for one study spec and its loaded dataset.
 
@@ -150,6 +220,10 @@ class StudyObjective:
         self.objectives = list(objectives)
         self.device = device
         self._folds: dict[tuple[Any, ...], list[FoldData]] = {}
+        #: Trials the study may still start (for stacking trials within the budget); None: no limit.
+        self.budget_left: Callable[[optuna.Study], int] | None = None
+        #: Called with each companion trial once it is told (e.g. progress bars).
+        self.on_companion_told: Callable[[optuna.Study, FrozenTrial], None] | None = None
 
     def _fold_data(self, spec: StudySpec, dataset: Dataset) -> list[FoldData]:
         # Fold tensors depend on the data subset and the split seed only; reuse them across trials.
@@ -162,6 +236,29 @@ class StudyObjective:
         return self._folds[key]
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        companions = self._ask_companions(trial)
+        if companions:
+            return self._run_with_companions(trial, companions)
+        prepared = self._prepare(trial)
+        try:
+            result = cross_validate(
+                prepared.spec,
+                prepared.dataset,
+                folds=prepared.folds,
+                callbacks=prepared.callbacks,
+                device=self.device,
+            )
+        except Diverged as exc:
+            raise self._diverged(prepared, exc) from None
+        return self._finish(prepared, result)
+
+    # ------------------------------------------------------------------ one trial
+
+    def _prepare(self, trial: optuna.Trial) -> _PreparedTrial:
+        """Sample the trial's configuration, load its data and record what is known up front.
+
+        Raises ``optuna.TrialPruned`` for a configuration the spec cannot build.
+        """
         params = suggest_params(trial, self.spec)
         try:
             trial_spec = with_params(self.spec, params)
@@ -178,30 +275,162 @@ class StudyObjective:
         callbacks: list[Callback] = [gradient_stats]
         if len(self.objectives) == 1 and self.objectives[0] in _CURVE_OF_OBJECTIVE:
             callbacks.append(PruningCallback(trial, self.objectives[0], epochs=trial_spec.training.epochs))
-        try:
-            result = cross_validate(
-                trial_spec,
-                dataset,
-                folds=self._fold_data(trial_spec, dataset),
-                callbacks=callbacks,
-                device=self.device,
-            )
-        except Diverged as exc:
-            trial.set_user_attr("fail_reason", f"diverged: {exc}")
-            trial.set_user_attr("regime", "diverged")
-            trial.set_user_attr("regime_reason", f"training diverged: {exc.reason}")
-            trial.set_user_attr("grad_norms", rounded(gradient_stats.fold_mean()))
-            raise optuna.TrialPruned(f"diverged: {exc}") from None
-        record = trial_record(result, gradient_stats)
-        numbers = numbers_from_attrs({**record, "baseline_error": baseline})
+        return _PreparedTrial(
+            trial=trial,
+            spec=trial_spec,
+            dataset=dataset,
+            folds=self._fold_data(trial_spec, dataset),
+            baseline=baseline,
+            n_params=n_params,
+            gradient_stats=gradient_stats,
+            callbacks=callbacks,
+        )
+
+    @staticmethod
+    def _diverged(prepared: _PreparedTrial, exc: Diverged) -> optuna.TrialPruned:
+        """Record a diverged trial; the exception to end it with."""
+        trial = prepared.trial
+        trial.set_user_attr("fail_reason", f"diverged: {exc}")
+        trial.set_user_attr("regime", "diverged")
+        trial.set_user_attr("regime_reason", f"training diverged: {exc.reason}")
+        trial.set_user_attr("grad_norms", rounded(prepared.gradient_stats.fold_mean()))
+        return optuna.TrialPruned(f"diverged: {exc}")
+
+    def _finish(self, prepared: _PreparedTrial, result: CVResult) -> float | list[float]:
+        """Store a finished trial's record and return its objective value(s)."""
+        record = trial_record(result, prepared.gradient_stats)
+        numbers = numbers_from_attrs({**record, "baseline_error": prepared.baseline})
         if numbers is not None:
             # The label from the trial's own numbers; a sweep's report relabels with its neighbours.
             verdict = classify(numbers, self.spec.regimes)
             record.update(regime=verdict.regime, regime_reason=verdict.reason, regime_evidence=verdict.evidence)
         for key, value in rounded(record).items():
-            trial.set_user_attr(key, value)
-        values = [self._objective_value(name, result, n_params) for name in self.objectives]
+            prepared.trial.set_user_attr(key, value)
+        values = [self._objective_value(name, result, prepared.n_params) for name in self.objectives]
         return values[0] if len(values) == 1 else values
+
+    # ------------------------------------------------------------------ stacked trials
+
+    def stack_limit(self) -> int:
+        """How many trials may train as one stacked model (``training.stack_trials``).
+
+        Only sweeps and grid searches stack trials: their cells are fixed in advance, so
+        asking several at once changes nothing about which configurations run (a
+        model-based sampler would sample the later ones without the earlier results).
+        """
+        if self.spec.sweep is None and self.spec.sampler.name != "grid":
+            return 1
+        setting = self.spec.training.stack_trials
+        if setting == "auto":
+            return 8 if self.device.type == "cuda" else 1
+        return int(setting)
+
+    def _ask_companions(self, trial: optuna.Trial) -> list[optuna.Trial]:
+        """Further trials to train beside ``trial``, asked from its study (at most the budget)."""
+        limit = self.stack_limit() - 1
+        if self.budget_left is not None:
+            limit = min(limit, self.budget_left(trial.study) - 1)
+        return [trial.study.ask() for _ in range(max(0, limit))]
+
+    def _run_with_companions(self, leader: optuna.Trial, companions: list[optuna.Trial]) -> float | list[float]:
+        """Train ``leader`` and ``companions`` (stacked where they share an architecture),
+        tell the companions' outcomes to the study and return the leader's value."""
+        study = leader.study
+        told: set[int] = set()
+        try:
+            outcomes = self.run_trials([leader, *companions])
+            for trial, outcome in zip(companions, outcomes[1:], strict=True):
+                frozen = (
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    if isinstance(outcome, optuna.TrialPruned)
+                    else study.tell(trial, outcome)
+                )
+                told.add(trial.number)
+                if self.on_companion_told is not None:
+                    self.on_companion_told(study, frozen)
+        except BaseException:
+            for trial in companions:
+                if trial.number not in told:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        first = outcomes[0]
+        if isinstance(first, optuna.TrialPruned):
+            raise first
+        return first
+
+    def run_trials(self, trials: Sequence[optuna.Trial]) -> list[float | list[float] | optuna.TrialPruned]:
+        """Train several trials, those sharing an architecture as one stacked model.
+
+        Returns, in order, each trial's objective value(s), or the ``optuna.TrialPruned``
+        that ends it (pruned, diverged or invalid); nothing is told to the study here.
+        """
+        outcomes: dict[int, float | list[float] | optuna.TrialPruned] = {}
+        groups: dict[tuple[Any, ...], list[_PreparedTrial]] = {}
+        for trial in trials:
+            try:
+                prepared = self._prepare(trial)
+            except optuna.TrialPruned as exc:
+                outcomes[trial.number] = exc
+                continue
+            # Members may train on different data (seeds, training-set sizes), not different shapes.
+            key = (
+                stack_signature(prepared.spec.model, prepared.spec.training),
+                prepared.dataset.task,
+                prepared.dataset.n_features,
+                prepared.dataset.n_outputs,
+            )
+            groups.setdefault(key, []).append(prepared)
+        for group in groups.values():
+            outcomes.update(self._train_group(group))
+        return [outcomes[t.number] for t in trials]
+
+    def _train_group(self, group: list[_PreparedTrial]) -> dict[int, float | list[float] | optuna.TrialPruned]:
+        jobs: list[StackJob] = []
+        slices: list[_TrialSlice] = []
+        for prepared in group:
+            start = len(jobs)
+            jobs += [
+                StackJob(data=fold, model=prepared.spec.model, training=prepared.spec.training,
+                         seed=prepared.spec.seed, index=index)
+                for index, fold in enumerate(prepared.folds)
+            ]
+            slices.append(_TrialSlice(prepared, range(start, len(jobs))))
+        first = group[0]
+        dataset = first.dataset
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            trainer = StackedTrainer(
+                jobs,
+                task=dataset.task,
+                n_outputs=dataset.n_outputs,
+                device=self.device,
+                callbacks=slices,
+                raise_on_divergence=False,
+            )
+            for part in slices:
+                part.trainer = trainer
+            with thread_policy(
+                first.spec.model,
+                first.spec.training,
+                n_inputs=dataset.n_features,
+                n_outputs=dataset.n_outputs,
+                device=self.device,
+            ):
+                results = trainer.train()
+        outcomes: dict[int, float | list[float] | optuna.TrialPruned] = {}
+        for part in slices:
+            prepared = part.prepared
+            number = prepared.trial.number
+            diverged = next((results[p].diverged for p in part.positions if results[p].diverged), None)
+            if part.pruned is not None:
+                outcomes[number] = part.pruned
+            elif diverged is not None:
+                # Name the fold within the trial, as when the trial trains alone.
+                fold = diverged.member - part.positions.start
+                outcomes[number] = self._diverged(prepared, Diverged(fold, diverged.epoch, diverged.reason))
+            else:
+                members = [results[p].member for p in part.positions]
+                outcomes[number] = self._finish(prepared, CVResult(members=members, task=dataset.task))
+        return outcomes
 
     @staticmethod
     def _objective_value(name: str, result: CVResult, n_params: int) -> float:

@@ -148,6 +148,9 @@ def trial_loop(
     from modelsel.study import FINISHED_STATES, study_objective
 
     objective = study_objective(study, spec, device=device)
+    # Workers claim budget slots one trial at a time, so each trains its trials alone
+    # (no stacked companions beside a trial; training.stack_trials applies to one process).
+    objective.budget_left = lambda study: 1
 
     def finished(study: optuna.Study, trial: FrozenTrial) -> None:
         shared.finished_one()

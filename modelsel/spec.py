@@ -124,6 +124,20 @@ class TrainingSpec(_Section):
         "running",
         description="per-epoch train loss: running mean over batches, or a full eval pass",
     )
+    stack_trials: int | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "sweeps and grid searches: train up to this many trials that share an architecture "
+            "as one stacked model (auto: 8 on CUDA, 1 on CPU)"
+        ),
+    )
+
+    @field_validator("stack_trials")
+    @classmethod
+    def _positive_stack(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("stack_trials must be 'auto' or a whole number from 1 to 256")
+        return value
 
     @field_validator("grad_clip", mode="before")
     @classmethod

@@ -178,6 +178,7 @@ class _MemberState:
     best_buffers: list[torch.Tensor] | None = None
     best_bn_steps: int = 0
     diverged: Diverged | None = None
+    stopped: bool = False
 
 
 class StackedTrainer:
@@ -356,6 +357,23 @@ class StackedTrainer:
             self.drop_scale: float | torch.Tensor = (
                 scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=self.device).view(-1, 1, 1)
             )
+
+    # ------------------------------------------------------------------ callers
+
+    def stop_members(self, positions: Sequence[int]) -> None:
+        """Take the members at ``positions`` (job order) out of training after this epoch.
+
+        For a caller that has no more use for them (e.g. a pruned trial's folds): they
+        leave the stack at the end of the epoch and skip the final training-set pass.
+        """
+        for position in positions:
+            member = self.members[position]
+            member.active = False
+            member.stopped = True
+
+    def divergence(self, position: int) -> Diverged | None:
+        """Why the member at ``position`` (job order) diverged, or None."""
+        return self.members[position].diverged
 
     # ------------------------------------------------------------------ training
 
@@ -653,7 +671,7 @@ class StackedTrainer:
             history.final_epoch = history.best_epoch
         else:
             history.final_epoch = history.epochs_run - 1
-        if m.diverged is None:
+        if m.diverged is None and not m.stopped:
             loss, metric = evaluate(m.model, m.job.data.X_train, m.job.data.y_train, task=self.task)
             history.final_train_loss = loss
             history.final_train_metric = metric

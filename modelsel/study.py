@@ -38,7 +38,7 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 _RUN_ONLY_KEYS = ("budget", "storage", "description")
 # Training keys that say where and how a study runs, not what it measures (they may differ on resume;
 # the engines agree within float tolerance).
-_RUN_ONLY_TRAINING_KEYS = ("device", "engine")
+_RUN_ONLY_TRAINING_KEYS = ("device", "engine", "stack_trials")
 
 
 @dataclass
@@ -251,8 +251,11 @@ def _optimize(
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = []
     if target is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(target, states=FINISHED_STATES))
+        # Trials stacked beside a running one (training.stack_trials) stay within the budget.
+        objective.budget_left = lambda s: target - _finished_count(s)
     if on_trial is not None:
         callbacks.append(on_trial)
+        objective.on_companion_told = on_trial
     before = len(study.trials)
     remaining = None if target is None else max(target - _finished_count(study), 0)
     if remaining == 0:

@@ -295,7 +295,7 @@ def train_models(
         n_outputs=n_outputs,
         device=device,
     )
-    with _thread_policy(model_spec, training, n_inputs=n_inputs, n_outputs=n_outputs, device=device):
+    with thread_policy(model_spec, training, n_inputs=n_inputs, n_outputs=n_outputs, device=device):
         if engine == "stacked":
             from modelsel.stacked import StackJob, train_stacked
 
@@ -497,7 +497,7 @@ ONE_THREAD_MAX_STEP_FLOPS = 64_000_000
 
 
 @contextlib.contextmanager
-def _thread_policy(
+def thread_policy(
     model_spec: ModelSpec, training: TrainingSpec, *, n_inputs: int, n_outputs: int, device: torch.device
 ) -> Iterator[None]:
     """Run small CPU models on one thread (restored afterwards).

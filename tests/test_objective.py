@@ -13,6 +13,7 @@ from conftest import tiny_spec_data
 from optuna.trial import TrialState
 
 from modelsel.data import load_dataset
+from modelsel.errors import SpecError
 from modelsel.objective import StudyObjective, grid_search_space, rounded, suggest_params
 from modelsel.spec import StudySpec, parse_spec
 from modelsel.study import run_study
@@ -218,3 +219,154 @@ def test_an_invalid_combination_of_values_is_pruned_with_a_reason() -> None:
     assert invalid.user_attrs["fail_reason"].startswith("invalid configuration: ")
     assert "max_degree" in invalid.user_attrs["fail_reason"]
     assert all(t.state == TrialState.COMPLETE for key, t in states.items() if key != (10, 5))
+
+
+# ------------------------------------------------------------------- stacked trials
+
+
+GRID_OF_8 = {"width": [4, 8], "weight_decay": [0.0, 0.001, 0.01, 0.1]}
+
+
+def stacked_sweep_spec(stack_trials: int | str, sweep: dict[str, Any] | None = None, **changes: Any) -> StudySpec:
+    data = tiny_spec_data(
+        name="stacked",
+        search=None,
+        sampler=None,
+        sweep=sweep or GRID_OF_8,
+        training={"epochs": 3, "batch_size": 32, "lr": 0.01, "stack_trials": stack_trials},
+        budget={"n_trials": 8},
+    )
+    data.update(changes)
+    return parse_spec(data)
+
+
+def _by_cell(study: optuna.Study) -> dict[tuple[Any, ...], optuna.trial.FrozenTrial]:
+    return {tuple(sorted(t.params.items())): t for t in study.trials}
+
+
+@pytest.mark.parametrize(
+    ("sweep", "cells"),
+    [(GRID_OF_8, 8), ({"train_size": [60, 160], "repeats": 2}, 4)],
+    ids=["width-weight_decay", "train_size-seed"],
+)
+def test_stacked_sweep_trials_match_trials_trained_alone(fast_tmp: Path, sweep: dict[str, Any], cells: int) -> None:
+    runs = {}
+    for stack in (1, 8):
+        url = f"sqlite:///{fast_tmp}/s{stack}.db"
+        spec = stacked_sweep_spec(stack, sweep=sweep, budget={"n_trials": cells})
+        run_study(spec, storage=url, output_dir=fast_tmp, progress=False, build_report=False)
+        runs[stack] = _by_cell(optuna.load_study(study_name="stacked", storage=url))
+    assert len(runs[1]) == len(runs[8]) == cells, "every cell of the grid runs exactly once"
+    stacked_trials = list(runs[8].values())
+    # Trained together: every trial started before any finished (alone, one after another).
+    assert max(t.datetime_start for t in stacked_trials) <= min(t.datetime_complete for t in stacked_trials)
+    alone_trials = sorted(runs[1].values(), key=lambda t: t.number)
+    assert alone_trials[1].datetime_start >= alone_trials[0].datetime_complete
+    for cell, alone in runs[1].items():
+        stacked = runs[8][cell]
+        assert stacked.state == alone.state == TrialState.COMPLETE
+        assert stacked.value == pytest.approx(alone.value, abs=1e-6)
+        for name in ("fold_val_loss", "fold_train_loss"):
+            assert stacked.user_attrs[name] == pytest.approx(alone.user_attrs[name], rel=1e-4, abs=1e-6)
+        assert stacked.user_attrs["curves"]["val_loss"] == pytest.approx(
+            alone.user_attrs["curves"]["val_loss"], rel=1e-4, abs=1e-6
+        )
+        assert stacked.user_attrs["regime"] == alone.user_attrs["regime"]
+        assert stacked.intermediate_values == pytest.approx(alone.intermediate_values, abs=1e-6)
+        assert stacked.user_attrs["grad_norms"].keys() == alone.user_attrs["grad_norms"].keys()
+
+
+def grid_search_spec(stack_trials: int) -> StudySpec:
+    return parse_spec(
+        tiny_spec_data(
+            name="grid-stack",
+            search={"width": [4, 8], "weight_decay": [0.0, 0.001, 0.01, 0.1]},
+            sampler="grid",
+            training={"epochs": 2, "batch_size": 32, "lr": 0.05, "stack_trials": stack_trials},
+            budget={"n_trials": 8},
+        )
+    )
+
+
+def test_stacked_trials_stay_within_the_budget_and_a_rerun_tops_up(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/b.db"
+    first = run_study(
+        grid_search_spec(8), storage=url, output_dir=fast_tmp, n_trials=3, progress=False, build_report=False
+    )
+    assert first.n_complete == 3 and first.n_trained_this_run == 3
+    assert len(optuna.load_study(study_name="grid-stack", storage=url).trials) == 3
+    # stack_trials is a run-only setting: the study resumes with another value and tops up.
+    second = run_study(grid_search_spec(2), storage=url, output_dir=fast_tmp, progress=False, build_report=False)
+    study = optuna.load_study(study_name="grid-stack", storage=url)
+    assert second.n_complete == 8 and second.n_trained_this_run == 5 and len(study.trials) == 8
+    assert len(_by_cell(study)) == 8, "no cell ran twice"
+
+
+def test_a_diverging_trial_in_a_stack_is_pruned_and_its_neighbours_complete(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/d.db"
+    spec = diverging_spec(
+        search={},
+        sweep={"lr": [0.01, 1000.0, 0.02]},
+        training={"epochs": 3, "batch_size": 16, "optimizer": "sgd", "stack_trials": 3},
+        budget={"n_trials": 3},
+    )
+    run_study(spec, storage=url, output_dir=fast_tmp, progress=False, build_report=False)
+    study = optuna.load_study(study_name="diverge", storage=url)
+    by_lr = {t.params["lr"]: t for t in study.trials}
+    assert by_lr[1000.0].state == TrialState.PRUNED
+    assert by_lr[1000.0].user_attrs["regime"] == "diverged"
+    # The fold is named within its trial (2 folds), not by its place in the stack of 6.
+    assert by_lr[1000.0].user_attrs["fail_reason"].split(" diverged")[0] in ("diverged: member 0", "diverged: member 1")
+    for lr in (0.01, 0.02):
+        assert by_lr[lr].state == TrialState.COMPLETE
+        assert by_lr[lr].user_attrs["fold_epochs"] == 6
+
+
+class _PruneTinyLearningRates(optuna.pruners.BasePruner):
+    """Prunes every trial with a learning rate below 1e-3 at its first report."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return bool(trial.params["lr"] < 1e-3)
+
+
+def test_a_pruned_trial_leaves_the_stack_and_records_its_partial_curves() -> None:
+    lrs = [0.1, 0.05, 0.00001, 0.08]
+    spec = parse_spec(
+        tiny_spec_data(
+            name="prune-stack",
+            search=None,
+            sampler=None,
+            sweep={"lr": lrs},
+            training={"epochs": 4, "batch_size": 32, "stack_trials": 4},
+        )
+    )
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.GridSampler({"lr": lrs}, seed=0), pruner=_PruneTinyLearningRates()
+    )
+    objective = StudyObjective(spec, load_dataset=_load, objectives=["val_accuracy"], device=CPU)
+    objective.budget_left = lambda s: 4 - len(s.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    study.optimize(objective, n_trials=1)  # one trial asked by optimize, three beside it
+    assert len(study.trials) == 4
+    by_lr = {t.params["lr"]: t for t in study.trials}
+    assert set(by_lr) == set(lrs)
+    pruned = by_lr[0.00001]
+    assert pruned.state == TrialState.PRUNED
+    assert pruned.user_attrs["pruned_at_epoch"] == 1
+    assert len(pruned.user_attrs["curves"]["val_metric"]) == 1
+    assert "fold_val_metric" not in pruned.user_attrs
+    for lr in (0.1, 0.05, 0.08):
+        assert by_lr[lr].state == TrialState.COMPLETE
+        assert by_lr[lr].user_attrs["fold_epochs"] == 8
+        assert sorted(by_lr[lr].intermediate_values) == [0, 1, 2, 3]
+
+
+def test_stack_trials_is_checked_and_only_grids_stack() -> None:
+    with pytest.raises(SpecError, match="stack_trials"):
+        parse_spec(tiny_spec_data(training={"stack_trials": 0}))
+    searched = parse_spec(tiny_spec_data(training={"stack_trials": 8}))
+    assert StudyObjective(searched, load_dataset=_load, objectives=["val_accuracy"], device=CPU).stack_limit() == 1
+    auto = stacked_sweep_spec("auto")
+    assert StudyObjective(auto, load_dataset=_load, objectives=["val_accuracy"], device=CPU).stack_limit() == 1
+    assert StudyObjective(
+        auto, load_dataset=_load, objectives=["val_accuracy"], device=torch.device("cuda")
+    ).stack_limit() == 8
