@@ -47,7 +47,13 @@ from baselines import GRIDS, data_root, flops_per_sample  # noqa: E402
 #: Entries in the order they run; ``gemm`` first so every fraction uses this run's limit.
 GRID_BASELINES = ("d2l", "skorch", "sklearn")
 MODELSEL_GRID = ("modelsel-1w", "modelsel-2w", "modelsel-stacked", "modelsel-stacked-2w")
-TPE_ENTRIES = ("tpe", "tpe-median")
+TPE_ENTRIES = ("tpe", "tpe-median", "tpe-sha")
+#: The pruner (spec syntax) of each TPE entry.
+TPE_PRUNERS: dict[str, Any] = {
+    "tpe": "none",
+    "tpe-median": "median",
+    "tpe-sha": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}},
+}
 ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines")
 #: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
 ENGINE_CASES = ("d2l-b64", "d2l-b256")
@@ -63,6 +69,7 @@ LABELS: dict[str, str] = {
     "modelsel-stacked-2w": "(7) modelsel, stacked folds, 2 workers",
     "tpe": "TPE, no pruning",
     "tpe-median": "TPE, median pruning",
+    "tpe-sha": "TPE, successive halving (min 1 epoch, factor 3)",
     "engines": "stacked vs sequential engine (engine_probe.py)",
 }
 
@@ -80,6 +87,8 @@ TARGET_SAMPLES_PER_S = 175_000
 TARGET_GEMM_FRACTION = 0.78
 TARGET_WORKERS_SPEEDUP = 1.15
 TARGET_STACKED_SPEEDUP = 1.5
+TARGET_PRUNED_FRACTION = 0.5
+TARGET_PRUNED_ACC_DELTA = 0.003
 
 
 @dataclass
@@ -163,7 +172,7 @@ def modelsel_spec(settings: Settings, key: str) -> dict[str, Any]:
         spec["training"]["engine"] = "auto"
         spec["search"] = TPE_SEARCH
         spec["sampler"] = "tpe"
-        spec["pruner"] = "median" if key == "tpe-median" else "none"
+        spec["pruner"] = TPE_PRUNERS[key]
         spec["budget"] = {"n_trials": settings.tpe_trials}
     return spec
 
@@ -452,6 +461,23 @@ def _params(params: dict[str, Any] | None) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+def git_commit() -> str:
+    """The checked-out commit of this repository (with ``+changes`` when the tree is dirty)."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{sha}{' +changes' if dirty else ''}"
+
+
 def machine_description(threads: int | None) -> str:
     """CPU model, core count, library versions and thread count, in one line."""
     model = platform.processor() or platform.machine()
@@ -513,6 +539,7 @@ def render(
         f"- Command: `{command}`",
         f"- Date: {started}",
         f"- Machine: {machine_description(settings.threads)}",
+        f"- modelsel commit: {git_commit()}",
         f"- Data root: `{settings.root}`; logs, specs and storages: `{settings.out_dir}`",
         *([f"- **Partial results**: still running or not run: {', '.join(pending)}"] if pending else []),
         "",
@@ -702,7 +729,7 @@ def _tpe_lines(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
         for k, v in TPE_SEARCH.items()
     )
     lines = [
-        f"## TPE search: {settings.tpe_trials} trials, with and without median pruning",
+        f"## TPE search: {settings.tpe_trials} trials, without pruning and with two pruners",
         "",
         f"Search space: {space}; {settings.folds} folds, up to {settings.epochs} epochs; "
         "modelsel `engine: auto`. Fold-epochs spent = Σ over finished trials of (epochs reported × folds).",
@@ -722,13 +749,21 @@ def _tpe_lines(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
             f"{o.fold_epochs:,} | {o.samples_trained:,} | {_acc(o)} | {_params(o.best_params)} | "
             f"{_contention(o)} |"
         )
-    plain, pruned = outcomes.get("tpe"), outcomes.get("tpe-median")
-    if plain and pruned and plain.ok and pruned.ok and plain.fold_epochs:
+    plain = outcomes.get("tpe")
+    for key in TPE_ENTRIES[1:]:
+        pruned = outcomes.get(key)
+        if not (plain and pruned and plain.ok and pruned.ok and plain.fold_epochs):
+            continue
         saved = 1 - (pruned.fold_epochs or 0) / plain.fold_epochs
         delta = (pruned.best_cv_accuracy or 0.0) - (plain.best_cv_accuracy or 0.0)
+        used = 1 - saved
+        met = used <= TARGET_PRUNED_FRACTION and abs(delta) <= TARGET_PRUNED_ACC_DELTA
         lines += [
             "",
-            f"Pruning saved {saved:.0%} of the fold-epochs; best CV accuracy changed by {delta:+.4f}.",
+            f"{pruned.label}: pruning saved {saved:.0%} of the fold-epochs; best CV accuracy changed by "
+            f"{delta:+.4f}. Target: the same best CV accuracy (± {TARGET_PRUNED_ACC_DELTA:g}) with ≤ "
+            f"{TARGET_PRUNED_FRACTION:.0%} of the fold-epochs: {used:.0%} used, "
+            f"{'met' if met else '**not met**'}.",
         ]
         late = pruned.extra.get("pruned_after_all_epochs", 0)
         if late:
