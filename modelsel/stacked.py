@@ -319,25 +319,23 @@ class StackedTrainer:
     def _make_hyperparameters(self) -> None:
         trainings = [m.job.training for m in self.stack]
         like = self.flat
-        weight_mask = torch.zeros(1, self.row_size, device=self.device, dtype=self.dtype)
-        for slot in self.slots:
-            if slot.linear_weight:
-                weight_mask[0, slot.offset : slot.offset + slot.numel] = 1.0
+        # Weight decay and L1 act on linear weights only: applied slot by slot on column
+        # slices of the flat rows (a [k, params] mask tensor would cost a full extra pass).
+        self.weight_slices = [slice(s.offset, s.offset + s.numel) for s in self.slots if s.linear_weight]
         lr = [t.lr for t in trainings]
         wd = [t.weight_decay for t in trainings]
         l1 = [t.l1 for t in trainings]
         self.lr = _column(lr, like)
         self.momentum = _column([t.momentum if t.optimizer == "momentum" else 0.0 for t in trainings], like)
         self.has_momentum = self.optimizer_kind == "momentum"
-        self.weight_decay = (
-            weight_mask * torch.tensor(wd, device=self.device, dtype=self.dtype).view(-1, 1) if any(wd) else None
-        )
+        self.weight_decay: float | torch.Tensor | None = _column(wd, like) if any(wd) else None
         if self.optimizer_kind == "adamw" and self.weight_decay is not None:
-            lr_column = torch.tensor(lr, device=self.device, dtype=self.dtype).view(-1, 1)
-            self.decoupled_decay: torch.Tensor | None = 1.0 - lr_column * self.weight_decay
+            self.decoupled_decay: float | torch.Tensor | None = _column(
+                [1.0 - rate * decay for rate, decay in zip(lr, wd, strict=True)], like
+            )
         else:
             self.decoupled_decay = None
-        self.l1 = weight_mask * torch.tensor(l1, device=self.device, dtype=self.dtype).view(-1, 1) if any(l1) else None
+        self.l1: float | torch.Tensor | None = _column(l1, like) if any(l1) else None
         clips = [t.grad_clip for t in trainings]
         norm = [c.threshold if c is not None and c.kind == "norm" else math.inf for c in clips]
         value = [c.threshold if c is not None and c.kind == "value" else math.inf for c in clips]
@@ -469,7 +467,8 @@ class StackedTrainer:
             leaf.grad = None
         with torch.no_grad():
             if self.l1 is not None:
-                self.grad.addcmul_(self.flat.sign(), self.l1)
+                for part in self.weight_slices:
+                    _scaled_add_(self.grad[:, part], self.flat[:, part].sign(), self.l1)
             if first:
                 for m in self.stack:
                     for callback in self.grad_callbacks:
@@ -546,8 +545,7 @@ class StackedTrainer:
         p, g = self.flat, self.grad
         kind = self.optimizer_kind
         if kind in ("sgd", "momentum"):
-            if self.weight_decay is not None:
-                g.addcmul_(p, self.weight_decay)
+            self._decay_gradient()
             update = g
             if self.has_momentum:
                 if not self.opt_state:
@@ -564,11 +562,11 @@ class StackedTrainer:
         steps = [m.optimizer_steps + 1 for m in self.stack]
         if stepping is not None:
             steps = [s if go else max(s - 1, 1) for s, go in zip(steps, stepping, strict=True)]
-        if self.weight_decay is not None:
-            if self.decoupled_decay is not None:
-                p.mul_(self.decoupled_decay)
-            else:
-                g.addcmul_(p, self.weight_decay)
+        if self.decoupled_decay is not None:
+            for part in self.weight_slices:
+                p[:, part].mul_(self.decoupled_decay)
+        else:
+            self._decay_gradient()
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         lrs = [self.lr] * len(steps) if isinstance(self.lr, float) else self.lr.view(-1).tolist()
@@ -582,6 +580,13 @@ class StackedTrainer:
             p.add_(exp_avg.mul(-step_size).div_(denom))
         else:
             p.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _decay_gradient(self) -> None:
+        """L2 through the gradient (as torch's SGD/Adam ``weight_decay``), weights only."""
+        if self.weight_decay is None:
+            return
+        for part in self.weight_slices:
+            _scaled_add_(self.grad[:, part], self.flat[:, part], self.weight_decay)
 
     def _save_rows(self, rows: list[int]) -> list[torch.Tensor]:
         index = torch.tensor(rows, device=self.device)
