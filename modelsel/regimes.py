@@ -22,11 +22,12 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from modelsel.spec import RegimeSpec
+
+if TYPE_CHECKING:
+    import torch
 
 REGIMES = ("underfit", "good", "overfit", "diverged")
 
@@ -81,7 +82,7 @@ def baseline_error(y_train: torch.Tensor, task: str) -> float:
     """Training-split error of a trivial predictor: the majority class's error rate
     (classification) or the variance of the target, i.e. the MSE of predicting its mean."""
     if task == "classification":
-        counts = torch.bincount(y_train.long())
+        counts = y_train.long().bincount()
         return 1.0 - float(counts.max()) / float(counts.sum())
     return float(y_train.double().var(unbiased=False))
 

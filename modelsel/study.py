@@ -14,16 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from modelsel import __version__
-from modelsel.cv import fit_and_test, fold_indices
 from modelsel.errors import SpecError, UserError
-from modelsel.objective import StudyObjective, grid_search_space, sweep_grid
 from modelsel.spec import (
     OBJECTIVE_DIRECTIONS,
     StudySpec,
@@ -31,7 +28,14 @@ from modelsel.spec import (
     with_params,
 )
 from modelsel.storage import default_storage_url, display_url, open_storage, storage_kind
-from modelsel.training import resolve_device
+
+if TYPE_CHECKING:
+    import torch
+
+    from modelsel.objective import StudyObjective
+
+# torch, scikit-learn and the training stack load on first use (inside the functions that
+# train or split), so that reading a stored study (`study show`, `report build`) stays quick.
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # Spec sections that may change between runs of one study without changing what it measures.
@@ -79,6 +83,8 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     name = "grid" if spec.sweep is not None else spec.sampler.name
     try:
         if name == "grid":
+            from modelsel.objective import grid_search_space, sweep_grid
+
             grid = sweep_grid(spec) if spec.sweep is not None else grid_search_space(spec)
             return samplers.GridSampler(grid, seed=spec.seed)
         factory: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
@@ -127,6 +133,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 def study_budget(spec: StudySpec, n_trials: int | None = None) -> int | None:
     """Total finished trials the study should reach: a sweep's grid size, else the budget."""
     if spec.sweep is not None:
+        from modelsel.objective import sweep_grid
+
         cells = 1
         for values in sweep_grid(spec).values():
             cells *= len(values)
@@ -160,6 +168,8 @@ def _load_dataset_for(spec: StudySpec) -> Any:
 def preflight(spec: StudySpec) -> str:
     """Load the data for every distinct dataset configuration the study will use and check
     the CV split works for each; return the task. Raises a UserError on any problem."""
+    from modelsel.cv import fold_indices
+
     dataset = _load_dataset_for(spec)
     task = dataset.task
     objectives = spec.resolved_objectives(task)
@@ -229,6 +239,8 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
 
 def study_objective(study: optuna.Study, spec: StudySpec, *, device: torch.device) -> StudyObjective:
     """The Optuna objective of ``spec`` for ``study`` (its task read from the study, else the data)."""
+    from modelsel.objective import StudyObjective
+
     task = study.user_attrs.get("task") or _load_dataset_for(spec).task
     return StudyObjective(
         spec,
@@ -332,6 +344,8 @@ def run_study(
         )
     if device is not None:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
+    from modelsel.training import resolve_device
+
     try:
         torch_device = resolve_device(spec.training.device)
     except RuntimeError as exc:
@@ -444,6 +458,8 @@ def select_and_test(
         return outcome
     stored = study.user_attrs.get("test_result")
     if stored is None or stored.get("trial_number") != selected.number:
+        from modelsel.cv import fit_and_test
+
         trial_spec = with_params(spec, selected.params)
         dataset = _load_dataset_for(trial_spec)
         score = fit_and_test(trial_spec, dataset, epochs=retrain_epochs(selected, trial_spec), device=device)

@@ -295,3 +295,14 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert f"Dashboard: optuna-dashboard sqlite:///{db}\n" in out
     assert "Report: reports/quickstart/report.html\n" in out
     assert (tmp_path / "reports" / "quickstart" / "report.html").is_file()
+
+
+def test_reading_a_stored_study_does_not_load_the_training_stack() -> None:
+    """`study show`, `study list` and `report build` only read storage: no torch, no scikit-learn splitters."""
+    code = (
+        "import sys, modelsel.cli, modelsel.study, modelsel.report; "
+        "print(sorted(m for m in ('torch', 'sklearn.model_selection') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
