@@ -42,7 +42,6 @@ Interrupts and errors
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
@@ -50,7 +49,6 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -60,6 +58,7 @@ from optuna.trial import FrozenTrial
 from modelsel.errors import UserError
 from modelsel.spec import StudySpec, parse_spec
 from modelsel.storage import open_storage
+from modelsel.training import torch_threads
 
 _SEED_STRIDE = 7919
 _POLL_S = 0.25
@@ -87,19 +86,6 @@ def worker_sampler(spec: StudySpec, worker: int) -> optuna.samplers.BaseSampler:
         }
     )
     return make_sampler(sampler_spec)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Use ``threads`` intra-op threads inside the block."""
-    before = torch.get_num_threads()
-    if before != threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def worker_threads(device: torch.device, workers: int) -> int:

@@ -506,16 +506,25 @@ def thread_policy(
     pay off; and when other processes share the cores, OpenMP threads that spin at every
     kernel's barrier make a 2-thread process many times slower than a 1-thread one.
     """
-    threads = torch.get_num_threads()
     flops = step_flops(model_spec, n_inputs=n_inputs, n_outputs=n_outputs, batch_size=training.batch_size)
-    if device.type != "cpu" or threads == 1 or flops > ONE_THREAD_MAX_STEP_FLOPS:
+    if device.type != "cpu" or flops > ONE_THREAD_MAX_STEP_FLOPS:
         yield
         return
-    torch.set_num_threads(1)
+    with torch_threads(1):
+        yield
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Use ``threads`` intra-op threads inside the block (restored afterwards)."""
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def has_batch_norm(model: MLP) -> bool:
