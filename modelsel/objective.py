@@ -397,25 +397,24 @@ class StudyObjective:
             slices.append(_TrialSlice(prepared, range(start, len(jobs))))
         first = group[0]
         dataset = first.dataset
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            trainer = StackedTrainer(
-                jobs,
-                task=dataset.task,
-                n_outputs=dataset.n_outputs,
-                device=self.device,
-                callbacks=slices,
-                raise_on_divergence=False,
-            )
-            for part in slices:
-                part.trainer = trainer
-            with thread_policy(
-                first.spec.model,
-                first.spec.training,
-                n_inputs=dataset.n_features,
-                n_outputs=dataset.n_outputs,
-                device=self.device,
-            ):
-                results = trainer.train()
+        trainer = StackedTrainer(
+            jobs,
+            task=dataset.task,
+            n_outputs=dataset.n_outputs,
+            device=self.device,
+            callbacks=slices,
+            raise_on_divergence=False,
+        )
+        for part in slices:
+            part.trainer = trainer
+        with thread_policy(
+            first.spec.model,
+            first.spec.training,
+            n_inputs=dataset.n_features,
+            n_outputs=dataset.n_outputs,
+            device=self.device,
+        ):
+            results = trainer.train()
         outcomes: dict[int, float | list[float] | optuna.TrialPruned] = {}
         for part in slices:
             prepared = part.prepared

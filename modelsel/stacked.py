@@ -212,7 +212,9 @@ class StackedTrainer:
         self.classification = task == "classification"
         self.batch_norm = first.model.batch_norm
         self.n_inputs = first.data.X_train.shape[1]
-        self.members = [self._build_member(p, job, n_outputs) for p, job in enumerate(jobs)]
+        # Members seed the global RNG for their initial weights; the caller's RNG state stays as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.members = [self._build_member(p, job, n_outputs) for p, job in enumerate(jobs)]
         reference = self.members[0].model
         self.slots = self._layout(reference)
         self.row_size = sum(s.numel for s in self.slots)
@@ -742,17 +744,15 @@ def train_stacked(
         becomes non-finite (the fold semantics); by default such a member leaves the
         stack, the others go on, and its :class:`StackResult` carries the reason.
     """
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        trainer = StackedTrainer(
-            jobs,
-            task=task,
-            n_outputs=n_outputs,
-            device=device,
-            callbacks=callbacks,
-            raise_on_divergence=raise_on_divergence,
-        )
-        return trainer.train()
+    trainer = StackedTrainer(
+        jobs,
+        task=task,
+        n_outputs=n_outputs,
+        device=torch.device(device),
+        callbacks=callbacks,
+        raise_on_divergence=raise_on_divergence,
+    )
+    return trainer.train()
 
 
 #: Factory signature, for type checkers of callers that inject a trainer.
