@@ -287,14 +287,7 @@ def train_models(
     """
     device = torch.device(device)
     n_inputs = members[0].X_train.shape[1]
-    engine = choose_engine(
-        model_spec,
-        training,
-        n_members=len(members),
-        n_inputs=n_inputs,
-        n_outputs=n_outputs,
-        device=device,
-    )
+    engine = choose_engine(training)
     with thread_policy(model_spec, training, n_inputs=n_inputs, n_outputs=n_outputs, device=device):
         if engine == "stacked":
             from modelsel.stacked import StackJob, train_stacked
@@ -445,22 +438,15 @@ def step_flops(model_spec: ModelSpec, *, n_inputs: int, n_outputs: int, batch_si
     return 6 * batch_size * weights
 
 
-def choose_engine(
-    model_spec: ModelSpec,
-    training: TrainingSpec,
-    *,
-    n_members: int,
-    n_inputs: int,
-    n_outputs: int,
-    device: torch.device,
-) -> Literal["sequential", "stacked"]:
+def choose_engine(training: TrainingSpec) -> Literal["sequential", "stacked"]:
     """The engine ``training.engine`` names, resolving ``auto``.
 
     ``auto`` stacks the members (see :mod:`modelsel.stacked`): on CUDA one set of kernel
     launches serves all members instead of one per member, and on CPU the stacked engine
-    was as fast or faster at every shape measured. The rule does not depend on how many
-    members train, so a member trains the same (bit for bit, without dropout) alone or
-    beside others. ``engine: sequential`` keeps the one-model reference path.
+    was as fast or faster at every shape measured. The rule depends on nothing else (not
+    the shape, device or number of members), so a member trains the same (bit for bit,
+    without dropout) alone or beside others. ``engine: sequential`` keeps the one-model
+    reference path.
 
     Measured on the 2-core AMD EPYC (AVX2) this was written on, quiet, 5 members,
     ``benchmarks/engine_probe.py`` (median of 2-3 interleaved runs, training and

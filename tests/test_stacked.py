@@ -356,14 +356,8 @@ def test_same_seed_same_numbers_with_dropout() -> None:
 
 def test_engine_auto_rule() -> None:
     def choose(model: ModelSpec, batch: int, device: str = "cpu", n_inputs: int = 784, engine: str = "auto") -> str:
-        return choose_engine(
-            model,
-            TrainingSpec(batch_size=batch, engine=engine),  # type: ignore[arg-type]
-            n_members=5,
-            n_inputs=n_inputs,
-            n_outputs=10,
-            device=torch.device(device),
-        )
+        del model, device, n_inputs  # auto depends on the engine setting alone
+        return choose_engine(TrainingSpec(batch_size=batch, engine=engine))  # type: ignore[arg-type]
 
     d2l = ModelSpec(depth=1, width=256)
     assert choose(d2l, 256) == "stacked"
@@ -383,7 +377,7 @@ def test_cuda_stacked_matches_sequential_and_is_the_auto_choice() -> None:
     ]
     model = ModelSpec(depth=2, width=16, batch_norm=True, dropout=0.0)
     training = TrainingSpec(epochs=3, batch_size=8, optimizer="momentum", lr=0.05, grad_clip=1.0)
-    assert choose_engine(model, training, n_members=3, n_inputs=5, n_outputs=N_CLASSES, device=device) == "stacked"
+    assert choose_engine(training) == "stacked"
     trained = {
         engine: train_models(
             members, model_spec=model, training=training.model_copy(update={"engine": engine}),
