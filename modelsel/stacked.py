@@ -328,6 +328,7 @@ class StackedTrainer:
         wd = [t.weight_decay for t in trainings]
         l1 = [t.l1 for t in trainings]
         self.lr = _column(lr, like)
+        self.lr_values = lr  # for Adam's per-step bias correction, without reading self.lr back
         self.momentum = _column([t.momentum if t.optimizer == "momentum" else 0.0 for t in trainings], like)
         self.has_momentum = self.optimizer_kind == "momentum"
         self.weight_decay: float | torch.Tensor | None = _column(wd, like) if any(wd) else None
@@ -571,8 +572,7 @@ class StackedTrainer:
             self._decay_gradient()
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        lrs = [self.lr] * len(steps) if isinstance(self.lr, float) else self.lr.view(-1).tolist()
-        step_size = _column([lr / (1 - beta1**s) for lr, s in zip(lrs, steps, strict=True)], p)
+        step_size = _column([lr / (1 - beta1**s) for lr, s in zip(self.lr_values, steps, strict=True)], p)
         correction = _column([math.sqrt(1 - beta2**s) for s in steps], p)
         denom = exp_avg_sq.sqrt()
         denom.div_(correction).add_(_ADAM_EPS)
