@@ -42,6 +42,7 @@ from modelsel.models import MLP, HiddenBlock, build_mlp
 from modelsel.spec import ModelSpec, TrainingSpec
 from modelsel.training import (
     GATHER_BYTES,
+    BestEpoch,
     Callback,
     Diverged,
     FoldData,
@@ -172,8 +173,7 @@ class _MemberState:
     history: History = field(default_factory=History)
     active: bool = True
     optimizer_steps: int = 0
-    best_val_loss: float = math.inf
-    epochs_without_improvement: int = 0
+    best: BestEpoch = field(default_factory=BestEpoch)
     best_row: torch.Tensor | None = None
     best_buffers: list[torch.Tensor] | None = None
     best_bn_steps: int = 0
@@ -640,20 +640,13 @@ class StackedTrainer:
 
     def _track_best(self, m: _MemberState, row: int, epoch: int, val_loss: float) -> None:
         stopping = m.job.training.early_stopping
-        min_delta = stopping.min_delta if stopping is not None else 0.0
-        if val_loss < m.best_val_loss - min_delta:
-            m.best_val_loss = val_loss
-            m.history.best_epoch = epoch
-            m.epochs_without_improvement = 0
-            if stopping is not None:
-                m.best_row = self.flat[row].clone()
-                m.best_buffers = [b[row].clone() for b in self.buffers]
-                m.best_bn_steps = m.optimizer_steps
-        else:
-            m.epochs_without_improvement += 1
-            if stopping is not None and m.epochs_without_improvement >= stopping.patience:
-                m.active = False
-                m.history.stopped_early = True
+        verdict = m.best.update(val_loss, epoch, m.history, stopping)
+        if verdict == "best" and stopping is not None:
+            m.best_row = self.flat[row].clone()
+            m.best_buffers = [b[row].clone() for b in self.buffers]
+            m.best_bn_steps = m.optimizer_steps
+        elif verdict == "stop":
+            m.active = False
 
     def _leave(self, members: list[_MemberState]) -> None:
         """Give the members' models their own storage (their rows are about to go)."""

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modelsel.models import MLP, build_mlp
-from modelsel.spec import ModelSpec, TrainingSpec
+from modelsel.spec import EarlyStoppingSpec, ModelSpec, TrainingSpec
 
 Task = Literal["classification", "regression"]
 _EVAL_BATCH = 8192
@@ -237,8 +237,7 @@ class _Member:
         self.generator = torch.Generator().manual_seed(shuffle_seed)
         self.history = History()
         self.active = True
-        self.best_val_loss = math.inf
-        self.epochs_without_improvement = 0
+        self.best = BestEpoch()
         self.best_state: dict[str, torch.Tensor] | None = None
 
 
@@ -518,20 +517,42 @@ def has_batch_norm(model: MLP) -> bool:
     return any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
 
 
+@dataclass
+class BestEpoch:
+    """Early stopping's bookkeeping for one member (both engines): the best validation
+    loss so far and the epochs since it improved."""
+
+    best_val_loss: float = math.inf
+    epochs_without_improvement: int = 0
+
+    def update(
+        self, val_loss: float, epoch: int, history: History, stopping: EarlyStoppingSpec | None
+    ) -> Literal["best", "worse", "stop"]:
+        """Record ``epoch``'s validation loss (and the best epoch in ``history``).
+
+        ``best``: a new best (under early stopping, keep these weights); ``worse``: no
+        improvement; ``stop``: patience ran out, the member stops (``history`` says so).
+        """
+        min_delta = stopping.min_delta if stopping is not None else 0.0
+        if val_loss < self.best_val_loss - min_delta:
+            self.best_val_loss = val_loss
+            history.best_epoch = epoch
+            self.epochs_without_improvement = 0
+            return "best"
+        self.epochs_without_improvement += 1
+        if stopping is not None and self.epochs_without_improvement >= stopping.patience:
+            history.stopped_early = True
+            return "stop"
+        return "worse"
+
+
 def _track_best(state: _Member, epoch: int, val_loss: float, training: TrainingSpec) -> None:
     stopping = training.early_stopping
-    min_delta = stopping.min_delta if stopping is not None else 0.0
-    if val_loss < state.best_val_loss - min_delta:
-        state.best_val_loss = val_loss
-        state.history.best_epoch = epoch
-        state.epochs_without_improvement = 0
-        if stopping is not None:
-            state.best_state = copy.deepcopy(state.model.state_dict())
-    else:
-        state.epochs_without_improvement += 1
-        if stopping is not None and state.epochs_without_improvement >= stopping.patience:
-            state.active = False
-            state.history.stopped_early = True
+    verdict = state.best.update(val_loss, epoch, state.history, stopping)
+    if verdict == "best" and stopping is not None:
+        state.best_state = copy.deepcopy(state.model.state_dict())
+    elif verdict == "stop":
+        state.active = False
 
 
 def _finish(state: _Member, *, task: Task) -> None:
