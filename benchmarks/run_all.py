@@ -277,10 +277,11 @@ def run_entry(settings: Settings, key: str) -> Outcome:
     outcome = Outcome(key=key, label=LABELS[key], command=command)
     work = settings.out_dir / key
     work.mkdir(parents=True, exist_ok=True)
-    if key not in ("gemm", "engines", *GRID_BASELINES):
+    runs_modelsel_cli = key in MODELSEL_GRID or key in TPE_ENTRIES
+    if runs_modelsel_cli:
         (work / "spec.yaml").write_text(yaml.safe_dump(modelsel_spec(settings, key), sort_keys=False))
     env = {**os.environ, "MODELSEL_DATA_ROOT": settings.root}
-    if settings.threads is not None and key not in ("gemm", "engines", *GRID_BASELINES):
+    if settings.threads is not None and runs_modelsel_cli:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
     outcome.waited_s = wait_for_quiet(settings.quiet_wait_s)
     outcome.load_before = round(os.getloadavg()[0], 2)
