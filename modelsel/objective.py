@@ -96,7 +96,11 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
 class PruningCallback(Callback):
     """Reports the fold-mean validation value to Optuna and prunes on its word.
 
-    Every epoch is reported for runs of up to ``max_reports`` epochs; longer runs report
+    The step of each report is the number of epochs trained (1 after the first epoch),
+    so a pruner's resource options count epochs: ``min_resource: 1`` for successive
+    halving or Hyperband lets a trial be judged after one epoch, ``max_resource`` is
+    ``training.epochs``, and ``n_warmup_steps: 2`` keeps the median pruner off until two
+    epochs are done. Every epoch is reported for runs of up to ``max_reports`` epochs; longer runs report
     every ``ceil(epochs / max_reports)``-th epoch and the last, since each report is a
     storage write (the full per-epoch curves are stored with the trial anyway).
     """
@@ -112,7 +116,7 @@ class PruningCallback(Callback):
         if (epoch + 1) % self.every and epoch != self.last_epoch:
             return
         value = fold_mean_curve(histories, self.curve)[epoch]
-        self.trial.report(value, epoch)
+        self.trial.report(value, epoch + 1)
         # Pruning after the last epoch would discard a finished result and save nothing.
         if self.can_prune and epoch != self.last_epoch and self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_epoch", epoch + 1)

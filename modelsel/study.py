@@ -102,6 +102,11 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The pruner a spec names (``none`` never prunes).
 
+    Steps are epochs trained (see :class:`modelsel.objective.PruningCallback`): the
+    median and percentile pruners wait for 5 finished trials and may prune from the
+    first epoch on (``n_warmup_steps: 1``); Hyperband's ``max_resource`` is
+    ``training.epochs``.
+
     Raises
     ------
     SpecError

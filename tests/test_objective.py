@@ -71,7 +71,7 @@ def test_complete_trials_store_fold_scores_curves_and_diagnostics(tiny_study: op
 
 def test_the_fold_mean_curve_is_reported_each_epoch(tiny_study: optuna.Study) -> None:
     for trial in tiny_study.get_trials(states=(TrialState.COMPLETE,)):
-        reported = [trial.intermediate_values[e] for e in range(3)]
+        reported = [trial.intermediate_values[e] for e in (1, 2, 3)]
         assert reported == pytest.approx(trial.user_attrs["curves"]["val_metric"], rel=1e-5)
 
 
@@ -143,6 +143,29 @@ def test_multi_objective_values_in_order() -> None:
     assert trial.intermediate_values == {}  # no pruning reports with several objectives
 
 
+def test_report_steps_count_epochs_so_min_resource_one_prunes_after_the_first(fast_tmp: Path) -> None:
+    # Successive halving's min_resource is at least 1: with 0-based steps it could never
+    # judge a trial before its second epoch.
+    spec = parse_spec(
+        tiny_spec_data(
+            seed=1,  # GridSampler(seed=1) runs lr 0.1 first, so 1e-5 meets a finished rival
+            training={"epochs": 3, "batch_size": 32},
+            sampler="grid",
+            search={"lr": [0.1, 0.00001]},
+            pruner={"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 2}},
+            budget={"n_trials": 2},
+        )
+    )
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run_study(spec, storage=url, output_dir=fast_tmp, progress=False, build_report=False)
+    by_lr = {t.params["lr"]: t for t in optuna.load_study(study_name="tiny", storage=url).trials}
+    assert sorted(by_lr[0.1].intermediate_values) == [1, 2, 3]
+    slow = by_lr[0.00001]
+    assert slow.number == 1
+    assert slow.state == TrialState.PRUNED
+    assert slow.user_attrs["pruned_at_epoch"] == 1 and list(slow.intermediate_values) == [1]
+
+
 def test_pruned_trials_record_the_epoch_and_partial_curves(fast_tmp: Path) -> None:
     spec = parse_spec(
         tiny_spec_data(
@@ -161,7 +184,7 @@ def test_pruned_trials_record_the_epoch_and_partial_curves(fast_tmp: Path) -> No
     for trial in pruned:
         epoch = trial.user_attrs["pruned_at_epoch"]
         assert 1 <= epoch < 3
-        assert max(trial.intermediate_values) == epoch - 1
+        assert max(trial.intermediate_values) == epoch
         assert len(trial.user_attrs["curves"]["val_metric"]) == epoch
         assert "fold_val_metric" not in trial.user_attrs
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
@@ -357,7 +380,7 @@ def test_a_pruned_trial_leaves_the_stack_and_records_its_partial_curves() -> Non
     for lr in (0.1, 0.05, 0.08):
         assert by_lr[lr].state == TrialState.COMPLETE
         assert by_lr[lr].user_attrs["fold_epochs"] == 8
-        assert sorted(by_lr[lr].intermediate_values) == [0, 1, 2, 3]
+        assert sorted(by_lr[lr].intermediate_values) == [1, 2, 3, 4]
 
 
 def test_stack_trials_is_checked_and_only_grids_stack() -> None:
