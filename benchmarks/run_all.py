@@ -47,12 +47,13 @@ from baselines import GRIDS, data_root, flops_per_sample  # noqa: E402
 #: Entries in the order they run; ``gemm`` first so every fraction uses this run's limit.
 GRID_BASELINES = ("d2l", "skorch", "sklearn")
 MODELSEL_GRID = ("modelsel-1w", "modelsel-2w", "modelsel-stacked", "modelsel-stacked-2w")
-TPE_ENTRIES = ("tpe", "tpe-median", "tpe-sha")
+TPE_ENTRIES = ("tpe", "tpe-median", "tpe-sha", "tpe-sha4")
 #: The pruner (spec syntax) of each TPE entry.
 TPE_PRUNERS: dict[str, Any] = {
     "tpe": "none",
     "tpe-median": "median",
     "tpe-sha": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}},
+    "tpe-sha4": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 4}},
 }
 ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines")
 #: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
@@ -70,6 +71,7 @@ LABELS: dict[str, str] = {
     "tpe": "TPE, no pruning",
     "tpe-median": "TPE, median pruning",
     "tpe-sha": "TPE, successive halving (min 1 epoch, factor 3)",
+    "tpe-sha4": "TPE, successive halving (min 1 epoch, factor 4)",
     "engines": "stacked vs sequential engine (engine_probe.py)",
 }
 
@@ -730,7 +732,7 @@ def _tpe_lines(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
         for k, v in TPE_SEARCH.items()
     )
     lines = [
-        f"## TPE search: {settings.tpe_trials} trials, without pruning and with two pruners",
+        f"## TPE search: {settings.tpe_trials} trials, without pruning and with pruners",
         "",
         f"Search space: {space}; {settings.folds} folds, up to {settings.epochs} epochs; "
         "modelsel `engine: auto`. Fold-epochs spent = Σ over finished trials of (epochs reported × folds).",
