@@ -8,6 +8,15 @@ many cores as workers that uses every core without oversubscription, and a 1-thr
 process is not slowed down by OpenMP threads spinning at barriers while other
 processes hold the cores.
 
+Start-up
+    A spawned worker spends seconds importing torch, Optuna and scikit-learn. The
+    :class:`WorkerPool` is started first thing in ``run_study``, so the workers import
+    while the calling process does the same, checks the data and opens the storage; they
+    then wait for their orders (storage, budget, deadline, device). Until then they
+    touch no storage, so a run that stops on bad input leaves nothing behind. (Measured
+    on 2 cores: started only when the search began, the second worker's first trial
+    began 7.5 s after the first worker's.)
+
 Budget
     The budget is exact within one invocation: before each trial a worker claims one
     of the ``target - finished`` slots from a counter shared by the workers (under its
@@ -49,16 +58,18 @@ import queue
 import signal
 import threading
 import time
-from typing import Any
-
-import optuna
-import torch
-from optuna.trial import FrozenTrial
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from modelsel.errors import UserError
 from modelsel.spec import StudySpec, parse_spec
-from modelsel.storage import open_storage
-from modelsel.training import torch_threads
+
+# Only the standard library and the spec at import time: the calling process imports
+# this module to start the workers, before it has imported torch or Optuna itself.
+if TYPE_CHECKING:
+    import optuna
+    import torch
+    from optuna.trial import FrozenTrial
 
 _SEED_STRIDE = 7919
 _POLL_S = 0.25
@@ -96,13 +107,18 @@ def worker_threads(device: torch.device, workers: int) -> int:
 
 
 class _Shared:
-    """The state the workers share: budget slots, finished count, stop flag, errors."""
+    """The state the workers share: budget slots, finished count, stop flag, orders, errors."""
 
-    def __init__(self, context: Any, slots: int | None) -> None:
+    def __init__(self, context: Any, slots: int | None = None) -> None:
         self.slots = context.Value("q", -1 if slots is None else slots)
         self.done = context.Value("q", 0)
         self.stop = context.Event()
         self.errors = context.Queue()
+        self.orders = context.Queue()
+
+    def set_slots(self, slots: int | None) -> None:
+        with self.slots.get_lock():
+            self.slots.value = -1 if slots is None else slots
 
     def claim(self) -> bool:
         """Take one trial slot; False when the budget is spent or the run is stopping."""
@@ -118,6 +134,53 @@ class _Shared:
     def finished_one(self) -> None:
         with self.done.get_lock():
             self.done.value += 1
+
+
+@dataclass(frozen=True)
+class WorkerOrders:
+    """What a started worker waits for: where the study is and how long to run."""
+
+    storage_url: str
+    target: int | None
+    deadline: float | None
+    device_type: str
+    threads: int
+
+
+class WorkerPool:
+    """The N - 1 spawned workers of ``--workers N``, started before the study is open.
+
+    They import and then wait; :meth:`release` hands them their orders, :meth:`close`
+    stops any that are still alive (never released, or left over after an error).
+    """
+
+    def __init__(self, spec: StudySpec, workers: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.shared = _Shared(context)
+        spec_json = spec.to_json()
+        self.processes = [
+            context.Process(
+                target=worker_main,
+                args=(i, spec_json, self.shared),
+                name=f"modelsel-worker-{i}",
+                daemon=True,
+            )
+            for i in range(1, workers)
+        ]
+        for process in self.processes:
+            process.start()
+
+    def release(self, orders: WorkerOrders, slots: int | None) -> None:
+        """Set the budget and let every worker start claiming trials."""
+        self.shared.set_slots(slots)
+        for _ in self.processes:
+            self.shared.orders.put(orders)
+
+    def close(self) -> None:
+        """Stop the workers that are still alive (a no-op after a finished run)."""
+        if any(p.is_alive() for p in self.processes):
+            self.shared.stop.set()
+        _terminate(self.processes)
 
 
 def trial_loop(
@@ -160,35 +223,39 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def worker_main(
-    index: int,
-    spec_json: str,
-    storage_url: str,
-    target: int | None,
-    deadline: float | None,
-    device_type: str,
-    threads: int,
-    shared: _Shared,
-) -> None:
-    """Entry point of a spawned worker process."""
+def worker_main(index: int, spec_json: str, shared: _Shared) -> None:
+    """Entry point of a spawned worker process: import, wait for orders, run trials."""
     # Ctrl-C goes to the whole process group: the calling process handles it and
     # terminates the workers, whose SIGTERM then fails their running trial cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        torch.set_num_threads(threads)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        import optuna
+        import torch
+
+        import modelsel.objective  # noqa: F401  (the heavy imports, done before the orders come)
+        from modelsel.storage import open_storage
         from modelsel.study import make_pruner
 
+        orders: WorkerOrders = shared.orders.get()
+        if shared.stop.is_set():
+            return
+        torch.set_num_threads(orders.threads)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = parse_spec(json.loads(spec_json))
         study = optuna.load_study(
             study_name=spec.name,
-            storage=open_storage(storage_url),
+            storage=open_storage(orders.storage_url),
             sampler=worker_sampler(spec, index),
             pruner=make_pruner(spec),
         )
         trial_loop(
-            study, spec, device=torch.device(device_type), target=target, deadline=deadline, shared=shared
+            study,
+            spec,
+            device=torch.device(orders.device_type),
+            target=orders.target,
+            deadline=orders.deadline,
+            shared=shared,
         )
     except KeyboardInterrupt:
         return
@@ -208,27 +275,24 @@ def run_parallel(
     device: torch.device,
     workers: int,
     bar: Any,
+    *,
+    pool: WorkerPool | None = None,
 ) -> int:
-    """Run the study with ``workers`` processes (this one included); return trials run here and there."""
-    from modelsel.study import FINISHED_STATES, _best_value_text
+    """Run the study with ``workers`` processes (this one included); return trials run here and there.
 
-    context = multiprocessing.get_context("spawn")
+    ``pool`` holds the other workers when they were started earlier (see the module
+    notes); otherwise they are started here.
+    """
+    from modelsel.study import FINISHED_STATES, _best_value_text
+    from modelsel.training import torch_threads
+
+    pool = pool if pool is not None else WorkerPool(spec, workers)
+    processes, shared = pool.processes, pool.shared
     finished_before = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
     slots = None if target is None else max(target - finished_before, 0)
-    shared = _Shared(context, slots)
     deadline = None if timeout is None else time.time() + timeout
     threads = worker_threads(device, workers)
-    processes = [
-        context.Process(
-            target=worker_main,
-            args=(i, spec.to_json(), storage_url, target, deadline, device.type, threads, shared),
-            name=f"modelsel-worker-{i}",
-            daemon=True,
-        )
-        for i in range(1, workers)
-    ]
-    for process in processes:
-        process.start()
+    pool.release(WorkerOrders(storage_url, target, deadline, device.type, threads), slots)
     refreshing = threading.Event()
     refresher = threading.Thread(target=_refresh_bar, args=(bar, finished_before, shared, refreshing), daemon=True)
     refresher.start()

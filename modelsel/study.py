@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from modelsel.objective import StudyObjective
+    from modelsel.parallel import WorkerPool
 
 # torch, scikit-learn and the training stack load on first use (inside the functions that
 # train or split), so that reading a stored study (`study show`, `report build`) stays quick.
@@ -349,25 +350,35 @@ def run_study(
         )
     if device is not None:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
-    from modelsel.training import resolve_device
-
-    try:
-        torch_device = resolve_device(spec.training.device)
-    except RuntimeError as exc:
-        raise UserError(f"{exc}; use --device cpu") from None
     storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     storage_kind(storage_url)
-    target = study_budget(spec, n_trials)
-    timeout = timeout if timeout is not None else spec.budget.timeout
-    if target is None and timeout is None:
-        raise SpecError("budget: give n_trials or timeout (or --n-trials/--timeout), or the study never ends")
-    task = preflight(spec)
-    is_default_storage = storage is None and spec.storage is None
-    study = _open_study(spec, storage_url, create_parent=is_default_storage, task=task)
+    pool = None
+    if workers > 1:
+        from modelsel.parallel import WorkerPool
 
-    trained = 0
-    if target is None or _finished_count(study) < target:
-        trained = _search(study, spec, storage_url, target, timeout, torch_device, workers, progress)
+        # Started now, the other workers import while this process checks and opens things.
+        pool = WorkerPool(spec, workers)
+    try:
+        from modelsel.training import resolve_device
+
+        try:
+            torch_device = resolve_device(spec.training.device)
+        except RuntimeError as exc:
+            raise UserError(f"{exc}; use --device cpu") from None
+        target = study_budget(spec, n_trials)
+        timeout = timeout if timeout is not None else spec.budget.timeout
+        if target is None and timeout is None:
+            raise SpecError("budget: give n_trials or timeout (or --n-trials/--timeout), or the study never ends")
+        task = preflight(spec)
+        is_default_storage = storage is None and spec.storage is None
+        study = _open_study(spec, storage_url, create_parent=is_default_storage, task=task)
+
+        trained = 0
+        if target is None or _finished_count(study) < target:
+            trained = _search(study, spec, storage_url, target, timeout, torch_device, workers, progress, pool)
+    finally:
+        if pool is not None:
+            pool.close()
     outcome = select_and_test(study, spec, storage_url=storage_url, device=torch_device)
     outcome.n_trained_this_run = trained
     if build_report:
@@ -387,6 +398,7 @@ def _search(
     device: torch.device,
     workers: int,
     progress: bool,
+    pool: WorkerPool | None = None,
 ) -> int:
     from tqdm.auto import tqdm
 
@@ -410,7 +422,7 @@ def _search(
             return _optimize(study, spec, target=target, timeout=timeout, device=device, on_trial=update)
         from modelsel.parallel import run_parallel
 
-        return run_parallel(study, spec, storage_url, target, timeout, device, workers, bar)
+        return run_parallel(study, spec, storage_url, target, timeout, device, workers, bar, pool=pool)
     finally:
         bar.close()
 

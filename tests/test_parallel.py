@@ -11,7 +11,16 @@ import torch
 from conftest import tiny_spec_data
 from optuna.trial import TrialState
 
-from modelsel.parallel import WorkerError, _Shared, _wait, worker_main, worker_sampler, worker_threads
+from modelsel.errors import DataError
+from modelsel.parallel import (
+    WorkerError,
+    WorkerOrders,
+    _Shared,
+    _wait,
+    worker_main,
+    worker_sampler,
+    worker_threads,
+)
 from modelsel.spec import parse_spec
 from modelsel.study import run_study
 
@@ -62,8 +71,9 @@ def test_a_failing_worker_reports_one_line(fast_tmp: Path) -> None:
     shared = _Shared(multiprocessing.get_context("spawn"), 1)
     spec = parse_spec(tiny_spec_data(name="missing"))
     url = f"sqlite:///{fast_tmp / 'nothing.db'}"
+    shared.orders.put(WorkerOrders(url, 1, None, "cpu", torch.get_num_threads()))
     with pytest.raises(SystemExit):
-        worker_main(3, spec.to_json(), url, 1, None, "cpu", 1, shared)
+        worker_main(3, spec.to_json(), shared)
     assert shared.stop.is_set()
     with pytest.raises(WorkerError, match=r"^worker 3: KeyError: ") as info:
         _wait([], shared)
@@ -83,3 +93,26 @@ def test_grid_workers_share_one_cell_order() -> None:
     spec = parse_spec(tiny_spec_data(search=None, sampler=None, sweep={"width": [4, 8, 16], "lr": [0.01, 0.05]}))
     grids = [worker_sampler(spec, w)._all_grids for w in range(3)]
     assert grids[0] == grids[1] == grids[2]
+
+
+def test_workers_started_early_are_stopped_when_the_run_fails_its_checks(fast_tmp: Path) -> None:
+    # The pool starts before the data is checked; a failed check must leave no process
+    # running and nothing written.
+    spec = parse_spec(
+        tiny_spec_data(name="early", dataset={**tiny_spec_data()["dataset"], "train_size": 6}, cv={"folds": 4})
+    )
+    with pytest.raises(DataError, match=r"cv\.folds is 4"):
+        run_study(spec, output_dir=fast_tmp / "reports", workers=3, progress=False, build_report=False)
+    assert multiprocessing.active_children() == []
+    assert not (fast_tmp / "reports").exists()
+
+
+def test_a_worker_told_to_stop_before_its_orders_writes_nothing(fast_tmp: Path) -> None:
+    shared = _Shared(multiprocessing.get_context("spawn"), 1)
+    spec = parse_spec(tiny_spec_data(name="stopped"))
+    url = f"sqlite:///{fast_tmp / 'never.db'}"
+    shared.stop.set()
+    shared.orders.put(WorkerOrders(url, 1, None, "cpu", torch.get_num_threads()))
+    worker_main(1, spec.to_json(), shared)
+    assert not (fast_tmp / "never.db").exists()
+    assert shared.errors.empty()
