@@ -4,7 +4,7 @@ Times ``train_models`` engines side by side in one process, interleaved and repe
 and prints medians, so ratios stay meaningful on a shared machine::
 
     python benchmarks/engine_probe.py [--case NAME ...] [--repeats 5] [--threads 1]
-        [--baseline PATH_TO_OLD_training.py] [--device cuda] [--json]
+        [--baseline PATH_TO_OLD_training.py] [--device cuda] [--json] [--profile]
 
 Each case trains k fold models for a few epochs; the figure is training samples per
 second summed over members (member epochs x train size / wall seconds), and the CPU
@@ -14,6 +14,7 @@ time per step (process time, less sensitive to other processes than wall time).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import sys
@@ -141,6 +142,34 @@ def measure(
     return out
 
 
+#: Operators counted as GEMM kernels, and as the minibatch gather, in ``--profile``.
+GEMM_OPS = frozenset({"aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm"})
+GATHER_OPS = frozenset({"aten::index_select", "aten::index"})
+
+
+def profile_shares(run: Callable[[], Any], device: torch.device, top: int = 8) -> dict[str, Any]:
+    """Self time of one run by operator group (GEMM, gather, other) and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [(e.key, float(getattr(e, attr))) for e in prof.key_averages()]
+    total = sum(t for _, t in events) or 1.0
+    gemm = sum(t for k, t in events if k in GEMM_OPS)
+    gather = sum(t for k, t in events if k in GATHER_OPS)
+    ranked = sorted(events, key=lambda kt: -kt[1])[:top]
+    return {
+        "gemm": gemm / total,
+        "gather": gather / total,
+        "other": 1 - (gemm + gather) / total,
+        "top": [(k, t / total) for k, t in ranked],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--case", action="append", choices=sorted(CASES), default=None)
@@ -151,6 +180,7 @@ def main() -> None:
     parser.add_argument("--engines", default="sequential,stacked")
     parser.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the folds and models live there)")
+    parser.add_argument("--profile", action="store_true", help="also break each engine's time down by operator")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -182,6 +212,17 @@ def main() -> None:
             )
         result = measure(case, engines, args.repeats, device)
         figures[name] = result
+        if args.profile:
+            folds = _folds(case, device)
+            for engine, run in engines.items():
+                shares = profile_shares(functools.partial(run, case.training, folds), device)
+                result[engine]["profile"] = shares  # type: ignore[assignment]
+                top = ", ".join(f"{k.removeprefix('aten::')} {v:.0%}" for k, v in shares["top"])
+                print(
+                    f"{name:28s} {engine:11s} GEMM {shares['gemm']:.0%}, gather {shares['gather']:.0%}, "
+                    f"other {shares['other']:.0%}; top: {top}",
+                    flush=True,
+                )
         ref = next(iter(result.values()))
         for engine, r in result.items():
             print(
