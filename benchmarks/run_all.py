@@ -187,7 +187,7 @@ def modelsel_executable() -> list[str]:
     found = shutil.which("modelsel")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from modelsel.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "from modelsel.cli import entry_point; entry_point()"]
 
 
 def entry_command(settings: Settings, key: str) -> list[str]:

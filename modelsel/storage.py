@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,6 +97,22 @@ def display_url(url: str) -> str:
     return redact(url)
 
 
+#: SQLAlchemy engines of the storages this process opened, held weakly, for
+#: :func:`close_storages` (an engine and its pooled connections can outlive the storage).
+_ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_storages() -> None:
+    """Close the pooled database connections of every storage this process opened.
+
+    The command line calls it before leaving with ``os._exit``: a SQLite database in
+    WAL mode moves its write-ahead log into the database file when the last connection
+    closes, so nothing is left in ``study.db-wal`` beside it.
+    """
+    for engine in list(_ENGINES):
+        engine.dispose()
+
+
 def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = True, must_exist: bool = False) -> Any:
     """Open an Optuna storage, turning connection problems into one-line errors.
 
@@ -143,6 +160,7 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
         if kind == "sqlite":
             _use_sqlite_wal(storage.engine)
+        _ENGINES.add(storage.engine)
         return storage
     except ModuleNotFoundError as exc:
         extra = " (pip install 'modelsel[postgres]')" if kind == "postgresql" else ""

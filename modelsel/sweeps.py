@@ -658,7 +658,10 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
         n_trained_this_run=sum(o.n_trained_this_run for o in outcomes),
     )
     if options.get("build_report", True):
-        studies = [optuna.load_study(study_name=o.study_name, storage=url) for o in outcomes]
+        from modelsel.storage import open_storage
+
+        storage = open_storage(url, heartbeat=False)
+        studies = [optuna.load_study(study_name=o.study_name, storage=storage) for o in outcomes]
         combined.report_path = build_maps_report(spec, studies, output_dir=Path(output_dir) / spec.name)
     return combined
 

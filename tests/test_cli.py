@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner, Result
 from conftest import files_under, tiny_spec_data
 
+from modelsel import __version__
 from modelsel.cli import main
 
 
@@ -295,6 +296,29 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert f"Dashboard: optuna-dashboard sqlite:///{db}\n" in out
     assert "Report: reports/quickstart/report.html\n" in out
     assert (tmp_path / "reports" / "quickstart" / "report.html").is_file()
+    # The entry point leaves with os._exit after closing its storages: SQLite has folded
+    # its write-ahead log into study.db, so the file alone holds every trial.
+    assert sorted(p.name for p in db.parent.glob("study.db*")) == ["study.db"]
+    show = subprocess.run(
+        [*command, "study", "show", "quickstart"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert show.returncode == 0, show.stderr
+    assert "quickstart: 3 trials finished" in show.stdout
+    assert sorted(p.name for p in db.parent.glob("study.db*")) == ["study.db"]
+
+
+def test_the_entry_point_keeps_exit_codes_and_flushes_its_output(tmp_path: Path) -> None:
+    exe = shutil.which("modelsel")
+    command = [exe] if exe else [sys.executable, "-m", "modelsel.cli"]
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120)
+    assert (version.returncode, version.stdout.strip()) == (0, f"modelsel, version {__version__}")
+    missing = subprocess.run(
+        [*command, "study", "run", "nowhere.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
+    usage = subprocess.run([*command, "study", "run", "--workers", "0"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "Invalid value for '--workers'" in usage.stderr
 
 
 def test_reading_a_stored_study_does_not_load_the_training_stack() -> None:
