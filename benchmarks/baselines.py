@@ -100,6 +100,15 @@ def subsample_indices(labels: np.ndarray, train_size: int | None, seed: int = SE
     return np.sort(chosen)
 
 
+def load_test_arrays(root: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST test split (10,000 images) as :func:`load_arrays` gives the training split."""
+    import torchvision
+
+    dataset = torchvision.datasets.FashionMNIST(root, train=False)
+    x = (dataset.data.reshape(-1, N_INPUTS).float() / 255.0).numpy()
+    return np.ascontiguousarray(x), dataset.targets.numpy().astype(np.int64)
+
+
 def load_arrays(root: str, train_size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST training split as float32 ``X`` in [0, 1] of shape (n, 784) and int64 ``y``.
 
@@ -188,11 +197,8 @@ def run_d2l(
     splits = list(stratified_folds(folds).split(np.zeros(len(chosen)), labels[chosen]))
     fold_scores: dict[int, list[float]] = {}
 
-    def train_fold(width: int, weight_decay: float, fold: int) -> float:
-        train_idx, val_idx = splits[fold]
-        torch.manual_seed(SEED + fold)
-        train_iter = DataLoader(Subset(dataset, chosen[train_idx].tolist()), BATCH_SIZE, shuffle=True)
-        val_iter = DataLoader(Subset(dataset, chosen[val_idx].tolist()), BATCH_SIZE, shuffle=False)
+    def train(train_set: Any, width: int, weight_decay: float) -> nn.Module:
+        train_iter = DataLoader(train_set, BATCH_SIZE, shuffle=True)
         net = MLP(width)
         loss_fn = nn.CrossEntropyLoss()
         optimizer = torch.optim.SGD(net.parameters(), lr=LR, weight_decay=weight_decay)
@@ -202,12 +208,21 @@ def run_d2l(
                 optimizer.zero_grad()
                 loss_fn(net(x), y).backward()
                 optimizer.step()
+        return net
+
+    def accuracy(net: nn.Module, data: Any) -> float:
         net.eval()
         correct = 0
         with torch.no_grad():
-            for x, y in val_iter:
+            for x, y in DataLoader(data, BATCH_SIZE, shuffle=False):
                 correct += int((net(x).argmax(dim=1) == y).sum())
-        return correct / len(val_idx)
+        return correct / len(data)
+
+    def train_fold(width: int, weight_decay: float, fold: int) -> float:
+        train_idx, val_idx = splits[fold]
+        torch.manual_seed(SEED + fold)
+        net = train(Subset(dataset, chosen[train_idx].tolist()), width, weight_decay)
+        return accuracy(net, Subset(dataset, chosen[val_idx].tolist()))
 
     def objective(trial: optuna.Trial) -> float:
         width = trial.suggest_categorical("width", grid["width"])
@@ -226,6 +241,12 @@ def run_d2l(
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.GridSampler(grid, seed=SEED))
     study.optimize(objective, n_trials=len(cells))
     best = study.best_trial
+    # What GridSearchCV's refit and modelsel do after the search: retrain the best
+    # configuration on the whole training sample, then score the test split once.
+    torch.manual_seed(SEED)
+    final = train(Subset(dataset, chosen.tolist()), best.params["width"], best.params["weight_decay"])
+    test_set = torchvision.datasets.FashionMNIST(root, train=False, transform=ToTensor())
+    test_accuracy = accuracy(final, test_set)
     return _result(
         "d2l",
         start,
@@ -234,6 +255,7 @@ def run_d2l(
         best_cv_accuracy=round(study.best_value, 5),
         best_params=best.params,
         best_cv_std=round(float(np.std(fold_scores[best.number])), 5),
+        test_accuracy=round(test_accuracy, 5),
         train_size=len(chosen),
     )
 
@@ -269,11 +291,14 @@ def run_skorch(
         param_grid={"module__width": grid["width"], "optimizer__weight_decay": grid["weight_decay"]},
         cv=stratified_folds(folds),
         scoring="accuracy",
-        refit=False,
+        refit=True,  # sklearn's default: retrain the best configuration on all of x, as modelsel does
         n_jobs=1,
     )
     search.fit(x, y)
-    return _grid_search_result("skorch", start, search, grid, y, folds, epochs, width_key="module__width")
+    x_test, y_test = load_test_arrays(root)
+    return _grid_search_result(
+        "skorch", start, search, grid, y, folds, epochs, width_key="module__width", test=(x_test, y_test)
+    )
 
 
 # -------------------------------------------------------------------- sklearn
@@ -309,15 +334,16 @@ def run_sklearn(
         },
         cv=stratified_folds(folds),
         scoring="accuracy",
-        refit=False,
+        refit=True,  # sklearn's default: retrain the best configuration on all of x, as modelsel does
         n_jobs=1,
     )
     with warnings.catch_warnings():
         # max_iter is the epoch budget here, not a convergence criterion.
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(x, y)
+    x_test, y_test = load_test_arrays(root)
     return _grid_search_result(
-        "sklearn", start, search, grid, y, folds, epochs, width_key="hidden_layer_sizes"
+        "sklearn", start, search, grid, y, folds, epochs, width_key="hidden_layer_sizes", test=(x_test, y_test)
     )
 
 
@@ -331,7 +357,10 @@ def _grid_search_result(
     epochs: int,
     *,
     width_key: str,
+    test: tuple[np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
+    """The result of a refitted ``GridSearchCV``, with the test accuracy of its best estimator."""
+    test_accuracy = float(search.score(*test))
     best = search.best_params_
     width = best[width_key]
     params = {
@@ -346,6 +375,7 @@ def _grid_search_result(
         best_cv_accuracy=round(float(search.best_score_), 5),
         best_params=params,
         best_cv_std=round(float(search.cv_results_["std_test_score"][search.best_index_]), 5),
+        test_accuracy=round(test_accuracy, 5),
         train_size=len(y),
     )
 

@@ -128,6 +128,7 @@ class Outcome:
     best_cv_accuracy: float | None = None
     best_cv_std: float | None = None
     best_params: dict[str, Any] | None = None
+    test_accuracy: float | None = None
     trials_complete: int | None = None
     trials_pruned: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -332,6 +333,7 @@ def _read_baseline(outcome: Outcome, stdout: str) -> None:
     outcome.best_cv_accuracy = result["best_cv_accuracy"]
     outcome.best_cv_std = result.get("best_cv_std")
     outcome.best_params = result["best_params"]
+    outcome.test_accuracy = result.get("test_accuracy")
     outcome.extra = {
         k: v for k, v in result.items() if k not in {"name", "wall_s", "samples_by_width", "best_params"}
     }
@@ -349,6 +351,9 @@ def _read_modelsel(outcome: Outcome, settings: Settings, work: Path) -> None:
     if name is None:
         raise ValueError(f"no study '{spec['name']}' in {storage} (found {names})")
     study = optuna.load_study(study_name=name, storage=storage)
+    tested = study.user_attrs.get("test_result")
+    if isinstance(tested, dict) and isinstance(tested.get("test_metric"), (int, float)):
+        outcome.test_accuracy = round(float(tested["test_metric"]), 5)
     state = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED))
     complete = [t for t in trials if t.state == state.COMPLETE and t.value is not None]
@@ -572,14 +577,15 @@ def _grid_table(
     ratio_head = "× modelsel best" if reference_is_modelsel else "× fastest (no modelsel entry ran)"
     lines = [
         f"| way | wall s (process) | in-process s | fold-epochs/s | samples/s | {ratio_head} | "
-        "fraction of GEMM limit | best CV acc (± fold std) | best params | load before / others' CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "fraction of GEMM limit | best CV acc (± fold std) | best params | test acc (refit) | "
+        "load before / others' CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for key in grid_keys:
         o = outcomes[key]
         if not o.ok:
             error = (o.error or "").replace("|", "\\|")
-            lines.append(f"| {o.label} | {error} | | | | | | | | {_contention(o)} |")
+            lines.append(f"| {o.label} | {error} | | | | | | | | | {_contention(o)} |")
             continue
         wall = o.process_s or math.nan
         limit = gemm_seconds(o, gemm)
@@ -588,7 +594,7 @@ def _grid_table(
             f"| {o.label} | {_fmt(wall)} | {_fmt(o.inner_s)} | {_fmt((o.fold_epochs or 0) / wall, 2)} | "
             f"{_fmt(o.samples_trained / wall, 0)} | {_fmt(ratio, 2)} | "
             f"{_fmt(limit / wall if limit else None, 3)} | {_acc(o)} | {_params(o.best_params)} | "
-            f"{_contention(o)} |"
+            f"{_fmt(o.test_accuracy, 4)} | {_contention(o)} |"
         )
     return lines
 
