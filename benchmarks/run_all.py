@@ -798,6 +798,9 @@ def _notes(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
         "work takes at the measured `torch.mm` throughput, over the process wall time.",
         f"- Accuracies must agree within noise (here: within {settings.acc_tol:g} of the hand-written loop); "
         "the ± is the standard deviation over folds of the best configuration.",
+        "- *test acc (refit)*: every way retrains its best configuration on the whole training sample "
+        "(`GridSearchCV`'s default `refit=True`, modelsel's selection, the same loop by hand) and scores the "
+        "10,000 test images once; modelsel also writes its HTML report, which the others do not.",
         "- sklearn's `alpha` is set to the grid's weight decay, but sklearn adds `alpha / batch_size · W` "
         "to the gradient where torch's `weight_decay` adds `weight_decay · W`: at batch 256 its penalty is "
         "256× weaker for the same number. sklearn also initializes with Glorot-uniform rather than torch's "
