@@ -209,6 +209,11 @@ class StudyObjective:
         Objective names, in the study's direction order.
     device
         Where to train.
+    budget_left
+        How many trials the study may still start, so that trials stacked beside a
+        running one (``training.stack_trials``) stay within the budget; None: no limit.
+    on_companion_told
+        Called with each stacked companion trial once it is told (e.g. progress bars).
     """
 
     def __init__(
@@ -218,16 +223,16 @@ class StudyObjective:
         load_dataset: Any,
         objectives: Sequence[str],
         device: torch.device,
+        budget_left: Callable[[optuna.Study], int] | None = None,
+        on_companion_told: Callable[[optuna.Study, FrozenTrial], None] | None = None,
     ) -> None:
         self.spec = spec
         self.load_dataset = load_dataset
         self.objectives = list(objectives)
         self.device = device
         self._folds: dict[tuple[Any, ...], list[FoldData]] = {}
-        #: Trials the study may still start (for stacking trials within the budget); None: no limit.
-        self.budget_left: Callable[[optuna.Study], int] | None = None
-        #: Called with each companion trial once it is told (e.g. progress bars).
-        self.on_companion_told: Callable[[optuna.Study, FrozenTrial], None] | None = None
+        self.budget_left = budget_left
+        self.on_companion_told = on_companion_told
 
     def _fold_data(self, spec: StudySpec, dataset: Dataset) -> list[FoldData]:
         # Fold tensors depend on the data subset and the split seed only; reuse them across trials.

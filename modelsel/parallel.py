@@ -196,10 +196,10 @@ def trial_loop(
     """Run trials one at a time while slots, time and the budget last; return how many."""
     from modelsel.study import FINISHED_STATES, study_objective
 
-    objective = study_objective(study, spec, device=device)
-    # Workers claim budget slots one trial at a time, so each trains its trials alone
-    # (no stacked companions beside a trial; training.stack_trials applies to one process).
-    objective.budget_left = lambda study: 1
+    # Workers claim budget slots one trial at a time, so each trains its trials alone:
+    # training.stack_trials (a run-only setting) applies to one process.
+    alone = spec.model_copy(update={"training": spec.training.model_copy(update={"stack_trials": 1})})
+    objective = study_objective(study, alone, device=device)
 
     def finished(study: optuna.Study, trial: FrozenTrial) -> None:
         shared.finished_one()

@@ -243,8 +243,9 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     return study
 
 
-def study_objective(study: optuna.Study, spec: StudySpec, *, device: torch.device) -> StudyObjective:
-    """The Optuna objective of ``spec`` for ``study`` (its task read from the study, else the data)."""
+def study_objective(study: optuna.Study, spec: StudySpec, *, device: torch.device, **options: Any) -> StudyObjective:
+    """The Optuna objective of ``spec`` for ``study`` (its task read from the study, else the data);
+    ``options`` go to :class:`~modelsel.objective.StudyObjective`."""
     from modelsel.objective import StudyObjective
 
     task = study.user_attrs.get("task") or _load_dataset_for(spec).task
@@ -253,6 +254,7 @@ def study_objective(study: optuna.Study, spec: StudySpec, *, device: torch.devic
         load_dataset=_load_dataset_for,
         objectives=spec.resolved_objectives(task),
         device=device,
+        **options,
     )
 
 
@@ -265,15 +267,18 @@ def _optimize(
     device: torch.device,
     on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> int:
-    objective = study_objective(study, spec, device=device)
+    objective = study_objective(
+        study,
+        spec,
+        device=device,
+        budget_left=None if target is None else lambda s: target - _finished_count(s),
+        on_companion_told=on_trial,
+    )
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = []
     if target is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(target, states=FINISHED_STATES))
-        # Trials stacked beside a running one (training.stack_trials) stay within the budget.
-        objective.budget_left = lambda s: target - _finished_count(s)
     if on_trial is not None:
         callbacks.append(on_trial)
-        objective.on_companion_told = on_trial
     before = len(study.trials)
     remaining = None if target is None else max(target - _finished_count(study), 0)
     if remaining == 0:
