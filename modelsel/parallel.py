@@ -176,11 +176,22 @@ class WorkerPool:
         for _ in self.processes:
             self.shared.orders.put(orders)
 
+    @property
+    def workers(self) -> int:
+        """All workers of the run, the calling process included."""
+        return len(self.processes) + 1
+
     def close(self) -> None:
         """Stop the workers that are still alive (a no-op after a finished run)."""
         if any(p.is_alive() for p in self.processes):
             self.shared.stop.set()
         _terminate(self.processes)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def trial_loop(
@@ -273,25 +284,18 @@ def run_parallel(
     target: int | None,
     timeout: float | None,
     device: torch.device,
-    workers: int,
+    pool: WorkerPool,
     bar: Any,
-    *,
-    pool: WorkerPool | None = None,
 ) -> int:
-    """Run the study with ``workers`` processes (this one included); return trials run here and there.
-
-    ``pool`` holds the other workers when they were started earlier (see the module
-    notes); otherwise they are started here.
-    """
+    """Run the study with this process and the ``pool``'s workers; return trials run here and there."""
     from modelsel.study import FINISHED_STATES, _best_value_text
     from modelsel.training import torch_threads
 
-    pool = pool if pool is not None else WorkerPool(spec, workers)
     processes, shared = pool.processes, pool.shared
     finished_before = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
     slots = None if target is None else max(target - finished_before, 0)
     deadline = None if timeout is None else time.time() + timeout
-    threads = worker_threads(device, workers)
+    threads = worker_threads(device, pool.workers)
     pool.release(WorkerOrders(storage_url, target, deadline, device.type, threads), slots)
     refreshing = threading.Event()
     refresher = threading.Thread(target=_refresh_bar, args=(bar, finished_before, shared, refreshing), daemon=True)
@@ -309,8 +313,7 @@ def run_parallel(
             )
         _wait(processes, shared)
     except BaseException:
-        shared.stop.set()
-        _terminate(processes)
+        pool.close()
         raise
     finally:
         study.sampler = sampler

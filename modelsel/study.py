@@ -8,6 +8,7 @@ the held-out test split once, and builds the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -357,13 +358,7 @@ def run_study(
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
     storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     storage_kind(storage_url)
-    pool = None
-    if workers > 1:
-        from modelsel.parallel import WorkerPool
-
-        # Started now, the other workers import while this process checks and opens things.
-        pool = WorkerPool(spec, workers)
-    try:
+    with _worker_pool(spec, workers) as pool:
         from modelsel.training import resolve_device
 
         try:
@@ -380,10 +375,7 @@ def run_study(
 
         trained = 0
         if target is None or _finished_count(study) < target:
-            trained = _search(study, spec, storage_url, target, timeout, torch_device, workers, progress, pool)
-    finally:
-        if pool is not None:
-            pool.close()
+            trained = _search(study, spec, storage_url, target, timeout, torch_device, progress, pool)
     outcome = select_and_test(study, spec, storage_url=storage_url, device=torch_device)
     outcome.n_trained_this_run = trained
     if build_report:
@@ -394,6 +386,16 @@ def run_study(
     return outcome
 
 
+def _worker_pool(spec: StudySpec, workers: int) -> contextlib.AbstractContextManager[WorkerPool | None]:
+    """The other workers of ``--workers N`` (None for one), started now so that they import
+    while this process checks and opens things; closed when the block ends."""
+    if workers == 1:
+        return contextlib.nullcontext()
+    from modelsel.parallel import WorkerPool
+
+    return WorkerPool(spec, workers)
+
+
 def _search(
     study: optuna.Study,
     spec: StudySpec,
@@ -401,9 +403,8 @@ def _search(
     target: int | None,
     timeout: float | None,
     device: torch.device,
-    workers: int,
     progress: bool,
-    pool: WorkerPool | None = None,
+    pool: WorkerPool | None,
 ) -> int:
     from tqdm.auto import tqdm
 
@@ -423,11 +424,11 @@ def _search(
         bar.refresh()
 
     try:
-        if workers == 1:
+        if pool is None:
             return _optimize(study, spec, target=target, timeout=timeout, device=device, on_trial=update)
         from modelsel.parallel import run_parallel
 
-        return run_parallel(study, spec, storage_url, target, timeout, device, workers, bar, pool=pool)
+        return run_parallel(study, spec, storage_url, target, timeout, device, pool, bar)
     finally:
         bar.close()
 
