@@ -229,8 +229,8 @@ def entry_point() -> None:
     Finalizing an interpreter that has loaded torch, scikit-learn and seaborn takes about
     2 s (0.8 s for torch alone: module and extension teardown, not atexit handlers) and
     does nothing a finished command needs. So, as mypy does, the process closes its
-    storages (SQLite then folds its write-ahead log into the database file), flushes
-    logging and its streams, and ends with ``os._exit``. Errors other than SystemExit
+    storages (SQLite then folds its write-ahead log into the database file), runs the
+    atexit handlers, flushes its streams and ends with ``os._exit``. Errors other than SystemExit
     propagate as usual.
     """
     try:
@@ -245,14 +245,17 @@ def entry_point() -> None:
 
 
 def _fast_exit(code: int) -> None:
+    import atexit
     import contextlib
-    import logging
     import os
 
     from modelsel.storage import close_storages
 
     close_storages()
-    logging.shutdown()
+    # What a normal exit runs before finalizing (logging's flush, multiprocessing's
+    # finalizers: without them an interrupted --workers run leaves its semaphores
+    # registered and the resource tracker warns about leaks); about 0.05 s.
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe (`modelsel study list | head -1`)
             stream.flush()

@@ -321,6 +321,49 @@ def test_the_entry_point_keeps_exit_codes_and_flushes_its_output(tmp_path: Path)
     assert usage.returncode == 2 and "Invalid value for '--workers'" in usage.stderr
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_a_two_worker_run_exits_130_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group: one line on how to resume, no leaked semaphores."""
+    import signal
+    import time
+
+    import optuna
+    import yaml
+
+    data = tiny_spec_data(name="interrupted", budget={"n_trials": 200})
+    data["training"] = {**data["training"], "epochs": 30}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    exe = shutil.which("modelsel")
+    command = [exe] if exe else [sys.executable, "-m", "modelsel.cli"]
+    # A child of a non-interactive shell may inherit SIGINT ignored; start it with the default.
+    process = subprocess.Popen(
+        [*command, "study", "run", "spec.yaml", "--workers", "2", "--quiet"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    db = tmp_path / "reports" / "interrupted" / "study.db"
+    deadline = time.monotonic() + 120
+    finished = 0
+    while finished < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+        if db.exists():
+            try:
+                study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{db}")
+                finished = sum(t.state.is_finished() for t in study.trials)
+            except Exception:  # the study is being created
+                pass
+    assert finished >= 2, "the run should have finished two trials within two minutes"
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted: finished trials are kept; run the same command again to resume" in stderr
+    assert "leaked semaphore" not in stderr
+
+
 def test_reading_a_stored_study_does_not_load_the_training_stack() -> None:
     """`study show`, `study list` and `report build` only read storage: no torch, no scikit-learn splitters."""
     code = (
