@@ -100,27 +100,27 @@ def subsample_indices(labels: np.ndarray, train_size: int | None, seed: int = SE
     return np.sort(chosen)
 
 
-def load_test_arrays(root: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST test split (10,000 images) as :func:`load_arrays` gives the training split."""
+def _split_arrays(root: str, *, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A Fashion-MNIST split as float32 ``X`` in [0, 1] of shape (n, 784) and int64 ``y``,
+    decoded straight from the raw files' tensors (no PIL)."""
     import torchvision
 
-    dataset = torchvision.datasets.FashionMNIST(root, train=False)
+    dataset = torchvision.datasets.FashionMNIST(root, train=train)
     x = (dataset.data.reshape(-1, N_INPUTS).float() / 255.0).numpy()
-    return np.ascontiguousarray(x), dataset.targets.numpy().astype(np.int64)
+    return x, dataset.targets.numpy().astype(np.int64)
+
+
+def load_test_arrays(root: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST test split (10,000 images) as :func:`load_arrays` gives the training split."""
+    x, y = _split_arrays(root, train=False)
+    return np.ascontiguousarray(x), y
 
 
 def load_arrays(root: str, train_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST training split as float32 ``X`` in [0, 1] of shape (n, 784) and int64 ``y``.
-
-    Decoded straight from the raw files' tensors (no PIL); subsampled with
-    :func:`subsample_indices`, so every baseline sees the same samples.
-    """
-    import torchvision
-
-    dataset = torchvision.datasets.FashionMNIST(root, train=True)
-    labels = dataset.targets.numpy().astype(np.int64)
+    """Fashion-MNIST training split as float32 ``X`` in [0, 1] of shape (n, 784) and int64 ``y``,
+    subsampled with :func:`subsample_indices`, so every baseline sees the same samples."""
+    x, labels = _split_arrays(root, train=True)
     chosen = subsample_indices(labels, train_size)
-    x = (dataset.data.reshape(-1, N_INPUTS).float() / 255.0).numpy()
     return np.ascontiguousarray(x[chosen]), labels[chosen]
 
 

@@ -115,9 +115,8 @@ def _load_baseline(path: str) -> Callable[..., Any]:
 
 
 def measure(
-    case: Case, engines: dict[str, Callable[..., Any]], repeats: int, device: torch.device
+    case: Case, folds: list[FoldData], engines: dict[str, Callable[..., Any]], repeats: int, device: torch.device
 ) -> dict[str, dict[str, float]]:
-    folds = _folds(case, device)
     samples = sum(f.X_train.shape[0] for f in folds) * case.training.epochs
     steps = sum(-(-f.X_train.shape[0] // case.training.batch_size) for f in folds) * case.training.epochs
     wall: dict[str, list[float]] = {k: [] for k in engines}
@@ -210,10 +209,10 @@ def main() -> None:
                 seed=0,
                 device=device,
             )
-        result = measure(case, engines, args.repeats, device)
+        folds = _folds(case, device)
+        result = measure(case, folds, engines, args.repeats, device)
         figures[name] = result
         if args.profile:
-            folds = _folds(case, device)
             for engine, run in engines.items():
                 shares = profile_shares(functools.partial(run, case.training, folds), device)
                 result[engine]["profile"] = shares  # type: ignore[assignment]
