@@ -47,11 +47,12 @@ from baselines import GRIDS, data_root, flops_per_sample  # noqa: E402
 #: Entries in the order they run; ``gemm`` first so every fraction uses this run's limit.
 GRID_BASELINES = ("d2l", "skorch", "sklearn")
 MODELSEL_GRID = ("modelsel-1w", "modelsel-2w", "modelsel-stacked", "modelsel-stacked-2w")
-TPE_ENTRIES = ("tpe", "tpe-median", "tpe-sha", "tpe-sha4")
+TPE_ENTRIES = ("tpe", "tpe-median", "tpe-percentile", "tpe-sha", "tpe-sha4")
 #: The pruner (spec syntax) of each TPE entry.
 TPE_PRUNERS: dict[str, Any] = {
     "tpe": "none",
     "tpe-median": "median",
+    "tpe-percentile": "percentile",
     "tpe-sha": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}},
     "tpe-sha4": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 4}},
 }
@@ -70,6 +71,7 @@ LABELS: dict[str, str] = {
     "modelsel-stacked-2w": "(7) modelsel, stacked folds, 2 workers",
     "tpe": "TPE, no pruning",
     "tpe-median": "TPE, median pruning",
+    "tpe-percentile": "TPE, percentile pruning (the top 25% go on)",
     "tpe-sha": "TPE, successive halving (min 1 epoch, factor 3)",
     "tpe-sha4": "TPE, successive halving (min 1 epoch, factor 4)",
     "engines": "stacked vs sequential engine (engine_probe.py)",
