@@ -60,6 +60,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -308,8 +309,15 @@ def run_parallel(
     device: torch.device,
     pool: WorkerPool,
     bar: Any,
+    *,
+    while_waiting: Callable[[], object] | None = None,
 ) -> int:
-    """Run the study with this process and the ``pool``'s workers; return trials run here and there."""
+    """Run the study with this process and the ``pool``'s workers; return trials run here and there.
+
+    ``while_waiting`` is called once this process has no trial left to claim, before it
+    waits for the other workers' last trials: a core is free then for what comes next
+    (e.g. the report's imports, about 1 s).
+    """
     from modelsel.study import FINISHED_STATES, _best_value_text
     from modelsel.training import torch_threads
 
@@ -333,6 +341,8 @@ def run_parallel(
             trial_loop(
                 study, spec, device=device, target=target, deadline=deadline, shared=shared, on_trial=show_best
             )
+        if while_waiting is not None and any(p.is_alive() for p in processes):
+            while_waiting()
         _wait(processes, shared)
     except BaseException:
         pool.close()

@@ -375,7 +375,10 @@ def run_study(
 
         trained = 0
         if target is None or _finished_count(study) < target:
-            trained = _search(study, spec, storage_url, target, timeout, torch_device, progress, pool)
+            # With --workers, this process may wait for the others' last trials: it loads the
+            # report's plotting libraries meanwhile instead of after the search.
+            warm_up = _warm_up_report if build_report else None
+            trained = _search(study, spec, storage_url, target, timeout, torch_device, progress, pool, warm_up)
     outcome = select_and_test(study, spec, storage_url=storage_url, device=torch_device)
     outcome.n_trained_this_run = trained
     if build_report:
@@ -384,6 +387,12 @@ def run_study(
         report_dir = Path(output_dir) / spec.name
         outcome.report_path = write_report(study, output_dir=report_dir)
     return outcome
+
+
+def _warm_up_report() -> None:
+    from modelsel.report import warm_up
+
+    warm_up()
 
 
 def _worker_pool(spec: StudySpec, workers: int) -> contextlib.AbstractContextManager[WorkerPool | None]:
@@ -405,6 +414,7 @@ def _search(
     device: torch.device,
     progress: bool,
     pool: WorkerPool | None,
+    while_waiting: Callable[[], object] | None = None,
 ) -> int:
     from tqdm.auto import tqdm
 
@@ -428,7 +438,9 @@ def _search(
             return _optimize(study, spec, target=target, timeout=timeout, device=device, on_trial=update)
         from modelsel.parallel import run_parallel
 
-        return run_parallel(study, spec, storage_url, target, timeout, device, pool, bar)
+        return run_parallel(
+            study, spec, storage_url, target, timeout, device, pool, bar, while_waiting=while_waiting
+        )
     finally:
         bar.close()
 

@@ -122,3 +122,15 @@ def test_report_of_a_study_without_trials(tmp_path: Path) -> None:
     assert "No trial has completed yet." in path.read_text(encoding="utf-8")
     assert trials_frame(study).empty
     assert pd.read_csv(tmp_path / "out" / "trials.csv").columns[:2].tolist() == ["trial", "state"]
+
+
+def test_warm_up_leaves_no_figure_open() -> None:
+    # --workers calls it while the last trials finish; a figure left open would leak
+    # into the report process's pyplot state for the rest of the run.
+    import matplotlib.pyplot as plt
+
+    from modelsel.report import warm_up
+
+    before = set(plt.get_fignums())
+    warm_up()
+    assert set(plt.get_fignums()) == before
