@@ -111,6 +111,7 @@ class Settings:
     quiet_wait_s: float
     out_dir: Path
     acc_tol: float
+    seed: int = 0
 
 
 @dataclass
@@ -156,7 +157,7 @@ def modelsel_spec(settings: Settings, key: str) -> dict[str, Any]:
         dataset["train_size"] = settings.train_size
     spec: dict[str, Any] = {
         "name": f"bench-{key}",
-        "seed": 0,
+        "seed": settings.seed,
         "dataset": dataset,
         "model": {"depth": 1, "width": grid["width"][0], "activation": "relu"},
         "training": {
@@ -558,6 +559,7 @@ def render(
         f"- Machine: {machine_description(settings.threads)}",
         f"- modelsel commit: {git_commit()}",
         f"- Data root: `{settings.root}`; logs, specs and storages: `{settings.out_dir}`",
+        *([f"- modelsel seed: {settings.seed} (the baselines keep 0)"] if settings.seed else []),
         *([f"- **Partial results**: still running or not run: {', '.join(pending)}"] if pending else []),
         "",
         "## The grid: same configurations, folds and epochs for every way",
@@ -899,6 +901,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--train-size", type=int, default=None, help="default all 60k (6000 with --quick)")
     parser.add_argument("--tpe-trials", type=int, default=30)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="modelsel specs' seed (TPE sampler, initialisation, shuffles, folds); the baselines keep 0",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument(
         "--data-root", default=None, help="default $MODELSEL_DATA_ROOT, else /work/shared/data"
@@ -940,6 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_wait_s=args.quiet_wait,
         out_dir=(args.log_dir / stamp).resolve(),
         acc_tol=args.acc_tol if args.acc_tol is not None else (0.03 if args.quick else 0.01),
+        seed=args.seed,
     )
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     argv_text = shlex.join(sys.argv[1:] if argv is None else list(argv))
