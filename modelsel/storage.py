@@ -10,11 +10,15 @@ Supported URLs:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import re
+import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from modelsel.errors import StorageError
@@ -105,12 +109,30 @@ _ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
 def close_storages() -> None:
     """Close the pooled database connections of every storage this process opened.
 
-    The command line calls it before leaving with ``os._exit``: a SQLite database in
+    :func:`close_and_exit` calls it before ``os._exit``: a SQLite database in
     WAL mode moves its write-ahead log into the database file when the last connection
     closes, so nothing is left in ``study.db-wal`` beside it.
     """
     for engine in list(_ENGINES):
         engine.dispose()
+
+
+def close_and_exit(code: int) -> NoReturn:
+    """End this process now, without the interpreter's teardown, once its storages are closed.
+
+    Finalizing an interpreter that has loaded torch, Optuna, scikit-learn and seaborn
+    takes 1-2 s (module and extension teardown) and does nothing a finished command or
+    worker needs. So, as mypy does: close every storage (:func:`close_storages`), run
+    the atexit handlers (logging's flush, multiprocessing's finalizers: without them an
+    interrupted ``--workers`` run leaves semaphores registered and the resource tracker
+    warns of leaks; about 0.05 s), flush the standard streams, then ``os._exit(code)``.
+    """
+    close_storages()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`modelsel study list | head -1`)
+            stream.flush()
+    os._exit(code)
 
 
 def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = True, must_exist: bool = False) -> Any:
