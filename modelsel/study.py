@@ -244,9 +244,16 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     return study
 
 
-def study_objective(study: optuna.Study, spec: StudySpec, *, device: torch.device, **options: Any) -> StudyObjective:
+def study_objective(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    device: torch.device,
+    budget_left: Callable[[optuna.Study], int] | None = None,
+    on_companion_told: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> StudyObjective:
     """The Optuna objective of ``spec`` for ``study`` (its task read from the study, else the data);
-    ``options`` go to :class:`~modelsel.objective.StudyObjective`."""
+    ``budget_left`` and ``on_companion_told`` as in :class:`~modelsel.objective.StudyObjective`."""
     from modelsel.objective import StudyObjective
 
     task = study.user_attrs.get("task") or _load_dataset_for(spec).task
@@ -255,7 +262,8 @@ def study_objective(study: optuna.Study, spec: StudySpec, *, device: torch.devic
         load_dataset=_load_dataset_for,
         objectives=spec.resolved_objectives(task),
         device=device,
-        **options,
+        budget_left=budget_left,
+        on_companion_told=on_companion_told,
     )
 
 
