@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -707,15 +707,26 @@ def _target_lines(settings: Settings, outcomes: dict[str, Outcome], best: Outcom
     return [*lines, ""]
 
 
-def _engine_lines(outcomes: dict[str, Outcome]) -> list[str]:
-    outcome = outcomes.get("engines")
+def _probe_section(
+    outcomes: dict[str, Outcome], key: str, title: str, body: Callable[[dict[str, Any]], list[str]]
+) -> list[str]:
+    """The section of a probe entry (``engines``, ``accuracy``): its heading, then ``body``
+    of the probe's JSON figures, or why it was not measured; nothing when it did not run."""
+    outcome = outcomes.get(key)
     if outcome is None:
         return []
-    lines = ["## Engines: the k fold models stacked vs one at a time", ""]
+    lines = [f"## {title}", ""]
     if not outcome.ok:
         return [*lines, f"Not measured: {outcome.error}", ""]
-    extra = outcome.extra
-    lines += [
+    return [*lines, *body(outcome.extra), ""]
+
+
+def _engine_lines(outcomes: dict[str, Outcome]) -> list[str]:
+    return _probe_section(outcomes, "engines", "Engines: the k fold models stacked vs one at a time", _engine_body)
+
+
+def _engine_body(extra: dict[str, Any]) -> list[str]:
+    lines = [
         f"`benchmarks/engine_probe.py`, in one process, {extra['threads']} thread(s), median of "
         f"{extra['repeats']} interleaved runs: 5 fold models of the D2L MLP (784-256-10, SGD lr 0.1) on "
         "Fashion-MNIST folds for one epoch, per-epoch validation and the final training-set evaluation "
@@ -738,19 +749,17 @@ def _engine_lines(outcomes: dict[str, Outcome]) -> list[str]:
         met = "met" if speedup >= TARGET_STACKED_SPEEDUP else "**not met**"
         target = f"Target stacked ≥ {TARGET_STACKED_SPEEDUP:g}× sequential at batch 64 on CPU"
         lines += ["", f"{target}: {speedup:.2f}× ({met})."]
-    return [*lines, ""]
+    return lines
 
 
 def _accuracy_lines(outcomes: dict[str, Outcome]) -> list[str]:
-    outcome = outcomes.get("accuracy")
-    if outcome is None:
-        return []
-    lines = ["## Accuracy: how far one run's accuracy moves from seed to seed", ""]
-    if not outcome.ok:
-        return [*lines, f"Not measured: {outcome.error}", ""]
-    extra = outcome.extra
+    title = "Accuracy: how far one run's accuracy moves from seed to seed"
+    return _probe_section(outcomes, "accuracy", title, _accuracy_body)
+
+
+def _accuracy_body(extra: dict[str, Any]) -> list[str]:
     ways = extra["ways"]
-    lines += [
+    lines = [
         f"`benchmarks/accuracy_probe.py`: the D2L MLP (784-{extra['width']}-10, SGD lr 0.1, batch 256) "
         f"trained {extra['seeds']} times, each with its own seed, on fold 0 of the benchmark's split "
         f"({extra['val_size']:,} validation images), by the plain PyTorch loop on in-memory tensors and by "
@@ -776,7 +785,6 @@ def _accuracy_lines(outcomes: dict[str, Outcome]) -> list[str]:
         f"mean has one of about {sd / math.sqrt(5):.3f}, and the "
         "grid's best-of-four CV accuracies and single refitted test accuracies above differ by that "
         "much between ways without any of them training worse.",
-        "",
     ]
     return lines
 
