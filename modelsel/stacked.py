@@ -81,10 +81,17 @@ class _StackedLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad_weight, grad_bias = ctx.grad_buffers
-        torch.bmm(grad_out.mT, x, out=grad_weight)
-        torch.sum(grad_out, dim=1, keepdim=True, out=grad_bias)
-        grad_x = torch.bmm(grad_out, weight) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None
+        if grad_out.dtype == grad_weight.dtype:
+            torch.bmm(grad_out.mT, x, out=grad_weight)
+            torch.sum(grad_out, dim=1, keepdim=True, out=grad_bias)
+        else:
+            # Under autocast the forward ran in low precision: so do these products, and
+            # the float32 gradient buffers take their results.
+            grad_weight.copy_(torch.bmm(grad_out.mT, x.to(grad_out.dtype)))
+            grad_bias.copy_(grad_out.sum(dim=1, keepdim=True))
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        return torch.bmm(grad_out, weight.to(grad_out.dtype)), None, None, None, None
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8

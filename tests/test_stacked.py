@@ -392,3 +392,22 @@ def test_cuda_stacked_matches_sequential_and_is_the_auto_choice() -> None:
         task="classification", n_outputs=N_CLASSES, seed=3, device=device,
     )
     assert all(math.isfinite(m.history.train_loss[-1]) for m in run_dropout)
+
+
+def test_stacked_engine_trains_under_bf16_autocast() -> None:
+    """Under autocast the layers' products run in bfloat16 while the weights, their
+    gradient buffers and the optimizer stay float32; training follows the float32 run."""
+    members = folds((37, 36, 38))
+    model = {"depth": 2, "width": 16}
+    training = {"optimizer": "adam", "lr": 0.01, "weight_decay": 1e-3, "epochs": 6}
+    reference = run(members, "stacked", model=model, training=training)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        low = {engine: run(members, engine, model=model, training=training) for engine in ("sequential", "stacked")}
+    for engine, trained in low.items():
+        for member, ref in zip(trained, reference, strict=True):
+            assert all(p.dtype == torch.float32 for p in member.model.parameters()), engine
+            losses = member.history.train_loss
+            assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], engine
+            assert member.history.val_loss[-1] == pytest.approx(ref.history.val_loss[-1], abs=0.05), engine
+    for a, b in zip(low["sequential"], low["stacked"], strict=True):
+        assert a.history.val_loss[-1] == pytest.approx(b.history.val_loss[-1], abs=0.05)
