@@ -28,7 +28,7 @@ from modelsel.spec import (
     with_params,
 )
 from modelsel.stacked import StackedTrainer, StackJob, stack_signature
-from modelsel.training import Callback, Diverged, FoldData, History, thread_policy
+from modelsel.training import Callback, Diverged, FoldData, History, describe_device, thread_policy
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -278,6 +278,7 @@ class StudyObjective:
         n_params = mlp_param_count(trial_spec.model, n_inputs=dataset.n_features, n_outputs=dataset.n_outputs)
         trial.set_user_attr("n_params", n_params)
         trial.set_user_attr("n_train", int(dataset.X_train.shape[0]))
+        trial.set_user_attr("device", describe_device(self.device))
         baseline = rounded(baseline_error(dataset.y_train, dataset.task))
         trial.set_user_attr("baseline_error", baseline)
         gradient_stats = GradientStats()

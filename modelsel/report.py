@@ -297,6 +297,7 @@ def build_report(study: optuna.Study, *, output_dir: str | Path) -> Path:
         spec_yaml=_spec_text(spec),
         generated=time.strftime("%Y-%m-%d %H:%M"),
         version=__version__,
+        devices=sorted({str(t.user_attrs["device"]) for t in study.trials if "device" in t.user_attrs}),
     )
     path = output / "report.html"
     tmp = path.with_suffix(".html.tmp")

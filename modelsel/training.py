@@ -136,6 +136,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def describe_device(device: torch.device) -> str:
+    """``cpu``, or a CUDA device with its name (``cuda:0 (NVIDIA H100 80GB HBM3)``)."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def member_seed(seed: int, member: int) -> int:
     """Seed of member ``member``: independent of how many members train together."""
     return (seed * 1_000_003 + member * 7919 + 17) % (2**62)

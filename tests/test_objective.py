@@ -67,6 +67,7 @@ def test_complete_trials_store_fold_scores_curves_and_diagnostics(tiny_study: op
         width = trial.params["width"]
         assert attrs["n_params"] == (8 * width + width) + (width * width + width) + (width * 2 + 2)
         assert attrs["n_train"] == 160
+        assert attrs["device"] == "cpu"
 
 
 def test_the_fold_mean_curve_is_reported_each_epoch(tiny_study: optuna.Study) -> None:

@@ -107,6 +107,7 @@ def test_report_shows_the_study_selection_and_test_score(built: tuple[optuna.Stu
     assert f"held-out test {test['metric_name']}" in html
     assert f"{test['test_metric']:.4f}" in html
     assert "selected trial" in html
+    assert "trained on cpu</p>" in html
 
 
 def test_report_rebuilt_twice_gives_the_same_table(stored: tuple[str, Path]) -> None:
