@@ -5,15 +5,24 @@ and prints medians, so ratios stay meaningful on a shared machine::
 
     python benchmarks/engine_probe.py [--case NAME ...] [--repeats 5] [--threads 1]
         [--baseline PATH_TO_OLD_training.py] [--device cuda] [--json] [--profile]
+        [--members 40] [--engines sequential,stacked,stacked+bf16,stacked+tf32]
 
 Each case trains k fold models for a few epochs; the figure is training samples per
 second summed over members (member epochs x train size / wall seconds), and the CPU
 time per step (process time, less sensitive to other processes than wall time).
+
+``--members N`` trains N models instead of the k fold models (the folds repeated), as
+when several trials of a sweep stack with their folds. An engine name may carry a
+precision suffix: ``+bf16`` runs it under ``torch.autocast`` with bfloat16, ``+tf32``
+lets float32 matrix products use TF32 (``torch.set_float32_matmul_precision("high")``).
+Each engine's mean final validation accuracy is printed beside its speed, so a faster
+precision shows what it costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import statistics
@@ -115,20 +124,30 @@ def _load_baseline(path: str) -> Callable[..., Any]:
 
 
 def measure(
-    case: Case, folds: list[FoldData], engines: dict[str, Callable[..., Any]], repeats: int, device: torch.device
+    case: Case,
+    folds: list[FoldData],
+    engines: dict[str, Callable[..., Any]],
+    repeats: int,
+    device: torch.device,
+    warmup: int = 0,
 ) -> dict[str, dict[str, float]]:
     samples = sum(f.X_train.shape[0] for f in folds) * case.training.epochs
     steps = sum(-(-f.X_train.shape[0] // case.training.batch_size) for f in folds) * case.training.epochs
     wall: dict[str, list[float]] = {k: [] for k in engines}
     cpu: dict[str, list[float]] = {k: [] for k in engines}
+    accuracy: dict[str, float] = {}
+    for _ in range(warmup):  # untimed: CUDA context, cuBLAS handles, allocator pools
+        for run in engines.values():
+            run(case.training, folds)
     for _ in range(repeats):
         for name, run in engines.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            run(case.training, folds)
+            trained = run(case.training, folds)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+            accuracy[name] = statistics.fmean(m.history.val_metric[-1] for m in trained)
     out = {}
     for name in engines:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
@@ -137,6 +156,7 @@ def measure(
             "wall_s": w,
             "cpu_ms_per_step": c / steps * 1e3,
             "cpu_samples_per_s": samples / c,
+            "val_accuracy": accuracy[name],
         }
     return out
 
@@ -169,6 +189,31 @@ def profile_shares(run: Callable[[], Any], device: torch.device, top: int = 8) -
     }
 
 
+def _run_engine(engine: str, case: Case, device: torch.device, training: TrainingSpec, folds: list[FoldData]) -> Any:
+    """Train ``folds`` with ``engine`` (``sequential`` or ``stacked``, optionally ``+bf16``/``+tf32``)."""
+    name, _, precision = engine.partition("+")
+    with contextlib.ExitStack() as stack:
+        if precision == "bf16":
+            # One autocast region spans the whole run, so its cache of casted weights must be
+            # off: with it on, the forward would keep using the first step's bf16 weights.
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
+        elif precision == "tf32":
+            previous = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            stack.callback(torch.set_float32_matmul_precision, previous)
+        elif precision:
+            raise SystemExit(f"unknown precision suffix {precision!r} in engine {engine!r}: use +bf16 or +tf32")
+        return train_models(
+            folds,
+            model_spec=case.model,
+            training=training.model_copy(update={"engine": name}),
+            task="classification",
+            n_outputs=N_OUTPUTS,
+            seed=0,
+            device=device,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--case", action="append", choices=sorted(CASES), default=None)
@@ -180,6 +225,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the folds and models live there)")
     parser.add_argument("--profile", action="store_true", help="also break each engine's time down by operator")
+    parser.add_argument("--members", type=int, default=None, help="models per run (default: the k folds)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs per engine (default 1 on CUDA, else 0)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -200,17 +247,12 @@ def main() -> None:
                 f, model_spec=case.model, training=t, task="classification", n_outputs=N_OUTPUTS, seed=0
             )
         for engine in args.engines.split(","):
-            engines[engine] = lambda t, f, engine=engine, case=case: train_models(
-                f,
-                model_spec=case.model,
-                training=t.model_copy(update={"engine": engine}),
-                task="classification",
-                n_outputs=N_OUTPUTS,
-                seed=0,
-                device=device,
-            )
+            engines[engine] = functools.partial(_run_engine, engine, case, device)
         folds = _folds(case, device)
-        result = measure(case, folds, engines, args.repeats, device)
+        if args.members is not None:
+            folds = [folds[i % len(folds)] for i in range(args.members)]
+        warmup = args.warmup if args.warmup is not None else int(device.type == "cuda")
+        result = measure(case, folds, engines, args.repeats, device, warmup=warmup)
         figures[name] = result
         if args.profile:
             for engine, run in engines.items():
@@ -228,7 +270,7 @@ def main() -> None:
                 f"{name:28s} {engine:11s} {r['samples_per_s']:10.0f} samples/s  wall {r['wall_s']:7.3f} s  "
                 f"cpu {r['cpu_ms_per_step']:7.3f} ms/step  "
                 f"cpu-ratio {ref['cpu_ms_per_step'] / r['cpu_ms_per_step']:.2f}x "
-                f"wall-ratio {ref['wall_s'] / r['wall_s']:.2f}x",
+                f"wall-ratio {ref['wall_s'] / r['wall_s']:.2f}x  val acc {r['val_accuracy']:.4f}",
                 flush=True,
             )
     if args.json:

@@ -112,6 +112,7 @@ class Settings:
     out_dir: Path
     acc_tol: float
     seed: int = 0
+    device: str = "cpu"
 
 
 @dataclass
@@ -166,7 +167,7 @@ def modelsel_spec(settings: Settings, key: str) -> dict[str, Any]:
             "optimizer": "sgd",
             "lr": 0.1,
             "weight_decay": 0.0,
-            "device": "cpu",
+            "device": settings.device,
             "engine": "stacked" if key.startswith("modelsel-stacked") else "sequential",
         },
         "cv": {"folds": settings.folds},
@@ -201,6 +202,7 @@ def entry_command(settings: Settings, key: str) -> list[str]:
         command = [sys.executable, str(HERE / "engine_probe.py"), "--repeats", "3", "--json"]
         for case in ENGINE_CASES:
             command += ["--case", case]
+        command += ["--device", settings.device]
         return [*command, "--threads", str(settings.threads or os.cpu_count() or 1)]
     if key == "accuracy":
         command = [sys.executable, str(HERE / "accuracy_probe.py"), "--json", "--data-root", settings.root]
@@ -496,8 +498,8 @@ def git_commit() -> str:
     return f"{sha}{' +changes' if dirty else ''}"
 
 
-def machine_description(threads: int | None) -> str:
-    """CPU model, core count, library versions and thread count, in one line."""
+def machine_description(threads: int | None, device: str = "cpu") -> str:
+    """CPU model, core count, GPU (for ``device`` cuda), library versions and thread count, in one line."""
     model = platform.processor() or platform.machine()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -518,8 +520,9 @@ def machine_description(threads: int | None) -> str:
         skorch_version = skorch.__version__
     except ImportError:
         skorch_version = "not installed"
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" and torch.cuda.is_available() else ""
     return (
-        f"{model}, {os.cpu_count()} CPUs; Python {platform.python_version()}, torch {torch.__version__} "
+        f"{model}, {os.cpu_count()} CPUs{gpu}; Python {platform.python_version()}, torch {torch.__version__} "
         f"({threads or torch.get_num_threads()} threads), numpy {numpy.__version__}, "
         f"scikit-learn {sklearn.__version__}, skorch {skorch_version}, optuna {optuna.__version__}"
     )
@@ -556,7 +559,7 @@ def render(
         "",
         f"- Command: `{command}`",
         f"- Date: {started}",
-        f"- Machine: {machine_description(settings.threads)}",
+        f"- Machine: {machine_description(settings.threads, settings.device)}",
         f"- modelsel commit: {git_commit()}",
         f"- Data root: `{settings.root}`; logs, specs and storages: `{settings.out_dir}`",
         *([f"- modelsel seed: {settings.seed} (the baselines keep 0)"] if settings.seed else []),
@@ -727,7 +730,8 @@ def _engine_lines(outcomes: dict[str, Outcome]) -> list[str]:
 
 def _engine_body(extra: dict[str, Any]) -> list[str]:
     lines = [
-        f"`benchmarks/engine_probe.py`, in one process, {extra['threads']} thread(s), median of "
+        f"`benchmarks/engine_probe.py` on {extra.get('device', 'cpu')}, in one process, "
+        f"{extra['threads']} thread(s), median of "
         f"{extra['repeats']} interleaved runs: 5 fold models of the D2L MLP (784-256-10, SGD lr 0.1) on "
         "Fashion-MNIST folds for one epoch, per-epoch validation and the final training-set evaluation "
         "included.",
@@ -917,6 +921,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where modelsel's entries and the engine probe train (the baselines stay on the CPU)",
+    )
+    parser.add_argument(
         "--data-root", default=None, help="default $MODELSEL_DATA_ROOT, else /work/shared/data"
     )
     parser.add_argument(
@@ -957,6 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_dir=(args.log_dir / stamp).resolve(),
         acc_tol=args.acc_tol if args.acc_tol is not None else (0.03 if args.quick else 0.01),
         seed=args.seed,
+        device=args.device,
     )
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     argv_text = shlex.join(sys.argv[1:] if argv is None else list(argv))
