@@ -3,9 +3,10 @@
 #
 #   MODELSEL_DATA_ROOT=... bash benchmarks/cuda_check.sh OUTDIR
 #
-# 1. engine_probe.py on CUDA: sequential vs stacked (and TF32/bf16 variants) for the
-#    5 fold models of the D2L MLP at batch 64 and 256, then 40 members at batch 256
-#    (8 stacked sweep trials x 5 folds), then a profile of both engines at batch 256;
+# 0. the CUDA-only tests (stacked vs sequential, CUDA-graph steps vs eager steps);
+# 1. engine_probe.py on CUDA: sequential vs stacked without and with its CUDA graph (and
+#    TF32) for the 5 fold models of the D2L MLP at batch 64 and 256, then 40 members at
+#    batch 256 (8 stacked sweep trials x 5 folds);
 # 2. run_all.py --device cuda: the benchmark grid through the modelsel CLI, whole processes;
 # 3. the quickstart study with `device: auto` (it must pick the GPU);
 # 4. the test suite with a GPU present (the CUDA-only test runs; server tests are left out).
@@ -23,17 +24,18 @@ step environment
   nproc; } 2>&1 | tee "$out/environment.txt"
 python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "no CUDA device: stop"; exit 1; }
 
+step CUDA-only tests
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_stacked.py -k cuda 2>&1 | tee "$out/pytest_cuda.log" | tail -15
+
 step engine probe, 5 fold models
 timeout 120 python3 "$here/engine_probe.py" --device cuda --case d2l-b64 --case d2l-b256 --repeats 3 \
-    --engines sequential,stacked,stacked+tf32,sequential+bf16,stacked+bf16 --json 2>&1 | tee "$out/probe.log"
+    --engines sequential,stacked-eager,stacked,stacked+tf32 --json 2>&1 | tee "$out/probe.log"
 step engine probe, 40 members
-timeout 80 python3 "$here/engine_probe.py" --device cuda --case d2l-b64 --case d2l-b256 --repeats 3 --members 40 \
-    --json 2>&1 | tee -a "$out/probe.log"
-step engine probe, profile
-timeout 40 python3 "$here/engine_probe.py" --device cuda --case d2l-b256 --repeats 1 --profile 2>&1 | tee -a "$out/probe.log"
+timeout 80 python3 "$here/engine_probe.py" --device cuda --case d2l-b256 --repeats 2 --members 40 \
+    --engines sequential,stacked-eager,stacked --json 2>&1 | tee -a "$out/probe.log"
 
 step benchmark grid on CUDA
-timeout 150 python3 "$here/run_all.py" --device cuda --only modelsel-1w,modelsel-stacked,modelsel-stacked-2w \
+timeout 150 python3 "$here/run_all.py" --device cuda --only modelsel-1w,modelsel-stacked \
     --quiet-wait 0 --out "$out/results_cuda.md" --log-dir "$out/grid" 2>&1 | tee "$out/grid.log"
 cp "$out"/grid/*/results.json "$out/results_cuda.json" 2>/dev/null
 rm -rf "$out/grid"

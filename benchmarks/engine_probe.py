@@ -12,7 +12,9 @@ second summed over members (member epochs x train size / wall seconds), and the 
 time per step (process time, less sensitive to other processes than wall time).
 
 ``--members N`` trains N models instead of the k fold models (the folds repeated), as
-when several trials of a sweep stack with their folds. An engine name may carry a
+when several trials of a sweep stack with their folds. ``stacked-eager`` is the stacked
+engine with every step launched eagerly (no CUDA graph; the same as ``stacked`` on the
+CPU). An engine name may carry a
 precision suffix: ``+bf16`` runs it under ``torch.autocast`` with bfloat16, ``+tf32``
 lets float32 matrix products use TF32 (``torch.set_float32_matmul_precision("high")``).
 Each engine's mean final validation accuracy is printed beside its speed, so a faster
@@ -37,6 +39,7 @@ import torch
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
 from modelsel.spec import CVSpec, DigitsSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
+from modelsel.stacked import StackJob, train_stacked
 from modelsel.training import FoldData, train_models
 
 
@@ -190,7 +193,8 @@ def profile_shares(run: Callable[[], Any], device: torch.device, top: int = 8) -
 
 
 def _run_engine(engine: str, case: Case, device: torch.device, training: TrainingSpec, folds: list[FoldData]) -> Any:
-    """Train ``folds`` with ``engine`` (``sequential`` or ``stacked``, optionally ``+bf16``/``+tf32``)."""
+    """Train ``folds`` with ``engine`` (``sequential``, ``stacked`` or ``stacked-eager``: stacked
+    without its CUDA graph), optionally with ``+bf16``/``+tf32``."""
     name, _, precision = engine.partition("+")
     with contextlib.ExitStack() as stack:
         if precision == "bf16":
@@ -203,6 +207,16 @@ def _run_engine(engine: str, case: Case, device: torch.device, training: Trainin
             stack.callback(torch.set_float32_matmul_precision, previous)
         elif precision:
             raise SystemExit(f"unknown precision suffix {precision!r} in engine {engine!r}: use +bf16 or +tf32")
+        if name == "stacked-eager":  # the stacked engine without its CUDA graph
+            jobs = [
+                StackJob(data=data, model=case.model, training=training, seed=0, index=i)
+                for i, data in enumerate(folds)
+            ]
+            results = train_stacked(
+                jobs, task="classification", n_outputs=N_OUTPUTS, device=device, raise_on_divergence=True,
+                cuda_graph=False,
+            )
+            return [r.member for r in results]
         return train_models(
             folds,
             model_spec=case.model,

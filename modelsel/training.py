@@ -22,7 +22,10 @@ Two engines run the members (``training.engine``, resolved by :func:`choose_engi
 
 bf16 autocast was measured and left out: on this project's CPU (AVX2, no AVX512-BF16)
 it made the D2L MLP's step 3.5x slower (10k vs 36k samples per CPU-second) for the
-same accuracy; CPUs with AVX512-BF16/AMX and CUDA were not available to measure.
+same accuracy, and on an H100 it was slower too (stacked, batch 256: 0.70M vs 0.90M
+samples/s; sequential 0.25M vs 0.27M), since these small steps are launch-bound there;
+TF32 changed nothing measurable once the stacked step runs as a CUDA graph. CPUs with
+AVX512-BF16/AMX were not available to measure.
 
 Callbacks (as in skorch) plug in pruning, gradient diagnostics and progress without
 touching the loop: see :class:`Callback`.
@@ -475,7 +478,9 @@ def choose_engine(training: TrainingSpec) -> Literal["sequential", "stacked"]:
     which stacking divides by k. GEMM-bound steps cost about the same either way
     (``bmm`` over k members vs k ``mm``), and stacking still saves the per-member
     gradient allocations and optimizer calls. (The first two rows are from an earlier,
-    busier session.) Set ``engine: stacked`` or ``sequential`` to override.
+    busier session.) On CUDA, where a step is launch-bound and the stacked step replays
+    as one CUDA graph, stacking was 12x sequential at batch 256 on an H100 (see
+    :mod:`modelsel.stacked`). Set ``engine: stacked`` or ``sequential`` to override.
     """
     if training.engine != "auto":
         return training.engine

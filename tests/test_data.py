@@ -104,8 +104,14 @@ def test_fashion_mnist_matches_raw_bytes(fashion_root: Path) -> None:
     # check it against the bytes: 16-byte image header, 8-byte label header.
     ds = load_dataset(fashion(fashion_root), seed=0)
     raw = fashion_root / "FashionMNIST" / "raw"
-    images = np.fromfile(raw / "t10k-images-idx3-ubyte", dtype=np.uint8, offset=16).reshape(10000, 784)
-    labels = np.fromfile(raw / "train-labels-idx1-ubyte", dtype=np.uint8, offset=8)
+
+    def raw_bytes(name: str, offset: int) -> np.ndarray:
+        plain = raw / name  # the root may hold the files plain or gzipped
+        data = plain.read_bytes() if plain.is_file() else gzip.decompress((raw / f"{name}.gz").read_bytes())
+        return np.frombuffer(bytearray(data), dtype=np.uint8, offset=offset)
+
+    images = raw_bytes("t10k-images-idx3-ubyte", 16).reshape(10000, 784)
+    labels = raw_bytes("train-labels-idx1-ubyte", 8)
     assert torch.equal(ds.X_test, torch.from_numpy(images).float() / 255)
     assert torch.equal(ds.y_train, torch.from_numpy(labels.astype(np.int64)))
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from modelsel.report import build_report, trials_frame
 from modelsel.spec import parse_spec
 from modelsel.study import run_study
+from modelsel.training import describe_device, resolve_device
 
 DESCRIPTION = "Evil <script>alert('x')</script> & friends"
 
@@ -107,7 +108,8 @@ def test_report_shows_the_study_selection_and_test_score(built: tuple[optuna.Stu
     assert f"held-out test {test['metric_name']}" in html
     assert f"{test['test_metric']:.4f}" in html
     assert "selected trial" in html
-    assert "trained on cpu</p>" in html
+    # The tiny spec's device is "auto": the GPU where the tests run on one.
+    assert f"trained on {describe_device(resolve_device('auto'))}</p>" in html
 
 
 def test_report_rebuilt_twice_gives_the_same_table(stored: tuple[str, Path]) -> None:
