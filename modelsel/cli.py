@@ -31,10 +31,32 @@ def _user_errors(func: F) -> F:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished trials are kept; run the same command again to resume", err=True)
-            sys.exit(130)
+            _interrupted()
+        except Exception as exc:
+            # Ctrl-C that lands inside a library's own cleanup can surface as another
+            # error raised while handling it (seen: Optuna's trial loop, UnboundLocalError).
+            if _raised_while_interrupted(exc):
+                _interrupted()
+            raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupted() -> None:
+    click.echo("interrupted: finished trials are kept; run the same command again to resume", err=True)
+    sys.exit(130)
+
+
+def _raised_while_interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while a KeyboardInterrupt was being handled."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 _storage_option = click.option(

@@ -373,3 +373,30 @@ def test_reading_a_stored_study_does_not_load_the_training_stack() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_an_error_raised_while_handling_ctrl_c_still_exits_130(
+    workdir: Path, spec_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, interrupted: bool
+) -> None:
+    """A Ctrl-C that lands inside a library's cleanup can surface as another error raised
+    while the KeyboardInterrupt is handled (Optuna's trial loop once raised UnboundLocalError
+    there): still the resume line and 130. Any other error is not disguised as an interrupt."""
+    import modelsel.study
+
+    def broken_run_study(*args: object, **kwargs: object) -> None:
+        try:
+            if interrupted:
+                raise KeyboardInterrupt
+            raise ValueError("the cause")
+        except BaseException:
+            raise UnboundLocalError("cannot access local variable 'updated_state'") from None
+
+    monkeypatch.setattr(modelsel.study, "run_study", broken_run_study)
+    result = invoke("study", "run", str(spec_file()))
+    if interrupted:
+        assert result.exit_code == 130, result.output
+        assert "interrupted: finished trials are kept" in result.stderr
+    else:
+        assert isinstance(result.exception, UnboundLocalError)
+        assert "interrupted" not in result.stderr
