@@ -226,10 +226,7 @@ class StackedTrainer:
         self.grad_callbacks = [c for c in callbacks if c.wants_grads]
         self.raise_on_divergence = raise_on_divergence
         self.cuda_graph = cuda_graph and device.type == "cuda"
-        self._graph: Any = None  # torch.cuda.CUDAGraph of one full training step, once captured
-        self._graph_stream: Any = None
-        self._graph_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._graph_warmups = 0
+        self._graph_stream: torch.cuda.Stream | None = None
         self.graph_replays = 0  # steps that ran as a replay of the captured graph
         first = jobs[0]
         self.optimizer_kind = first.training.optimizer
@@ -303,7 +300,10 @@ class StackedTrainer:
         # Running sums of one epoch, kept at fixed addresses for the captured step.
         self.loss_sum = torch.zeros(k, device=device)
         self.correct = torch.zeros(k, device=device, dtype=torch.int64)
-        self._graph, self._graph_inputs, self._graph_warmups = None, None, 0
+        # A captured step belongs to these tensors: a new stack captures again.
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph_warmups = 0
         self.buffers = buffers
         self.opt_state = state
         self.stack = members
@@ -449,7 +449,8 @@ class StackedTrainer:
         for row, m in enumerate(stack):
             index[row, : m.stop] = torch.randperm(m.n_train, generator=m.generator)[: m.stop]
         index = index.to(self.device, non_blocking=True)
-        loss_sum, correct = self.loss_sum.zero_(), self.correct.zero_()
+        self.loss_sum.zero_()
+        self.correct.zero_()
         row_bytes = self.n_inputs * stack[0].job.data.X_train.element_size()
         chunk = max(width, (GATHER_BYTES // max(1, k * row_bytes)) // width * width)
         x_buffer = torch.empty(k, min(chunk, length), self.n_inputs, device=self.device, dtype=self.dtype)
@@ -467,10 +468,10 @@ class StackedTrainer:
                 counts = [min(max(s - start, 0), end - start) for s in stops]
                 xb = x_buffer[:, start - chunk_start : end - chunk_start]
                 yb = y_buffer[:, start - chunk_start : end - chunk_start]
-                if step > 0 and all(c == end - start for c in counts) and self._graphable(xb):
+                if step > 0 and self._graphable(xb) and all(c == end - start for c in counts):
                     self._graph_step(xb, yb, counts, epoch=epoch)
                 else:
-                    self._step(xb, yb, counts, loss_sum, correct, epoch=epoch, first=step == 0)
+                    self._step(xb, yb, counts, epoch=epoch, first=step == 0)
                 for row, m in enumerate(stack):
                     if counts[row] > 0:
                         m.optimizer_steps += 1
@@ -483,8 +484,6 @@ class StackedTrainer:
         xb: torch.Tensor,
         yb: torch.Tensor,
         counts: list[int],
-        loss_sum: torch.Tensor,
-        correct: torch.Tensor,
         *,
         epoch: int,
         first: bool,
@@ -523,13 +522,13 @@ class StackedTrainer:
             self._optimizer_step([c > 0 for c in counts] if idle else None)
             detached = per_sample.detach()
             if mask is None:
-                loss_sum += detached.sum(dim=1)
+                self.loss_sum += detached.sum(dim=1)
                 if self.classification:
-                    correct += (out.detach().argmax(dim=-1) == yb).sum(dim=1)
+                    self.correct += (out.detach().argmax(dim=-1) == yb).sum(dim=1)
             else:
-                loss_sum += (detached * mask).sum(dim=1)
+                self.loss_sum += (detached * mask).sum(dim=1)
                 if self.classification:
-                    correct += ((out.detach().argmax(dim=-1) == yb) & mask).sum(dim=1)
+                    self.correct += ((out.detach().argmax(dim=-1) == yb) & mask).sum(dim=1)
             if saved is not None:
                 self._restore_rows(idle, saved)
 
@@ -563,7 +562,7 @@ class StackedTrainer:
             stream.wait_stream(current)
             if self._graph_warmups < _GRAPH_WARMUP_STEPS:
                 with torch.cuda.stream(stream):
-                    self._step(xb, yb, counts, self.loss_sum, self.correct, epoch=epoch, first=False)
+                    self._step(xb, yb, counts, epoch=epoch, first=False)
                 current.wait_stream(stream)
                 self._graph_warmups += 1
                 return
@@ -574,10 +573,10 @@ class StackedTrainer:
             try:
                 # Capturing records the step's kernels without running them: the replay below runs it.
                 with torch.cuda.graph(graph, stream=stream):
-                    self._step(*inputs, counts, self.loss_sum, self.correct, epoch=epoch, first=False)
+                    self._step(*inputs, counts, epoch=epoch, first=False)
             except RuntimeError:  # an operation this torch cannot capture: stay eager
                 self.cuda_graph = False
-                self._step(xb, yb, counts, self.loss_sum, self.correct, epoch=epoch, first=False)
+                self._step(xb, yb, counts, epoch=epoch, first=False)
                 return
             self._graph, self._graph_inputs = graph, inputs
         else:
