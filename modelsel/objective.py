@@ -7,6 +7,7 @@ that the storage alone is enough to rebuild every table, plot and report.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -234,6 +235,11 @@ class StudyObjective:
         self.budget_left = budget_left
         self.on_companion_told = on_companion_told
 
+    @functools.cached_property
+    def device_label(self) -> str:
+        """Where the trials train, as each trial stores it (asked of CUDA once, on first use)."""
+        return describe_device(self.device)
+
     def _fold_data(self, spec: StudySpec, dataset: Dataset) -> list[FoldData]:
         # Fold tensors depend on the data subset and the split seed only; reuse them across trials.
         key = (spec.dataset.model_dump_json(), spec.seed, spec.cv.model_dump_json())
@@ -278,7 +284,7 @@ class StudyObjective:
         n_params = mlp_param_count(trial_spec.model, n_inputs=dataset.n_features, n_outputs=dataset.n_outputs)
         trial.set_user_attr("n_params", n_params)
         trial.set_user_attr("n_train", int(dataset.X_train.shape[0]))
-        trial.set_user_attr("device", describe_device(self.device))
+        trial.set_user_attr("device", self.device_label)
         baseline = rounded(baseline_error(dataset.y_train, dataset.task))
         trial.set_user_attr("baseline_error", baseline)
         gradient_stats = GradientStats()
