@@ -39,7 +39,6 @@ import torch
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
 from modelsel.spec import CVSpec, DigitsSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
-from modelsel.stacked import StackJob, train_stacked
 from modelsel.training import FoldData, train_models
 
 
@@ -207,24 +206,15 @@ def _run_engine(engine: str, case: Case, device: torch.device, training: Trainin
             stack.callback(torch.set_float32_matmul_precision, previous)
         elif precision:
             raise SystemExit(f"unknown precision suffix {precision!r} in engine {engine!r}: use +bf16 or +tf32")
-        if name == "stacked-eager":  # the stacked engine without its CUDA graph
-            jobs = [
-                StackJob(data=data, model=case.model, training=training, seed=0, index=i)
-                for i, data in enumerate(folds)
-            ]
-            results = train_stacked(
-                jobs, task="classification", n_outputs=N_OUTPUTS, device=device, raise_on_divergence=True,
-                cuda_graph=False,
-            )
-            return [r.member for r in results]
         return train_models(
             folds,
             model_spec=case.model,
-            training=training.model_copy(update={"engine": name}),
+            training=training.model_copy(update={"engine": name.removesuffix("-eager")}),
             task="classification",
             n_outputs=N_OUTPUTS,
             seed=0,
             device=device,
+            cuda_graph=name != "stacked-eager",
         )
 
 

@@ -262,6 +262,7 @@ def train_models(
     seed: int,
     callbacks: Sequence[Callback] = (),
     device: torch.device | str = "cpu",
+    cuda_graph: bool = True,
 ) -> list[TrainedMember]:
     """Train one MLP per member, all advancing an epoch at a time.
 
@@ -284,6 +285,9 @@ def train_models(
         each epoch end.
     device
         Where the models live; the data must already be there.
+    cuda_graph
+        With the stacked engine on CUDA, replay the full steps as one captured CUDA
+        graph (see :mod:`modelsel.stacked`); ``False`` launches every step eagerly.
 
     Returns
     -------
@@ -313,6 +317,7 @@ def train_models(
                 callbacks=callbacks,
                 device=device,
                 raise_on_divergence=True,
+                cuda_graph=cuda_graph,
             )
             return [r.member for r in results]
         return _train_sequential(
