@@ -10,7 +10,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -42,7 +42,7 @@ def _user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _interrupted() -> None:
+def _interrupted() -> NoReturn:
     click.echo("interrupted: finished trials are kept; run the same command again to resume", err=True)
     sys.exit(130)
 

@@ -43,6 +43,14 @@ def folds(sizes: Sequence[int] = (37, 36, 38), **kwargs: Any) -> list[FoldData]:
     return [fold(n, seed=i, **kwargs) for i, n in enumerate(sizes)]
 
 
+def cuda_folds(sizes: Sequence[int]) -> list[FoldData]:
+    """:func:`folds` on the GPU."""
+    return [
+        FoldData(*(t.cuda() if t is not None else None for t in (f.X_train, f.y_train, f.X_val, f.y_val)))
+        for f in folds(sizes)
+    ]
+
+
 def run(
     members: Sequence[FoldData],
     engine: str,
@@ -371,10 +379,7 @@ def test_engine_auto_rule() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_stacked_matches_sequential_and_is_the_auto_choice() -> None:
     device = torch.device("cuda")
-    members = [
-        FoldData(*(t.to(device) if t is not None else None for t in (f.X_train, f.y_train, f.X_val, f.y_val)))
-        for f in folds((37, 36, 38))
-    ]
+    members = cuda_folds((37, 36, 38))
     model = ModelSpec(depth=2, width=16, batch_norm=True, dropout=0.0)
     training = TrainingSpec(epochs=3, batch_size=8, optimizer="momentum", lr=0.05, grad_clip=1.0)
     assert choose_engine(training) == "stacked"
@@ -433,10 +438,7 @@ def test_stacked_engine_trains_under_bf16_autocast() -> None:
 def test_cuda_graph_steps_match_eager_steps(model: dict[str, Any], training: dict[str, Any]) -> None:
     """On CUDA the full steps replay one captured graph; they train as the eager steps do."""
     device = torch.device("cuda")
-    members = [
-        FoldData(*(t.to(device) if t is not None else None for t in (f.X_train, f.y_train, f.X_val, f.y_val)))
-        for f in folds((83, 80, 85))
-    ]
+    members = cuda_folds((83, 80, 85))
     spec = TrainingSpec.model_validate({"epochs": 3, "batch_size": 8, **training})
     jobs = [
         StackJob(data=data, model=ModelSpec.model_validate(model), training=spec, seed=5, index=i)
@@ -458,10 +460,7 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks() -> None:
     """The stack's dropout generator is registered with the graph: each replay draws new
     masks (a graph that replayed one mask would train every step on the same units)."""
     device = torch.device("cuda")
-    members = [
-        FoldData(*(t.to(device) if t is not None else None for t in (f.X_train, f.y_train, f.X_val, f.y_val)))
-        for f in folds((83, 80, 85))
-    ]
+    members = cuda_folds((83, 80, 85))
     spec = TrainingSpec(epochs=3, batch_size=8, optimizer="adam", lr=0.01)
     jobs = [
         StackJob(data=data, model=ModelSpec(depth=2, width=16, dropout=0.5), training=spec, seed=5, index=i)
