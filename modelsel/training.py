@@ -50,7 +50,11 @@ from modelsel.models import MLP, build_mlp
 from modelsel.spec import EarlyStoppingSpec, ModelSpec, TrainingSpec
 
 Task = Literal["classification", "regression"]
-_EVAL_BATCH = 8192
+#: Rows per evaluation forward pass. On CPU, chunks whose activations stay in cache: on
+#: the 2-core EPYC, evaluating a 784-256-10 MLP on 48k rows took 170-180 ms at 256-1024
+#: rows and 323 ms at 8192 (2 threads). On CUDA, big chunks: fewer launches.
+_EVAL_BATCH_CPU = 1024
+_EVAL_BATCH_CUDA = 8192
 #: Bytes of shuffled input rows gathered at once (see ``_run_epoch``): a whole epoch of
 #: small inputs (digits: 1,150 x 64 floats), a few batches of large ones (Fashion-MNIST).
 GATHER_BYTES = 2 << 20
@@ -214,8 +218,9 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, task: Task) 
     model.eval()
     loss_sum = torch.zeros((), device=X.device)
     correct = torch.zeros((), device=X.device, dtype=torch.int64)
-    for start in range(0, X.shape[0], _EVAL_BATCH):
-        xb, yb = X[start : start + _EVAL_BATCH], y[start : start + _EVAL_BATCH]
+    chunk = _EVAL_BATCH_CPU if X.device.type == "cpu" else _EVAL_BATCH_CUDA
+    for start in range(0, X.shape[0], chunk):
+        xb, yb = X[start : start + chunk], y[start : start + chunk]
         out = model(xb)
         if task == "classification":
             loss_sum += F.cross_entropy(out, yb, reduction="sum")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from modelsel.diagnostics import GradientStats, weight_stats
 from modelsel.models import MLP
@@ -168,6 +169,24 @@ def test_evaluate_accuracy_and_rmse() -> None:
         regressor.output.bias.zero_()
     loss, rmse = evaluate(regressor, torch.tensor([[1.0], [2.0]]), torch.tensor([2.0, 2.0]), task="regression")
     assert loss == pytest.approx(0.5) and rmse == pytest.approx(math.sqrt(0.5))
+
+
+def test_evaluate_over_many_chunks_matches_one_pass() -> None:
+    # More rows than one evaluation chunk, with a ragged last chunk: every row counts once.
+    torch.manual_seed(0)
+    model = MLP(5, 3, hidden=(7,))
+    X, y = torch.randn(2_500, 5), torch.randint(0, 3, (2_500,))
+    loss, accuracy = evaluate(model, X, y, task="classification")
+    with torch.no_grad():
+        out = model.eval()(X)
+    assert loss == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-5)
+    assert accuracy == pytest.approx((out.argmax(dim=1) == y).sum().item() / 2_500)
+    target = torch.randn(2_500)
+    regressor = MLP(5, 1, hidden=(7,))
+    mse, rmse = evaluate(regressor, X, target, task="regression")
+    with torch.no_grad():
+        expected = F.mse_loss(regressor.eval()(X).squeeze(-1), target).item()
+    assert mse == pytest.approx(expected, rel=1e-5) and rmse == pytest.approx(math.sqrt(expected), rel=1e-5)
 
 
 def test_members_without_validation_data_train() -> None:
