@@ -56,7 +56,9 @@ TPE_PRUNERS: dict[str, Any] = {
     "tpe-sha": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}},
     "tpe-sha4": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 4}},
 }
-ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines", "accuracy")
+ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines", "throughput", "accuracy")
+#: Entries that are probe scripts printing one JSON line of figures.
+PROBES = ("engines", "throughput", "accuracy")
 #: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
 ENGINE_CASES = ("d2l-b64", "d2l-b256")
 
@@ -75,6 +77,7 @@ LABELS: dict[str, str] = {
     "tpe-sha": "TPE, successive halving (min 1 epoch, factor 3)",
     "tpe-sha4": "TPE, successive halving (min 1 epoch, factor 4)",
     "engines": "stacked vs sequential engine (engine_probe.py)",
+    "throughput": "training-loop throughput, 1 and 2 processes (throughput_probe.py)",
     "accuracy": "seed-to-seed accuracy of one model (accuracy_probe.py)",
 }
 
@@ -204,6 +207,10 @@ def entry_command(settings: Settings, key: str) -> list[str]:
             command += ["--case", case]
         command += ["--device", settings.device]
         return [*command, "--threads", str(settings.threads or os.cpu_count() or 1)]
+    if key == "throughput":
+        epochs = "1" if settings.train_size is not None and settings.train_size < 20_000 else "3"
+        command = [sys.executable, str(HERE / "throughput_probe.py"), "--json", "--data-root", settings.root]
+        return [*command, "--epochs", epochs]
     if key == "accuracy":
         command = [sys.executable, str(HERE / "accuracy_probe.py"), "--json", "--data-root", settings.root]
         command += ["--epochs", str(settings.epochs), "--seeds", "20"]
@@ -326,7 +333,7 @@ def run_entry(settings: Settings, key: str) -> Outcome:
         outcome.error = f"failed: {_last_line(proc.stderr, proc.stdout)} (exit {proc.returncode})"
         return outcome
     try:
-        if key in ("engines", "accuracy"):
+        if key in PROBES:
             outcome.extra = json.loads(_last_line(proc.stdout, limit=None))
         elif key == "gemm" or key in GRID_BASELINES:
             _read_baseline(outcome, proc.stdout)
@@ -576,6 +583,7 @@ def render(
     lines += _target_lines(settings, outcomes, best_ms)
     lines += _tpe_lines(settings, outcomes)
     lines += _engine_lines(outcomes)
+    lines += _throughput_lines(outcomes)
     lines += _accuracy_lines(outcomes)
     lines += _notes(settings, outcomes)
     return "\n".join(lines) + "\n"
@@ -753,6 +761,47 @@ def _engine_body(extra: dict[str, Any]) -> list[str]:
         met = "met" if speedup >= TARGET_STACKED_SPEEDUP else "**not met**"
         target = f"Target stacked ≥ {TARGET_STACKED_SPEEDUP:g}× sequential at batch 64 on CPU"
         lines += ["", f"{target}: {speedup:.2f}× ({met})."]
+    return lines
+
+
+def _throughput_lines(outcomes: dict[str, Outcome]) -> list[str]:
+    title = "Training-loop throughput against the GEMM limit"
+    return _probe_section(outcomes, "throughput", title, _throughput_body)
+
+
+def _throughput_body(extra: dict[str, Any]) -> list[str]:
+    gemm = extra["gemm"]
+    limit = gemm["limit_samples_per_s"]
+    lines = [
+        f"`benchmarks/throughput_probe.py`: the training loop alone (no validation, imports, retraining or "
+        f"report), as the issue's reference table measured plain PyTorch. Each child process trains the 5 fold "
+        f"models of the D2L MLP (784-{extra['width']}-10, SGD lr 0.1, batch {extra['batch']}) on their 48,000 "
+        f"images for {extra['epochs']} epoch(s) with `train_models`; the children of a row start together. "
+        "Samples per second summed over the children, from the engines' epoch times, median of "
+        f"{extra['rounds']} interleaved rounds. GEMM limit at 2 threads, measured in the same run (start / end): "
+        f"{gemm['start']['samples_per_s']:,.0f} / {gemm['end']['samples_per_s']:,.0f} samples/s "
+        f"({gemm['start']['gflops']:.1f} / {gemm['end']['gflops']:.1f} GFLOP/s); the faster is the limit.",
+        "",
+        "| engine | processes × threads | samples/s | rounds | fraction of the GEMM limit |",
+        "|---|---|---:|---|---:|",
+    ]
+    best: tuple[float, str] = (0.0, "")
+    for engine, configs in extra["engines"].items():
+        for config, figures in configs.items():
+            rounds = ", ".join(f"{r:,}" for r in figures["rounds"])
+            lines.append(
+                f"| {engine} | {config} | {figures['samples_per_s']:,.0f} | {rounds} | "
+                f"{figures['gemm_fraction']:.1%} |"
+            )
+            best = max(best, (figures["samples_per_s"], f"{engine}, {config}"))
+    rate, where = best
+    met_rate = "met" if rate >= TARGET_SAMPLES_PER_S else "**not met**"
+    met_fraction = "met" if rate / limit >= TARGET_GEMM_FRACTION else "**not met**"
+    lines += [
+        "",
+        f"Target ≥ {TARGET_SAMPLES_PER_S:,} training samples/s in total: {rate:,.0f} ({where}; {met_rate}). "
+        f"Target ≥ {TARGET_GEMM_FRACTION:.0%} of the GEMM limit: {rate / limit:.1%} ({met_fraction}).",
+    ]
     return lines
 
 
