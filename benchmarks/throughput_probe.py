@@ -107,21 +107,27 @@ def measure(args: argparse.Namespace, engine: str, processes: int, threads: int)
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
             )
         )
-    for child in children:
-        assert child.stdout is not None
-        if child.stdout.readline().strip() != "ready":
-            _, err = child.communicate()
-            raise RuntimeError(f"child failed before training (exit {child.returncode}): {err.strip()[-300:]}")
-    for child in children:
-        assert child.stdin is not None
-        child.stdin.write("go\n")
-        child.stdin.flush()
-    results = []
-    for child in children:
-        out, err = child.communicate()
-        if child.returncode != 0:
-            raise RuntimeError(f"child failed (exit {child.returncode}): {err.strip().splitlines()[-1:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for child in children:
+            assert child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                _, err = child.communicate()
+                raise RuntimeError(f"child failed before training (exit {child.returncode}): {err.strip()[-300:]}")
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = []
+        for child in children:
+            out, err = child.communicate()
+            if child.returncode != 0:
+                raise RuntimeError(f"child failed (exit {child.returncode}): {err.strip()[-300:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:  # a failed measurement leaves no child behind
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     samples = sum(r["samples"] for r in results)
     slowest_train_s = max(r["train_s"] for r in results)
     span_s = max(r["end"] for r in results) - min(r["start"] for r in results)
