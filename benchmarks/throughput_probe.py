@@ -42,7 +42,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+import torch
+from baselines import data_root, flops_per_sample, gemm_step_seconds
+
+from modelsel.cv import fold_indices, make_fold_data
+from modelsel.data import load_dataset
+from modelsel.spec import CVSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
+from modelsel.training import FoldData, torch_threads, train_models
+
 FOLDS = 5
 CONFIGS: dict[str, tuple[int, int]] = {  # name: (processes, threads per process)
     "1 process x 2 threads": (1, 2),
@@ -50,21 +57,11 @@ CONFIGS: dict[str, tuple[int, int]] = {  # name: (processes, threads per process
 }
 
 
-def _data_root(value: str | None) -> str:
-    return value or os.environ.get("MODELSEL_DATA_ROOT") or "/work/shared/data"
-
-
 def run_child(args: argparse.Namespace) -> None:
     """Train the 5 fold models once when the parent says go; print one JSON line."""
-    import torch
-
     torch.set_num_threads(args.threads)
-    from modelsel.cv import fold_indices, make_fold_data
-    from modelsel.data import load_dataset
-    from modelsel.spec import CVSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
-    from modelsel.training import FoldData, train_models
 
-    dataset = load_dataset(FashionMNISTSpec(name="fashion-mnist", root=_data_root(args.data_root)), seed=0)
+    dataset = load_dataset(FashionMNISTSpec(name="fashion-mnist", root=data_root(args.data_root)), seed=0)
     cv_folds = make_fold_data(dataset, fold_indices(dataset, CVSpec(folds=FOLDS), seed=0), device=torch.device("cpu"))
     folds = [FoldData(X_train=f.X_train, y_train=f.y_train) for f in cv_folds]  # no validation pass
     model = ModelSpec(depth=1, width=args.width)
@@ -100,7 +97,7 @@ def measure(args: argparse.Namespace, engine: str, processes: int, threads: int)
             sys.executable, str(Path(__file__).resolve()), "--child",
             "--engine", engine, "--threads", str(threads), "--epochs", str(args.epochs),
             "--width", str(args.width), "--batch", str(args.batch),
-            "--seed", str(index), "--data-root", _data_root(args.data_root),
+            "--seed", str(index), "--data-root", data_root(args.data_root),
         ]  # fmt: skip
         children.append(
             subprocess.Popen(
@@ -142,17 +139,8 @@ def measure(args: argparse.Namespace, engine: str, processes: int, threads: int)
 
 def gemm_limit(width: int, batch: int) -> dict[str, float]:
     """Samples per second of the GEMMs alone, 2 threads, in this process."""
-    import torch
-
-    sys.path.insert(0, str(HERE))
-    from baselines import flops_per_sample, gemm_step_seconds
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         seconds = gemm_step_seconds(width, batch=batch)
-    finally:
-        torch.set_num_threads(before)
     return {"samples_per_s": batch / seconds, "gflops": flops_per_sample(width) * batch / seconds / 1e9}
 
 
