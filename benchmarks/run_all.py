@@ -57,8 +57,6 @@ TPE_PRUNERS: dict[str, Any] = {
     "tpe-sha4": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 4}},
 }
 ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines", "throughput", "accuracy")
-#: Entries that are probe scripts printing one JSON line of figures.
-PROBES = ("engines", "throughput", "accuracy")
 #: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
 ENGINE_CASES = ("d2l-b64", "d2l-b256")
 
@@ -208,9 +206,8 @@ def entry_command(settings: Settings, key: str) -> list[str]:
         command += ["--device", settings.device]
         return [*command, "--threads", str(settings.threads or os.cpu_count() or 1)]
     if key == "throughput":
-        epochs = "1" if settings.train_size is not None and settings.train_size < 20_000 else "3"
         command = [sys.executable, str(HERE / "throughput_probe.py"), "--json", "--data-root", settings.root]
-        return [*command, "--epochs", epochs]
+        return [*command, "--epochs", str(min(settings.epochs, 3))]
     if key == "accuracy":
         command = [sys.executable, str(HERE / "accuracy_probe.py"), "--json", "--data-root", settings.root]
         command += ["--epochs", str(settings.epochs), "--seeds", "20"]
@@ -333,7 +330,7 @@ def run_entry(settings: Settings, key: str) -> Outcome:
         outcome.error = f"failed: {_last_line(proc.stderr, proc.stdout)} (exit {proc.returncode})"
         return outcome
     try:
-        if key in PROBES:
+        if key in PROBE_SECTIONS:  # a probe script printing one JSON line of figures
             outcome.extra = json.loads(_last_line(proc.stdout, limit=None))
         elif key == "gemm" or key in GRID_BASELINES:
             _read_baseline(outcome, proc.stdout)
@@ -582,9 +579,8 @@ def render(
     lines += ["", *_gemm_lines(gemm, outcomes, grid_keys), ""]
     lines += _target_lines(settings, outcomes, best_ms)
     lines += _tpe_lines(settings, outcomes)
-    lines += _engine_lines(outcomes)
-    lines += _throughput_lines(outcomes)
-    lines += _accuracy_lines(outcomes)
+    for key, (title, body) in PROBE_SECTIONS.items():
+        lines += _probe_section(outcomes, key, title, body)
     lines += _notes(settings, outcomes)
     return "\n".join(lines) + "\n"
 
@@ -732,10 +728,6 @@ def _probe_section(
     return [*lines, *body(outcome.extra), ""]
 
 
-def _engine_lines(outcomes: dict[str, Outcome]) -> list[str]:
-    return _probe_section(outcomes, "engines", "Engines: the k fold models stacked vs one at a time", _engine_body)
-
-
 def _engine_body(extra: dict[str, Any]) -> list[str]:
     lines = [
         f"`benchmarks/engine_probe.py` on {extra.get('device', 'cpu')}, in one process, "
@@ -758,15 +750,9 @@ def _engine_body(extra: dict[str, Any]) -> list[str]:
     b64 = extra["cases"].get("d2l-b64", {})
     if "sequential" in b64 and "stacked" in b64:
         speedup = b64["sequential"]["wall_s"] / b64["stacked"]["wall_s"]
-        met = "met" if speedup >= TARGET_STACKED_SPEEDUP else "**not met**"
         target = f"Target stacked ≥ {TARGET_STACKED_SPEEDUP:g}× sequential at batch 64 on CPU"
-        lines += ["", f"{target}: {speedup:.2f}× ({met})."]
+        lines += ["", f"{target}: {speedup:.2f}× ({_met(speedup >= TARGET_STACKED_SPEEDUP)})."]
     return lines
-
-
-def _throughput_lines(outcomes: dict[str, Outcome]) -> list[str]:
-    title = "Training-loop throughput against the GEMM limit"
-    return _probe_section(outcomes, "throughput", title, _throughput_body)
 
 
 def _throughput_body(extra: dict[str, Any]) -> list[str]:
@@ -795,19 +781,13 @@ def _throughput_body(extra: dict[str, Any]) -> list[str]:
             )
             best = max(best, (figures["samples_per_s"], f"{engine}, {config}"))
     rate, where = best
-    met_rate = "met" if rate >= TARGET_SAMPLES_PER_S else "**not met**"
-    met_fraction = "met" if rate / limit >= TARGET_GEMM_FRACTION else "**not met**"
     lines += [
         "",
-        f"Target ≥ {TARGET_SAMPLES_PER_S:,} training samples/s in total: {rate:,.0f} ({where}; {met_rate}). "
-        f"Target ≥ {TARGET_GEMM_FRACTION:.0%} of the GEMM limit: {rate / limit:.1%} ({met_fraction}).",
+        f"Target ≥ {TARGET_SAMPLES_PER_S:,} training samples/s in total: {rate:,.0f} "
+        f"({where}; {_met(rate >= TARGET_SAMPLES_PER_S)}). Target ≥ {TARGET_GEMM_FRACTION:.0%} of the GEMM "
+        f"limit: {rate / limit:.1%} ({_met(rate / limit >= TARGET_GEMM_FRACTION)}).",
     ]
     return lines
-
-
-def _accuracy_lines(outcomes: dict[str, Outcome]) -> list[str]:
-    title = "Accuracy: how far one run's accuracy moves from seed to seed"
-    return _probe_section(outcomes, "accuracy", title, _accuracy_body)
 
 
 def _accuracy_body(extra: dict[str, Any]) -> list[str]:
@@ -840,6 +820,18 @@ def _accuracy_body(extra: dict[str, Any]) -> list[str]:
         "much between ways without any of them training worse.",
     ]
     return lines
+
+
+#: Each probe entry's section in ``results.md``: its heading and the body of its JSON figures.
+PROBE_SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
+    "engines": ("Engines: the k fold models stacked vs one at a time", _engine_body),
+    "throughput": ("Training-loop throughput against the GEMM limit", _throughput_body),
+    "accuracy": ("Accuracy: how far one run's accuracy moves from seed to seed", _accuracy_body),
+}
+
+
+def _met(met: bool) -> str:
+    return "met" if met else "**not met**"
 
 
 def _tpe_lines(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
@@ -885,7 +877,7 @@ def _tpe_lines(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
             f"{pruned.label}: pruning saved {saved:.0%} of the fold-epochs; best CV accuracy changed by "
             f"{delta:+.4f}. Target: the same best CV accuracy (± {TARGET_PRUNED_ACC_DELTA:g}) with ≤ "
             f"{TARGET_PRUNED_FRACTION:.0%} of the fold-epochs: {used:.0%} used, "
-            f"{'met' if met else '**not met**'}.",
+            f"{_met(met)}.",
         ]
         late = pruned.extra.get("pruned_after_all_epochs", 0)
         if late:
