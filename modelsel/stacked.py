@@ -101,6 +101,7 @@ class _StackedLinear(torch.autograd.Function):
             return None, None, None, None, None
         return torch.bmm(grad_out, weight.to(grad_out.dtype)), None, None, None, None
 
+
 #: Eager steps run on the capture stream before a CUDA graph is captured, so that lazy
 #: initialisation (cuBLAS workspaces, autograd's stream bookkeeping) stays out of the graph.
 _GRAPH_WARMUP_STEPS = 2
