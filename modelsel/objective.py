@@ -353,17 +353,23 @@ class StudyObjective:
         tell the companions' outcomes to the study and return the leader's value."""
         study = leader.study
         told: set[int] = set()
+
+        def tell(trial: optuna.Trial, outcome: float | list[float] | optuna.TrialPruned) -> None:
+            # Each companion is told as soon as its stack is done, so an interrupt or an
+            # error in a later stack does not lose it.
+            if trial is leader:
+                return
+            frozen = (
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                if isinstance(outcome, optuna.TrialPruned)
+                else study.tell(trial, outcome)
+            )
+            told.add(trial.number)
+            if self.on_companion_told is not None:
+                self.on_companion_told(study, frozen)
+
         try:
-            outcomes = self.run_trials([leader, *companions])
-            for trial, outcome in zip(companions, outcomes[1:], strict=True):
-                frozen = (
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    if isinstance(outcome, optuna.TrialPruned)
-                    else study.tell(trial, outcome)
-                )
-                told.add(trial.number)
-                if self.on_companion_told is not None:
-                    self.on_companion_told(study, frozen)
+            outcomes = self.run_trials([leader, *companions], on_outcome=tell)
         except BaseException:
             for trial in companions:
                 if trial.number not in told:
@@ -374,12 +380,21 @@ class StudyObjective:
             raise first
         return first
 
-    def run_trials(self, trials: Sequence[optuna.Trial]) -> list[float | list[float] | optuna.TrialPruned]:
+    def run_trials(
+        self,
+        trials: Sequence[optuna.Trial],
+        *,
+        on_outcome: Callable[[optuna.Trial, float | list[float] | optuna.TrialPruned], None] | None = None,
+    ) -> list[float | list[float] | optuna.TrialPruned]:
         """Train several trials, those sharing an architecture as one stacked model.
 
         Returns, in order, each trial's objective value(s), or the ``optuna.TrialPruned``
         that ends it (pruned, diverged or invalid); nothing is told to the study here.
+        ``on_outcome(trial, outcome)`` is called for each trial as soon as it is known (an
+        invalid configuration at once, the others when their stack is done). The stack of
+        ``trials[0]`` trains last: Optuna records that trial when the objective returns.
         """
+        by_number = {t.number: t for t in trials}
         outcomes: dict[int, float | list[float] | optuna.TrialPruned] = {}
         groups: dict[tuple[Any, ...], list[_PreparedTrial]] = {}
         for trial in trials:
@@ -387,17 +402,28 @@ class StudyObjective:
                 prepared = self._prepare(trial)
             except optuna.TrialPruned as exc:
                 outcomes[trial.number] = exc
+                if on_outcome is not None:
+                    on_outcome(trial, exc)
                 continue
-            # Members may train on different data (seeds, training-set sizes), not different shapes.
+            # Members may train on different data (seeds, training-set sizes), not different
+            # shapes. A stack takes as many steps per epoch as its largest member and the
+            # others sit out the rest, so sizes more than about 2x apart stack separately.
+            batches = max(math.ceil(f.X_train.shape[0] / prepared.spec.training.batch_size) for f in prepared.folds)
             key = (
                 stack_signature(prepared.spec.model, prepared.spec.training),
                 prepared.dataset.task,
                 prepared.dataset.n_features,
                 prepared.dataset.n_outputs,
+                batches.bit_length(),
             )
             groups.setdefault(key, []).append(prepared)
-        for group in groups.values():
-            outcomes.update(self._train_group(group))
+        leader_last = sorted(groups.values(), key=lambda group: any(p.trial is trials[0] for p in group))
+        for group in leader_last:
+            group_outcomes = self._train_group(group)
+            outcomes.update(group_outcomes)
+            if on_outcome is not None:
+                for number, outcome in group_outcomes.items():
+                    on_outcome(by_number[number], outcome)
         return [outcomes[t.number] for t in trials]
 
     def _train_group(self, group: list[_PreparedTrial]) -> dict[int, float | list[float] | optuna.TrialPruned]:

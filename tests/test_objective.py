@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_spec_data
 from optuna.trial import TrialState
 
+import modelsel.objective as objective_module
 from modelsel.data import load_dataset
 from modelsel.errors import SpecError
 from modelsel.objective import StudyObjective, grid_search_space, rounded, suggest_params
@@ -270,7 +271,7 @@ def _by_cell(study: optuna.Study) -> dict[tuple[Any, ...], optuna.trial.FrozenTr
 
 @pytest.mark.parametrize(
     ("sweep", "cells"),
-    [(GRID_OF_8, 8), ({"train_size": [60, 160], "repeats": 2}, 4)],
+    [(GRID_OF_8, 8), ({"train_size": [120, 160], "repeats": 2}, 4)],
     ids=["width-weight_decay", "train_size-seed"],
 )
 def test_stacked_sweep_trials_match_trials_trained_alone(fast_tmp: Path, sweep: dict[str, Any], cells: int) -> None:
@@ -298,6 +299,49 @@ def test_stacked_sweep_trials_match_trials_trained_alone(fast_tmp: Path, sweep: 
         assert stacked.user_attrs["regime"] == alone.user_attrs["regime"]
         assert stacked.intermediate_values == pytest.approx(alone.intermediate_values, abs=1e-6)
         assert stacked.user_attrs["grad_norms"].keys() == alone.user_attrs["grad_norms"].keys()
+
+
+def test_trials_of_very_different_training_sizes_train_in_separate_stacks(
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stacks: list[list[int]] = []
+
+    class RecordingTrainer(objective_module.StackedTrainer):
+        def __init__(self, jobs: Any, **options: Any) -> None:
+            stacks.append(sorted(job.data.X_train.shape[0] for job in jobs))
+            super().__init__(jobs, **options)
+
+    monkeypatch.setattr(objective_module, "StackedTrainer", RecordingTrainer)
+    # 2 folds of batch 32: 20 rows take 1 batch an epoch; 60 and 80 rows take 2 and 3.
+    spec = stacked_sweep_spec(8, sweep={"train_size": [40, 120, 160]}, budget={"n_trials": 3})
+    run_study(spec, storage=f"sqlite:///{fast_tmp}/z.db", output_dir=fast_tmp, progress=False, build_report=False)
+    assert sorted(stacks) == [[20, 20], [60, 60, 80, 80]]
+
+
+def test_an_interrupt_in_a_later_stack_keeps_the_trials_of_earlier_stacks(
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[int] = []
+
+    class InterruptedSecondStack(objective_module.StackedTrainer):
+        def train(self) -> Any:
+            started.append(len(self.jobs))
+            if len(started) == 2:
+                raise KeyboardInterrupt
+            return super().train()
+
+    monkeypatch.setattr(objective_module, "StackedTrainer", InterruptedSecondStack)
+    url = f"sqlite:///{fast_tmp}/i.db"
+    with pytest.raises(KeyboardInterrupt):
+        run_study(stacked_sweep_spec(8), storage=url, output_dir=fast_tmp, progress=False, build_report=False)
+    assert started == [8, 8], "two stacks of 4 trials x 2 folds: width 4 and width 8"
+    trials = optuna.load_study(study_name="stacked", storage=url).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(complete) == 4 and len(failed) == 4
+    assert len({t.params["width"] for t in complete}) == 1, "the first stack's trials are all stored"
+    # The trial Optuna asked for trains in the last stack; its companions were asked beside it.
+    assert min(t.number for t in trials) in {t.number for t in failed}
 
 
 def grid_search_spec(stack_trials: int) -> StudySpec:
@@ -394,3 +438,4 @@ def test_stack_trials_is_checked_and_only_grids_stack() -> None:
     assert StudyObjective(
         auto, load_dataset=_load, objectives=["val_accuracy"], device=torch.device("cuda")
     ).stack_limit() == 8
+
