@@ -128,7 +128,8 @@ class TrainingSpec(_Section):
         "auto",
         description=(
             "sweeps and grid searches: train up to this many trials that share an architecture "
-            "as one stacked model (auto: 8 on CUDA, 1 on CPU)"
+            "as one stacked model (auto: 8 on CUDA; on CPU 8 when every cell is a small model "
+            "without dropout, else 1)"
         ),
     )
 

@@ -434,8 +434,26 @@ def test_stack_trials_is_checked_and_only_grids_stack() -> None:
     searched = parse_spec(tiny_spec_data(training={"stack_trials": 8}))
     assert StudyObjective(searched, load_dataset=_load, objectives=["val_accuracy"], device=CPU).stack_limit() == 1
     auto = stacked_sweep_spec("auto")
-    assert StudyObjective(auto, load_dataset=_load, objectives=["val_accuracy"], device=CPU).stack_limit() == 1
     assert StudyObjective(
         auto, load_dataset=_load, objectives=["val_accuracy"], device=torch.device("cuda")
     ).stack_limit() == 8
 
+
+def _auto_limit_on_cpu(sweep: dict[str, Any], **model: Any) -> int:
+    spec = stacked_sweep_spec("auto", sweep=sweep, model={"depth": 1, "width": 8, **model})
+    return StudyObjective(spec, load_dataset=_load, objectives=["val_accuracy"], device=CPU).stack_limit()
+
+
+def test_stack_trials_auto_on_cpu_stacks_small_models_without_dropout() -> None:
+    assert _auto_limit_on_cpu(GRID_OF_8) == 8
+    assert _auto_limit_on_cpu({"weight_decay": [0.0, 0.01], "repeats": 2}) == 8
+    # One cell too large (6 x 32 x (8 x 4096 + 4096 x 2) = 7.9 MFLOP per step at width 4096 is
+    # below the limit; depth 2 adds 4096 x 4096 weights, 3.2 GFLOP): every trial trains alone.
+    assert _auto_limit_on_cpu({"width": [4, 4096], "depth": [1, 2]}) == 1
+    assert _auto_limit_on_cpu({"width": [4, 4096]}) == 8
+    # Dropout, fixed or swept, keeps the trials apart: their masks would depend on the stack.
+    assert _auto_limit_on_cpu(GRID_OF_8, dropout=0.2) == 1
+    assert _auto_limit_on_cpu({"dropout": [0.0, 0.5]}) == 1
+    # An explicit number is taken as it is.
+    explicit = stacked_sweep_spec(3, model={"depth": 1, "width": 8, "dropout": 0.2})
+    assert StudyObjective(explicit, load_dataset=_load, objectives=["val_accuracy"], device=CPU).stack_limit() == 3
