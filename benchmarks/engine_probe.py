@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from baselines import data_root
 
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
@@ -101,19 +102,13 @@ def _folds(case: Case, device: torch.device) -> list[FoldData]:
 
 def _cpu_folds(case: Case) -> list[FoldData]:
     if case.dataset == "fashion":
-        ds = load_dataset(FashionMNISTSpec(name="fashion-mnist", root=_data_root()), seed=0)
+        ds = load_dataset(FashionMNISTSpec(name="fashion-mnist", root=data_root()), seed=0)
     elif case.dataset == "digits":
         ds = load_dataset(DigitsSpec(name="digits"), seed=0)
     else:
         n, d = (int(v) for v in case.dataset.split("x"))
         return _synthetic(n, d, 10, case.folds)
     return make_fold_data(ds, fold_indices(ds, CVSpec(folds=case.folds), seed=0), device=torch.device("cpu"))
-
-
-def _data_root() -> str:
-    import os
-
-    return os.environ.get("MODELSEL_DATA_ROOT", "/work/shared/data")
 
 
 def _load_baseline(path: str) -> Callable[..., Any]:
