@@ -129,7 +129,7 @@ class TrainingSpec(_Section):
         description=(
             "sweeps and grid searches: train up to this many trials that share an architecture "
             "as one stacked model (auto: 8 on CUDA; on CPU 8 when every cell is a small model "
-            "without dropout, else 1)"
+            "and there is no dropout and no pruner, else 1)"
         ),
     )
 

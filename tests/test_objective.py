@@ -439,8 +439,8 @@ def test_stack_trials_is_checked_and_only_grids_stack() -> None:
     ).stack_limit() == 8
 
 
-def _auto_limit_on_cpu(sweep: dict[str, Any], **model: Any) -> int:
-    spec = stacked_sweep_spec("auto", sweep=sweep, model={"depth": 1, "width": 8, **model})
+def _auto_limit_on_cpu(sweep: dict[str, Any], pruner: str = "none", **model: Any) -> int:
+    spec = stacked_sweep_spec("auto", sweep=sweep, model={"depth": 1, "width": 8, **model}, pruner=pruner)
     return StudyObjective(spec, load_dataset=_load, objectives=["val_accuracy"], device=CPU).stack_limit()
 
 
@@ -454,6 +454,8 @@ def test_stack_trials_auto_on_cpu_stacks_small_models_without_dropout() -> None:
     # Dropout, fixed or swept, keeps the trials apart: their masks would depend on the stack.
     assert _auto_limit_on_cpu(GRID_OF_8, dropout=0.2) == 1
     assert _auto_limit_on_cpu({"dropout": [0.0, 0.5]}) == 1
+    # A pruner keeps them apart too: trials of one stack cannot be compared, none has finished.
+    assert _auto_limit_on_cpu(GRID_OF_8, pruner="median") == 1
     # An explicit number is taken as it is.
     explicit = stacked_sweep_spec(3, model={"depth": 1, "width": 8, "dropout": 0.2})
     assert StudyObjective(explicit, load_dataset=_load, objectives=["val_accuracy"], device=CPU).stack_limit() == 3
