@@ -101,6 +101,11 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
     return grid
 
 
+def study_grid(spec: StudySpec) -> dict[str, list[Any]]:
+    """The GridSampler search space of a sweep or of a ``sampler: grid`` search."""
+    return sweep_grid(spec) if spec.sweep is not None else grid_search_space(spec)
+
+
 def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     """Sample this trial's values of the searched (or swept) fields."""
     if spec.sweep is not None:
@@ -378,7 +383,7 @@ class StudyObjective:
         trial's numbers should not depend on which trials happened to train beside it
         unless the spec asks for it.
         """
-        grid = sweep_grid(self.spec) if self.spec.sweep is not None else grid_search_space(self.spec)
+        grid = study_grid(self.spec)
         dimensions: dict[str, tuple[int, int]] = {}
         for values in itertools.product(*grid.values()):
             try:
@@ -450,7 +455,6 @@ class StudyObjective:
         invalid configuration at once, the others when their stack is done). The stack of
         ``trials[0]`` trains last: Optuna records that trial when the objective returns.
         """
-        by_number = {t.number: t for t in trials}
         outcomes: dict[int, float | list[float] | optuna.TrialPruned] = {}
         groups: dict[tuple[Any, ...], list[_PreparedTrial]] = {}
         for trial in trials:
@@ -475,11 +479,10 @@ class StudyObjective:
             groups.setdefault(key, []).append(prepared)
         leader_last = sorted(groups.values(), key=lambda group: any(p.trial is trials[0] for p in group))
         for group in leader_last:
-            group_outcomes = self._train_group(group)
-            outcomes.update(group_outcomes)
+            outcomes.update(self._train_group(group))
             if on_outcome is not None:
-                for number, outcome in group_outcomes.items():
-                    on_outcome(by_number[number], outcome)
+                for prepared in group:
+                    on_outcome(prepared.trial, outcomes[prepared.trial.number])
         return [outcomes[t.number] for t in trials]
 
     def _train_group(self, group: list[_PreparedTrial]) -> dict[int, float | list[float] | optuna.TrialPruned]:

@@ -85,10 +85,9 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     name = "grid" if spec.sweep is not None else spec.sampler.name
     try:
         if name == "grid":
-            from modelsel.objective import grid_search_space, sweep_grid
+            from modelsel.objective import study_grid
 
-            grid = sweep_grid(spec) if spec.sweep is not None else grid_search_space(spec)
-            return samplers.GridSampler(grid, seed=spec.seed)
+            return samplers.GridSampler(study_grid(spec), seed=spec.seed)
         factory: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
             "tpe": samplers.TPESampler,
             "random": samplers.RandomSampler,
