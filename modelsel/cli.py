@@ -6,9 +6,12 @@ Heavy libraries (torch, optuna, pandas) are imported inside the commands so that
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -25,21 +28,44 @@ def _user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            _interrupted()
-        except Exception as exc:
-            # Ctrl-C that lands inside a library's own cleanup can surface as another
-            # error raised while handling it (seen: Optuna's trial loop, UnboundLocalError).
-            if _raised_while_interrupted(exc):
+        with _ctrl_c_watch() as ctrl_c:
+            try:
+                return func(*args, **kwargs)
+            except UserError as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(2)
+            except KeyboardInterrupt:
                 _interrupted()
-            raise
+            except Exception as exc:
+                # Ctrl-C that lands inside a library's own code can surface as another error:
+                # raised while handling it (Optuna's trial loop, UnboundLocalError), or after a
+                # library caught it and then failed to clean up (Optuna could not store the
+                # interrupted trial as failed: "database is locked", then AssertionError).
+                if ctrl_c.is_set() or _raised_while_interrupted(exc):
+                    _interrupted()
+                raise
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _ctrl_c_watch() -> Iterator[threading.Event]:
+    """Within the block, Ctrl-C raises KeyboardInterrupt as usual and also sets the event."""
+    received = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
+        yield received  # SIGINT ignored or handled by the embedding program: leave it alone
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        received.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted() -> NoReturn:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -400,3 +401,29 @@ def test_an_error_raised_while_handling_ctrl_c_still_exits_130(
     else:
         assert isinstance(result.exception, UnboundLocalError)
         assert "interrupted" not in result.stderr
+
+
+def test_an_error_after_a_library_swallowed_ctrl_c_still_exits_130(
+    workdir: Path, spec_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna catches the KeyboardInterrupt of Ctrl-C to store the running trial as failed;
+    when that store fails (seen: "database is locked"), its trial loop raises AssertionError
+    with no KeyboardInterrupt in the chain. A real SIGINT was received: still 130."""
+    import signal
+
+    import modelsel.study
+
+    def run_study_interrupted_then_broken(*args: object, **kwargs: object) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises KeyboardInterrupt here
+        except KeyboardInterrupt:
+            pass  # a library catches it to clean up
+        raise AssertionError("Should not reach.")
+
+    monkeypatch.setattr(modelsel.study, "run_study", run_study_interrupted_then_broken)
+    result = invoke("study", "run", str(spec_file()))
+    assert result.exit_code == 130, result.output
+    assert "interrupted: finished trials are kept" in result.stderr
+    # The command restored the handler it found.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
