@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import sys
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -25,6 +26,7 @@ from modelsel.errors import StorageError
 
 _HINT = "use sqlite:///path/to/study.db, postgresql://user@host/db or journal:path/to/study.log"
 _SQLITE_TIMEOUT_S = 60
+_SETUP_ATTEMPTS = 5
 
 
 def default_storage_url(output_dir: str | Path, study_name: str) -> str:
@@ -176,10 +178,19 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         engine_kwargs["pool_pre_ping"] = True
     heartbeat_kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120} if heartbeat else {}
     try:
-        with warnings.catch_warnings():
-            # Heartbeats are marked experimental in Optuna; they are what marks crashed trials failed.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+        for attempt in range(_SETUP_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    # Heartbeats are marked experimental in Optuna; they are what marks crashed trials failed.
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+                break
+            except Exception as exc:
+                # Another process (a second `study run`, the dashboard) created the same new
+                # storage's tables at the same moment; they exist now, so opening again works.
+                if attempt == _SETUP_ATTEMPTS - 1 or not _lost_setup_race(exc):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         if kind == "sqlite":
             _use_sqlite_wal(storage.engine)
         _ENGINES.add(storage.engine)
@@ -192,6 +203,26 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         raise StorageError(
             f"cannot open storage '{redact(url)}': {first_line[:300]}; check the URL and that the server runs"
         ) from None
+
+
+def _lost_setup_race(exc: BaseException) -> bool:
+    """Whether opening a storage failed because another process set up its schema meanwhile.
+
+    Optuna creates missing tables with check-then-create; two processes opening one new
+    storage can both find a table missing, and the second CREATE (or the second insert of
+    the schema version row) fails.
+    """
+    from sqlalchemy.exc import IntegrityError
+
+    seen: set[int] = set()
+    chain: BaseException | None = exc
+    while chain is not None and id(chain) not in seen:
+        text = str(chain).lower()
+        if isinstance(chain, IntegrityError) or "already exists" in text or "duplicate key" in text:
+            return True
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return False
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

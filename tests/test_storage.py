@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -215,6 +216,49 @@ def test_find_default_storages(tmp_path: Path) -> None:
     assert find_default_storages(tmp_path / "nothing-here") == []
 
 
+@contextlib.contextmanager
+def another_process_creates_the_tables_first(url: str) -> Iterator[list[int]]:
+    """Make the next schema creation lose a race: just before it creates the first table,
+    another connection (as a second process would) creates them all. Yields how often
+    that happened."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    raced: list[int] = []
+
+    def create_them_first(metadata: object, connection: object, **kw: object) -> None:
+        if raced:
+            return
+        raced.append(1)
+        other = sqlalchemy.create_engine(url)
+        models.BaseModel.metadata.create_all(other)  # fires this listener again: a no-op now
+        other.dispose()
+
+    # First in line: on PostgreSQL, a later listener creates the enum types in the
+    # still-open transaction, and the other connection would wait for it forever.
+    sqlalchemy.event.listen(models.BaseModel.metadata, "before_create", create_them_first, insert=True)
+    try:
+        yield raced
+    finally:
+        sqlalchemy.event.remove(models.BaseModel.metadata, "before_create", create_them_first)
+
+
+def check_open_storage_survives_a_lost_setup_race(url: str) -> None:
+    with another_process_creates_the_tables_first(url) as raced:
+        storage = open_storage(url)
+    assert raced == [1]
+    optuna.create_study(study_name="after-the-race", storage=storage)
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)] == [
+        "after-the-race"
+    ]
+
+
+def test_opening_a_new_sqlite_storage_that_another_process_sets_up_meanwhile(tmp_path: Path) -> None:
+    """Two processes (a second `study run`, the dashboard) opening one new storage both find
+    its tables missing; the one whose CREATE comes second opens it again instead of failing."""
+    check_open_storage_survives_a_lost_setup_race(f"sqlite:///{tmp_path / 'study.db'}")
+
+
 # ------------------------------------------------------------------- PostgreSQL server
 
 
@@ -286,3 +330,8 @@ def test_a_study_on_a_postgresql_server(postgres_url: str, fast_tmp: Path) -> No
     # Resuming against the server tops the study up.
     more = run_study(parse_spec(tiny_spec_data()), storage=postgres_url, n_trials=3, progress=False, build_report=False)
     assert more.n_trained_this_run == 1 and more.n_complete == 3
+
+
+@pytest.mark.server
+def test_opening_a_new_postgresql_storage_that_another_process_sets_up_meanwhile(postgres_url: str) -> None:
+    check_open_storage_survives_a_lost_setup_race(postgres_url)
