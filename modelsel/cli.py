@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
@@ -50,7 +51,12 @@ def _user_errors(func: F) -> F:
 
 @contextlib.contextmanager
 def _ctrl_c_watch() -> Iterator[threading.Event]:
-    """Within the block, Ctrl-C raises KeyboardInterrupt as usual and also sets the event."""
+    """Within the block, Ctrl-C raises KeyboardInterrupt as usual and also sets the event.
+
+    A KeyboardInterrupt raised while a finalizer runs (a weakref callback of SQLAlchemy's
+    ORM, a ``__del__``) is swallowed by Python ("Exception ignored in ...") and the run
+    would go on to its end; such a Ctrl-C is delivered again once the finalizer is done.
+    """
     received = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
@@ -61,10 +67,24 @@ def _ctrl_c_watch() -> Iterator[threading.Event]:
         received.set()
         raise KeyboardInterrupt
 
+    previous_hook = sys.unraisablehook
+
+    def on_unraisable(unraisable: Any) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            # Sent again a moment later from another thread: raised here, it would only
+            # be swallowed again.
+            again = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT))
+            again.daemon = True
+            again.start()
+        else:
+            previous_hook(unraisable)
+
     signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = on_unraisable
     try:
         yield received
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous)
 
 

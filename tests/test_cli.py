@@ -438,3 +438,35 @@ def test_an_error_after_a_library_swallowed_ctrl_c_still_exits_130(
     assert "interrupted: finished trials are kept" in result.stderr
     # The command restored the handler it found.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_that_lands_in_a_finalizer_is_not_lost(
+    workdir: Path, spec_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python swallows a KeyboardInterrupt raised inside a finalizer (seen: a weakref callback
+    of SQLAlchemy's ORM), and the run went on to its last trial with exit 0. The command
+    delivers that Ctrl-C again once the finalizer is done."""
+    import gc
+    import signal
+
+    import modelsel.study
+
+    class Collected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the handler raises KeyboardInterrupt in here
+                pass
+
+    def run_study_whose_ctrl_c_lands_in_a_finalizer(*args: object, **kwargs: object) -> None:
+        Collected()
+        gc.collect()
+        time.sleep(5)  # a delivered Ctrl-C interrupts this
+        sys.exit(0)  # the run "finished": what happened when the Ctrl-C was lost
+
+    monkeypatch.setattr(modelsel.study, "run_study", run_study_whose_ctrl_c_lands_in_a_finalizer)
+    hook_before = sys.unraisablehook
+    result = invoke("study", "run", str(spec_file()))
+    assert result.exit_code == 130, result.output
+    assert "interrupted: finished trials are kept" in result.stderr
+    assert sys.unraisablehook is hook_before
