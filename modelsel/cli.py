@@ -68,6 +68,7 @@ def _ctrl_c_watch() -> Iterator[threading.Event]:
         raise KeyboardInterrupt
 
     previous_hook = sys.unraisablehook
+    resends: list[threading.Timer] = []
 
     def on_unraisable(unraisable: Any) -> None:
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
@@ -76,6 +77,7 @@ def _ctrl_c_watch() -> Iterator[threading.Event]:
             again = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT))
             again.daemon = True
             again.start()
+            resends.append(again)
         else:
             previous_hook(unraisable)
 
@@ -84,6 +86,8 @@ def _ctrl_c_watch() -> Iterator[threading.Event]:
     try:
         yield received
     finally:
+        for again in resends:
+            again.cancel()  # the command is over: nothing left to interrupt
         sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous)
 
