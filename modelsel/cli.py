@@ -164,13 +164,14 @@ def run_command(
     budget, and a finished study trains nothing and prints its summary again.
     """
     from modelsel.spec import builtin_spec_path, load_spec
-    from modelsel.study import run_study
+    from modelsel.study import quiet_interrupted_trial_logs, run_study
 
     overrides = {"seed": seed} if seed is not None else None
     study_spec = load_spec(spec if spec is not None else builtin_spec_path(), overrides=overrides)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_interrupted_trial_logs()
     outcome = run_study(
         study_spec,
         storage=storage,

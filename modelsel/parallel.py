@@ -247,13 +247,14 @@ def worker_main(index: int, spec_json: str, shared: _Shared) -> None:
 
         import modelsel.objective  # noqa: F401  (the heavy imports, done before the orders come)
         from modelsel.storage import open_storage
-        from modelsel.study import make_pruner
+        from modelsel.study import make_pruner, quiet_interrupted_trial_logs
 
         orders: WorkerOrders = shared.orders.get()
         if shared.stop.is_set():
             return
         torch.set_num_threads(orders.threads)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        quiet_interrupted_trial_logs()  # its SIGTERM from the calling process's Ctrl-C
         spec = parse_spec(json.loads(spec_json))
         study = optuna.load_study(
             study_name=spec.name,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -195,6 +197,41 @@ def preflight(spec: StudySpec) -> str:
         variant = with_params(spec, params)
         fold_indices(_load_dataset_for(variant), variant.cv, seed=variant.seed)
     return task
+
+
+class _InterruptedTrialLog(logging.Filter):
+    """Turns Optuna's log of a trial that Ctrl-C stopped into one line.
+
+    Optuna logs such a trial as a failure with the KeyboardInterrupt's whole traceback
+    (from deep inside the training loop), then "Trial N failed with value None."; a
+    user who pressed Ctrl-C needs neither. Other failures are left as they are.
+    """
+
+    _FAILED = re.compile(r"Trial (\d+) failed with ")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self._FAILED.match(record.getMessage())
+        if match is None:
+            return True
+        number = match.group(1)
+        exc_type = record.exc_info[0] if record.exc_info else None
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.interrupted.add(number)
+            record.msg, record.args = f"Trial {number} stopped by Ctrl-C.", ()
+            record.exc_info, record.exc_text = None, None
+            return True
+        return not (number in self.interrupted and record.getMessage().endswith("failed with value None."))
+
+
+def quiet_interrupted_trial_logs() -> None:
+    """Log a trial stopped by Ctrl-C as one line, without its traceback (idempotent)."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _InterruptedTrialLog) for f in logger.filters):
+        logger.addFilter(_InterruptedTrialLog())
 
 
 def _finished_count(study: optuna.Study) -> int:

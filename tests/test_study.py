@@ -4,6 +4,7 @@ reproducibility, selection and the checks that run before anything is written.""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from modelsel.study import (
     load_study,
     make_pruner,
     make_sampler,
+    quiet_interrupted_trial_logs,
     retrain_epochs,
     run_study,
     study_budget,
@@ -252,3 +254,45 @@ def test_bad_sampler_and_pruner_options_are_spec_errors() -> None:
     assert isinstance(make_sampler(tiny(sampler="random")), optuna.samplers.RandomSampler)
     assert isinstance(make_pruner(tiny(pruner="hyperband")), optuna.pruners.HyperbandPruner)
     assert isinstance(make_pruner(tiny()), optuna.pruners.NopPruner)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_trial_stopped_by_ctrl_c_is_logged_as_one_line_without_its_traceback() -> None:
+    """Optuna logs it as a failure with the KeyboardInterrupt's traceback and a second line;
+    other failures keep their traceback."""
+    quiet_interrupted_trial_logs()
+    quiet_interrupted_trial_logs()  # idempotent
+    assert len(logging.getLogger("optuna.study._optimize").filters) == 1
+    records = _Records()
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.addHandler(records)
+    try:
+        study = optuna.create_study()
+
+        def stopped(trial: optuna.Trial) -> float:
+            raise KeyboardInterrupt
+
+        def broken(trial: optuna.Trial) -> float:
+            raise ValueError("a bug")
+
+        with pytest.raises(KeyboardInterrupt):
+            study.optimize(stopped, n_trials=1)
+        with pytest.raises(ValueError):
+            study.optimize(broken, n_trials=1)
+    finally:
+        optuna_logger.removeHandler(records)
+    lines = [(r.getMessage(), r.exc_info is not None) for r in records.records if r.levelno >= logging.WARNING]
+    assert lines[0] == ("Trial 0 stopped by Ctrl-C.", False)
+    assert lines[1][0].startswith("Trial 1 failed with parameters: {} because of the following error: ValueError")
+    assert lines[1][1] is True
+    assert lines[2][0] == "Trial 1 failed with value None."
+    assert len(lines) == 3
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
