@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import sys
 import threading
@@ -20,6 +19,7 @@ import click
 
 from modelsel import __version__
 from modelsel.errors import UserError
+from modelsel.signals import interrupt_on
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,45 +51,15 @@ def _user_errors(func: F) -> F:
 
 @contextlib.contextmanager
 def _ctrl_c_watch() -> Iterator[threading.Event]:
-    """Within the block, Ctrl-C raises KeyboardInterrupt as usual and also sets the event.
-
-    A KeyboardInterrupt raised while a finalizer runs (a weakref callback of SQLAlchemy's
-    ORM, a ``__del__``) is swallowed by Python ("Exception ignored in ...") and the run
-    would go on to its end; such a Ctrl-C is delivered again once the finalizer is done.
-    """
-    received = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
-        yield received  # SIGINT ignored or handled by the embedding program: leave it alone
+    """Within the block, Ctrl-C raises KeyboardInterrupt as usual and also sets the event;
+    one that a finalizer swallowed is delivered again (:func:`modelsel.signals.interrupt_on`)."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield threading.Event()  # SIGINT ignored or handled by the embedding program: leave it alone
         return
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        received.set()
-        raise KeyboardInterrupt
-
-    previous_hook = sys.unraisablehook
-    resends: list[threading.Timer] = []
-
-    def on_unraisable(unraisable: Any) -> None:
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            # Sent again a moment later from another thread: raised here, it would only
-            # be swallowed again.
-            again = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT))
-            again.daemon = True
-            again.start()
-            resends.append(again)
-        else:
-            previous_hook(unraisable)
-
-    signal.signal(signal.SIGINT, on_sigint)
-    sys.unraisablehook = on_unraisable
-    try:
+    with interrupt_on(signal.SIGINT) as received:
         yield received
-    finally:
-        for again in resends:
-            again.cancel()  # the command is over: nothing left to interrupt
-        sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted() -> NoReturn:

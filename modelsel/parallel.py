@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from modelsel.errors import UserError
+from modelsel.signals import interrupt_on
 from modelsel.spec import StudySpec, parse_spec
 
 # Only the standard library and the spec at import time: the calling process imports
@@ -231,52 +232,55 @@ def trial_loop(
     return ran
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def worker_main(index: int, spec_json: str, shared: _Shared) -> None:
     """Entry point of a spawned worker process: import, wait for orders, run trials."""
     # Ctrl-C goes to the whole process group: the calling process handles it and
     # terminates the workers, whose SIGTERM then fails their running trial cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        import optuna
-        import torch
-
-        import modelsel.objective  # noqa: F401  (the heavy imports, done before the orders come)
-        from modelsel.storage import open_storage
-        from modelsel.study import make_pruner, quiet_interrupted_trial_logs
-
-        orders: WorkerOrders = shared.orders.get()
-        if shared.stop.is_set():
+    with interrupt_on(signal.SIGTERM) as terminated:
+        try:
+            _work(index, spec_json, shared)
+        except KeyboardInterrupt:
             return
-        torch.set_num_threads(orders.threads)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        quiet_interrupted_trial_logs()  # its SIGTERM from the calling process's Ctrl-C
-        spec = parse_spec(json.loads(spec_json))
-        study = optuna.load_study(
-            study_name=spec.name,
-            storage=open_storage(orders.storage_url),
-            sampler=worker_sampler(spec, index),
-            pruner=make_pruner(spec),
-        )
-        trial_loop(
-            study,
-            spec,
-            device=torch.device(orders.device_type),
-            target=orders.target,
-            deadline=orders.deadline,
-            shared=shared,
-        )
-    except KeyboardInterrupt:
+        except BaseException as exc:
+            if terminated.is_set():
+                return  # an error while stopping (Optuna could not store the trial): stopped all the same
+            # Report every failure as one line to the calling process.
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            shared.errors.put(f"worker {index}: {type(exc).__name__}{': ' + text if text else ''}")
+            shared.stop.set()
+            raise SystemExit(1) from None
+
+
+def _work(index: int, spec_json: str, shared: _Shared) -> None:
+    import optuna
+    import torch
+
+    import modelsel.objective  # noqa: F401  (the heavy imports, done before the orders come)
+    from modelsel.storage import open_storage
+    from modelsel.study import make_pruner, quiet_interrupted_trial_logs
+
+    orders: WorkerOrders = shared.orders.get()
+    if shared.stop.is_set():
         return
-    except BaseException as exc:  # report every failure as one line to the calling process
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        shared.errors.put(f"worker {index}: {type(exc).__name__}{': ' + text if text else ''}")
-        shared.stop.set()
-        raise SystemExit(1) from None
+    torch.set_num_threads(orders.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_interrupted_trial_logs()  # its SIGTERM comes from the calling process's Ctrl-C
+    spec = parse_spec(json.loads(spec_json))
+    study = optuna.load_study(
+        study_name=spec.name,
+        storage=open_storage(orders.storage_url),
+        sampler=worker_sampler(spec, index),
+        pruner=make_pruner(spec),
+    )
+    trial_loop(
+        study,
+        spec,
+        device=torch.device(orders.device_type),
+        target=orders.target,
+        deadline=orders.deadline,
+        shared=shared,
+    )
 
 
 def _worker_process(index: int, spec_json: str, shared: _Shared) -> None:
