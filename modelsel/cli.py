@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from modelsel import __version__
-from modelsel.errors import UserError
+from modelsel.errors import UserError, exception_chain
 from modelsel.signals import interrupt_on
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,14 +69,7 @@ def _interrupted() -> NoReturn:
 
 def _raised_while_interrupted(exc: BaseException) -> bool:
     """Whether ``exc`` was raised while a KeyboardInterrupt was being handled."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, KeyboardInterrupt):
-            return True
-        seen.add(id(cause))
-        cause = cause.__context__
-    return False
+    return any(isinstance(e, KeyboardInterrupt) for e in exception_chain(exc))
 
 
 _storage_option = click.option(

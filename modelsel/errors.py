@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class UserError(Exception):
     """Bad input from the user: a spec, a CLI flag, a data path or a storage URL.
@@ -21,3 +23,17 @@ class DataError(UserError):
 
 class StorageError(UserError):
     """A storage URL that is malformed or cannot be reached."""
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then every exception it was raised from or while handling (``__cause__``,
+    ``__context__``), each once."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [e for e in (current.__context__, current.__cause__) if e is not None]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from modelsel.errors import StorageError
+from modelsel.errors import StorageError, exception_chain
 
 _HINT = "use sqlite:///path/to/study.db, postgresql://user@host/db or journal:path/to/study.log"
 _SQLITE_TIMEOUT_S = 60
@@ -178,19 +178,7 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         engine_kwargs["pool_pre_ping"] = True
     heartbeat_kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120} if heartbeat else {}
     try:
-        for attempt in range(_SETUP_ATTEMPTS):
-            try:
-                with warnings.catch_warnings():
-                    # Heartbeats are marked experimental in Optuna; they are what marks crashed trials failed.
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
-                break
-            except Exception as exc:
-                # Another process (a second `study run`, the dashboard) created the same new
-                # storage's tables at the same moment; they exist now, so opening again works.
-                if attempt == _SETUP_ATTEMPTS - 1 or not _lost_setup_race(exc):
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        storage = _rdb_storage(url, engine_kwargs, heartbeat_kwargs)
         if kind == "sqlite":
             _use_sqlite_wal(storage.engine)
         _ENGINES.add(storage.engine)
@@ -205,24 +193,34 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         ) from None
 
 
-def _lost_setup_race(exc: BaseException) -> bool:
-    """Whether opening a storage failed because another process set up its schema meanwhile.
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_kwargs: dict[str, Any]) -> Any:
+    """Optuna's RDBStorage, opened again when another process set up the same new storage meanwhile.
 
     Optuna creates missing tables with check-then-create; two processes opening one new
-    storage can both find a table missing, and the second CREATE (or the second insert of
-    the schema version row) fails.
+    storage (a second ``study run``, the dashboard) can both find a table missing, and the
+    second CREATE (or the second insert of the schema version row) fails. The tables exist
+    by then, so opening again works.
     """
+    import optuna
     from sqlalchemy.exc import IntegrityError
 
-    seen: set[int] = set()
-    chain: BaseException | None = exc
-    while chain is not None and id(chain) not in seen:
-        text = str(chain).lower()
-        if isinstance(chain, IntegrityError) or "already exists" in text or "duplicate key" in text:
-            return True
-        seen.add(id(chain))
-        chain = chain.__cause__ or chain.__context__
-    return False
+    def open_once() -> Any:
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental in Optuna; they are what marks crashed trials failed.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+
+    for attempt in range(1, _SETUP_ATTEMPTS):
+        try:
+            return open_once()
+        except Exception as exc:
+            if not any(
+                isinstance(e, IntegrityError) or "already exists" in str(e).lower() or "duplicate key" in str(e).lower()
+                for e in exception_chain(exc)
+            ):
+                raise
+        time.sleep(0.05 * attempt)
+    return open_once()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
