@@ -214,7 +214,8 @@ class _InterruptedTrialLog(logging.Filter):
         self.interrupted: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        match = self._FAILED.match(record.getMessage())
+        message = record.getMessage()
+        match = self._FAILED.match(message)
         if match is None:
             return True
         number = match.group(1)
@@ -224,7 +225,7 @@ class _InterruptedTrialLog(logging.Filter):
             record.msg, record.args = f"Trial {number} stopped by Ctrl-C.", ()
             record.exc_info, record.exc_text = None, None
             return True
-        return not (number in self.interrupted and record.getMessage().endswith("failed with value None."))
+        return not (number in self.interrupted and message.endswith("failed with value None."))
 
 
 def quiet_interrupted_trial_logs() -> None:
