@@ -7,6 +7,7 @@ import copy
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,17 @@ def write_spec(tmp_path: Path) -> Callable[..., Path]:
 def files_under(path: Path) -> list[Path]:
     """Every file and folder under ``path`` (empty when it does not exist)."""
     return sorted(path.rglob("*")) if path.exists() else []
+
+
+class SignalsInItsFinalizer:
+    """An object whose finalizer receives ``signum`` while it runs: the KeyboardInterrupt
+    that the handler raises there is swallowed by Python ("Exception ignored in ...")."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # the handler raises KeyboardInterrupt in here
+            pass

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import files_under, tiny_spec_data
+from conftest import SignalsInItsFinalizer, files_under, tiny_spec_data
 
 from modelsel import __version__
 from modelsel.cli import main
@@ -447,21 +447,12 @@ def test_ctrl_c_that_lands_in_a_finalizer_is_not_lost(
     """Python swallows a KeyboardInterrupt raised inside a finalizer (seen: a weakref callback
     of SQLAlchemy's ORM), and the run went on to its last trial with exit 0. The command
     delivers that Ctrl-C again once the finalizer is done."""
-    import gc
     import signal
 
     import modelsel.study
 
-    class Collected:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGINT)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:  # the handler raises KeyboardInterrupt in here
-                pass
-
     def run_study_whose_ctrl_c_lands_in_a_finalizer(*args: object, **kwargs: object) -> None:
-        Collected()
-        gc.collect()
+        SignalsInItsFinalizer(signal.SIGINT)  # dropped at once: its finalizer runs here
         time.sleep(5)  # a delivered Ctrl-C interrupts this
         sys.exit(0)  # the run "finished": what happened when the Ctrl-C was lost
 

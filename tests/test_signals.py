@@ -9,21 +9,9 @@ import time
 from typing import Any
 
 import pytest
+from conftest import SignalsInItsFinalizer
 
 from modelsel.signals import RESEND_DELAY_S, interrupt_on
-
-
-class SignalsInItsFinalizer:
-    """An object whose finalizer receives ``signum`` while it runs (Python swallows what it raises)."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-
-    def __del__(self) -> None:
-        os.kill(os.getpid(), self.signum)
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:  # the handler raises KeyboardInterrupt in here
-            pass
 
 
 def test_the_signal_raises_keyboard_interrupt_and_sets_the_event() -> None:
