@@ -106,6 +106,8 @@ def display_url(url: str) -> str:
 #: SQLAlchemy engines of the storages this process opened, held weakly, for
 #: :func:`close_storages` (an engine and its pooled connections can outlive the storage).
 _ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
+#: The RDB storages themselves, for :func:`reset_storage_connections`.
+_RDB_STORAGES: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def close_storages() -> None:
@@ -117,6 +119,22 @@ def close_storages() -> None:
     """
     for engine in list(_ENGINES):
         engine.dispose()
+
+
+def reset_storage_connections() -> None:
+    """Drop every database connection this process holds; the storages reconnect on their next call.
+
+    A KeyboardInterrupt (Ctrl-C, or a worker's SIGTERM) that lands inside a storage call
+    can leave this thread's session or a pooled connection in the middle of a
+    transaction, and SQLite then refuses the next write ("database is locked").
+    Closing this thread's session and disposing the engines rolls it back.
+    """
+    for storage in list(_RDB_STORAGES):
+        with contextlib.suppress(Exception):
+            storage.remove_session()
+    for engine in list(_ENGINES):
+        with contextlib.suppress(Exception):
+            engine.dispose()
 
 
 def close_and_exit(code: int) -> NoReturn:
@@ -182,6 +200,7 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         if kind == "sqlite":
             _use_sqlite_wal(storage.engine)
         _ENGINES.add(storage.engine)
+        _RDB_STORAGES.add(storage)
         return storage
     except ModuleNotFoundError as exc:
         extra = " (pip install 'modelsel[postgres]')" if kind == "postgresql" else ""

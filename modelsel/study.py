@@ -14,7 +14,7 @@ import logging
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,13 @@ from modelsel.spec import (
     resolve_field,
     with_params,
 )
-from modelsel.storage import default_storage_url, display_url, open_storage, storage_kind
+from modelsel.storage import (
+    default_storage_url,
+    display_url,
+    open_storage,
+    reset_storage_connections,
+    storage_kind,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -235,6 +241,44 @@ def quiet_interrupted_trial_logs() -> None:
         logger.addFilter(_InterruptedTrialLog())
 
 
+def fail_abandoned_trials(study: optuna.Study, numbers: Collection[int]) -> list[int]:
+    """Mark as failed the trials among ``numbers`` that the storage still holds as running.
+
+    When Ctrl-C (or a worker's SIGTERM) stops a trial, Optuna stores it as failed; if that
+    write fails too (another process holds the SQLite lock, or the interrupt left this
+    thread's connection in a transaction), the trial would stay RUNNING until the
+    heartbeat of a later run fails it. Called with the trials this process started, once
+    it is stopping, after dropping its connections. Best effort: any error is swallowed,
+    so the one that stopped the run is the one the caller sees.
+
+    Returns
+    -------
+    list[int]
+        The numbers of the trials marked failed here.
+    """
+    if not numbers:
+        return []
+    failed: list[int] = []
+    with contextlib.suppress(Exception):
+        reset_storage_connections()
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        for number in sorted(running.intersection(numbers)):
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            failed.append(number)
+    return failed
+
+
+@contextlib.contextmanager
+def abandoned_trials_failed(study: optuna.Study, objective: StudyObjective) -> Iterator[None]:
+    """Within the block, an exception first fails the trials ``objective`` started and left
+    running (:func:`fail_abandoned_trials`), then propagates."""
+    try:
+        yield
+    except BaseException:
+        fail_abandoned_trials(study, objective.started_trials)
+        raise
+
+
 def _finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
@@ -331,14 +375,15 @@ def _optimize(
         return 0
     # n_trials bounds this process's own attempts; MaxTrialsCallback stops at the shared total.
     n_trials = None if remaining is None else remaining * 3 + 10
-    study.optimize(
-        objective,
-        n_trials=n_trials,
-        timeout=timeout,
-        callbacks=callbacks,
-        gc_after_trial=False,
-        catch=(),
-    )
+    with abandoned_trials_failed(study, objective):
+        study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            callbacks=callbacks,
+            gc_after_trial=False,
+            catch=(),
+        )
     return len(study.trials) - before
 
 

@@ -120,3 +120,33 @@ class SignalsInItsFinalizer:
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:  # the handler raises KeyboardInterrupt in here
             pass
+
+
+@pytest.fixture
+def locked_failure_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Storing a trial as failed raises "database is locked" until this thread's storage
+    session is closed, as when Ctrl-C left its connection mid-transaction.
+
+    Returns the ids of the trials whose failure writes were refused.
+    """
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+    from sqlalchemy.exc import OperationalError
+
+    refused: list[int] = []
+    locked = [True]
+    set_trial_state_values, remove_session = RDBStorage.set_trial_state_values, RDBStorage.remove_session
+
+    def refusing_failures(self: Any, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        if state == TrialState.FAIL and locked[0]:
+            refused.append(trial_id)
+            raise OperationalError("UPDATE trials SET state=?", {}, Exception("database is locked"))
+        return set_trial_state_values(self, trial_id, state, values)
+
+    def unlocking(self: Any) -> None:
+        locked[0] = False
+        remove_session(self)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_state_values", refusing_failures)
+    monkeypatch.setattr(RDBStorage, "remove_session", unlocking)
+    return refused

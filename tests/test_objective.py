@@ -344,6 +344,31 @@ def test_an_interrupt_in_a_later_stack_keeps_the_trials_of_earlier_stacks(
     assert min(t.number for t in trials) in {t.number for t in failed}
 
 
+def test_stacked_trials_whose_failure_could_not_be_stored_are_not_left_running(
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch, locked_failure_writes: list[int]
+) -> None:
+    """As above, but every write of a failure is refused once (a locked SQLite file): the
+    companions this process asked and the trial Optuna asked are all stored as failed."""
+
+    class InterruptedSecondStack(objective_module.StackedTrainer):
+        stacks = 0
+
+        def train(self) -> Any:
+            InterruptedSecondStack.stacks += 1
+            if InterruptedSecondStack.stacks == 2:
+                raise KeyboardInterrupt
+            return super().train()
+
+    monkeypatch.setattr(objective_module, "StackedTrainer", InterruptedSecondStack)
+    url = f"sqlite:///{fast_tmp}/locked.db"
+    with pytest.raises((KeyboardInterrupt, AssertionError)):  # Optuna: AssertionError "Should not reach."
+        run_study(stacked_sweep_spec(8), storage=url, output_dir=fast_tmp, progress=False, build_report=False)
+    assert locked_failure_writes, "a failure write was refused"
+    states = [t.state for t in optuna.load_study(study_name="stacked", storage=url).trials]
+    assert states.count(TrialState.COMPLETE) == 4
+    assert states.count(TrialState.FAIL) == 4, states
+
+
 def grid_search_spec(stack_trials: int) -> StudySpec:
     return parse_spec(
         tiny_spec_data(

@@ -17,11 +17,13 @@ from modelsel.parallel import (
     WorkerOrders,
     _Shared,
     _wait,
+    trial_loop,
     worker_main,
     worker_sampler,
     worker_threads,
 )
 from modelsel.spec import parse_spec
+from modelsel.storage import open_storage
 from modelsel.study import run_study
 
 
@@ -116,3 +118,24 @@ def test_a_worker_told_to_stop_before_its_orders_writes_nothing(fast_tmp: Path) 
     worker_main(1, spec.to_json(), shared)
     assert not (fast_tmp / "never.db").exists()
     assert shared.errors.empty()
+
+
+def test_the_worker_loop_leaves_no_trial_running_when_storing_its_failure_is_refused(
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch, locked_failure_writes: list[int]
+) -> None:
+    """The loop each worker (the calling process included) runs its trials in: a SIGTERM
+    or Ctrl-C whose failed trial cannot be stored at first is stored once the loop stops."""
+    import modelsel.objective as objective_module
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objective_module, "cross_validate", interrupted)
+    url = f"sqlite:///{fast_tmp}/loop.db"
+    study = optuna.create_study(study_name="loop", storage=open_storage(url), direction="maximize")
+    spec = parse_spec(tiny_spec_data(name="loop"))
+    shared = _Shared(multiprocessing.get_context("spawn"), 2)
+    with pytest.raises((KeyboardInterrupt, AssertionError)):  # Optuna: AssertionError "Should not reach."
+        trial_loop(study, spec, device=torch.device("cpu"), target=2, deadline=None, shared=shared)
+    assert locked_failure_writes, "storing the interrupted trial as failed was refused"
+    assert [t.state for t in optuna.load_study(study_name="loop", storage=url).trials] == [TrialState.FAIL]

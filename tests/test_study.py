@@ -296,3 +296,28 @@ def test_a_trial_stopped_by_ctrl_c_is_logged_as_one_line_without_its_traceback()
     assert lines[2][0] == "Trial 1 failed with value None."
     assert len(lines) == 3
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_a_trial_whose_failure_could_not_be_stored_after_ctrl_c_is_not_left_running(
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch, locked_failure_writes: list[int]
+) -> None:
+    """Optuna stores an interrupted trial as failed; when that write fails too (a locked
+    SQLite file), the run drops its connections and stores it again before it stops."""
+    import modelsel.objective as objective_module
+
+    calls: list[int] = []
+    cross_validate = objective_module.cross_validate
+
+    def interrupted_second_time(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return cross_validate(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "cross_validate", interrupted_second_time)
+    url = f"sqlite:///{fast_tmp}/locked.db"
+    with pytest.raises((KeyboardInterrupt, AssertionError)):  # Optuna: AssertionError "Should not reach."
+        run(tiny(budget={"n_trials": 3}), url, fast_tmp)
+    assert locked_failure_writes, "storing the interrupted trial as failed was refused"
+    trials = optuna.load_study(study_name="tiny", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
