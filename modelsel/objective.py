@@ -242,12 +242,6 @@ class StudyObjective:
         running one (``training.stack_trials``) stay within the budget; None: no limit.
     on_companion_told
         Called with each stacked companion trial once it is told (e.g. progress bars).
-
-    Attributes
-    ----------
-    started_trials
-        Numbers of the trials this objective has started (its own and the companions it
-        asked), for :func:`modelsel.study.fail_abandoned_trials`.
     """
 
     def __init__(
@@ -267,7 +261,6 @@ class StudyObjective:
         self._folds: dict[tuple[Any, ...], list[FoldData]] = {}
         self.budget_left = budget_left
         self.on_companion_told = on_companion_told
-        self.started_trials: set[int] = set()
 
     @functools.cached_property
     def device_label(self) -> str:
@@ -285,7 +278,6 @@ class StudyObjective:
         return self._folds[key]
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        self.started_trials.add(trial.number)
         companions = self._ask_companions(trial)
         if companions:
             return self._run_with_companions(trial, companions)
@@ -415,11 +407,7 @@ class StudyObjective:
         limit = self.stack_limit() - 1
         if self.budget_left is not None:
             limit = min(limit, self.budget_left(trial.study) - 1)
-        companions = []
-        for _ in range(max(0, limit)):
-            companions.append(trial.study.ask())
-            self.started_trials.add(companions[-1].number)
-        return companions
+        return [trial.study.ask() for _ in range(max(0, limit))]
 
     def _run_with_companions(self, leader: optuna.Trial, companions: list[optuna.Trial]) -> float | list[float]:
         """Train ``leader`` and ``companions`` (stacked where they share an architecture),

@@ -207,7 +207,8 @@ def trial_loop(
     on_trial: Any = None,
 ) -> int:
     """Run trials one at a time while slots, time and the budget last; return how many."""
-    from modelsel.study import FINISHED_STATES, abandoned_trials_failed, study_objective
+    from modelsel.storage import unfinished_trials_failed
+    from modelsel.study import FINISHED_STATES, study_objective
 
     # Workers claim budget slots one trial at a time, so each trains its trials alone:
     # training.stack_trials (a run-only setting) applies to one process.
@@ -227,7 +228,7 @@ def trial_loop(
             break  # another invocation on the same storage filled the budget
         if not shared.claim():
             break
-        with abandoned_trials_failed(study, objective):
+        with unfinished_trials_failed():
             study.optimize(objective, n_trials=1, callbacks=[finished], gc_after_trial=False, catch=())
         ran += 1
     return ran

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -106,8 +109,8 @@ def display_url(url: str) -> str:
 #: SQLAlchemy engines of the storages this process opened, held weakly, for
 #: :func:`close_storages` (an engine and its pooled connections can outlive the storage).
 _ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
-#: The RDB storages themselves, for :func:`reset_storage_connections`.
-_RDB_STORAGES: weakref.WeakSet[Any] = weakref.WeakSet()
+#: The storages this process opened, for :func:`fail_unfinished_trials`.
+_STORAGES: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def close_storages() -> None:
@@ -121,6 +124,92 @@ def close_storages() -> None:
         engine.dispose()
 
 
+class _OwnTrials:
+    """Storage mixin: remembers, per thread, the trials it made RUNNING and has not finished.
+
+    Optuna leaves a trial RUNNING when an interrupt lands between its creation and the
+    objective (the sampler's set-up, the heartbeat) or when storing the interrupted trial
+    as failed fails itself; only the process that created it knows it is abandoned.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unfinished_trial_ids: dict[int, set[int]] = {}
+
+    def _own(self) -> set[int]:
+        return self.unfinished_trial_ids.setdefault(threading.get_ident(), set())
+
+    def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+        trial_id: int = super().create_new_trial(study_id, template_trial)  # type: ignore[misc]
+        if template_trial is None or template_trial.state.name == "RUNNING":
+            self._own().add(trial_id)
+        return trial_id
+
+    def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+        # What Optuna's cache in front of an RDBStorage calls instead of create_new_trial.
+        frozen = super()._create_new_trial(study_id, template_trial)  # type: ignore[misc]
+        if frozen.state.name == "RUNNING":
+            self._own().add(frozen._trial_id)
+        return frozen
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+        updated: bool = super().set_trial_state_values(trial_id, state, values)  # type: ignore[misc]
+        if state.is_finished():
+            self._own().discard(trial_id)
+        elif updated:  # a waiting (enqueued) trial this thread starts
+            self._own().add(trial_id)
+        return updated
+
+
+@functools.cache
+def _owning(base: type) -> type:
+    """``base`` (an Optuna storage class) with :class:`_OwnTrials` mixed in (optuna is
+    imported lazily, so the classes are made on first use)."""
+    return type(base.__name__, (_OwnTrials, base), {"__module__": __name__, "__doc__": base.__doc__})
+
+
+def fail_unfinished_trials() -> list[int]:
+    """Store as failed the trials that this thread started and left unfinished.
+
+    Called when a run stops on an exception (Ctrl-C, a worker's SIGTERM, an error): the
+    connections are dropped first (:func:`reset_storage_connections`), so that a
+    transaction the interrupt left open does not lock the write. Best effort: an error
+    here is swallowed, so that the caller sees the one that stopped the run; a trial left
+    RUNNING is failed by the heartbeat of a later run (RDB storages).
+
+    Returns
+    -------
+    list[int]
+        The ids of the trials stored as failed.
+    """
+    from optuna.trial import TrialState
+
+    reset_storage_connections()
+    failed: list[int] = []
+    for storage in list(_STORAGES):
+        for trial_id in sorted(storage.unfinished_trial_ids.get(threading.get_ident(), ())):
+            try:
+                if storage.get_trial(trial_id).state == TrialState.RUNNING:
+                    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                    failed.append(trial_id)
+                else:
+                    storage.unfinished_trial_ids[threading.get_ident()].discard(trial_id)
+            except Exception:
+                continue
+    return failed
+
+
+@contextlib.contextmanager
+def unfinished_trials_failed() -> Iterator[None]:
+    """Within the block, an exception first stores the trials this thread started and
+    left unfinished as failed (:func:`fail_unfinished_trials`), then propagates."""
+    try:
+        yield
+    except BaseException:
+        fail_unfinished_trials()
+        raise
+
+
 def reset_storage_connections() -> None:
     """Drop every database connection this process holds; the storages reconnect on their next call.
 
@@ -129,9 +218,10 @@ def reset_storage_connections() -> None:
     transaction, and SQLite then refuses the next write ("database is locked").
     Closing this thread's session and disposing the engines rolls it back.
     """
-    for storage in list(_RDB_STORAGES):
-        with contextlib.suppress(Exception):
-            storage.remove_session()
+    for storage in list(_STORAGES):
+        if hasattr(storage, "remove_session"):
+            with contextlib.suppress(Exception):
+                storage.remove_session()
     for engine in list(_ENGINES):
         with contextlib.suppress(Exception):
             engine.dispose()
@@ -187,7 +277,9 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "journal":
         assert path is not None
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        journal = _owning(optuna.storages.JournalStorage)(JournalFileBackend(str(path)))
+        _STORAGES.add(journal)
+        return journal
     engine_kwargs: dict[str, Any] = {}
     if kind == "sqlite":
         # Several worker processes may write: wait for the lock instead of failing at once.
@@ -200,7 +292,7 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         if kind == "sqlite":
             _use_sqlite_wal(storage.engine)
         _ENGINES.add(storage.engine)
-        _RDB_STORAGES.add(storage)
+        _STORAGES.add(storage)
         return storage
     except ModuleNotFoundError as exc:
         extra = " (pip install 'modelsel[postgres]')" if kind == "postgresql" else ""
@@ -227,7 +319,7 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_kwargs: dict
         with warnings.catch_warnings():
             # Heartbeats are marked experimental in Optuna; they are what marks crashed trials failed.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+            return _owning(optuna.storages.RDBStorage)(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
 
     for attempt in range(1, _SETUP_ATTEMPTS):
         try:

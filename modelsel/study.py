@@ -14,7 +14,7 @@ import logging
 import re
 import statistics
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +34,8 @@ from modelsel.storage import (
     default_storage_url,
     display_url,
     open_storage,
-    reset_storage_connections,
     storage_kind,
+    unfinished_trials_failed,
 )
 
 if TYPE_CHECKING:
@@ -234,49 +234,30 @@ class _InterruptedTrialLog(logging.Filter):
         return not (number in self.interrupted and message.endswith("failed with value None."))
 
 
+class _InterruptedPoolLog(logging.Filter):
+    """Drops SQLAlchemy's "Exception during reset or similar" when the exception is the
+    interrupt itself: Ctrl-C landed while a connection went back to its pool. SQLAlchemy
+    logs it with a traceback, then lets it propagate; the user pressed Ctrl-C."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc_type = record.exc_info[0] if record.exc_info else None
+        return not (exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
+
+
+#: The loggers of the connection pools of the storages' engines (SQLite files and servers).
+_POOL_LOGGERS = ("sqlalchemy.pool.impl.QueuePool", "sqlalchemy.pool.impl.NullPool")
+
+
 def quiet_interrupted_trial_logs() -> None:
-    """Log a trial stopped by Ctrl-C as one line, without its traceback (idempotent)."""
+    """Log a trial stopped by Ctrl-C as one line, without its traceback, and drop the
+    traceback SQLAlchemy logs when Ctrl-C lands in its connection pool (idempotent)."""
     logger = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _InterruptedTrialLog) for f in logger.filters):
         logger.addFilter(_InterruptedTrialLog())
-
-
-def fail_abandoned_trials(study: optuna.Study, numbers: Collection[int]) -> list[int]:
-    """Mark as failed the trials among ``numbers`` that the storage still holds as running.
-
-    When Ctrl-C (or a worker's SIGTERM) stops a trial, Optuna stores it as failed; if that
-    write fails too (another process holds the SQLite lock, or the interrupt left this
-    thread's connection in a transaction), the trial would stay RUNNING until the
-    heartbeat of a later run fails it. Called with the trials this process started, once
-    it is stopping, after dropping its connections. Best effort: any error is swallowed,
-    so the one that stopped the run is the one the caller sees.
-
-    Returns
-    -------
-    list[int]
-        The numbers of the trials marked failed here.
-    """
-    if not numbers:
-        return []
-    failed: list[int] = []
-    with contextlib.suppress(Exception):
-        reset_storage_connections()
-        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        for number in sorted(running.intersection(numbers)):
-            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-            failed.append(number)
-    return failed
-
-
-@contextlib.contextmanager
-def abandoned_trials_failed(study: optuna.Study, objective: StudyObjective) -> Iterator[None]:
-    """Within the block, an exception first fails the trials ``objective`` started and left
-    running (:func:`fail_abandoned_trials`), then propagates."""
-    try:
-        yield
-    except BaseException:
-        fail_abandoned_trials(study, objective.started_trials)
-        raise
+    for name in _POOL_LOGGERS:
+        pool_logger = logging.getLogger(name)
+        if not any(isinstance(f, _InterruptedPoolLog) for f in pool_logger.filters):
+            pool_logger.addFilter(_InterruptedPoolLog())
 
 
 def _finished_count(study: optuna.Study) -> int:
@@ -375,7 +356,7 @@ def _optimize(
         return 0
     # n_trials bounds this process's own attempts; MaxTrialsCallback stops at the shared total.
     n_trials = None if remaining is None else remaining * 3 + 10
-    with abandoned_trials_failed(study, objective):
+    with unfinished_trials_failed():
         study.optimize(
             objective,
             n_trials=n_trials,

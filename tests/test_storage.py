@@ -24,6 +24,7 @@ from modelsel.storage import (
     check_storage_url,
     default_storage_url,
     display_url,
+    fail_unfinished_trials,
     find_default_storages,
     local_path,
     open_storage,
@@ -335,3 +336,28 @@ def test_a_study_on_a_postgresql_server(postgres_url: str, fast_tmp: Path) -> No
 @pytest.mark.server
 def test_opening_a_new_postgresql_storage_that_another_process_sets_up_meanwhile(postgres_url: str) -> None:
     check_open_storage_survives_a_lost_setup_race(postgres_url)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_stopping_thread_fails_only_the_trials_it_started_and_left_unfinished(
+    fast_tmp: Path, kind: str
+) -> None:
+    import threading
+    import warnings
+
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{fast_tmp}/own.db" if kind == "sqlite" else f"journal:{fast_tmp}/own.log"
+    study = optuna.create_study(study_name="own", storage=open_storage(url))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Heartbeat ... supposed to be used with Study.optimize"
+        finished, left = study.ask(), study.ask()
+        study.tell(finished, 1.0)
+        study.enqueue_trial({})
+        elsewhere = threading.Thread(target=study.ask)  # pops the enqueued trial in another thread
+        elsewhere.start()
+        elsewhere.join()
+    assert fail_unfinished_trials() == [left._trial_id]
+    states = [t.state for t in optuna.load_study(study_name="own", storage=open_storage(url)).trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
+    assert fail_unfinished_trials() == [], "a trial is failed once"

@@ -298,6 +298,26 @@ def test_a_trial_stopped_by_ctrl_c_is_logged_as_one_line_without_its_traceback()
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
 
 
+def test_ctrl_c_in_a_storage_connection_pool_logs_no_traceback(fast_tmp: Path) -> None:
+    """SQLAlchemy logs an interrupt that lands while a connection returns to its pool with
+    a traceback (then lets it propagate); other pool errors keep theirs."""
+    import sqlalchemy
+
+    quiet_interrupted_trial_logs()
+    pool_logger = sqlalchemy.create_engine(f"sqlite:///{fast_tmp}/pool.db").pool.logger
+    records = _Records()
+    pool_logger.addHandler(records)
+    try:
+        for error in (KeyboardInterrupt(), OSError("disk I/O error")):
+            try:
+                raise error
+            except BaseException:
+                pool_logger.error("Exception during reset or similar", exc_info=True)
+    finally:
+        pool_logger.removeHandler(records)
+    assert [r.exc_info[1] for r in records.records if r.exc_info] == [error]
+
+
 def test_a_trial_whose_failure_could_not_be_stored_after_ctrl_c_is_not_left_running(
     fast_tmp: Path, monkeypatch: pytest.MonkeyPatch, locked_failure_writes: list[int]
 ) -> None:
@@ -319,5 +339,27 @@ def test_a_trial_whose_failure_could_not_be_stored_after_ctrl_c_is_not_left_runn
     with pytest.raises((KeyboardInterrupt, AssertionError)):  # Optuna: AssertionError "Should not reach."
         run(tiny(budget={"n_trials": 3}), url, fast_tmp)
     assert locked_failure_writes, "storing the interrupted trial as failed was refused"
+    trials = optuna.load_study(study_name="tiny", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_a_trial_that_ctrl_c_stops_before_its_objective_runs_is_not_left_running(
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between creating a trial and calling the objective, Optuna runs the sampler's
+    set-up; an interrupt there is not Optuna's to store, so the run stores it."""
+    before_trial = optuna.samplers.RandomSampler.before_trial
+    calls: list[int] = []
+
+    def interrupted_second_time(self: Any, study: optuna.Study, trial: Any) -> None:
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        before_trial(self, study, trial)
+
+    monkeypatch.setattr(optuna.samplers.RandomSampler, "before_trial", interrupted_second_time)
+    url = f"sqlite:///{fast_tmp}/asked.db"
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny(budget={"n_trials": 3}), url, fast_tmp)
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
