@@ -121,7 +121,8 @@ def close_storages() -> None:
     closes, so nothing is left in ``study.db-wal`` beside it.
     """
     for engine in list(_ENGINES):
-        engine.dispose()
+        with contextlib.suppress(Exception):  # one broken connection must not keep the others open
+            engine.dispose()
 
 
 class _OwnTrials:
@@ -160,6 +161,23 @@ class _OwnTrials:
             self._own().add(trial_id)
         return updated
 
+    def fail_unfinished(self) -> list[int]:
+        """Store this thread's unfinished trials that are still RUNNING as failed; return their ids."""
+        from optuna.trial import TrialState
+
+        failed: list[int] = []
+        own = self._own()
+        for trial_id in sorted(own):
+            try:
+                if self.get_trial(trial_id).state == TrialState.RUNNING:  # type: ignore[attr-defined]
+                    self.set_trial_state_values(trial_id, TrialState.FAIL)
+                    failed.append(trial_id)
+                else:  # finished elsewhere meanwhile (another process's heartbeat check)
+                    own.discard(trial_id)
+            except Exception:
+                continue
+        return failed
+
 
 @functools.cache
 def _owning(base: type) -> type:
@@ -182,21 +200,8 @@ def fail_unfinished_trials() -> list[int]:
     list[int]
         The ids of the trials stored as failed.
     """
-    from optuna.trial import TrialState
-
     reset_storage_connections()
-    failed: list[int] = []
-    for storage in list(_STORAGES):
-        for trial_id in sorted(storage.unfinished_trial_ids.get(threading.get_ident(), ())):
-            try:
-                if storage.get_trial(trial_id).state == TrialState.RUNNING:
-                    storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                    failed.append(trial_id)
-                else:
-                    storage.unfinished_trial_ids[threading.get_ident()].discard(trial_id)
-            except Exception:
-                continue
-    return failed
+    return [trial_id for storage in list(_STORAGES) for trial_id in storage.fail_unfinished()]
 
 
 @contextlib.contextmanager
@@ -219,12 +224,10 @@ def reset_storage_connections() -> None:
     Closing this thread's session and disposing the engines rolls it back.
     """
     for storage in list(_STORAGES):
-        if hasattr(storage, "remove_session"):
+        if hasattr(storage, "remove_session"):  # RDB storages; a journal file holds no connection
             with contextlib.suppress(Exception):
                 storage.remove_session()
-    for engine in list(_ENGINES):
-        with contextlib.suppress(Exception):
-            engine.dispose()
+    close_storages()
 
 
 def close_and_exit(code: int) -> NoReturn:

@@ -225,8 +225,7 @@ class _InterruptedTrialLog(logging.Filter):
         if match is None:
             return True
         number = match.group(1)
-        exc_type = record.exc_info[0] if record.exc_info else None
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        if _logs_an_interrupt(record):
             self.interrupted.add(number)
             record.msg, record.args = f"Trial {number} stopped by Ctrl-C.", ()
             record.exc_info, record.exc_text = None, None
@@ -240,8 +239,13 @@ class _InterruptedPoolLog(logging.Filter):
     logs it with a traceback, then lets it propagate; the user pressed Ctrl-C."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc_type = record.exc_info[0] if record.exc_info else None
-        return not (exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
+        return not _logs_an_interrupt(record)
+
+
+def _logs_an_interrupt(record: logging.LogRecord) -> bool:
+    """Whether the record carries a KeyboardInterrupt's traceback."""
+    exc_type = record.exc_info[0] if record.exc_info else None
+    return exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
 
 
 #: The loggers of the connection pools of the storages' engines (SQLite files and servers).
@@ -251,13 +255,12 @@ _POOL_LOGGERS = ("sqlalchemy.pool.impl.QueuePool", "sqlalchemy.pool.impl.NullPoo
 def quiet_interrupted_trial_logs() -> None:
     """Log a trial stopped by Ctrl-C as one line, without its traceback, and drop the
     traceback SQLAlchemy logs when Ctrl-C lands in its connection pool (idempotent)."""
-    logger = logging.getLogger("optuna.study._optimize")
-    if not any(isinstance(f, _InterruptedTrialLog) for f in logger.filters):
-        logger.addFilter(_InterruptedTrialLog())
-    for name in _POOL_LOGGERS:
-        pool_logger = logging.getLogger(name)
-        if not any(isinstance(f, _InterruptedPoolLog) for f in pool_logger.filters):
-            pool_logger.addFilter(_InterruptedPoolLog())
+    filters: list[tuple[str, type[logging.Filter]]] = [("optuna.study._optimize", _InterruptedTrialLog)]
+    filters += [(name, _InterruptedPoolLog) for name in _POOL_LOGGERS]
+    for name, kind in filters:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 def _finished_count(study: optuna.Study) -> int:
