@@ -40,7 +40,8 @@ from baselines import data_root
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
 from modelsel.spec import CVSpec, DigitsSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
-from modelsel.training import FoldData, train_models
+from modelsel.stacked import StackJob, train_stacked
+from modelsel.training import FoldData, thread_policy, train_models
 
 
 @dataclass
@@ -187,8 +188,9 @@ def profile_shares(run: Callable[[], Any], device: torch.device, top: int = 8) -
 
 
 def _run_engine(engine: str, case: Case, device: torch.device, training: TrainingSpec, folds: list[FoldData]) -> Any:
-    """Train ``folds`` with ``engine`` (``sequential``, ``stacked`` or ``stacked-eager``: stacked
-    without its CUDA graph), optionally with ``+bf16``/``+tf32``."""
+    """Train ``folds`` with ``engine`` (``sequential``, ``stacked``, ``stacked-eager``: stacked
+    without its CUDA graph, or ``stacked-unfused``: stacked with a separate SGD update pass),
+    optionally with ``+bf16``/``+tf32``."""
     name, _, precision = engine.partition("+")
     with contextlib.ExitStack() as stack:
         if precision == "bf16":
@@ -201,6 +203,19 @@ def _run_engine(engine: str, case: Case, device: torch.device, training: Trainin
             stack.callback(torch.set_float32_matmul_precision, previous)
         elif precision:
             raise SystemExit(f"unknown precision suffix {precision!r} in engine {engine!r}: use +bf16 or +tf32")
+        if name == "stacked-unfused":
+            jobs = [
+                StackJob(data=data, model=case.model, training=training.model_copy(update={"engine": "stacked"}),
+                         seed=0, index=index)
+                for index, data in enumerate(folds)
+            ]
+            with thread_policy(case.model, training, n_inputs=folds[0].X_train.shape[1], n_outputs=N_OUTPUTS,
+                               device=device):
+                results = train_stacked(
+                    jobs, task="classification", n_outputs=N_OUTPUTS, device=device, raise_on_divergence=True,
+                    fused_sgd=False,
+                )
+            return [r.member for r in results]
         return train_models(
             folds,
             model_spec=case.model,

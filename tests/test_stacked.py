@@ -121,6 +121,10 @@ FEATURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"depth": 2, "width": 16, "batch_norm": True, "init": "kaiming_uniform"},
         {"optimizer": "momentum", "lr": 0.05},
     ),
+    "sgd, weight decay, residual": (
+        {"depth": 2, "width": 16, "residual": True},
+        {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.01},
+    ),
     "depth 0": ({"depth": 0}, {"optimizer": "adam", "lr": 0.01}),
     "kaiming_normal, xavier_uniform-free defaults": (
         {"depth": 1, "width": 16, "init": "kaiming_normal"},
@@ -163,6 +167,7 @@ def test_uneven_member_sizes(sizes: tuple[int, ...]) -> None:
     for model, training in (
         ({"depth": 1, "width": 16}, {"optimizer": "adam", "lr": 0.01}),
         ({"depth": 1, "width": 16, "batch_norm": True}, {"optimizer": "momentum", "lr": 0.05}),
+        ({"depth": 1, "width": 16}, {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.01}),
     ):
         assert_same_training(
             run(members, "sequential", model=model, training=training),
@@ -247,6 +252,44 @@ def test_stacked_sweep_members_with_different_hyperparameters() -> None:
         assert_same_training([solo(job)], [result.member])
 
 
+def test_plain_sgd_steps_inside_the_backward_pass_as_the_one_model_path() -> None:
+    # Members differ in learning rate and weight decay (per-member columns) and in size
+    # (members sit out the last steps), with dropout-free residual blocks.
+    sizes, settings = (37, 30, 45), ((0.1, 0.0), (0.05, 0.01), (0.2, 0.001))
+    jobs = [
+        StackJob(
+            data=fold(n, seed=i),
+            model=ModelSpec(depth=2, width=16, residual=True),
+            training=TrainingSpec(epochs=3, batch_size=8, optimizer="sgd", lr=lr, weight_decay=wd),
+            seed=4 + i,
+        )
+        for i, (n, (lr, wd)) in enumerate(zip(sizes, settings, strict=True))
+    ]
+    trainers = {
+        fused: StackedTrainer(
+            jobs, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"), fused_sgd=fused
+        )
+        for fused in (True, False)
+    }
+    results = {fused: trainer.train() for fused, trainer in trainers.items()}
+    # Every step (6 an epoch for the largest member), ragged ones included, updates in the backward pass.
+    assert trainers[True].fused_steps == 3 * 6 and trainers[False].fused_steps == 0
+    for job, fused, separate in zip(jobs, results[True], results[False], strict=True):
+        assert_same_training([solo(job)], [fused.member])
+        assert_same_training([separate.member], [fused.member])
+    # Features that need the gradient itself keep the separate update.
+    for change in ({"l1": 0.001}, {"grad_clip": 1.0}, {"optimizer": "momentum"}):
+        job = StackJob(
+            data=jobs[0].data,
+            model=jobs[0].model,
+            training=TrainingSpec.model_validate({**jobs[0].training.model_dump(), **change}),
+            seed=4,
+        )
+        trainer = StackedTrainer([job], task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
+        trainer.train()
+        assert trainer.fused_steps == 0, change
+
+
 def test_adam_sweep_members_with_different_learning_rates() -> None:
     data = fold(37, seed=0)
     jobs = [
@@ -323,9 +366,16 @@ def test_dropout_trains_as_well_stacked_as_sequential() -> None:
 # ---------------------------------------------------------------------- callbacks
 
 
-def test_gradient_stats_and_models_are_the_one_model_paths() -> None:
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"optimizer": "adam", "lr": 0.01, "l1": 0.001},
+        {"optimizer": "sgd", "lr": 0.1},  # the first step of each epoch keeps its gradients for the callback
+    ],
+)
+def test_gradient_stats_and_models_are_the_one_model_paths(training: dict[str, Any]) -> None:
     members = folds()
-    model, training = {"depth": 2, "width": 16}, {"optimizer": "adam", "lr": 0.01, "l1": 0.001}
+    model = {"depth": 2, "width": 16}
     stats = {engine: GradientStats() for engine in ("sequential", "stacked")}
     trained = {
         engine: run(members, engine, model=model, training=training, callbacks=[stats[engine]])
