@@ -335,11 +335,10 @@ class StackedTrainer:
         device, T = self.device, self.row_size
         if initial:
             flat = torch.empty(k * T, device=device, dtype=self.dtype)
-            flat_rows = self._rows(flat)
             for i, m in enumerate(members):
                 params = dict(m.model.named_parameters())
-                for slot, rows in zip(self.slots, flat_rows, strict=True):
-                    rows[i] = params[slot.name].detach().reshape(-1)
+                for slot, block in zip(self.slots, self._blocks(flat), strict=True):
+                    block[i] = params[slot.name].detach().reshape(-1)
             norms = [_norms(m.model) for m in members]
             buffers = [
                 torch.stack([getattr(member_norms[b], name).detach() for member_norms in norms])
@@ -354,8 +353,8 @@ class StackedTrainer:
             state = [self._select_rows(s, rows) for s in self.opt_state]
         self.flat = flat
         self.grad = torch.zeros_like(flat)
-        self.flat_rows = self._rows(flat)
-        self.grad_rows = self._rows(self.grad)
+        self.param_blocks = self._blocks(flat)
+        self.grad_blocks = self._blocks(self.grad)
         # Running sums of one epoch, kept at fixed addresses for the captured step.
         self.loss_sum = torch.zeros(k, device=device)
         self.correct = torch.zeros(k, device=device, dtype=torch.int64)
@@ -373,7 +372,7 @@ class StackedTrainer:
         k = len(self.stack)
         views: dict[str, torch.Tensor] = {}
         grads: dict[str, torch.Tensor] = {}
-        for slot, view, grad in zip(self.slots, self.flat_rows, self.grad_rows, strict=True):
+        for slot, view, grad in zip(self.slots, self.param_blocks, self.grad_blocks, strict=True):
             if len(slot.shape) == 1:  # biases and batch-norm affine: [k, 1, h] broadcasts over the batch
                 shape: tuple[int, ...] = (k, 1, slot.shape[0])
             else:
@@ -400,7 +399,7 @@ class StackedTrainer:
             (views[slot.name], grads[slot.name]) for slot in self.slots if ".norm." in slot.name
         ]
         for row, member in enumerate(self.stack):
-            values, grads_of_row = [v[row] for v in self.flat_rows], [g[row] for g in self.grad_rows]
+            values, grads_of_row = [v[row] for v in self.param_blocks], [g[row] for g in self.grad_blocks]
             _point_model_at(member.model, self.slots, values, grads_of_row)
             for b, norm in enumerate(_norms(member.model)):
                 norm.running_mean = self.buffers[2 * b][row]
@@ -587,7 +586,7 @@ class StackedTrainer:
         with torch.no_grad():
             if self.l1 is not None:
                 for i in self.weight_slots:
-                    _scaled_add_(self.grad_rows[i], self.flat_rows[i].sign(), self.l1)
+                    _scaled_add_(self.grad_blocks[i], self.param_blocks[i].sign(), self.l1)
             if first:
                 for m in self.stack:
                     for callback in self.grad_callbacks:
@@ -724,13 +723,13 @@ class StackedTrainer:
     def _clip(self) -> None:
         if self.clip_norm is not None:
             # As torch's clip_grad_norm_: the norm of the parameters' norms, per member.
-            slot_norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in self.grad_rows], dim=1)
+            slot_norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in self.grad_blocks], dim=1)
             norms = torch.linalg.vector_norm(slot_norms, dim=1, keepdim=True)
             coefficient = (self.clip_norm / (norms + 1e-6)).clamp_(max=1.0)
-            for g in self.grad_rows:
+            for g in self.grad_blocks:
                 g.mul_(coefficient)
         if self.clip_value is not None:
-            for g in self.grad_rows:
+            for g in self.grad_blocks:
                 g.clamp_(min=-self.clip_value, max=self.clip_value)
 
     def _optimizer_step(self, stepping: list[bool] | None) -> None:
@@ -770,7 +769,7 @@ class StackedTrainer:
             correction = _column([math.sqrt(1 - beta2**s) for s in steps], p)
         if self.decoupled_decay is not None:
             for i in self.weight_slots:
-                self.flat_rows[i].mul_(self.decoupled_decay)
+                self.param_blocks[i].mul_(self.decoupled_decay)
         else:
             self._decay_gradient()
         exp_avg.lerp_(g, 1 - beta1)
@@ -781,8 +780,8 @@ class StackedTrainer:
         if isinstance(step_size, torch.Tensor):
             # (value * exp_avg) / denom, rounded as addcdiv_ rounds it: a member's numbers do
             # not depend on whether its neighbours made the same number of steps.
-            for rows, avg, den in zip(self.flat_rows, self._rows(exp_avg), self._rows(denom), strict=True):
-                rows.add_(avg.mul(-step_size).div_(den))
+            for block, avg, den in zip(self.param_blocks, self._blocks(exp_avg), self._blocks(denom), strict=True):
+                block.add_(avg.mul(-step_size).div_(den))
         else:
             p.addcdiv_(exp_avg, denom, value=-step_size)
 
@@ -791,30 +790,30 @@ class StackedTrainer:
         if self.weight_decay is None:
             return
         for i in self.weight_slots:
-            _scaled_add_(self.grad_rows[i], self.flat_rows[i], self.weight_decay)
+            _scaled_add_(self.grad_blocks[i], self.param_blocks[i], self.weight_decay)
 
     # -------------------------------------------------- the slot-major parameter layout
 
-    def _rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """The ``[k, numel]`` block of each slot in a slot-major tensor (``self.flat``'s layout)."""
+    def _blocks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The ``[k, numel]`` block of each slot (parameter) in a slot-major tensor (``self.flat``'s layout)."""
         k = tensor.numel() // self.row_size
         return [tensor[k * slot.offset : k * (slot.offset + slot.numel)].view(k, slot.numel) for slot in self.slots]
 
     def _select_rows(self, tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """A slot-major tensor of the members at ``rows`` of ``tensor``."""
-        return torch.cat([block.index_select(0, rows).reshape(-1) for block in self._rows(tensor)])
+        return torch.cat([block.index_select(0, rows).reshape(-1) for block in self._blocks(tensor)])
 
     def _scaled_add_(self, target: torch.Tensor, tensor: torch.Tensor, scale: float | torch.Tensor) -> None:
         """``target += scale * tensor`` on slot-major tensors, ``scale`` a float or a column."""
         if isinstance(scale, torch.Tensor):
-            for block, other in zip(self._rows(target), self._rows(tensor), strict=True):
+            for block, other in zip(self._blocks(target), self._blocks(tensor), strict=True):
                 block.addcmul_(other, scale)
         else:
             target.add_(tensor, alpha=scale)
 
     def _mul_(self, target: torch.Tensor, factor: float | torch.Tensor, *, divide: bool = False) -> None:
         """``target *= factor`` (or ``/=``) on a slot-major tensor, ``factor`` a float or a column."""
-        blocks = self._rows(target) if isinstance(factor, torch.Tensor) else [target]
+        blocks = self._blocks(target) if isinstance(factor, torch.Tensor) else [target]
         for block in blocks:
             if divide:
                 block.div_(factor)
@@ -833,8 +832,8 @@ class StackedTrainer:
 
     def _row_tensors(self) -> list[torch.Tensor]:
         """Every per-member tensor with the member on dim 0: parameters, buffers, then state."""
-        state_blocks = [block for state in self.opt_state for block in self._rows(state)]
-        return [*self.flat_rows, *self.buffers, *state_blocks]
+        state_blocks = [block for state in self.opt_state for block in self._blocks(state)]
+        return [*self.param_blocks, *self.buffers, *state_blocks]
 
     # ------------------------------------------------------------ epoch end
 
@@ -878,7 +877,7 @@ class StackedTrainer:
         stopping = m.job.training.early_stopping
         verdict = m.best.update(val_loss, epoch, m.history, stopping)
         if verdict == "best" and stopping is not None:
-            m.best_row = [block[row].clone() for block in self.flat_rows]
+            m.best_row = [block[row].clone() for block in self.param_blocks]
             m.best_buffers = [b[row].clone() for b in self.buffers]
             m.best_bn_steps = m.optimizer_steps
         elif verdict == "stop":
