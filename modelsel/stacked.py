@@ -668,8 +668,9 @@ class StackedTrainer:
         None when the optimizer or a feature needs the gradient itself (see
         ``_make_hyperparameters``), on the first step of an epoch when a callback reads
         the gradients, and under autocast (the products would round differently).
-        Measured on the CPU (5 D2L fold models, one thread): the update pass it saves is
-        about 10% of a step at batch 64 and 3% at batch 256.
+        Measured on the 2-vCPU EPYC (5 D2L fold models, one epoch, 30 interleaved pairs
+        against ``fused_sgd=False``, geometric means): 1.05x (one thread) and 1.10x (two
+        threads) at batch 64, 1.02x and 1.00x at batch 256.
         """
         if self.fused_update is None or (first and self.grad_callbacks):
             return None

@@ -484,6 +484,12 @@ def choose_engine(training: TrainingSpec) -> Literal["sequential", "stacked"]:
     784-1024-10, b256, SGD                      1248             1.05x
     ====================================  ==========  =========  =========
 
+    Re-measured on 2026-11-27 after the stacked engine's parameters became slot-major
+    (each weight a contiguous ``[k, out, in]`` block; see :mod:`modelsel.stacked`) and
+    plain SGD began to step inside the backward pass, 2 threads: D2L b64 1.46x and 2.0x
+    (two runs), D2L b256 1.18-1.19x, 784-1024-10 b256 SGD 1.14x, 784-512x3-10 b128
+    Adam 0.95x (unchanged).
+
     Small steps are overhead-bound (Python, dispatch, the optimizer's per-tensor loops),
     which stacking divides by k. GEMM-bound steps cost about the same either way
     (``bmm`` over k members vs k ``mm``), and stacking still saves the per-member
