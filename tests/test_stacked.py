@@ -271,6 +271,10 @@ def test_plain_sgd_steps_inside_the_backward_pass_as_the_one_model_path() -> Non
         )
         for fused in (True, False)
     }
+    # Each layer's weights (and their gradient buffer) are one contiguous [k, out, in]
+    # tensor: torch's in-place batched products take BLAS's batched path only then.
+    for weight, _, grad_weight, _ in trainers[True].layers:
+        assert weight.shape[0] == len(jobs) and weight.is_contiguous() and grad_weight.is_contiguous()
     results = {fused: trainer.train() for fused, trainer in trainers.items()}
     # Every step (6 an epoch for the largest member), ragged ones included, updates in the backward pass.
     assert trainers[True].fused_steps == 3 * 6 and trainers[False].fused_steps == 0
