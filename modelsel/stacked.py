@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -71,11 +71,12 @@ from modelsel.training import (
 class _FusedSGD:
     """A plain SGD step taken inside the backward pass (see :class:`_StackedLinear`).
 
-    ``lr`` is a Python float or a ``[k, 1]`` column; ``decay`` is ``1 - lr * weight_decay``
-    (the same forms), or None without weight decay.
+    ``neg_lr`` is ``-lr``, a Python float or a ``[k, 1, 1]`` column (shaped once, for the
+    batched weights); ``decay`` is ``1 - lr * weight_decay`` (the same forms), or None
+    without weight decay.
     """
 
-    lr: float | torch.Tensor
+    neg_lr: float | torch.Tensor
     decay: float | torch.Tensor | None
 
 
@@ -139,13 +140,13 @@ class _StackedLinear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         weight, bias = ctx.parameters
         grad_input = torch.bmm(grad_out, weight) if ctx.needs_input_grad[0] else None
-        if isinstance(update.lr, torch.Tensor):
-            scaled, alpha = grad_out * update.lr.view(-1, 1, 1).neg(), 1.0
+        if isinstance(update.neg_lr, torch.Tensor):
+            scaled, alpha = grad_out * update.neg_lr, 1.0
         else:
-            scaled, alpha = grad_out, -update.lr
+            scaled, alpha = grad_out, update.neg_lr
         beta = 1.0
         if isinstance(update.decay, torch.Tensor):
-            weight.mul_(update.decay.view(-1, 1, 1))
+            weight.mul_(update.decay)
         elif update.decay is not None:
             beta = update.decay
         weight.baddbmm_(scaled.mT, x, beta=beta, alpha=alpha)
@@ -427,12 +428,10 @@ class StackedTrainer:
         self.momentum = _column([t.momentum if t.optimizer == "momentum" else 0.0 for t in trainings], like)
         self.has_momentum = self.optimizer_kind == "momentum"
         self.weight_decay: float | torch.Tensor | None = _column(wd, like) if any(wd) else None
-        if self.optimizer_kind == "adamw" and self.weight_decay is not None:
-            self.decoupled_decay: float | torch.Tensor | None = _column(
-                [1.0 - rate * decay for rate, decay in zip(lr, wd, strict=True)], like
-            )
-        else:
-            self.decoupled_decay = None
+        # What the weights are multiplied by each step where the decay acts on them directly
+        # (AdamW, and the SGD step inside the backward pass).
+        shrink = _column([1.0 - rate * decay for rate, decay in zip(lr, wd, strict=True)], like) if any(wd) else None
+        self.decoupled_decay = shrink if self.optimizer_kind == "adamw" else None
         self.l1: float | torch.Tensor | None = _column(l1, like) if any(l1) else None
         clips = [t.grad_clip for t in trainings]
         norm = [c.threshold if c is not None and c.kind == "norm" else math.inf for c in clips]
@@ -454,10 +453,7 @@ class StackedTrainer:
             and self.clip_value is None
             and not self.batch_norm
         ):
-            decay = (
-                _column([1.0 - rate * w for rate, w in zip(lr, wd, strict=True)], like) if any(wd) else None
-            )
-            self.fused_update = _FusedSGD(lr=self.lr, decay=decay)
+            self.fused_update = _FusedSGD(neg_lr=_batched(-self.lr), decay=_batched(shrink))
         p = [m.job.model.dropout for m in self.stack]
         self.dropout = any(p)
         if self.dropout:
@@ -743,10 +739,12 @@ class StackedTrainer:
                 if not self.opt_state:
                     self.opt_state = [g.clone()]
                 else:
-                    self._mul_(self.opt_state[0], self.momentum)
+                    for (state,) in self._per_member(self.momentum, self.opt_state[0]):
+                        state.mul_(self.momentum)
                     self.opt_state[0].add_(g)
                 update = self.opt_state[0]
-            self._scaled_add_(p, update, -self.lr)
+            for params, change in self._per_member(self.lr, p, update):
+                _scaled_add_(params, change, -self.lr)
             return
         if not self.opt_state:
             self.opt_state = [torch.zeros_like(p), torch.zeros_like(p)]
@@ -776,13 +774,14 @@ class StackedTrainer:
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = exp_avg_sq.sqrt()
-        self._mul_(denom, correction, divide=True)
+        for (part,) in self._per_member(correction, denom):
+            part.div_(correction)
         denom.add_(_ADAM_EPS)
         if isinstance(step_size, torch.Tensor):
             # (value * exp_avg) / denom, rounded as addcdiv_ rounds it: a member's numbers do
             # not depend on whether its neighbours made the same number of steps.
-            for block, avg, den in zip(self.param_blocks, self._blocks(exp_avg), self._blocks(denom), strict=True):
-                block.add_(avg.mul(-step_size).div_(den))
+            for params, avg, den in self._per_member(step_size, p, exp_avg, denom):
+                params.add_(avg.mul(-step_size).div_(den))
         else:
             p.addcdiv_(exp_avg, denom, value=-step_size)
 
@@ -804,22 +803,13 @@ class StackedTrainer:
         """A slot-major tensor of the members at ``rows`` of ``tensor``."""
         return torch.cat([block.index_select(0, rows).reshape(-1) for block in self._blocks(tensor)])
 
-    def _scaled_add_(self, target: torch.Tensor, tensor: torch.Tensor, scale: float | torch.Tensor) -> None:
-        """``target += scale * tensor`` on slot-major tensors, ``scale`` a float or a column."""
-        if isinstance(scale, torch.Tensor):
-            for block, other in zip(self._blocks(target), self._blocks(tensor), strict=True):
-                block.addcmul_(other, scale)
-        else:
-            target.add_(tensor, alpha=scale)
-
-    def _mul_(self, target: torch.Tensor, factor: float | torch.Tensor, *, divide: bool = False) -> None:
-        """``target *= factor`` (or ``/=``) on a slot-major tensor, ``factor`` a float or a column."""
-        blocks = self._blocks(target) if isinstance(factor, torch.Tensor) else [target]
-        for block in blocks:
-            if divide:
-                block.div_(factor)
-            else:
-                block.mul_(factor)
+    def _per_member(self, factor: float | torch.Tensor, *tensors: torch.Tensor) -> Iterable[tuple[torch.Tensor, ...]]:
+        """Slot-major ``tensors`` in the parts an elementwise operation with ``factor`` runs on:
+        whole for a float (one pass), slot block by slot block (``[k, numel]``, where a
+        ``[k, 1]`` column broadcasts per member) for a column."""
+        if isinstance(factor, torch.Tensor):
+            return zip(*(self._blocks(tensor) for tensor in tensors), strict=True)
+        return [tensors]
 
     def _save_rows(self, rows: list[int]) -> list[torch.Tensor]:
         index = torch.tensor(rows, device=self.device)
@@ -921,6 +911,19 @@ def _blocks(model: MLP) -> list[HiddenBlock]:
 def _norms(model: MLP) -> list[Any]:
     """The batch-norm layers of ``model`` (typed loosely: their buffers are plain tensors)."""
     return [module for module in model.modules() if isinstance(module, nn.BatchNorm1d)]
+
+
+@overload
+def _batched(value: float | torch.Tensor) -> float | torch.Tensor: ...
+
+
+@overload
+def _batched(value: float | torch.Tensor | None) -> float | torch.Tensor | None: ...
+
+
+def _batched(value: float | torch.Tensor | None) -> float | torch.Tensor | None:
+    """A per-member ``[k, 1]`` column as ``[k, 1, 1]``, to broadcast over batched weights."""
+    return value.view(-1, 1, 1) if isinstance(value, torch.Tensor) else value
 
 
 def _int16_column(values: Sequence[int], device: torch.device) -> int | torch.Tensor:
