@@ -14,7 +14,8 @@ time per step (process time, less sensitive to other processes than wall time).
 ``--members N`` trains N models instead of the k fold models (the folds repeated), as
 when several trials of a sweep stack with their folds. ``stacked-eager`` is the stacked
 engine with every step launched eagerly (no CUDA graph; the same as ``stacked`` on the
-CPU). An engine name may carry a
+CPU); ``stacked-unfused`` keeps plain SGD's separate update pass on the CPU instead of
+the step inside the backward pass. An engine name may carry a
 precision suffix: ``+bf16`` runs it under ``torch.autocast`` with bfloat16, ``+tf32``
 lets float32 matrix products use TF32 (``torch.set_float32_matmul_precision("high")``).
 Each engine's mean final validation accuracy is printed beside its speed, so a faster
@@ -40,8 +41,7 @@ from baselines import data_root
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
 from modelsel.spec import CVSpec, DigitsSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
-from modelsel.stacked import StackJob, train_stacked
-from modelsel.training import FoldData, thread_policy, train_models
+from modelsel.training import FoldData, train_models
 
 
 @dataclass
@@ -203,28 +203,16 @@ def _run_engine(engine: str, case: Case, device: torch.device, training: Trainin
             stack.callback(torch.set_float32_matmul_precision, previous)
         elif precision:
             raise SystemExit(f"unknown precision suffix {precision!r} in engine {engine!r}: use +bf16 or +tf32")
-        if name == "stacked-unfused":
-            jobs = [
-                StackJob(data=data, model=case.model, training=training.model_copy(update={"engine": "stacked"}),
-                         seed=0, index=index)
-                for index, data in enumerate(folds)
-            ]
-            with thread_policy(case.model, training, n_inputs=folds[0].X_train.shape[1], n_outputs=N_OUTPUTS,
-                               device=device):
-                results = train_stacked(
-                    jobs, task="classification", n_outputs=N_OUTPUTS, device=device, raise_on_divergence=True,
-                    fused_sgd=False,
-                )
-            return [r.member for r in results]
         return train_models(
             folds,
             model_spec=case.model,
-            training=training.model_copy(update={"engine": name.removesuffix("-eager")}),
+            training=training.model_copy(update={"engine": name.removesuffix("-eager").removesuffix("-unfused")}),
             task="classification",
             n_outputs=N_OUTPUTS,
             seed=0,
             device=device,
             cuda_graph=name != "stacked-eager",
+            fused_sgd=name != "stacked-unfused",
         )
 
 

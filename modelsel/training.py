@@ -268,6 +268,7 @@ def train_models(
     callbacks: Sequence[Callback] = (),
     device: torch.device | str = "cpu",
     cuda_graph: bool = True,
+    fused_sgd: bool = True,
 ) -> list[TrainedMember]:
     """Train one MLP per member, all advancing an epoch at a time.
 
@@ -293,6 +294,9 @@ def train_models(
     cuda_graph
         With the stacked engine on CUDA, replay the full steps as one captured CUDA
         graph (see :mod:`modelsel.stacked`); ``False`` launches every step eagerly.
+    fused_sgd
+        With the stacked engine on the CPU, take plain SGD steps inside the backward
+        pass where it can; ``False`` keeps the separate update (for measuring it).
 
     Returns
     -------
@@ -323,6 +327,7 @@ def train_models(
                 device=device,
                 raise_on_divergence=True,
                 cuda_graph=cuda_graph,
+                fused_sgd=fused_sgd,
             )
             return [r.member for r in results]
         return _train_sequential(
