@@ -135,10 +135,14 @@ class _OwnTrials:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.unfinished_trial_ids: dict[int, set[int]] = {}
+        self._this_thread = threading.local()
 
     def _own(self) -> set[int]:
-        return self.unfinished_trial_ids.setdefault(threading.get_ident(), set())
+        """The trials this thread made RUNNING and has not finished (a thread's set ends with it)."""
+        own: set[int] | None = getattr(self._this_thread, "unfinished_trial_ids", None)
+        if own is None:
+            own = self._this_thread.unfinished_trial_ids = set()
+        return own
 
     def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
         trial_id: int = super().create_new_trial(study_id, template_trial)  # type: ignore[misc]
