@@ -33,8 +33,9 @@ On CUDA the full steps (every member on a whole batch, no gradient callback) rep
 captured CUDA graph (:meth:`StackedTrainer._graphable` says when): a small MLP's step is
 dozens of kernels of a few microseconds, so eagerly the host's launches set the pace.
 Measured on an H100 (``benchmarks/engine_probe.py --device cuda``, 5 D2L fold models,
-one epoch with evaluation): stacked over sequential 3.4x eager and 12x with the graph
-at batch 256, 4.0x and 27x at batch 64; 40 members at batch 256: 8.7x and 15.5x. With
+one epoch with evaluation): stacked over sequential 3.2-3.4x eager and 10-12x with the
+graph at batch 256, 3.9-4.0x and 22-27x at batch 64; 40 members at batch 256: 8.5-8.7x
+and 14-15.5x (two sessions; the second, after the slot-major layout, had a faster host). With
 Adam and dropout (digits, 64-64-64-10, batch 64, 5 epochs): 3.4x eager, 9.5x graphed.
 """
 

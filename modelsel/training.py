@@ -500,7 +500,7 @@ def choose_engine(training: TrainingSpec) -> Literal["sequential", "stacked"]:
     (``bmm`` over k members vs k ``mm``), and stacking still saves the per-member
     gradient allocations and optimizer calls. (The first two rows are from an earlier,
     busier session.) On CUDA, where a step is launch-bound and the stacked step replays
-    as one CUDA graph, stacking was 12x sequential at batch 256 on an H100 (see
+    as one CUDA graph, stacking was 10-12x sequential at batch 256 on an H100 (see
     :mod:`modelsel.stacked`). Set ``engine: stacked`` or ``sequential`` to override.
     """
     if training.engine != "auto":
