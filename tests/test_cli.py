@@ -277,7 +277,7 @@ def test_cuda_without_a_gpu(workdir: Path, spec_file: Callable[..., Path]) -> No
 def test_quickstart_end_to_end(tmp_path: Path) -> None:
     """`modelsel study run` with no argument, through the installed entry point (3 of its 30 trials)."""
     exe = shutil.which("modelsel")
-    command = [exe] if exe else [sys.executable, "-m", "modelsel.cli"]
+    command = [exe] if exe else [sys.executable, "-m", "modelsel"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     result = subprocess.run(
         [*command, "study", "run", "--n-trials", "3", "--quiet"],
@@ -311,7 +311,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
 
 def test_the_entry_point_keeps_exit_codes_and_flushes_its_output(tmp_path: Path) -> None:
     exe = shutil.which("modelsel")
-    command = [exe] if exe else [sys.executable, "-m", "modelsel.cli"]
+    command = [exe] if exe else [sys.executable, "-m", "modelsel"]
     version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120)
     assert (version.returncode, version.stdout.strip()) == (0, f"modelsel, version {__version__}")
     missing = subprocess.run(
@@ -321,6 +321,18 @@ def test_the_entry_point_keeps_exit_codes_and_flushes_its_output(tmp_path: Path)
     assert missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
     usage = subprocess.run([*command, "study", "run", "--workers", "0"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "Invalid value for '--workers'" in usage.stderr
+
+
+def test_python_dash_m_modelsel_is_the_same_command(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "modelsel"]
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120)
+    assert (version.returncode, version.stdout.strip()) == (0, f"modelsel, version {__version__}")
+    usage = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and usage.stdout.startswith("Usage: python -m modelsel "), usage.stdout
+    missing = subprocess.run(
+        [*command, "study", "run", "nowhere.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
 
 
 def finished_trials_read_only(db: Path) -> int:
@@ -349,7 +361,7 @@ def test_ctrl_c_during_a_two_worker_run_exits_130_cleanly(tmp_path: Path) -> Non
     data["training"] = {**data["training"], "epochs": 30}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
     exe = shutil.which("modelsel")
-    command = [exe] if exe else [sys.executable, "-m", "modelsel.cli"]
+    command = [exe] if exe else [sys.executable, "-m", "modelsel"]
     # A child of a non-interactive shell may inherit SIGINT ignored; start it with the default.
     process = subprocess.Popen(
         [*command, "study", "run", "spec.yaml", "--workers", "2", "--quiet"],
