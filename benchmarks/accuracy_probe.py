@@ -60,20 +60,8 @@ def _accuracy(net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 def train_pytorch(fold: FoldData, *, seed: int, epochs: int, width: int) -> list[float]:
     """The D2L loop on in-memory tensors; validation accuracy after each epoch."""
     assert fold.X_val is not None and fold.y_val is not None
-    torch.manual_seed(seed)
-    net = baselines.MLP(width)
-    optimizer = torch.optim.SGD(net.parameters(), lr=baselines.LR)
-    loss_fn = nn.CrossEntropyLoss()
-    n = fold.X_train.shape[0]
     accuracies = []
-    for _ in range(epochs):
-        net.train()
-        order = torch.randperm(n)
-        for start in range(0, n, baselines.BATCH_SIZE):
-            batch = order[start : start + baselines.BATCH_SIZE]
-            optimizer.zero_grad()
-            loss_fn(net(fold.X_train[batch]), fold.y_train[batch]).backward()
-            optimizer.step()
+    for net, _ in baselines.in_memory_epochs(fold.X_train, fold.y_train, width=width, seed=seed, epochs=epochs):
         net.eval()
         accuracies.append(_accuracy(net, fold.X_val, fold.y_val))
     return accuracies

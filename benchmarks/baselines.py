@@ -42,7 +42,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,33 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of images or flattened images."""
         return self.net(x)
+
+
+def in_memory_epochs(
+    X: torch.Tensor, y: torch.Tensor, *, width: int, seed: int, epochs: int, batch_size: int = BATCH_SIZE
+) -> Iterator[tuple[nn.Module, float]]:
+    """The D2L loop on tensors held in memory, the way one writes it by hand.
+
+    ``MLP(width)``, ``torch.optim.SGD(lr=LR)``, a fresh ``randperm`` each epoch and
+    batches of ``batch_size`` sliced from it (the issue's "PyTorch on tensors held in
+    memory, batches sliced from a shuffled index"). Yields the network (in train mode)
+    and the epoch's seconds after each epoch.
+    """
+    torch.manual_seed(seed)
+    net = MLP(width)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    loss_fn = nn.CrossEntropyLoss()
+    n = X.shape[0]
+    for _ in range(epochs):
+        net.train()
+        started = time.perf_counter()
+        order = torch.randperm(n)
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad()
+            loss_fn(net(X[batch]), y[batch]).backward()
+            optimizer.step()
+        yield net, time.perf_counter() - started
 
 
 def _result(

@@ -7,7 +7,13 @@ PyTorch ("two such processes with 1 thread each, together"), so the engine's own
 efficiency can be read as a fraction of the GEMM limit::
 
     python benchmarks/throughput_probe.py [--epochs 3] [--width 256] [--batch 256]
-        [--rounds 2] [--engines stacked,sequential] [--data-root DIR] [--json]
+        [--rounds 2] [--engines stacked,sequential,pytorch] [--data-root DIR] [--json]
+
+``--engines`` takes modelsel's engines (``stacked``, ``sequential``) and ``pytorch``: the
+loop the issue's table measured, written by hand (``baselines.in_memory_epochs``: an
+``nn.Sequential``, ``torch.optim.SGD``, batches sliced from a fresh ``randperm`` of
+tensors in memory), training the same 5 fold models one after another at batch 256. It
+shows what this machine gives the usual way, next to the GEMM limit and modelsel's engines.
 
 For each engine it runs, interleaved over ``--rounds`` rounds:
 
@@ -43,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from baselines import data_root, flops_per_sample, gemm_step_seconds
+from baselines import data_root, flops_per_sample, gemm_step_seconds, in_memory_epochs
 
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
@@ -51,6 +57,8 @@ from modelsel.spec import CVSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
 from modelsel.training import FoldData, torch_threads, train_models
 
 FOLDS = 5
+#: The plain PyTorch loop of ``baselines.in_memory_epochs`` rather than a modelsel engine.
+PLAIN = "pytorch"
 CONFIGS: dict[str, tuple[int, int]] = {  # name: (processes, threads per process)
     "1 process x 2 threads": (1, 2),
     "2 processes x 1 thread": (2, 1),
@@ -70,16 +78,34 @@ def run_child(args: argparse.Namespace) -> None:
         return TrainingSpec(optimizer="sgd", lr=0.1, batch_size=args.batch, epochs=epochs, engine=args.engine)
 
     warm = [FoldData(X_train=f.X_train[:4096], y_train=f.y_train[:4096]) for f in folds]
-    train_models(warm, model_spec=model, training=training(1), task="classification", n_outputs=10, seed=0)
+    if args.engine == PLAIN:
+        warm_epochs = in_memory_epochs(
+            warm[0].X_train, warm[0].y_train, width=args.width, seed=0, epochs=1, batch_size=args.batch
+        )
+        for _ in warm_epochs:
+            pass
+    else:
+        train_models(warm, model_spec=model, training=training(1), task="classification", n_outputs=10, seed=0)
     print("ready", flush=True)
     sys.stdin.readline()  # the parent's go
     started = time.time()
-    trained = train_models(
-        folds, model_spec=model, training=training(args.epochs), task="classification", n_outputs=10, seed=args.seed
-    )
+    if args.engine == PLAIN:  # the fold models one after another, as a hand-written script trains them
+        train_s = sum(
+            seconds
+            for index, f in enumerate(folds)
+            for _, seconds in in_memory_epochs(
+                f.X_train, f.y_train, width=args.width, seed=args.seed * FOLDS + index, epochs=args.epochs,
+                batch_size=args.batch,
+            )
+        )
+    else:
+        trained = train_models(
+            folds, model_spec=model, training=training(args.epochs), task="classification", n_outputs=10,
+            seed=args.seed,
+        )  # fmt: skip
+        train_s = sum(m.history.fit_seconds for m in trained)
     ended = time.time()
     samples = sum(f.X_train.shape[0] for f in folds) * args.epochs
-    train_s = sum(m.history.fit_seconds for m in trained)
     print(
         json.dumps(
             {"start": started, "end": ended, "train_s": train_s, "samples": samples},
@@ -150,7 +176,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--engines", default="stacked,sequential")
+    parser.add_argument("--engines", default="stacked,sequential,pytorch")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
