@@ -125,6 +125,13 @@ def close_storages() -> None:
             engine.dispose()
 
 
+class _ThreadTrials(threading.local):
+    """Per thread: the trials it made RUNNING and has not finished (a thread's set ends with it)."""
+
+    def __init__(self) -> None:
+        self.unfinished: set[int] = set()
+
+
 class _OwnTrials:
     """Storage mixin: remembers, per thread, the trials it made RUNNING and has not finished.
 
@@ -135,14 +142,10 @@ class _OwnTrials:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._this_thread = threading.local()
+        self._this_thread = _ThreadTrials()
 
     def _own(self) -> set[int]:
-        """The trials this thread made RUNNING and has not finished (a thread's set ends with it)."""
-        own: set[int] | None = getattr(self._this_thread, "unfinished_trial_ids", None)
-        if own is None:
-            own = self._this_thread.unfinished_trial_ids = set()
-        return own
+        return self._this_thread.unfinished
 
     def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
         trial_id: int = super().create_new_trial(study_id, template_trial)  # type: ignore[misc]
