@@ -107,13 +107,13 @@ class _StackedLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         if update is None:
             ctx.save_for_backward(x, weight)
+            ctx.grad_buffers = (grad_weight, grad_bias)
         else:
             # The weights change in place during this backward pass, and every layer's
             # weights are views of one flat tensor: saved through save_for_backward, the
-            # layers below would fail autograd's version check.
+            # layers below would fail autograd's version check. No gradient is written.
             ctx.save_for_backward(x)
             ctx.parameters = (weight, bias)
-        ctx.grad_buffers = (grad_weight, grad_bias)
         ctx.update = update
         return torch.baddbmm(bias, x, weight.mT)
 
