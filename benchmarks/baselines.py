@@ -145,6 +145,10 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+#: The name under which the probes report :func:`in_memory_epochs` beside modelsel's engines.
+PLAIN_LOOP = "pytorch"
+
+
 def in_memory_epochs(
     X: torch.Tensor, y: torch.Tensor, *, width: int, seed: int, epochs: int, batch_size: int = BATCH_SIZE
 ) -> Iterator[tuple[nn.Module, float]]:

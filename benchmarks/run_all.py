@@ -42,7 +42,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from baselines import GRIDS, data_root, flops_per_sample  # noqa: E402
+from baselines import GRIDS, PLAIN_LOOP, data_root, flops_per_sample  # noqa: E402
 
 #: Entries in the order they run; ``gemm`` first so every fraction uses this run's limit.
 GRID_BASELINES = ("d2l", "skorch", "sklearn")
@@ -56,8 +56,6 @@ TPE_PRUNERS: dict[str, Any] = {
     "tpe-sha": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}},
     "tpe-sha4": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 4}},
 }
-#: ``throughput_probe.py``'s name for the plain PyTorch loop (not a modelsel engine).
-PLAIN_LOOP = "pytorch"
 ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines", "throughput", "accuracy")
 #: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
 ENGINE_CASES = ("d2l-b64", "d2l-b256")

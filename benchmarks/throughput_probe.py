@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from baselines import data_root, flops_per_sample, gemm_step_seconds, in_memory_epochs
+from baselines import PLAIN_LOOP, data_root, flops_per_sample, gemm_step_seconds, in_memory_epochs
 
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
@@ -57,8 +57,6 @@ from modelsel.spec import CVSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
 from modelsel.training import FoldData, torch_threads, train_models
 
 FOLDS = 5
-#: The plain PyTorch loop of ``baselines.in_memory_epochs`` rather than a modelsel engine.
-PLAIN = "pytorch"
 CONFIGS: dict[str, tuple[int, int]] = {  # name: (processes, threads per process)
     "1 process x 2 threads": (1, 2),
     "2 processes x 1 thread": (2, 1),
@@ -74,36 +72,28 @@ def run_child(args: argparse.Namespace) -> None:
     folds = [FoldData(X_train=f.X_train, y_train=f.y_train) for f in cv_folds]  # no validation pass
     model = ModelSpec(depth=1, width=args.width)
 
-    def training(epochs: int) -> TrainingSpec:
-        return TrainingSpec(optimizer="sgd", lr=0.1, batch_size=args.batch, epochs=epochs, engine=args.engine)
-
-    warm = [FoldData(X_train=f.X_train[:4096], y_train=f.y_train[:4096]) for f in folds]
-    if args.engine == PLAIN:
-        warm_epochs = in_memory_epochs(
-            warm[0].X_train, warm[0].y_train, width=args.width, seed=0, epochs=1, batch_size=args.batch
+    def train_seconds(members: list[FoldData], epochs: int, seed: int) -> float:
+        """Train one model per member with the child's engine; the epochs' training seconds."""
+        if args.engine == PLAIN_LOOP:  # the models one after another, as a hand-written script trains them
+            return sum(
+                seconds
+                for index, f in enumerate(members)
+                for _, seconds in in_memory_epochs(
+                    f.X_train, f.y_train, width=args.width, seed=seed * FOLDS + index, epochs=epochs,
+                    batch_size=args.batch,
+                )
+            )  # fmt: skip
+        training = TrainingSpec(optimizer="sgd", lr=0.1, batch_size=args.batch, epochs=epochs, engine=args.engine)
+        trained = train_models(
+            members, model_spec=model, training=training, task="classification", n_outputs=10, seed=seed
         )
-        for _ in warm_epochs:
-            pass
-    else:
-        train_models(warm, model_spec=model, training=training(1), task="classification", n_outputs=10, seed=0)
+        return sum(m.history.fit_seconds for m in trained)
+
+    train_seconds([FoldData(X_train=f.X_train[:4096], y_train=f.y_train[:4096]) for f in folds], 1, 0)  # warm-up
     print("ready", flush=True)
     sys.stdin.readline()  # the parent's go
     started = time.time()
-    if args.engine == PLAIN:  # the fold models one after another, as a hand-written script trains them
-        train_s = sum(
-            seconds
-            for index, f in enumerate(folds)
-            for _, seconds in in_memory_epochs(
-                f.X_train, f.y_train, width=args.width, seed=args.seed * FOLDS + index, epochs=args.epochs,
-                batch_size=args.batch,
-            )
-        )
-    else:
-        trained = train_models(
-            folds, model_spec=model, training=training(args.epochs), task="classification", n_outputs=10,
-            seed=args.seed,
-        )  # fmt: skip
-        train_s = sum(m.history.fit_seconds for m in trained)
+    train_s = train_seconds(folds, args.epochs, args.seed)
     ended = time.time()
     samples = sum(f.X_train.shape[0] for f in folds) * args.epochs
     print(
