@@ -45,6 +45,12 @@ def invoke(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
 
 
+def modelsel_command() -> list[str]:
+    """The installed ``modelsel`` console script, else ``python -m modelsel`` (the same command line)."""
+    exe = shutil.which("modelsel")
+    return [exe] if exe else [sys.executable, "-m", "modelsel"]
+
+
 def assert_user_error(result: Result, *fragments: str) -> str:
     """Exit code 2, exactly one line on stderr starting with 'error:', no traceback."""
     assert result.exit_code == 2, result.output
@@ -276,8 +282,7 @@ def test_cuda_without_a_gpu(workdir: Path, spec_file: Callable[..., Path]) -> No
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path: Path) -> None:
     """`modelsel study run` with no argument, through the installed entry point (3 of its 30 trials)."""
-    exe = shutil.which("modelsel")
-    command = [exe] if exe else [sys.executable, "-m", "modelsel"]
+    command = modelsel_command()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     result = subprocess.run(
         [*command, "study", "run", "--n-trials", "3", "--quiet"],
@@ -310,8 +315,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
 
 
 def test_the_entry_point_keeps_exit_codes_and_flushes_its_output(tmp_path: Path) -> None:
-    exe = shutil.which("modelsel")
-    command = [exe] if exe else [sys.executable, "-m", "modelsel"]
+    command = modelsel_command()
     version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120)
     assert (version.returncode, version.stdout.strip()) == (0, f"modelsel, version {__version__}")
     missing = subprocess.run(
@@ -360,8 +364,7 @@ def test_ctrl_c_during_a_two_worker_run_exits_130_cleanly(tmp_path: Path) -> Non
     data = tiny_spec_data(name="interrupted", budget={"n_trials": 200})
     data["training"] = {**data["training"], "epochs": 30}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-    exe = shutil.which("modelsel")
-    command = [exe] if exe else [sys.executable, "-m", "modelsel"]
+    command = modelsel_command()
     # A child of a non-interactive shell may inherit SIGINT ignored; start it with the default.
     process = subprocess.Popen(
         [*command, "study", "run", "spec.yaml", "--workers", "2", "--quiet"],
