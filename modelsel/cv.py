@@ -202,33 +202,36 @@ class TestScore:
     fit_seconds: float
 
 
-def fit_and_test(
+def fit_final(
     spec: StudySpec,
     dataset: Dataset,
     *,
     epochs: int | None = None,
     device: torch.device | str = "cpu",
-) -> TestScore:
-    """Retrain on the whole training split and score the held-out test split once.
+) -> TrainedMember:
+    """Retrain a configuration on the whole training split; the test split is not touched.
 
     Parameters
     ----------
     spec
         The selected configuration (searched values filled in).
     dataset
-        The dataset; its test split is used here and nowhere else.
+        The dataset; only its training split is used.
     epochs
         Epochs to train (e.g. the folds' mean best epoch under early stopping);
         ``spec.training.epochs`` when omitted.
     device
         Where to train.
+
+    Returns
+    -------
+    TrainedMember
+        The retrained model and its history, for :func:`score_on_test`.
     """
     device = torch.device(device)
     X_train, y_train = dataset.X_train.to(device), dataset.y_train.to(device)
-    X_test, y_test = dataset.X_test.to(device), dataset.y_test.to(device)
     if dataset.standardize:
-        transform = _standardizer(X_train)
-        X_train, X_test = transform(X_train), transform(X_test)
+        X_train = _standardizer(X_train)(X_train)
     training = spec.training.model_copy(
         update={"epochs": epochs or spec.training.epochs, "early_stopping": None}
     )
@@ -241,7 +244,25 @@ def fit_and_test(
         seed=spec.seed,
         device=device,
     )
-    test_loss, test_metric = evaluate(member.model, X_test, y_test, task=dataset.task)
+    return member
+
+
+def score_on_test(member: TrainedMember, dataset: Dataset, *, device: torch.device | str = "cpu") -> TestScore:
+    """Score a model retrained by :func:`fit_final` on the held-out test split, once.
+
+    The test split is standardized with the whole training split's statistics, as the
+    training data was.
+
+    Raises
+    ------
+    ArithmeticError
+        When the test loss is not finite (the retrained model diverged).
+    """
+    device = torch.device(device)
+    X_test, y_test = dataset.X_test.to(device), dataset.y_test.to(device)
+    if dataset.standardize:
+        X_test = _standardizer(dataset.X_train.to(device))(X_test)
+    test_loss, test_metric = evaluate(member.model.to(device), X_test, y_test, task=dataset.task)
     if not math.isfinite(test_loss):
         raise ArithmeticError(f"the retrained model's test loss is {test_loss}")
     history = member.history
@@ -253,3 +274,28 @@ def fit_and_test(
         epochs=history.epochs_run,
         fit_seconds=history.fit_seconds,
     )
+
+
+def fit_and_test(
+    spec: StudySpec,
+    dataset: Dataset,
+    *,
+    epochs: int | None = None,
+    device: torch.device | str = "cpu",
+) -> TestScore:
+    """Retrain on the whole training split and score the held-out test split once
+    (:func:`fit_final`, then :func:`score_on_test`).
+
+    Parameters
+    ----------
+    spec
+        The selected configuration (searched values filled in).
+    dataset
+        The dataset; its test split is used here and nowhere else.
+    epochs
+        Epochs to train; ``spec.training.epochs`` when omitted.
+    device
+        Where to train.
+    """
+    member = fit_final(spec, dataset, epochs=epochs, device=device)
+    return score_on_test(member, dataset, device=device)

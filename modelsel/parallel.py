@@ -42,6 +42,18 @@ Samplers
     draw the same first configurations; TPE runs with ``constant_liar`` (unless the spec
     sets it) so concurrent workers do not all sample next to the same running trial.
 
+The final retrain
+    The first worker left without a trial to claim while others still train retrains
+    the best trial so far on the whole training split, on the core that would
+    otherwise wait (:func:`refit_while_others_search`; a spawned worker sends the model
+    to the calling process). The test split is not touched until the search is over:
+    the model is scored only if the final selection is that trial, else the calling
+    process retrains. Either way the retrain runs with the workers' threads (1 on
+    CPU), so the test score does not depend on which process made it (a run with
+    ``--workers 1`` retrains with the process's threads, and its last digits may
+    differ). On the benchmark grid (``benchmarks/``) this took the retrain, about 5 s,
+    off the end of a 2-worker run.
+
 Interrupts and errors
     Ctrl-C reaches the calling process; it stops claiming trials, terminates the other
     workers (their running trials are stored as failed) and re-raises, so the CLI says
@@ -54,6 +66,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -72,6 +85,8 @@ if TYPE_CHECKING:
     import optuna
     import torch
     from optuna.trial import FrozenTrial
+
+    from modelsel.study import EarlyRefit
 
 _SEED_STRIDE = 7919
 _POLL_S = 0.25
@@ -109,14 +124,18 @@ def worker_threads(device: torch.device, workers: int) -> int:
 
 
 class _Shared:
-    """The state the workers share: budget slots, finished count, stop flag, orders, errors."""
+    """The state the workers share: budget slots, finished count, stop flag, orders, errors,
+    and the early retrain (how many workers still search, who retrains, its model)."""
 
-    def __init__(self, context: Any, slots: int | None = None) -> None:
+    def __init__(self, context: Any, slots: int | None = None, *, workers: int = 1) -> None:
         self.slots = context.Value("q", -1 if slots is None else slots)
         self.done = context.Value("q", 0)
         self.stop = context.Event()
         self.errors = context.Queue()
         self.orders = context.Queue()
+        self.searching = context.Value("i", workers)
+        self.early_refit_claimed = context.Value("b", 0)
+        self.early_refits = context.Queue()
 
     def set_slots(self, slots: int | None) -> None:
         with self.slots.get_lock():
@@ -136,6 +155,20 @@ class _Shared:
     def finished_one(self) -> None:
         with self.done.get_lock():
             self.done.value += 1
+
+    def left_search(self) -> int:
+        """Count one worker out of the search; return how many still search."""
+        with self.searching.get_lock():
+            self.searching.value -= 1
+            return int(self.searching.value)
+
+    def claim_early_refit(self) -> bool:
+        """Whether this worker is the one to retrain early (True once per run)."""
+        with self.early_refit_claimed.get_lock():
+            if self.early_refit_claimed.value:
+                return False
+            self.early_refit_claimed.value = 1
+            return True
 
 
 @dataclass(frozen=True)
@@ -158,7 +191,9 @@ class WorkerPool:
 
     def __init__(self, spec: StudySpec, workers: int) -> None:
         context = multiprocessing.get_context("spawn")
-        self.shared = _Shared(context)
+        self.shared = _Shared(context, workers=workers)
+        #: The retrain a worker made while others still searched (:func:`run_parallel`).
+        self.early_refit: EarlyRefit | None = None
         spec_json = spec.to_json()
         self.processes = [
             context.Process(
@@ -182,6 +217,10 @@ class WorkerPool:
     def workers(self) -> int:
         """All workers of the run, the calling process included."""
         return len(self.processes) + 1
+
+    def threads(self, device: torch.device) -> int:
+        """Intra-op threads of each worker on ``device`` (also those of the final retrain)."""
+        return worker_threads(device, self.workers)
 
     def close(self) -> None:
         """Stop the workers that are still alive (a no-op after a finished run)."""
@@ -221,17 +260,42 @@ def trial_loop(
             on_trial(study, trial)
 
     ran = 0
-    while True:
-        if deadline is not None and time.time() >= deadline:
-            break
-        if target is not None and len(study.get_trials(deepcopy=False, states=FINISHED_STATES)) >= target:
-            break  # another invocation on the same storage filled the budget
-        if not shared.claim():
-            break
-        with unfinished_trials_failed():
-            study.optimize(objective, n_trials=1, callbacks=[finished], gc_after_trial=False, catch=())
-        ran += 1
+    try:
+        while True:
+            if deadline is not None and time.time() >= deadline:
+                break
+            if target is not None and len(study.get_trials(deepcopy=False, states=FINISHED_STATES)) >= target:
+                break  # another invocation on the same storage filled the budget
+            if not shared.claim():
+                break
+            with unfinished_trials_failed():
+                study.optimize(objective, n_trials=1, callbacks=[finished], gc_after_trial=False, catch=())
+            ran += 1
+    finally:
+        shared.left_search()
     return ran
+
+
+def refit_while_others_search(
+    study: optuna.Study, spec: StudySpec, *, device: torch.device, shared: _Shared
+) -> EarlyRefit | None:
+    """Retrain the best trial so far if other workers still search and no one else does.
+
+    Called by each worker when its trial loop ends: the first one left without a trial
+    retrains the best trial so far on the whole training split (no test score) on the
+    core that would otherwise wait, with the workers' threads. After the search the
+    calling process scores that model if the final selection is the same trial
+    (:func:`modelsel.study.select_and_test`), or retrains. Best effort: an error here is
+    dropped, and the retrain after the search meets it again and reports it.
+    """
+    from modelsel.study import refit_best_so_far
+
+    if shared.stop.is_set() or int(shared.searching.value) == 0 or not shared.claim_early_refit():
+        return None
+    try:
+        return refit_best_so_far(study, spec, device=device)
+    except Exception:
+        return None
 
 
 def worker_main(index: int, spec_json: str, shared: _Shared) -> None:
@@ -275,14 +339,16 @@ def _work(index: int, spec_json: str, shared: _Shared) -> None:
         sampler=worker_sampler(spec, index),
         pruner=make_pruner(spec),
     )
-    trial_loop(
-        study,
-        spec,
-        device=torch.device(orders.device_type),
-        target=orders.target,
-        deadline=orders.deadline,
-        shared=shared,
-    )
+    device = torch.device(orders.device_type)
+    trial_loop(study, spec, device=device, target=orders.target, deadline=orders.deadline, shared=shared)
+    early_refit = refit_while_others_search(study, spec, device=device, shared=shared)
+    if early_refit is not None:
+        early_refit.member.model.to("cpu")
+        # Pickled here, not by the queue: torch's queue pickler would send the tensors as
+        # shared memory, which the calling process can no longer map once this one exits.
+        shared.early_refits.put(pickle.dumps(early_refit))
+        shared.early_refits.close()
+        shared.early_refits.join_thread()  # in the pipe before the exit without teardown
 
 
 def _worker_process(index: int, spec_json: str, shared: _Shared) -> None:
@@ -340,9 +406,10 @@ def run_parallel(
             trial_loop(
                 study, spec, device=device, target=target, deadline=deadline, shared=shared, on_trial=show_best
             )
+            early_refit = refit_while_others_search(study, spec, device=device, shared=shared)
         if while_waiting is not None and any(p.is_alive() for p in processes):
             while_waiting()
-        _wait(processes, shared)
+        pool.early_refit = _wait(processes, shared) or early_refit
     except BaseException:
         pool.close()
         raise
@@ -365,8 +432,13 @@ def _refresh_bar(bar: Any, initial: int, shared: _Shared, stop: threading.Event)
             bar.refresh()
 
 
-def _wait(processes: list[Any], shared: _Shared) -> None:
-    """Wait for the workers; on the first error, stop the others and raise it."""
+def _wait(processes: list[Any], shared: _Shared) -> EarlyRefit | None:
+    """Wait for the workers; on the first error, stop the others and raise it.
+
+    Returns the early retrain a worker sent, if any (read while waiting: a worker
+    cannot exit before its pickled model is through the pipe).
+    """
+    early_refit: EarlyRefit | None = None
     while True:
         message = _first_error(shared)
         if message is not None:
@@ -376,7 +448,10 @@ def _wait(processes: list[Any], shared: _Shared) -> None:
         alive = [p for p in processes if p.is_alive()]
         if not alive:
             break
-        alive[0].join(_POLL_S)
+        if early_refit is None:
+            early_refit = _received_refit(shared, wait_s=_POLL_S)
+        else:
+            alive[0].join(_POLL_S)
     failed = [(i, p.exitcode) for i, p in enumerate(processes, start=1) if p.exitcode not in (0, None)]
     # A message put just before its worker exited may still be on its way through the pipe.
     message = _first_error(shared, wait_s=2.0 if failed or shared.stop.is_set() else 0.0)
@@ -385,6 +460,16 @@ def _wait(processes: list[Any], shared: _Shared) -> None:
     if failed:
         i, code = failed[0]
         raise WorkerError(f"worker {i} exited with code {code} (killed? out of memory?)")
+    return early_refit or _received_refit(shared)
+
+
+def _received_refit(shared: _Shared, wait_s: float = 0.0) -> EarlyRefit | None:
+    try:
+        data: bytes = shared.early_refits.get(timeout=wait_s) if wait_s > 0 else shared.early_refits.get_nowait()
+    except queue.Empty:
+        return None
+    early_refit: EarlyRefit = pickle.loads(data)  # from a worker of this run
+    return early_refit
 
 
 def _first_error(shared: _Shared, wait_s: float = 0.0) -> str | None:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from modelsel.objective import StudyObjective
     from modelsel.parallel import WorkerPool
+    from modelsel.training import TrainedMember
 
 # torch, scikit-learn and the training stack load on first use (inside the functions that
 # train or split), so that reading a stored study (`study show`, `report build`) stays quick.
@@ -432,6 +433,7 @@ def run_study(
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
     storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     storage_kind(storage_url)
+    early_refit: EarlyRefit | None = None
     with _worker_pool(spec, workers) as pool:
         from modelsel.training import resolve_device
 
@@ -453,7 +455,11 @@ def run_study(
             # report's plotting libraries meanwhile instead of after the search.
             warm_up = _warm_up_report if build_report else None
             trained = _search(study, spec, storage_url, target, timeout, torch_device, progress, pool, warm_up)
-    outcome = select_and_test(study, spec, storage_url=storage_url, device=torch_device)
+            early_refit = pool.early_refit if pool is not None else None
+        refit_threads = pool.threads(torch_device) if pool is not None else None
+    outcome = select_and_test(
+        study, spec, storage_url=storage_url, device=torch_device, threads=refit_threads, early_refit=early_refit
+    )
     outcome.n_trained_this_run = trained
     if build_report:
         from modelsel.report import build_report as write_report
@@ -541,6 +547,45 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return min(front, key=lambda t: sign * t.values[0])
 
 
+@dataclass
+class EarlyRefit:
+    """The best trial so far, retrained on the whole training split before the search ended.
+
+    With ``--workers N`` the first worker left without a trial to claim retrains the
+    best trial so far while the others finish theirs (:mod:`modelsel.parallel`). The
+    test split is not touched then: :func:`select_and_test` scores the model only if
+    the final selection is the same trial with the same epochs, and otherwise retrains.
+    """
+
+    trial_number: int
+    params: dict[str, Any]
+    epochs: int
+    member: TrainedMember
+
+    def fits(self, trial: FrozenTrial, epochs: int) -> bool:
+        """Whether this is the retrain that ``trial`` (selected, ``epochs`` to train) needs."""
+        return (self.trial_number, self.params, self.epochs) == (trial.number, trial.params, epochs)
+
+
+def refit_best_so_far(study: optuna.Study, spec: StudySpec, *, device: torch.device) -> EarlyRefit | None:
+    """Retrain the study's best trial so far on the whole training split (no test score).
+
+    None when there is no complete trial yet, or the best one is already tested.
+    """
+    from modelsel.cv import fit_final
+
+    selected = best_trial(study)
+    if selected is None:
+        return None
+    stored = study.user_attrs.get("test_result")
+    if stored is not None and stored.get("trial_number") == selected.number:
+        return None
+    trial_spec = with_params(spec, selected.params)
+    epochs = retrain_epochs(selected, trial_spec)
+    member = fit_final(trial_spec, _load_dataset_for(trial_spec), epochs=epochs, device=device)
+    return EarlyRefit(selected.number, dict(selected.params), epochs, member)
+
+
 def retrain_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
     """Epochs for the final retrain: the folds' mean best epoch under early stopping."""
     final_epochs = trial.user_attrs.get("final_epochs")
@@ -555,11 +600,17 @@ def select_and_test(
     *,
     storage_url: str,
     device: torch.device,
+    threads: int | None = None,
+    early_refit: EarlyRefit | None = None,
 ) -> StudyOutcome:
     """Retrain the selected configuration on the whole training split and score the test split.
 
     The test split is touched once per selected trial: the score is stored as the study
     user attribute ``test_result`` and reused while the selection does not change.
+    ``early_refit`` (see :class:`EarlyRefit`) is scored instead of retraining when it is
+    the selected trial's retrain. ``threads`` fixes the intra-op threads of the retrain
+    and the test (``--workers`` runs retrain with the workers' threads wherever the
+    retrain happens, so that its numbers do not depend on which process did it).
     """
     outcome = summarize(study, storage_url)
     selected = best_trial(study)
@@ -567,11 +618,19 @@ def select_and_test(
         return outcome
     stored = study.user_attrs.get("test_result")
     if stored is None or stored.get("trial_number") != selected.number:
-        from modelsel.cv import fit_and_test
+        from modelsel.cv import fit_final, score_on_test
+        from modelsel.training import torch_threads
 
         trial_spec = with_params(spec, selected.params)
         dataset = _load_dataset_for(trial_spec)
-        score = fit_and_test(trial_spec, dataset, epochs=retrain_epochs(selected, trial_spec), device=device)
+        epochs = retrain_epochs(selected, trial_spec)
+        reused = early_refit if early_refit is not None and early_refit.fits(selected, epochs) else None
+        with torch_threads(threads) if threads is not None else contextlib.nullcontext():
+            if reused is not None:
+                member = reused.member
+            else:
+                member = fit_final(trial_spec, dataset, epochs=epochs, device=device)
+            score = score_on_test(member, dataset, device=device)
         stored = {
             "trial_number": selected.number,
             "params": selected.params,
@@ -583,6 +642,7 @@ def select_and_test(
             "epochs": score.epochs,
             "fit_seconds": score.fit_seconds,
             "n_test": int(dataset.X_test.shape[0]),
+            "retrained_during_search": reused is not None,
         }
         study.set_user_attr("test_result", stored)
     outcome.test = stored

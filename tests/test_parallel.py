@@ -11,20 +11,24 @@ import torch
 from conftest import tiny_spec_data
 from optuna.trial import TrialState
 
+from modelsel.cv import fit_and_test
 from modelsel.errors import DataError
 from modelsel.parallel import (
     WorkerError,
     WorkerOrders,
     _Shared,
     _wait,
+    _worker_process,
+    refit_while_others_search,
     trial_loop,
     worker_main,
     worker_sampler,
     worker_threads,
 )
-from modelsel.spec import parse_spec
+from modelsel.spec import parse_spec, with_params
 from modelsel.storage import open_storage
-from modelsel.study import run_study
+from modelsel.study import _load_dataset_for, best_trial, retrain_epochs, run_study
+from modelsel.training import torch_threads
 
 
 def test_two_workers_reach_exactly_the_budget_and_resume(fast_tmp: Path) -> None:
@@ -40,6 +44,64 @@ def test_two_workers_reach_exactly_the_budget_and_resume(fast_tmp: Path) -> None
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == len(states) == 5
     assert second.test is not None  # the selected trial was retrained and tested once
+
+
+def test_the_retrain_of_a_parallel_run_does_not_depend_on_which_worker_made_it(fast_tmp: Path) -> None:
+    # Whether a worker retrained the best trial while another still searched, or the
+    # calling process retrained after the search, the test score is that of a retrain
+    # with the workers' threads.
+    sweep = {"width": [4, 8, 16], "lr": [0.05]}
+    spec = parse_spec(tiny_spec_data(name="refit", search=None, sampler=None, sweep=sweep))
+    outcome = run_study(spec, output_dir=fast_tmp, workers=2, progress=False, build_report=False)
+    study = optuna.load_study(study_name="refit", storage=outcome.storage_url)
+    selected = best_trial(study)
+    assert selected is not None and outcome.test is not None
+    assert outcome.test["trial_number"] == selected.number
+    trial_spec = with_params(spec, selected.params)
+    with torch_threads(worker_threads(torch.device("cpu"), 2)):
+        score = fit_and_test(trial_spec, _load_dataset_for(trial_spec), epochs=retrain_epochs(selected, trial_spec))
+    assert (outcome.test["test_loss"], outcome.test["test_metric"]) == (score.test_loss, score.test_metric)
+
+
+def test_the_first_worker_out_of_trials_retrains_the_best_so_far_once(fast_tmp: Path) -> None:
+    spec = parse_spec(tiny_spec_data(name="early"))
+    url = f"sqlite:///{fast_tmp / 'early.db'}"
+    run_study(spec, storage=url, n_trials=2, progress=False, build_report=False)
+    study = optuna.load_study(study_name="early", storage=url)
+    study.set_user_attr("test_result", None)
+    cpu = torch.device("cpu")
+    shared = _Shared(multiprocessing.get_context("spawn"), 0, workers=2)
+    shared.left_search()
+    shared.left_search()
+    assert refit_while_others_search(study, spec, device=cpu, shared=shared) is None  # no one still searches
+    shared = _Shared(multiprocessing.get_context("spawn"), 0, workers=2)
+    shared.left_search()
+    early = refit_while_others_search(study, spec, device=cpu, shared=shared)
+    selected = best_trial(study)
+    assert early is not None and selected is not None
+    assert (early.trial_number, early.params) == (selected.number, selected.params)
+    assert early.fits(selected, retrain_epochs(selected, spec))
+    assert not early.fits(selected, retrain_epochs(selected, spec) + 1)
+    assert refit_while_others_search(study, spec, device=cpu, shared=shared) is None  # claimed once
+
+
+def test_a_spawned_worker_sends_its_early_retrain_to_the_calling_process(fast_tmp: Path) -> None:
+    spec = parse_spec(tiny_spec_data(name="sent"))
+    url = f"sqlite:///{fast_tmp / 'sent.db'}"
+    run_study(spec, storage=url, n_trials=1, progress=False, build_report=False)
+    optuna.load_study(study_name="sent", storage=url).set_user_attr("test_result", None)
+    # Worker 1, a spawned process, finds no slot left while the calling process (the other
+    # worker) still searches; its model must come through the pipe before it exits.
+    context = multiprocessing.get_context("spawn")
+    shared = _Shared(context, 0, workers=2)
+    shared.orders.put(WorkerOrders(url, None, None, "cpu", 1))
+    worker = context.Process(target=_worker_process, args=(1, spec.to_json(), shared))
+    worker.start()
+    early = _wait([worker], shared)
+    assert worker.exitcode == 0
+    assert early is not None and early.trial_number == 0
+    dataset = _load_dataset_for(spec)
+    assert early.member.model(dataset.X_test[:3]).shape == (3, dataset.n_outputs)
 
 
 def test_slots_are_claimed_exactly_once() -> None:
