@@ -376,12 +376,15 @@ def run_parallel(
     bar: Any,
     *,
     while_waiting: Callable[[], object] | None = None,
+    after_search: Callable[[], object] | None = None,
 ) -> int:
     """Run the study with this process and the ``pool``'s workers; return trials run here and there.
 
     ``while_waiting`` is called once this process has no trial left to claim, before it
     waits for the other workers' last trials: a core is free then for what comes next
-    (e.g. the report's imports, about 1 s).
+    (e.g. the report's imports, about 1 s). ``after_search`` is called once every
+    worker's search is over, if this process still waits then for a worker's early
+    retrain (e.g. to draft the report from the finished trials, about 2.5 s).
     """
     from modelsel.study import FINISHED_STATES, _best_value_text
     from modelsel.training import torch_threads
@@ -409,7 +412,7 @@ def run_parallel(
             early_refit = refit_while_others_search(study, spec, device=device, shared=shared)
         if while_waiting is not None and any(p.is_alive() for p in processes):
             while_waiting()
-        pool.early_refit = _wait(processes, shared) or early_refit
+        pool.early_refit = _wait(processes, shared, after_search=after_search) or early_refit
     except BaseException:
         pool.close()
         raise
@@ -432,11 +435,14 @@ def _refresh_bar(bar: Any, initial: int, shared: _Shared, stop: threading.Event)
             bar.refresh()
 
 
-def _wait(processes: list[Any], shared: _Shared) -> EarlyRefit | None:
+def _wait(
+    processes: list[Any], shared: _Shared, *, after_search: Callable[[], object] | None = None
+) -> EarlyRefit | None:
     """Wait for the workers; on the first error, stop the others and raise it.
 
     Returns the early retrain a worker sent, if any (read while waiting: a worker
-    cannot exit before its pickled model is through the pipe).
+    cannot exit before its pickled model is through the pipe). ``after_search`` is
+    called once no worker searches any more, if one is still alive then.
     """
     early_refit: EarlyRefit | None = None
     while True:
@@ -448,6 +454,10 @@ def _wait(processes: list[Any], shared: _Shared) -> EarlyRefit | None:
         alive = [p for p in processes if p.is_alive()]
         if not alive:
             break
+        if after_search is not None and int(shared.searching.value) == 0 and early_refit is None:
+            after_search()
+            after_search = None
+            continue
         if early_refit is None:
             early_refit = _received_refit(shared, wait_s=_POLL_S)
         else:

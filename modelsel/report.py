@@ -241,16 +241,27 @@ def _pm(mean: Any, std: Any) -> str:
     return f"{mean:.4f} ± {std:.4f}" if isinstance(std, (int, float)) else f"{mean:.4f}"
 
 
-def build_sections(
-    study: optuna.Study, frame: pd.DataFrame, *, output_dir: str | Path | None = None
-) -> list[Section]:
-    """All report sections for a study, in order (a sweep's sections also write
-    ``sweep.csv`` and its plots into ``output_dir`` when given)."""
-    from modelsel.study import best_trial
-    from modelsel.sweeps import sweep_sections
+@dataclass
+class ReportDraft:
+    """A report without its summary, which holds the held-out test score: built from
+    the finished trials alone, so that it can be drafted while the final retrain runs.
+    Nothing is written until :func:`build_report`."""
 
-    sections = [summary_section(study, frame)]
-    sections += sweep_sections(study, output_dir=output_dir)
+    frame: pd.DataFrame
+    #: The sections that follow the summary.
+    sections: list[Section]
+    #: The files beside ``report.html`` (``trials.csv``, a sweep's CSV and PNGs), by name.
+    files: dict[str, bytes]
+
+
+def draft_report(study: optuna.Study) -> ReportDraft:
+    """Every part of a study's report but the summary (see :class:`ReportDraft`)."""
+    from modelsel.study import best_trial
+    from modelsel.sweeps import sweep_report_parts
+
+    frame = trials_frame(study)
+    sections, files = sweep_report_parts(study)
+    files["trials.csv"] = frame.to_csv(index=False).encode("utf-8")
     search = Section("Search")
     for figure in (plot_history(study, frame), plot_importance(study)):
         if figure is not None:
@@ -265,10 +276,10 @@ def build_sections(
     shown = frame.drop(columns=[c for c in ("fail_reason",) if c in frame], errors="ignore")
     table.tables.append(_format_table(shown))
     sections.append(table)
-    return sections
+    return ReportDraft(frame, sections, files)
 
 
-def build_report(study: optuna.Study, *, output_dir: str | Path) -> Path:
+def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDraft | None = None) -> Path:
     """Write ``trials.csv`` and a self-contained ``report.html`` for a study.
 
     Parameters
@@ -277,17 +288,22 @@ def build_report(study: optuna.Study, *, output_dir: str | Path) -> Path:
         A study loaded from its storage.
     output_dir
         The study's report folder (created if missing).
+    draft
+        The report drafted from the same finished trials (:func:`draft_report`), when
+        it was drafted earlier; drafted now when omitted.
 
     Returns
     -------
     Path
         The HTML report.
     """
+    if draft is None:
+        draft = draft_report(study)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    frame = trials_frame(study)
-    frame.to_csv(output / "trials.csv", index=False)
-    sections = build_sections(study, frame, output_dir=output)
+    for name, content in draft.files.items():
+        (output / name).write_bytes(content)
+    sections = [summary_section(study, draft.frame), *draft.sections]
     spec = json.loads(study.user_attrs.get("spec_full", "{}") or "{}")
     environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
     html = environment.get_template("report.html").render(

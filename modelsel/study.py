@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from modelsel.objective import StudyObjective
     from modelsel.parallel import WorkerPool
+    from modelsel.report import ReportDraft
     from modelsel.training import TrainedMember
 
 # torch, scikit-learn and the training stack load on first use (inside the functions that
@@ -434,6 +435,7 @@ def run_study(
     storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     storage_kind(storage_url)
     early_refit: EarlyRefit | None = None
+    drafts: list[ReportDraft] = []
     with _worker_pool(spec, workers) as pool:
         from modelsel.training import resolve_device
 
@@ -454,7 +456,18 @@ def run_study(
             # With --workers, this process may wait for the others' last trials: it loads the
             # report's plotting libraries meanwhile instead of after the search.
             warm_up = _warm_up_report if build_report else None
-            trained = _search(study, spec, storage_url, target, timeout, torch_device, progress, pool, warm_up)
+
+            def draft_the_report() -> None:
+                # Every trial is finished and a worker still retrains: the report but its
+                # summary can be built now, on the core that would otherwise wait.
+                from modelsel.report import draft_report
+
+                drafts.append(draft_report(study))
+
+            after_search = draft_the_report if build_report else None
+            trained = _search(
+                study, spec, storage_url, target, timeout, torch_device, progress, pool, warm_up, after_search
+            )
             early_refit = pool.early_refit if pool is not None else None
         refit_threads = pool.threads(torch_device) if pool is not None else None
     outcome = select_and_test(
@@ -465,7 +478,7 @@ def run_study(
         from modelsel.report import build_report as write_report
 
         report_dir = Path(output_dir) / spec.name
-        outcome.report_path = write_report(study, output_dir=report_dir)
+        outcome.report_path = write_report(study, output_dir=report_dir, draft=drafts[0] if drafts else None)
     return outcome
 
 
@@ -495,6 +508,7 @@ def _search(
     progress: bool,
     pool: WorkerPool | None,
     while_waiting: Callable[[], object] | None = None,
+    after_search: Callable[[], object] | None = None,
 ) -> int:
     from tqdm.auto import tqdm
 
@@ -519,7 +533,16 @@ def _search(
         from modelsel.parallel import run_parallel
 
         return run_parallel(
-            study, spec, storage_url, target, timeout, device, pool, bar, while_waiting=while_waiting
+            study,
+            spec,
+            storage_url,
+            target,
+            timeout,
+            device,
+            pool,
+            bar,
+            while_waiting=while_waiting,
+            after_search=after_search,
         )
     finally:
         bar.close()

@@ -248,15 +248,6 @@ def _majority(values: pd.Series) -> Any:
 # ------------------------------------------------------------------------ plots
 
 
-def _save(fig: plt.Figure, path: Path | None) -> str:
-    from modelsel.report import figure_to_base64
-
-    png = figure_to_base64(fig)
-    if path is not None:
-        path.write_bytes(base64.b64decode(png))
-    return png
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -534,22 +525,31 @@ def _disagreements(frame: pd.DataFrame, axis: str, line: pd.DataFrame, top: pd.S
 def sweep_sections(study: optuna.Study, *, output_dir: str | Path | None = None) -> list[Section]:
     """Report sections of a sweep study (empty for other studies); with ``output_dir``,
     also writes ``sweep.csv`` and the plots as PNG files there."""
-    from modelsel.report import Figure, Section, _format_table, plot_training_curves
+    sections, files = sweep_report_parts(study)
+    if output_dir is not None and files:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (out / name).write_bytes(content)
+    return sections
+
+
+def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, bytes]]:
+    """Report sections of a sweep study and the files that go beside the report
+    (``sweep.csv`` and the plots as PNG, by file name); nothing is written here."""
+    from modelsel.report import Figure, Section, _format_table, figure_to_base64, plot_training_curves
 
     info = sweep_info(study)
     if info is None:
-        return []
+        return [], {}
     axes, data_axes, thresholds, _ = info
     frame = sweep_frame(study)
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        csv_frame(frame).to_csv(out / "sweep.csv", index=False)
+    files = {"sweep.csv": csv_frame(frame).to_csv(index=False).encode("utf-8")}
     findings = Section("Sweep findings", scroll_tables=True)
     plots = Section("Sweep plots")
     if frame.empty:
         findings.paragraphs.append("No cell of the sweep has finished yet.")
-        return [findings]
+        return [findings], files
     error = str(frame["error"].dropna().iloc[0]) if frame["error"].notna().any() else "error"
     counts = Counter(r for r in frame["sweep_regime"] if isinstance(r, str))
     findings.paragraphs.append(
@@ -571,7 +571,8 @@ def sweep_sections(study: optuna.Study, *, output_dir: str | Path | None = None)
 
     def add(fig: plt.Figure | None, title: str, filename: str, caption: str = "") -> None:
         if fig is not None:
-            png = _save(fig, out / filename if out is not None else None)
+            png = figure_to_base64(fig)
+            files[filename] = base64.b64decode(png)
             plots.figures.append(Figure(title, png, caption))
 
     for axis in axes:
@@ -602,10 +603,9 @@ def sweep_sections(study: optuna.Study, *, output_dir: str | Path | None = None)
         cell = ", ".join(f"{a}={_fmt(trial.params.get(a))}" for a in axes)
         figure = plot_training_curves(trial, title=f"Training curves, {why}: {cell} (trial {number})")
         if figure is not None:
-            if out is not None:
-                (out / f"training_curves_trial{number}.png").write_bytes(base64.b64decode(figure.png_base64))
+            files[f"training_curves_trial{number}.png"] = base64.b64decode(figure.png_base64)
             plots.figures.append(replace(figure))
-    return [findings, plots]
+    return [findings, plots], files
 
 
 # ------------------------------------------------------------- several grids
@@ -730,5 +730,6 @@ __all__ = [
     "run_sweep_maps",
     "sweep_frame",
     "sweep_info",
+    "sweep_report_parts",
     "sweep_sections",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -102,6 +104,39 @@ def test_a_spawned_worker_sends_its_early_retrain_to_the_calling_process(fast_tm
     assert early is not None and early.trial_number == 0
     dataset = _load_dataset_for(spec)
     assert early.member.model(dataset.X_test[:3]).shape == (3, dataset.n_outputs)
+
+
+class _StandInWorker:
+    """Stands in for a worker process, alive until told to exit."""
+
+    def __init__(self) -> None:
+        self.exitcode: int | None = None
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def join(self, timeout: float | None = None) -> None:
+        time.sleep(min(timeout or 0.0, 0.01))
+
+    def exit(self) -> None:
+        self.exitcode = 0
+
+
+def test_the_report_is_drafted_only_once_every_worker_has_left_its_search() -> None:
+    calls: list[int] = []
+    still_searching = _Shared(multiprocessing.get_context("spawn"), 0, workers=2)
+    still_searching.left_search()
+    worker = _StandInWorker()
+    threading.Timer(0.3, worker.exit).start()  # ends its last trial and exits
+    assert _wait([worker], still_searching, after_search=lambda: calls.append(1)) is None
+    assert calls == []
+    done = _Shared(multiprocessing.get_context("spawn"), 0, workers=2)
+    done.left_search()
+    done.left_search()
+    worker = _StandInWorker()  # retrains early; the calling process drafts meanwhile
+    threading.Timer(0.3, worker.exit).start()
+    _wait([worker], done, after_search=lambda: calls.append(1))
+    assert calls == [1]
 
 
 def test_slots_are_claimed_exactly_once() -> None:

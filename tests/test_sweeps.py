@@ -4,6 +4,7 @@ several grids in one spec, the image cases and D2L's polynomial example end to e
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from modelsel.report import build_report
+from modelsel.report import build_report, draft_report
 from modelsel.spec import load_spec, parse_spec
 from modelsel.study import FINISHED_STATES, _open_study, _optimize, preflight, run_study
 from modelsel.sweeps import map_specs, sweep_frame
@@ -101,6 +102,34 @@ def test_tables_and_plots_come_from_the_storage_alone(tmp_path: Path) -> None:
     # The frame is the same however often it is rebuilt.
     again = sweep_frame(optuna.load_study(study_name="alone", storage=url))
     assert list(again["trial"]) == list(table["trial"])
+
+
+def test_a_report_drafted_before_the_test_score_is_the_report_built_after(tmp_path: Path) -> None:
+    # --workers drafts the report (all but its summary) while a worker still retrains,
+    # before the test score is stored; the report must not depend on when it was drafted.
+    spec = sweep_spec(name="draft")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    run_study(spec, storage=url, output_dir=tmp_path / "run", progress=False, build_report=False)
+    study = optuna.load_study(study_name="draft", storage=url)
+    test_result = study.user_attrs["test_result"]
+    study.set_user_attr("test_result", None)
+    before = sorted(tmp_path.rglob("*"))
+    draft = draft_report(study)
+    assert sorted(tmp_path.rglob("*")) == before  # a draft writes nothing
+    assert {"sweep.csv", "trials.csv", "regime_map.png"} <= set(draft.files)
+    study.set_user_attr("test_result", test_result)
+    drafted = build_report(study, output_dir=tmp_path / "drafted", draft=draft).parent
+    built = build_report(study, output_dir=tmp_path / "built").parent
+    assert sorted(p.name for p in drafted.iterdir()) == sorted(p.name for p in built.iterdir())
+    for path in built.iterdir():
+        other = drafted / path.name
+        if path.name == "report.html":
+            stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d"
+            texts = [re.sub(stamp, "", p.read_text(encoding="utf-8")) for p in (path, other)]
+            assert texts[0] == texts[1]
+            assert f"{test_result['test_metric']:.4f}" in texts[0]
+        else:
+            assert path.read_bytes() == other.read_bytes(), path.name
 
 
 def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> None:
