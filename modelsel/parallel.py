@@ -42,7 +42,7 @@ Samplers
     draw the same first configurations; TPE runs with ``constant_liar`` (unless the spec
     sets it) so concurrent workers do not all sample next to the same running trial.
 
-The final retrain
+The work after the search
     The first worker left without a trial to claim while others still train retrains
     the best trial so far on the whole training split, on the core that would
     otherwise wait (:func:`refit_while_others_search`; a spawned worker sends the model
@@ -51,8 +51,11 @@ The final retrain
     process retrains. Either way the retrain runs with the workers' threads (1 on
     CPU), so the test score does not depend on which process made it (a run with
     ``--workers 1`` retrains with the process's threads, and its last digits may
-    differ). On the benchmark grid (``benchmarks/``) this took the retrain, about 5 s,
-    off the end of a 2-worker run.
+    differ). Once every trial is finished, the report is drafted (all but its summary,
+    :func:`modelsel.report.draft_report`) by the calling process if it is idle, or by
+    the last worker out if the calling process is still retraining
+    (:func:`after_search_work`). On the benchmark grid (``benchmarks/``) this took the
+    retrain and the report, about 5 and 2.5 s, off the end of a 2-worker run.
 
 Interrupts and errors
     Ctrl-C reaches the calling process; it stops claiming trials, terminates the other
@@ -63,6 +66,7 @@ Interrupts and errors
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -86,6 +90,7 @@ if TYPE_CHECKING:
     import torch
     from optuna.trial import FrozenTrial
 
+    from modelsel.report import ReportDraft
     from modelsel.study import EarlyRefit
 
 _SEED_STRIDE = 7919
@@ -125,7 +130,8 @@ def worker_threads(device: torch.device, workers: int) -> int:
 
 class _Shared:
     """The state the workers share: budget slots, finished count, stop flag, orders, errors,
-    and the early retrain (how many workers still search, who retrains, its model)."""
+    and the work after the search (how many workers still search, who retrains early,
+    whether the calling process retrains, who drafts the report, what a worker sends back)."""
 
     def __init__(self, context: Any, slots: int | None = None, *, workers: int = 1) -> None:
         self.slots = context.Value("q", -1 if slots is None else slots)
@@ -135,7 +141,9 @@ class _Shared:
         self.orders = context.Queue()
         self.searching = context.Value("i", workers)
         self.early_refit_claimed = context.Value("b", 0)
-        self.early_refits = context.Queue()
+        self.caller_refitting = context.Value("b", 0)
+        self.draft_claimed = context.Value("b", 0)
+        self.results = context.Queue()
 
     def set_slots(self, slots: int | None) -> None:
         with self.slots.get_lock():
@@ -164,11 +172,19 @@ class _Shared:
 
     def claim_early_refit(self) -> bool:
         """Whether this worker is the one to retrain early (True once per run)."""
-        with self.early_refit_claimed.get_lock():
-            if self.early_refit_claimed.value:
-                return False
-            self.early_refit_claimed.value = 1
-            return True
+        return _claim_once(self.early_refit_claimed)
+
+    def claim_draft(self) -> bool:
+        """Whether this worker is the one to draft the report (True once per run)."""
+        return _claim_once(self.draft_claimed)
+
+
+def _claim_once(flag: Any) -> bool:
+    with flag.get_lock():
+        if flag.value:
+            return False
+        flag.value = 1
+        return True
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,8 @@ class WorkerOrders:
     deadline: float | None
     device_type: str
     threads: int
+    #: Whether the run builds a report (a worker may then draft it, see :func:`after_search_work`).
+    report: bool = False
 
 
 class WorkerPool:
@@ -194,6 +212,8 @@ class WorkerPool:
         self.shared = _Shared(context, workers=workers)
         #: The retrain a worker made while others still searched (:func:`run_parallel`).
         self.early_refit: EarlyRefit | None = None
+        #: The report drafted once every trial was finished (:func:`run_parallel`).
+        self.report_draft: ReportDraft | None = None
         spec_json = spec.to_json()
         self.processes = [
             context.Process(
@@ -277,7 +297,7 @@ def trial_loop(
 
 
 def refit_while_others_search(
-    study: optuna.Study, spec: StudySpec, *, device: torch.device, shared: _Shared
+    study: optuna.Study, spec: StudySpec, *, device: torch.device, shared: _Shared, caller: bool = False
 ) -> EarlyRefit | None:
     """Retrain the best trial so far if other workers still search and no one else does.
 
@@ -287,13 +307,43 @@ def refit_while_others_search(
     calling process scores that model if the final selection is the same trial
     (:func:`modelsel.study.select_and_test`), or retrains. Best effort: an error here is
     dropped, and the retrain after the search meets it again and reports it.
+    ``caller``: this is the calling process (the others then know it is busy).
     """
     from modelsel.study import refit_best_so_far
 
     if shared.stop.is_set() or int(shared.searching.value) == 0 or not shared.claim_early_refit():
         return None
+    shared.caller_refitting.value = int(caller)
     try:
         return refit_best_so_far(study, spec, device=device)
+    except Exception:
+        return None
+    finally:
+        shared.caller_refitting.value = 0
+
+
+def after_search_work(
+    study: optuna.Study, spec: StudySpec, *, device: torch.device, shared: _Shared, report: bool
+) -> tuple[str, EarlyRefit | ReportDraft] | None:
+    """What a spawned worker does when its trial loop ends, for the calling process.
+
+    The first worker out of trials retrains early (:func:`refit_while_others_search`).
+    The last one out drafts the report (:func:`modelsel.report.draft_report`: every
+    trial is finished by then) if the calling process is busy retraining; an idle
+    calling process drafts it itself, with its plotting libraries already loaded.
+    Returns ``("refit", ...)``, ``("draft", ...)`` or None. Best effort, as the retrain.
+    """
+    early_refit = refit_while_others_search(study, spec, device=device, shared=shared)
+    if early_refit is not None:
+        return "refit", early_refit
+    if not report or int(shared.searching.value) != 0 or not shared.caller_refitting.value:
+        return None
+    if not shared.claim_draft():
+        return None
+    from modelsel.report import draft_report
+
+    try:
+        return "draft", draft_report(study)
     except Exception:
         return None
 
@@ -341,14 +391,16 @@ def _work(index: int, spec_json: str, shared: _Shared) -> None:
     )
     device = torch.device(orders.device_type)
     trial_loop(study, spec, device=device, target=orders.target, deadline=orders.deadline, shared=shared)
-    early_refit = refit_while_others_search(study, spec, device=device, shared=shared)
-    if early_refit is not None:
-        early_refit.member.model.to("cpu")
+    result = after_search_work(study, spec, device=device, shared=shared, report=orders.report)
+    if result is not None:
+        kind, made = result
+        if kind == "refit":
+            made.member.model.to("cpu")  # type: ignore[union-attr]
         # Pickled here, not by the queue: torch's queue pickler would send the tensors as
         # shared memory, which the calling process can no longer map once this one exits.
-        shared.early_refits.put(pickle.dumps(early_refit))
-        shared.early_refits.close()
-        shared.early_refits.join_thread()  # in the pipe before the exit without teardown
+        shared.results.put(pickle.dumps(result))
+        shared.results.close()
+        shared.results.join_thread()  # in the pipe before the exit without teardown
 
 
 def _worker_process(index: int, spec_json: str, shared: _Shared) -> None:
@@ -376,15 +428,15 @@ def run_parallel(
     bar: Any,
     *,
     while_waiting: Callable[[], object] | None = None,
-    after_search: Callable[[], object] | None = None,
+    report: bool = False,
 ) -> int:
     """Run the study with this process and the ``pool``'s workers; return trials run here and there.
 
     ``while_waiting`` is called once this process has no trial left to claim, before it
     waits for the other workers' last trials: a core is free then for what comes next
-    (e.g. the report's imports, about 1 s). ``after_search`` is called once every
-    worker's search is over, if this process still waits then for a worker's early
-    retrain (e.g. to draft the report from the finished trials, about 2.5 s).
+    (e.g. the report's imports, about 1 s). The early retrain and, with ``report``, the
+    report's draft (see :func:`after_search_work`) are left in ``pool.early_refit`` and
+    ``pool.report_draft``.
     """
     from modelsel.study import FINISHED_STATES, _best_value_text
     from modelsel.training import torch_threads
@@ -394,7 +446,7 @@ def run_parallel(
     slots = None if target is None else max(target - finished_before, 0)
     deadline = None if timeout is None else time.time() + timeout
     threads = worker_threads(device, pool.workers)
-    pool.release(WorkerOrders(storage_url, target, deadline, device.type, threads), slots)
+    pool.release(WorkerOrders(storage_url, target, deadline, device.type, threads, report), slots)
     refreshing = threading.Event()
     refresher = threading.Thread(target=_refresh_bar, args=(bar, finished_before, shared, refreshing), daemon=True)
     refresher.start()
@@ -409,10 +461,12 @@ def run_parallel(
             trial_loop(
                 study, spec, device=device, target=target, deadline=deadline, shared=shared, on_trial=show_best
             )
-            early_refit = refit_while_others_search(study, spec, device=device, shared=shared)
+            early_refit = refit_while_others_search(study, spec, device=device, shared=shared, caller=True)
         if while_waiting is not None and any(p.is_alive() for p in processes):
             while_waiting()
-        pool.early_refit = _wait(processes, shared, after_search=after_search) or early_refit
+        received = _wait(processes, shared, draft=functools.partial(_draft, study) if report else None)
+        pool.early_refit = early_refit or received.early_refit
+        pool.report_draft = received.report_draft
     except BaseException:
         pool.close()
         raise
@@ -435,16 +489,39 @@ def _refresh_bar(bar: Any, initial: int, shared: _Shared, stop: threading.Event)
             bar.refresh()
 
 
+def _draft(study: optuna.Study) -> ReportDraft:
+    from modelsel.report import draft_report
+
+    return draft_report(study)
+
+
+@dataclass
+class _AfterSearch:
+    """What the calling process has when the workers are gone: the early retrain and the
+    report's draft, made by it or sent by a worker (see :func:`after_search_work`)."""
+
+    early_refit: EarlyRefit | None = None
+    report_draft: ReportDraft | None = None
+
+    def take(self, data: bytes) -> None:
+        kind, made = pickle.loads(data)  # from a worker of this run
+        if kind == "refit":
+            self.early_refit = made
+        else:
+            self.report_draft = made
+
+
 def _wait(
-    processes: list[Any], shared: _Shared, *, after_search: Callable[[], object] | None = None
-) -> EarlyRefit | None:
+    processes: list[Any], shared: _Shared, *, draft: Callable[[], ReportDraft] | None = None
+) -> _AfterSearch:
     """Wait for the workers; on the first error, stop the others and raise it.
 
-    Returns the early retrain a worker sent, if any (read while waiting: a worker
-    cannot exit before its pickled model is through the pipe). ``after_search`` is
-    called once no worker searches any more, if one is still alive then.
+    Returns what the workers sent (read while waiting: a worker cannot exit before its
+    pickled result is through the pipe). Once no worker searches any more and one is
+    still alive (retraining early, or exiting), this process calls ``draft`` to draft
+    the report, unless a worker took that on.
     """
-    early_refit: EarlyRefit | None = None
+    received = _AfterSearch()
     while True:
         message = _first_error(shared)
         if message is not None:
@@ -454,14 +531,12 @@ def _wait(
         alive = [p for p in processes if p.is_alive()]
         if not alive:
             break
-        if after_search is not None and int(shared.searching.value) == 0 and early_refit is None:
-            after_search()
-            after_search = None
+        if draft is not None and int(shared.searching.value) == 0:
+            if shared.claim_draft():
+                received.report_draft = draft()
+            draft = None
             continue
-        if early_refit is None:
-            early_refit = _received_refit(shared, wait_s=_POLL_S)
-        else:
-            alive[0].join(_POLL_S)
+        _receive(received, shared, wait_s=_POLL_S)
     failed = [(i, p.exitcode) for i, p in enumerate(processes, start=1) if p.exitcode not in (0, None)]
     # A message put just before its worker exited may still be on its way through the pipe.
     message = _first_error(shared, wait_s=2.0 if failed or shared.stop.is_set() else 0.0)
@@ -470,16 +545,19 @@ def _wait(
     if failed:
         i, code = failed[0]
         raise WorkerError(f"worker {i} exited with code {code} (killed? out of memory?)")
-    return early_refit or _received_refit(shared)
+    while _receive(received, shared):
+        pass
+    return received
 
 
-def _received_refit(shared: _Shared, wait_s: float = 0.0) -> EarlyRefit | None:
+def _receive(received: _AfterSearch, shared: _Shared, wait_s: float = 0.0) -> bool:
+    """Take one result a worker sent, waiting up to ``wait_s``; whether there was one."""
     try:
-        data: bytes = shared.early_refits.get(timeout=wait_s) if wait_s > 0 else shared.early_refits.get_nowait()
+        data: bytes = shared.results.get(timeout=wait_s) if wait_s > 0 else shared.results.get_nowait()
     except queue.Empty:
-        return None
-    early_refit: EarlyRefit = pickle.loads(data)  # from a worker of this run
-    return early_refit
+        return False
+    received.take(data)
+    return True
 
 
 def _first_error(shared: _Shared, wait_s: float = 0.0) -> str | None:

@@ -435,7 +435,7 @@ def run_study(
     storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     storage_kind(storage_url)
     early_refit: EarlyRefit | None = None
-    drafts: list[ReportDraft] = []
+    draft: ReportDraft | None = None
     with _worker_pool(spec, workers) as pool:
         from modelsel.training import resolve_device
 
@@ -456,19 +456,11 @@ def run_study(
             # With --workers, this process may wait for the others' last trials: it loads the
             # report's plotting libraries meanwhile instead of after the search.
             warm_up = _warm_up_report if build_report else None
-
-            def draft_the_report() -> None:
-                # Every trial is finished and a worker still retrains: the report but its
-                # summary can be built now, on the core that would otherwise wait.
-                from modelsel.report import draft_report
-
-                drafts.append(draft_report(study))
-
-            after_search = draft_the_report if build_report else None
             trained = _search(
-                study, spec, storage_url, target, timeout, torch_device, progress, pool, warm_up, after_search
+                study, spec, storage_url, target, timeout, torch_device, progress, pool, warm_up, build_report
             )
-            early_refit = pool.early_refit if pool is not None else None
+            if pool is not None:
+                early_refit, draft = pool.early_refit, pool.report_draft
         refit_threads = pool.threads(torch_device) if pool is not None else None
     outcome = select_and_test(
         study, spec, storage_url=storage_url, device=torch_device, threads=refit_threads, early_refit=early_refit
@@ -478,7 +470,7 @@ def run_study(
         from modelsel.report import build_report as write_report
 
         report_dir = Path(output_dir) / spec.name
-        outcome.report_path = write_report(study, output_dir=report_dir, draft=drafts[0] if drafts else None)
+        outcome.report_path = write_report(study, output_dir=report_dir, draft=draft)
     return outcome
 
 
@@ -508,7 +500,7 @@ def _search(
     progress: bool,
     pool: WorkerPool | None,
     while_waiting: Callable[[], object] | None = None,
-    after_search: Callable[[], object] | None = None,
+    report: bool = False,
 ) -> int:
     from tqdm.auto import tqdm
 
@@ -542,7 +534,7 @@ def _search(
             pool,
             bar,
             while_waiting=while_waiting,
-            after_search=after_search,
+            report=report,
         )
     finally:
         bar.close()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_spec_data
@@ -27,6 +28,7 @@ from modelsel.parallel import (
     worker_sampler,
     worker_threads,
 )
+from modelsel.report import ReportDraft
 from modelsel.spec import parse_spec, with_params
 from modelsel.storage import open_storage
 from modelsel.study import _load_dataset_for, best_trial, retrain_epochs, run_study
@@ -99,11 +101,34 @@ def test_a_spawned_worker_sends_its_early_retrain_to_the_calling_process(fast_tm
     shared.orders.put(WorkerOrders(url, None, None, "cpu", 1))
     worker = context.Process(target=_worker_process, args=(1, spec.to_json(), shared))
     worker.start()
-    early = _wait([worker], shared)
+    received = _wait([worker], shared)
     assert worker.exitcode == 0
+    early = received.early_refit
     assert early is not None and early.trial_number == 0
+    assert received.report_draft is None  # the calling process still searched: no draft yet
     dataset = _load_dataset_for(spec)
     assert early.member.model(dataset.X_test[:3]).shape == (3, dataset.n_outputs)
+
+
+def test_the_last_worker_out_drafts_the_report_while_the_calling_process_retrains(fast_tmp: Path) -> None:
+    spec = parse_spec(tiny_spec_data(name="drafted"))
+    url = f"sqlite:///{fast_tmp / 'drafted.db'}"
+    run_study(spec, storage=url, n_trials=2, progress=False, build_report=False)
+    context = multiprocessing.get_context("spawn")
+    shared = _Shared(context, 0, workers=2)
+    # The calling process left its search first and is retraining early.
+    shared.left_search()
+    assert shared.claim_early_refit()
+    shared.caller_refitting.value = 1
+    shared.orders.put(WorkerOrders(url, None, None, "cpu", 1, report=True))
+    worker = context.Process(target=_worker_process, args=(1, spec.to_json(), shared))
+    worker.start()
+    received = _wait([worker], shared, draft=lambda: pytest.fail("the worker drafts"))
+    assert worker.exitcode == 0 and received.early_refit is None
+    draft = received.report_draft
+    assert draft is not None
+    assert [section.title for section in draft.sections] == ["Search", "Trials"]
+    assert len(draft.frame) == 2 and b"trial,state" in draft.files["trials.csv"]
 
 
 class _StandInWorker:
@@ -122,21 +147,33 @@ class _StandInWorker:
         self.exitcode = 0
 
 
-def test_the_report_is_drafted_only_once_every_worker_has_left_its_search() -> None:
-    calls: list[int] = []
+def test_an_idle_calling_process_drafts_the_report_once_every_worker_has_left_its_search() -> None:
+    drafted: list[ReportDraft] = []
+
+    def draft() -> ReportDraft:
+        drafted.append(ReportDraft(pd.DataFrame(), [], {}))
+        return drafted[-1]
+
     still_searching = _Shared(multiprocessing.get_context("spawn"), 0, workers=2)
     still_searching.left_search()
     worker = _StandInWorker()
     threading.Timer(0.3, worker.exit).start()  # ends its last trial and exits
-    assert _wait([worker], still_searching, after_search=lambda: calls.append(1)) is None
-    assert calls == []
+    assert _wait([worker], still_searching, draft=draft).report_draft is None
+    assert drafted == []
     done = _Shared(multiprocessing.get_context("spawn"), 0, workers=2)
     done.left_search()
     done.left_search()
     worker = _StandInWorker()  # retrains early; the calling process drafts meanwhile
     threading.Timer(0.3, worker.exit).start()
-    _wait([worker], done, after_search=lambda: calls.append(1))
-    assert calls == [1]
+    assert _wait([worker], done, draft=draft).report_draft is drafted[0]
+    taken = _Shared(multiprocessing.get_context("spawn"), 0, workers=2)
+    taken.left_search()
+    taken.left_search()
+    assert taken.claim_draft()  # a worker drafts it
+    worker = _StandInWorker()
+    threading.Timer(0.3, worker.exit).start()
+    assert _wait([worker], taken, draft=draft).report_draft is None
+    assert len(drafted) == 1
 
 
 def test_slots_are_claimed_exactly_once() -> None:
