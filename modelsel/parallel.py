@@ -489,10 +489,15 @@ def _refresh_bar(bar: Any, initial: int, shared: _Shared, stop: threading.Event)
             bar.refresh()
 
 
-def _draft(study: optuna.Study) -> ReportDraft:
+def _draft(study: optuna.Study) -> ReportDraft | None:
+    """The calling process's draft of the report; best effort, as a worker's (an error
+    is met again, and reported, when the report is built after the test)."""
     from modelsel.report import draft_report
 
-    return draft_report(study)
+    try:
+        return draft_report(study)
+    except Exception:
+        return None
 
 
 @dataclass
@@ -512,7 +517,7 @@ class _AfterSearch:
 
 
 def _wait(
-    processes: list[Any], shared: _Shared, *, draft: Callable[[], ReportDraft] | None = None
+    processes: list[Any], shared: _Shared, *, draft: Callable[[], ReportDraft | None] | None = None
 ) -> _AfterSearch:
     """Wait for the workers; on the first error, stop the others and raise it.
 

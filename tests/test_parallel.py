@@ -19,6 +19,7 @@ from modelsel.errors import DataError
 from modelsel.parallel import (
     WorkerError,
     WorkerOrders,
+    _draft,
     _Shared,
     _wait,
     _worker_process,
@@ -174,6 +175,18 @@ def test_an_idle_calling_process_drafts_the_report_once_every_worker_has_left_it
     threading.Timer(0.3, worker.exit).start()
     assert _wait([worker], taken, draft=draft).report_draft is None
     assert len(drafted) == 1
+
+
+def test_a_draft_that_fails_is_left_to_the_report_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Drafting early must not stop the run before the test score: the report, built
+    # after the test, meets the error again and reports it.
+    import modelsel.report
+
+    def broken(study: object) -> None:
+        raise RuntimeError("no plots today")
+
+    monkeypatch.setattr(modelsel.report, "draft_report", broken)
+    assert _draft(optuna.create_study()) is None
 
 
 def test_slots_are_claimed_exactly_once() -> None:
