@@ -436,7 +436,7 @@ def run_study(
     storage_kind(storage_url)
     early_refit: EarlyRefit | None = None
     draft: ReportDraft | None = None
-    with _worker_pool(spec, workers) as pool:
+    with _worker_pool(spec, workers, storage_url) as pool:
         from modelsel.training import resolve_device
 
         try:
@@ -480,14 +480,16 @@ def _warm_up_report() -> None:
     warm_up()
 
 
-def _worker_pool(spec: StudySpec, workers: int) -> contextlib.AbstractContextManager[WorkerPool | None]:
+def _worker_pool(
+    spec: StudySpec, workers: int, storage_url: str
+) -> contextlib.AbstractContextManager[WorkerPool | None]:
     """The other workers of ``--workers N`` (None for one), started now so that they import
     while this process checks and opens things; closed when the block ends."""
     if workers == 1:
         return contextlib.nullcontext()
     from modelsel.parallel import WorkerPool
 
-    return WorkerPool(spec, workers)
+    return WorkerPool(spec, workers, storage_url=storage_url)
 
 
 def _search(

@@ -8,6 +8,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,3 +362,19 @@ def test_a_stopping_thread_fails_only_the_trials_it_started_and_left_unfinished(
     states = [t.state for t in optuna.load_study(study_name="own", storage=open_storage(url)).trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
     assert fail_unfinished_trials() == [], "a trial is failed once"
+
+
+def test_importing_the_storage_libraries_opens_nothing(tmp_path: Path) -> None:
+    # A spawned worker imports them while it waits for its orders, before the study is
+    # open: it must not create the database (or touch a journal) then.
+    script = (
+        "import sys\n"
+        "from modelsel.storage import import_storage_libraries\n"
+        f"import_storage_libraries('journal:{tmp_path}/study.log')\n"
+        "print('alembic.migration' in sys.modules)\n"
+        f"import_storage_libraries('sqlite:///{tmp_path}/study.db')\n"
+        "print('alembic.migration' in sys.modules, 'sqlalchemy.dialects.sqlite' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True", "True"]
+    assert files_under(tmp_path) == []
