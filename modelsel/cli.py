@@ -167,9 +167,10 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
             click.echo(f"CV {label}: {outcome.cv_mean:.4f} ± {outcome.cv_std or 0:.4f} ({fold_text}mean ± std)")
         test = outcome.test
         if test and test.get("trial_number") == outcome.best_trial_number:
+            when = " while the last trials ran" if test.get("retrained_during_search") else ""
             click.echo(
                 f"Held-out test {test['metric_name']}: {test['test_metric']:.4f}, loss {test['test_loss']:.4f} "
-                f"({test.get('n_test', '?')} samples; retrained on the whole training split, "
+                f"({test.get('n_test', '?')} samples; retrained on the whole training split{when}, "
                 f"{test['epochs']} epochs)"
             )
     click.echo(f"Storage: {outcome.storage_url}")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -138,6 +139,12 @@ def test_study_run_end_to_end_then_resume_list_show_and_report(
     assert re.search(r"^Best trial #\d+: width=\d+, lr=", shown.stdout, flags=re.MULTILINE)
     assert "CV val accuracy: " in shown.stdout and "Held-out test accuracy: " in shown.stdout
     assert f"Report: {report}\n" in shown.stdout
+    assert "while the last trials ran" not in shown.stdout
+    # With --workers, the selected trial may have been retrained before the search ended.
+    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    stored.set_user_attr("test_result", {**stored.user_attrs["test_result"], "retrained_during_search": True})
+    shown = invoke("study", "show", "tiny")
+    assert "; retrained on the whole training split while the last trials ran, 2 epochs)" in shown.stdout
 
     report.unlink()
     (workdir / "reports" / "tiny" / "trials.csv").unlink()
