@@ -80,7 +80,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from modelsel.errors import UserError
 from modelsel.signals import interrupt_on
@@ -327,17 +327,19 @@ def refit_while_others_search(
 
 def after_search_work(
     study: optuna.Study, spec: StudySpec, *, device: torch.device, shared: _Shared, report: bool
-) -> tuple[str, EarlyRefit | ReportDraft] | None:
+) -> tuple[Literal["refit", "draft"], EarlyRefit | ReportDraft] | None:
     """What a spawned worker does when its trial loop ends, for the calling process.
 
     The first worker out of trials retrains early (:func:`refit_while_others_search`).
     The last one out drafts the report (:func:`modelsel.report.draft_report`: every
     trial is finished by then) if the calling process is busy retraining; an idle
     calling process drafts it itself, with its plotting libraries already loaded.
-    Returns ``("refit", ...)``, ``("draft", ...)`` or None. Best effort, as the retrain.
+    Returns ``("refit", ...)`` (the model on the CPU), ``("draft", ...)`` or None. Best
+    effort, as the retrain.
     """
     early_refit = refit_while_others_search(study, spec, device=device, shared=shared)
     if early_refit is not None:
+        early_refit.member.model.to("cpu")
         return "refit", early_refit
     if not report or int(shared.searching.value) != 0 or not shared.caller_refitting.value:
         return None
@@ -397,9 +399,6 @@ def _work(index: int, spec_json: str, shared: _Shared, storage_url: str | None) 
     trial_loop(study, spec, device=device, target=orders.target, deadline=orders.deadline, shared=shared)
     result = after_search_work(study, spec, device=device, shared=shared, report=orders.report)
     if result is not None:
-        kind, made = result
-        if kind == "refit":
-            made.member.model.to("cpu")  # type: ignore[union-attr]
         # Pickled here, not by the queue: torch's queue pickler would send the tensors as
         # shared memory, which the calling process can no longer map once this one exits.
         shared.results.put(pickle.dumps(result))
