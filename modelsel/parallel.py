@@ -408,7 +408,8 @@ def _work(index: int, spec_json: str, shared: _Shared, storage_url: str | None) 
 
 def _prepare_before_orders(spec: StudySpec, storage_url: str | None) -> None:
     """What a worker can do before its orders without touching the storage: decode the
-    data (kept in :mod:`modelsel.data`'s cache) and import the storage's libraries.
+    data (kept in :mod:`modelsel.data`'s cache; never downloaded here) and import the
+    storage's libraries.
 
     Until the calling process has checked the data and opened the study, a worker must
     write nothing; this only reads. Skipped on any error: the calling process reports
@@ -424,7 +425,11 @@ def _prepare_before_orders(spec: StudySpec, storage_url: str | None) -> None:
     with contextlib.suppress(Exception):
         if storage_url is not None:
             import_storage_libraries(storage_url)
-        load_dataset(spec.dataset, seed=spec.seed)
+        dataset = spec.dataset
+        if getattr(dataset, "download", False):
+            # Only the calling process downloads (once, in its check of the data).
+            dataset = dataset.model_copy(update={"download": False})
+        load_dataset(dataset, seed=spec.seed)
 
 
 def _worker_process(index: int, spec_json: str, shared: _Shared, storage_url: str | None = None) -> None:

@@ -11,7 +11,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_spec_data
+from conftest import files_under, tiny_spec_data
 from optuna.trial import TrialState
 
 from modelsel.cv import fit_and_test
@@ -20,6 +20,7 @@ from modelsel.parallel import (
     WorkerError,
     WorkerOrders,
     _draft,
+    _prepare_before_orders,
     _Shared,
     _wait,
     _worker_process,
@@ -187,6 +188,25 @@ def test_a_draft_that_fails_is_left_to_the_report_build(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(modelsel.report, "draft_report", broken)
     assert _draft(optuna.create_study()) is None
+
+
+def test_a_worker_waiting_for_its_orders_never_downloads_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The calling process downloads (dataset.download: true) in its check of the data; a
+    # worker preparing meanwhile must not start a second download into the same folder.
+    import modelsel.data
+
+    downloads: list[Path] = []
+    monkeypatch.setattr(modelsel.data, "_download_fashion_mnist", lambda root, raw: downloads.append(raw))
+    spec = parse_spec(
+        tiny_spec_data(dataset={"name": "fashion-mnist", "root": str(tmp_path), "download": True, "train_size": 100})
+    )
+    _prepare_before_orders(spec, None)
+    assert downloads == [] and files_under(tmp_path) == []
+    with pytest.raises(DataError):  # the same spec in the calling process does download
+        modelsel.data.load_dataset(spec.dataset, seed=0)
+    assert downloads == [tmp_path / "FashionMNIST" / "raw"]
 
 
 def test_slots_are_claimed_exactly_once() -> None:
