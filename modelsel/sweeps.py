@@ -522,16 +522,11 @@ def _disagreements(frame: pd.DataFrame, axis: str, line: pd.DataFrame, top: pd.S
 # --------------------------------------------------------------------- sections
 
 
-def sweep_sections(study: optuna.Study, *, output_dir: str | Path | None = None) -> list[Section]:
-    """Report sections of a sweep study (empty for other studies); with ``output_dir``,
-    also writes ``sweep.csv`` and the plots as PNG files there."""
-    sections, files = sweep_report_parts(study)
-    if output_dir is not None and files:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, content in files.items():
-            (out / name).write_bytes(content)
-    return sections
+def sweep_sections(study: optuna.Study) -> list[Section]:
+    """Report sections of a sweep study (empty for other studies); the files beside a
+    study's own report are :func:`sweep_report_parts`'s, written by
+    :func:`modelsel.report.build_report`."""
+    return sweep_report_parts(study)[0]
 
 
 def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, bytes]]:
