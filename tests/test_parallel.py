@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -35,6 +37,16 @@ from modelsel.spec import parse_spec, with_params
 from modelsel.storage import open_storage
 from modelsel.study import _load_dataset_for, best_trial, retrain_epochs, run_study
 from modelsel.training import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """Some tests run a worker's entry point in the test process; it ignores SIGINT (the
+    calling process handles Ctrl-C), which later Ctrl-C tests in the same process would see."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 def test_two_workers_reach_exactly_the_budget_and_resume(fast_tmp: Path) -> None:
