@@ -591,6 +591,17 @@ def refit_best_so_far(study: optuna.Study, spec: StudySpec, *, device: torch.dev
     """
     from modelsel.cv import fit_final
 
+    pending = _pending_retrain(study, spec)
+    if pending is None:
+        return None
+    selected, trial_spec, epochs = pending
+    member = fit_final(trial_spec, _load_dataset_for(trial_spec), epochs=epochs, device=device)
+    return EarlyRefit(selected.number, dict(selected.params), epochs, member)
+
+
+def _pending_retrain(study: optuna.Study, spec: StudySpec) -> tuple[FrozenTrial, StudySpec, int] | None:
+    """The selected trial, its configuration and retrain epochs, while it has no stored
+    test score (None without a selection, or once its score is stored)."""
     selected = best_trial(study)
     if selected is None:
         return None
@@ -598,9 +609,7 @@ def refit_best_so_far(study: optuna.Study, spec: StudySpec, *, device: torch.dev
     if stored is not None and stored.get("trial_number") == selected.number:
         return None
     trial_spec = with_params(spec, selected.params)
-    epochs = retrain_epochs(selected, trial_spec)
-    member = fit_final(trial_spec, _load_dataset_for(trial_spec), epochs=epochs, device=device)
-    return EarlyRefit(selected.number, dict(selected.params), epochs, member)
+    return selected, trial_spec, retrain_epochs(selected, trial_spec)
 
 
 def retrain_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
@@ -629,40 +638,33 @@ def select_and_test(
     and the test (``--workers`` runs retrain with the workers' threads wherever the
     retrain happens, so that its numbers do not depend on which process did it).
     """
-    outcome = summarize(study, storage_url)
-    selected = best_trial(study)
-    if selected is None:
+    outcome = summarize(study, storage_url)  # with the stored test score, if any
+    pending = _pending_retrain(study, spec)
+    if pending is None:
         return outcome
-    stored = study.user_attrs.get("test_result")
-    if stored is None or stored.get("trial_number") != selected.number:
-        from modelsel.cv import fit_final, score_on_test
-        from modelsel.training import torch_threads
+    from modelsel.cv import fit_final, score_on_test
+    from modelsel.training import torch_threads
 
-        trial_spec = with_params(spec, selected.params)
-        dataset = _load_dataset_for(trial_spec)
-        epochs = retrain_epochs(selected, trial_spec)
-        reused = early_refit if early_refit is not None and early_refit.fits(selected, epochs) else None
-        with torch_threads(threads) if threads is not None else contextlib.nullcontext():
-            if reused is not None:
-                member = reused.member
-            else:
-                member = fit_final(trial_spec, dataset, epochs=epochs, device=device)
-            score = score_on_test(member, dataset, device=device)
-        stored = {
-            "trial_number": selected.number,
-            "params": selected.params,
-            "metric_name": "accuracy" if dataset.task == "classification" else "rmse",
-            "test_loss": score.test_loss,
-            "test_metric": score.test_metric,
-            "train_loss": score.train_loss,
-            "train_metric": score.train_metric,
-            "epochs": score.epochs,
-            "fit_seconds": score.fit_seconds,
-            "n_test": int(dataset.X_test.shape[0]),
-            "retrained_during_search": reused is not None,
-        }
-        study.set_user_attr("test_result", stored)
-    outcome.test = stored
+    selected, trial_spec, epochs = pending
+    dataset = _load_dataset_for(trial_spec)
+    reused = early_refit if early_refit is not None and early_refit.fits(selected, epochs) else None
+    with torch_threads(threads) if threads is not None else contextlib.nullcontext():
+        member = reused.member if reused is not None else fit_final(trial_spec, dataset, epochs=epochs, device=device)
+        score = score_on_test(member, dataset, device=device)
+    outcome.test = {
+        "trial_number": selected.number,
+        "params": selected.params,
+        "metric_name": "accuracy" if dataset.task == "classification" else "rmse",
+        "test_loss": score.test_loss,
+        "test_metric": score.test_metric,
+        "train_loss": score.train_loss,
+        "train_metric": score.train_metric,
+        "epochs": score.epochs,
+        "fit_seconds": score.fit_seconds,
+        "n_test": int(dataset.X_test.shape[0]),
+        "retrained_during_search": reused is not None,
+    }
+    study.set_user_attr("test_result", outcome.test)
     return outcome
 
 
