@@ -167,11 +167,10 @@ class _Shared:
         with self.done.get_lock():
             self.done.value += 1
 
-    def left_search(self) -> int:
-        """Count one worker out of the search; return how many still search."""
+    def left_search(self) -> None:
+        """Count one worker out of the search."""
         with self.searching.get_lock():
             self.searching.value -= 1
-            return int(self.searching.value)
 
     def claim_early_refit(self) -> bool:
         """Whether this worker is the one to retrain early (True once per run)."""
@@ -474,7 +473,7 @@ def run_parallel(
     finished_before = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
     slots = None if target is None else max(target - finished_before, 0)
     deadline = None if timeout is None else time.time() + timeout
-    threads = worker_threads(device, pool.workers)
+    threads = pool.threads(device)
     pool.release(WorkerOrders(storage_url, target, deadline, device.type, threads, report), slots)
     refreshing = threading.Event()
     refresher = threading.Thread(target=_refresh_bar, args=(bar, finished_before, shared, refreshing), daemon=True)

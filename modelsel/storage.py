@@ -268,9 +268,9 @@ def import_storage_libraries(url: str) -> None:
         return
     import importlib
 
-    for module in ("sqlalchemy.orm", f"sqlalchemy.dialects.{'postgresql' if kind == 'postgresql' else kind}",
-                   "alembic.command", "alembic.config", "alembic.migration", "alembic.script",
-                   "optuna.storages._rdb.models"):
+    modules = ("sqlalchemy.orm", f"sqlalchemy.dialects.{kind}", "alembic.command", "alembic.config",
+               "alembic.migration", "alembic.script", "optuna.storages._rdb.models")  # fmt: skip
+    for module in modules:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
 
