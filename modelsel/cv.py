@@ -283,19 +283,7 @@ def fit_and_test(
     epochs: int | None = None,
     device: torch.device | str = "cpu",
 ) -> TestScore:
-    """Retrain on the whole training split and score the held-out test split once
-    (:func:`fit_final`, then :func:`score_on_test`).
-
-    Parameters
-    ----------
-    spec
-        The selected configuration (searched values filled in).
-    dataset
-        The dataset; its test split is used here and nowhere else.
-    epochs
-        Epochs to train; ``spec.training.epochs`` when omitted.
-    device
-        Where to train.
-    """
+    """Retrain on the whole training split and score the held-out test split once:
+    :func:`fit_final` (whose parameters these are), then :func:`score_on_test`."""
     member = fit_final(spec, dataset, epochs=epochs, device=device)
     return score_on_test(member, dataset, device=device)
