@@ -49,7 +49,6 @@ from typing import Any, overload
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from modelsel.models import MLP, HiddenBlock, build_mlp
 from modelsel.spec import ModelSpec, TrainingSpec
@@ -153,6 +152,43 @@ class _StackedLinear(torch.autograd.Function):
         weight.baddbmm_(scaled.mT, x, beta=beta, alpha=alpha)
         bias.add_(scaled.sum(dim=1, keepdim=True), alpha=alpha)
         return grad_input, None, None, None, None, None
+
+
+class _StackedCrossEntropy(torch.autograd.Function):
+    """Per-sample cross-entropy of ``[k, batch, classes]`` logits, and which samples the
+    model classifies right, from one pass over the logits.
+
+    ``F.cross_entropy`` plus a separate ``argmax`` made three passes over these logits
+    and, on the CPU, its ``log_softmax`` kernel is slow for a last dimension of 10 (260 us
+    for 5 x 256 x 10 on the 2-core Xeon). Here ``torch.max`` gives both the shift and the
+    prediction (the first maximal class, as ``argmax``), and the backward is
+    ``softmax - one_hot`` from the saved exponentials. The loss agrees with
+    ``F.cross_entropy`` to float rounding (the same formula, summed in another order).
+    One stacked epoch of 5 D2L fold models against ``F.cross_entropy`` + ``argmax``
+    (2026-11-27, 2-core Xeon, 11 interleaved pairs each, geometric means): 1.047x at
+    batch 64 and 1 thread, 1.019x at 2 threads; 1.019x and 1.018x at batch 256.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()  # as F.cross_entropy under autocast
+        top, predicted = logits.max(dim=-1, keepdim=True)
+        index = target.unsqueeze(-1)
+        shifted = logits - top
+        exponentials = shifted.exp()
+        total = exponentials.sum(dim=-1, keepdim=True)
+        per_sample = total.log().sub_(shifted.gather(-1, index)).squeeze(-1)
+        hits = predicted.squeeze(-1) == target
+        ctx.save_for_backward(exponentials, total, index)
+        ctx.mark_non_differentiable(hits)
+        return per_sample, hits
+
+    @staticmethod
+    def backward(ctx: Any, grad_per_sample: torch.Tensor, grad_hits: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        exponentials, total, index = ctx.saved_tensors
+        grad = exponentials / total
+        grad.scatter_add_(-1, index, torch.full(index.shape, -1.0, dtype=grad.dtype, device=grad.device))
+        return grad.mul_(grad_per_sample.unsqueeze(-1)), None
 
 
 #: Eager steps run on the capture stream before a CUDA graph is captured, so that lazy
@@ -557,7 +593,7 @@ class StackedTrainer:
         epoch: int,
         first: bool,
     ) -> None:
-        k, width = xb.shape[0], xb.shape[1]
+        width = xb.shape[1]
         ragged = any(c != width for c in counts)
         idle = [row for row, c in enumerate(counts) if c == 0]
         saved = self._save_rows(idle) if idle else None
@@ -569,10 +605,9 @@ class StackedTrainer:
             weights = mask / count_tensor.clamp(min=1).view(-1, 1).to(self.dtype)
         update = self._fused_update(first)
         out = self._forward(xb, mask, update)
+        hits: torch.Tensor | None = None
         if self.classification:
-            per_sample = F.cross_entropy(
-                out.reshape(k * width, -1), yb.reshape(k * width), reduction="none"
-            ).view(k, width)
+            per_sample, hits = _StackedCrossEntropy.apply(out, yb)
         else:
             per_sample = (out.squeeze(-1) - yb).square()
         objective = per_sample.sum() / width if weights is None else (per_sample * weights).sum()
@@ -596,12 +631,12 @@ class StackedTrainer:
             detached = per_sample.detach()
             if mask is None:
                 self.loss_sum += detached.sum(dim=1)
-                if self.classification:
-                    self.correct += (out.detach().argmax(dim=-1) == yb).sum(dim=1)
+                if hits is not None:
+                    self.correct += hits.sum(dim=1)
             else:
                 self.loss_sum += (detached * mask).sum(dim=1)
-                if self.classification:
-                    self.correct += ((out.detach().argmax(dim=-1) == yb) & mask).sum(dim=1)
+                if hits is not None:
+                    self.correct += (hits & mask).sum(dim=1)
             if saved is not None:
                 self._restore_rows(idle, saved)
 

@@ -10,10 +10,18 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from modelsel.diagnostics import GradientStats
 from modelsel.spec import ModelSpec, TrainingSpec
-from modelsel.stacked import StackedTrainer, StackJob, StackResult, stack_signature, train_stacked
+from modelsel.stacked import (
+    StackedTrainer,
+    StackJob,
+    StackResult,
+    _StackedCrossEntropy,
+    stack_signature,
+    train_stacked,
+)
 from modelsel.training import (
     Diverged,
     FoldData,
@@ -292,6 +300,28 @@ def test_plain_sgd_steps_inside_the_backward_pass_as_the_one_model_path() -> Non
         trainer = StackedTrainer([job], task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
         trainer.train()
         assert trainer.fused_steps == 0, change
+
+
+def test_the_stacked_loss_is_cross_entropy_with_the_argmax_hits_of_the_same_pass() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 4, generator=gen)
+    target = torch.randint(0, 4, (3, 7), generator=gen)
+    logits[0, 0], target[0, 0] = torch.tensor([1.0, 2.0, 2.0, 0.0]), 1  # a tie: argmax takes the first
+    logits[0, 1], target[0, 1] = torch.tensor([1.0, 2.0, 2.0, 0.0]), 2
+    weights = torch.rand(3, 7, generator=gen)  # as the ragged steps' per-sample weights
+    stacked, reference = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    per_sample, hits = _StackedCrossEntropy.apply(stacked, target)
+    (per_sample * weights).sum().backward()
+    expected = F.cross_entropy(reference.reshape(-1, 4), target.reshape(-1), reduction="none").view(3, 7)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(per_sample, expected)
+    torch.testing.assert_close(stacked.grad, reference.grad)
+    assert torch.equal(hits, logits.argmax(dim=-1) == target)
+    assert hits[0, 0] and not hits[0, 1]
+    for bad in (math.inf, math.nan):  # divergence stays visible in the loss
+        broken = logits.clone()
+        broken[1, 2, 3] = bad
+        assert not _StackedCrossEntropy.apply(broken, target)[0][1, 2].isfinite()
 
 
 def test_adam_sweep_members_with_different_learning_rates() -> None:
