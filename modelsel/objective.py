@@ -145,11 +145,93 @@ class PruningCallback(Callback):
             return
         value = fold_mean_curve(histories, self.curve)[epoch]
         self.trial.report(value, epoch + 1)
+        curves = [getattr(h, self.curve) for h in histories]
+        if isinstance(self.trial.study.pruner, FoldPairedPruner) and epoch != self.last_epoch and all(curves):
+            per_fold = [curve[min(epoch, len(curve) - 1)] for curve in curves]  # a member that stopped early: its last
+            self.trial.set_user_attr(
+                FoldPairedPruner.ATTRIBUTE, {"curve": self.curve, "epoch": epoch + 1, "values": rounded(per_fold)}
+            )
         # Pruning after the last epoch would discard a finished result and save nothing.
         if self.can_prune and epoch != self.last_epoch and self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
             self.trial.set_user_attr("curves", rounded(_partial_curves(histories)))
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (fold-mean {self.curve} {value:.4g})")
+
+
+class FoldPairedPruner(optuna.pruners.BasePruner):
+    """Prunes a trial once it is worse than the best finished trial on every fold.
+
+    Every trial of a study trains on the same folds, so they can be compared fold by
+    fold: after each epoch the trial's validation value on every fold is compared with
+    the best finished trial's on the same fold after as many epochs (its last, if it
+    stopped earlier). The trial is pruned when it is worse by more than ``margin`` on at
+    least ``min_worse_folds`` folds (default: all of them). So a trial is pruned only
+    when its deficit is consistent across folds, not when it trails on average (the
+    median and percentile pruners rank fold means): between two equally good
+    configurations, 5 of 5 folds worse happens by chance with probability 1/32, 4 of 5
+    with 6/32. It is the cautious choice: it keeps every trial that might still win and
+    saves less compute than ranking pruners (see ``benchmarks/results.md``).
+
+    The values come from :class:`PruningCallback`, which stores them in the trial's
+    user attribute ``fold_values_at_step`` when the study uses this pruner; the best
+    trial's come from its ``fold_curves``. Only one-objective studies prune.
+
+    Parameters
+    ----------
+    margin
+        How much worse than the best trial a fold's value must be (accuracy or loss units).
+    min_worse_folds
+        How many folds must be worse; ``None`` means all.
+    n_startup_trials
+        Finished (complete) trials before any pruning.
+    n_warmup_steps
+        Epochs a trial trains before it may be pruned.
+    """
+
+    ATTRIBUTE = "fold_values_at_step"
+
+    def __init__(
+        self,
+        *,
+        margin: float = 0.0,
+        min_worse_folds: int | None = None,
+        n_startup_trials: int = 1,
+        n_warmup_steps: int = 1,
+    ) -> None:
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        if min_worse_folds is not None and min_worse_folds < 1:
+            raise ValueError(f"min_worse_folds must be >= 1, got {min_worse_folds}")
+        if n_startup_trials < 1:
+            raise ValueError(f"n_startup_trials must be >= 1 (pruning needs a finished trial), got {n_startup_trials}")
+        if n_warmup_steps < 0:
+            raise ValueError(f"n_warmup_steps must be >= 0, got {n_warmup_steps}")
+        self.margin = margin
+        self.min_worse_folds = min_worse_folds
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        """Whether ``trial`` is worse than the best finished trial on enough folds."""
+        step = trial.last_step
+        current = trial.user_attrs.get(self.ATTRIBUTE)
+        if step is None or step < self.n_warmup_steps or not current or current.get("epoch") != step:
+            return False
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(complete) < self.n_startup_trials:
+            return False
+        best = study.best_trial
+        best_curves = (best.user_attrs.get("fold_curves") or {}).get(current["curve"])
+        values = current["values"]
+        if not best_curves or len(best_curves) != len(values) or not all(best_curves):
+            return False
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        worse = 0
+        for value, curve in zip(values, best_curves, strict=True):
+            reference = curve[min(step, len(curve)) - 1]
+            gap = (reference - value) if maximize else (value - reference)
+            worse += gap > self.margin  # NaN compares False: never prunes on it
+        return worse >= (self.min_worse_folds or len(values))
 
 
 def _partial_curves(histories: Sequence[History]) -> dict[str, list[float]]:

@@ -33,7 +33,7 @@ Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Task = Literal["classification", "regression"]
 Objective = Literal["val_accuracy", "val_loss", "n_params", "fit_seconds"]
 SamplerName = Literal["tpe", "random", "gp", "cmaes", "grid", "nsga2"]
-PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband"]
+PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband", "fold_paired"]
 Scalar = bool | int | float | str | None
 
 #: Direction Optuna optimizes each objective in.

@@ -139,6 +139,10 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             return pruners.PercentilePruner(**options)
         if spec.pruner.name == "successive_halving":
             return pruners.SuccessiveHalvingPruner(**options)
+        if spec.pruner.name == "fold_paired":
+            from modelsel.objective import FoldPairedPruner
+
+            return FoldPairedPruner(**options)
         options.setdefault("min_resource", 1)
         options.setdefault("max_resource", spec.training.epochs)
         return pruners.HyperbandPruner(**options)

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 import modelsel.objective as objective_module
 from modelsel.data import load_dataset
 from modelsel.errors import SpecError
-from modelsel.objective import StudyObjective, grid_search_space, rounded, suggest_params
+from modelsel.objective import FoldPairedPruner, StudyObjective, grid_search_space, rounded, suggest_params
 from modelsel.spec import StudySpec, parse_spec
 from modelsel.study import run_study
 
@@ -191,6 +191,93 @@ def test_pruned_trials_record_the_epoch_and_partial_curves(fast_tmp: Path) -> No
         assert "fold_val_metric" not in trial.user_attrs
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         assert "pruned_at_epoch" not in trial.user_attrs
+
+
+def _paired_verdicts(
+    pruner: FoldPairedPruner, direction: str, cases: list[list[float]], *, step: int = 1
+) -> list[bool]:
+    """The pruner's verdict on running trials with these per-fold values at ``step``,
+    against one finished trial whose per-fold curves over 3 epochs are fixed."""
+    study = optuna.create_study(direction=direction, pruner=pruner)
+    best = [[0.5, 0.8, 0.9], [0.6, 0.7, 0.8], [0.4, 0.85, 0.9]]
+    study.add_trial(
+        optuna.trial.create_trial(value=0.87, user_attrs={"fold_curves": {"val_metric": best, "val_loss": best}})
+    )
+    verdicts = []
+    for values in cases:
+        trial = study.ask()
+        trial.report(sum(values) / len(values), step)
+        trial.set_user_attr(FoldPairedPruner.ATTRIBUTE, {"curve": "val_metric", "epoch": step, "values": values})
+        verdicts.append(trial.should_prune())
+        study.tell(trial, state=TrialState.FAIL)
+    return verdicts
+
+
+def test_the_fold_paired_pruner_prunes_a_trial_worse_than_the_best_on_every_fold() -> None:
+    # Best trial after epoch 1: folds 0.5, 0.6, 0.4 (higher is better when maximizing).
+    verdicts = _paired_verdicts(
+        FoldPairedPruner(),
+        "maximize",
+        [
+            [0.45, 0.55, 0.35],  # worse on every fold
+            [0.45, 0.65, 0.35],  # better on one fold
+            [0.49, 0.59, 0.50],  # worse on two folds only
+            [0.45, math.nan, 0.35],  # a NaN never counts as worse
+        ],
+    )
+    assert verdicts == [True, False, False, False]
+    # After epoch 3 the best trial's third values count; when minimizing, lower is better.
+    assert _paired_verdicts(FoldPairedPruner(), "maximize", [[0.85, 0.75, 0.85]], step=3) == [True]
+    assert _paired_verdicts(FoldPairedPruner(), "minimize", [[0.45, 0.55, 0.35], [0.55, 0.65, 0.45]]) == [False, True]
+    # A later epoch than the best trial ran compares with its last value.
+    assert _paired_verdicts(FoldPairedPruner(), "maximize", [[0.85, 0.75, 0.85]], step=5) == [True]
+    # Options: a margin, fewer folds, warm-up epochs.
+    assert _paired_verdicts(FoldPairedPruner(margin=0.1), "maximize", [[0.45, 0.55, 0.35], [0.3, 0.4, 0.2]]) == [
+        False,
+        True,
+    ]
+    assert _paired_verdicts(FoldPairedPruner(min_worse_folds=2), "maximize", [[0.45, 0.65, 0.35]]) == [True]
+    assert _paired_verdicts(FoldPairedPruner(n_warmup_steps=2), "maximize", [[0.1, 0.1, 0.1]]) == [False]
+    assert _paired_verdicts(FoldPairedPruner(n_startup_trials=2), "maximize", [[0.1, 0.1, 0.1]]) == [False]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"margin": -0.1}, "margin must be >= 0"),
+        ({"min_worse_folds": 0}, "min_worse_folds must be >= 1"),
+        ({"n_startup_trials": 0}, "n_startup_trials must be >= 1"),
+        ({"folds": 3}, "unexpected keyword argument 'folds'"),
+    ],
+)
+def test_bad_fold_paired_pruner_options_are_spec_errors(options: dict[str, Any], message: str) -> None:
+    from modelsel.study import make_pruner
+
+    spec = parse_spec(tiny_spec_data(pruner={"name": "fold_paired", "options": options}))
+    with pytest.raises(SpecError, match=message):
+        make_pruner(spec)
+
+
+def test_a_search_with_the_fold_paired_pruner_prunes_a_hopeless_learning_rate(fast_tmp: Path) -> None:
+    spec = parse_spec(
+        tiny_spec_data(
+            seed=1,  # GridSampler(seed=1) runs lr 0.1 first, so 1e-5 meets a finished rival
+            training={"epochs": 3, "batch_size": 32},
+            sampler="grid",
+            search={"lr": [0.1, 0.00001]},
+            pruner="fold_paired",
+            budget={"n_trials": 2},
+        )
+    )
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run_study(spec, storage=url, output_dir=fast_tmp, progress=False, build_report=False)
+    by_lr = {t.params["lr"]: t for t in optuna.load_study(study_name="tiny", storage=url).trials}
+    best, slow = by_lr[0.1], by_lr[0.00001]
+    assert best.state == TrialState.COMPLETE and slow.state == TrialState.PRUNED
+    assert slow.user_attrs["pruned_at_epoch"] == 1
+    at_step = slow.user_attrs[FoldPairedPruner.ATTRIBUTE]
+    assert at_step["epoch"] == 1 and at_step["curve"] == "val_metric"
+    assert all(v < b[0] for v, b in zip(at_step["values"], best.user_attrs["fold_curves"]["val_metric"], strict=True))
 
 
 def diverging_spec(**changes: Any) -> StudySpec:
