@@ -145,22 +145,29 @@ def test_multi_objective_values_in_order() -> None:
     assert trial.intermediate_values == {}  # no pruning reports with several objectives
 
 
-def test_report_steps_count_epochs_so_min_resource_one_prunes_after_the_first(fast_tmp: Path) -> None:
-    # Successive halving's min_resource is at least 1: with 0-based steps it could never
-    # judge a trial before its second epoch.
+def _good_then_hopeless_lr(fast_tmp: Path, pruner: Any) -> dict[float, optuna.trial.FrozenTrial]:
+    """A 2-trial grid search with ``pruner``: lr 0.1, then 1e-5; its trials by lr."""
     spec = parse_spec(
         tiny_spec_data(
             seed=1,  # GridSampler(seed=1) runs lr 0.1 first, so 1e-5 meets a finished rival
             training={"epochs": 3, "batch_size": 32},
             sampler="grid",
             search={"lr": [0.1, 0.00001]},
-            pruner={"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 2}},
+            pruner=pruner,
             budget={"n_trials": 2},
         )
     )
     url = f"sqlite:///{fast_tmp}/s.db"
     run_study(spec, storage=url, output_dir=fast_tmp, progress=False, build_report=False)
-    by_lr = {t.params["lr"]: t for t in optuna.load_study(study_name="tiny", storage=url).trials}
+    return {t.params["lr"]: t for t in optuna.load_study(study_name="tiny", storage=url).trials}
+
+
+def test_report_steps_count_epochs_so_min_resource_one_prunes_after_the_first(fast_tmp: Path) -> None:
+    # Successive halving's min_resource is at least 1: with 0-based steps it could never
+    # judge a trial before its second epoch.
+    by_lr = _good_then_hopeless_lr(
+        fast_tmp, {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 2}}
+    )
     assert sorted(by_lr[0.1].intermediate_values) == [1, 2, 3]
     slow = by_lr[0.00001]
     assert slow.number == 1
@@ -259,19 +266,7 @@ def test_bad_fold_paired_pruner_options_are_spec_errors(options: dict[str, Any],
 
 
 def test_a_search_with_the_fold_paired_pruner_prunes_a_hopeless_learning_rate(fast_tmp: Path) -> None:
-    spec = parse_spec(
-        tiny_spec_data(
-            seed=1,  # GridSampler(seed=1) runs lr 0.1 first, so 1e-5 meets a finished rival
-            training={"epochs": 3, "batch_size": 32},
-            sampler="grid",
-            search={"lr": [0.1, 0.00001]},
-            pruner="fold_paired",
-            budget={"n_trials": 2},
-        )
-    )
-    url = f"sqlite:///{fast_tmp}/s.db"
-    run_study(spec, storage=url, output_dir=fast_tmp, progress=False, build_report=False)
-    by_lr = {t.params["lr"]: t for t in optuna.load_study(study_name="tiny", storage=url).trials}
+    by_lr = _good_then_hopeless_lr(fast_tmp, "fold_paired")
     best, slow = by_lr[0.1], by_lr[0.00001]
     assert best.state == TrialState.COMPLETE and slow.state == TrialState.PRUNED
     assert slow.user_attrs["pruned_at_epoch"] == 1
