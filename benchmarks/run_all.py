@@ -47,7 +47,7 @@ from baselines import GRIDS, PLAIN_LOOP, data_root, flops_per_sample  # noqa: E4
 #: Entries in the order they run; ``gemm`` first so every fraction uses this run's limit.
 GRID_BASELINES = ("d2l", "skorch", "sklearn")
 MODELSEL_GRID = ("modelsel-1w", "modelsel-2w", "modelsel-stacked", "modelsel-stacked-2w")
-TPE_ENTRIES = ("tpe", "tpe-median", "tpe-percentile", "tpe-sha", "tpe-sha4")
+TPE_ENTRIES = ("tpe", "tpe-median", "tpe-percentile", "tpe-sha", "tpe-sha4", "tpe-paired", "tpe-paired4")
 #: The pruner (spec syntax) of each TPE entry.
 TPE_PRUNERS: dict[str, Any] = {
     "tpe": "none",
@@ -55,6 +55,8 @@ TPE_PRUNERS: dict[str, Any] = {
     "tpe-percentile": "percentile",
     "tpe-sha": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}},
     "tpe-sha4": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 4}},
+    "tpe-paired": "fold_paired",
+    "tpe-paired4": {"name": "fold_paired", "options": {"min_worse_folds": 4}},
 }
 ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines", "throughput", "accuracy")
 #: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
@@ -74,6 +76,8 @@ LABELS: dict[str, str] = {
     "tpe-percentile": "TPE, percentile pruning (the top 25% go on)",
     "tpe-sha": "TPE, successive halving (min 1 epoch, factor 3)",
     "tpe-sha4": "TPE, successive halving (min 1 epoch, factor 4)",
+    "tpe-paired": "TPE, fold-paired pruning (worse than the best trial on every fold)",
+    "tpe-paired4": "TPE, fold-paired pruning (worse than the best trial on 4 of 5 folds)",
     "engines": "stacked vs sequential engine (engine_probe.py)",
     "throughput": "training-loop throughput, 1 and 2 processes (throughput_probe.py)",
     "accuracy": "seed-to-seed accuracy of one model (accuracy_probe.py)",
