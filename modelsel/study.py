@@ -142,6 +142,9 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         if spec.pruner.name == "fold_paired":
             from modelsel.objective import FoldPairedPruner
 
+            worse = options.get("min_worse_folds")
+            if isinstance(worse, int) and worse > spec.cv.folds:
+                raise ValueError(f"min_worse_folds {worse} is more than the {spec.cv.folds} folds of cv.folds")
             return FoldPairedPruner(**options)
         options.setdefault("min_resource", 1)
         options.setdefault("max_resource", spec.training.epochs)

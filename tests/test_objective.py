@@ -253,6 +253,7 @@ def test_the_fold_paired_pruner_prunes_a_trial_worse_than_the_best_on_every_fold
     [
         ({"margin": -0.1}, "margin must be >= 0"),
         ({"min_worse_folds": 0}, "min_worse_folds must be >= 1"),
+        ({"min_worse_folds": 3}, "min_worse_folds 3 is more than the 2 folds of cv.folds"),
         ({"n_startup_trials": 0}, "n_startup_trials must be >= 1"),
         ({"folds": 3}, "unexpected keyword argument 'folds'"),
     ],
