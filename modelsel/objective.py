@@ -169,7 +169,7 @@ class FoldPairedPruner(optuna.pruners.BasePruner):
     when its deficit is consistent across folds, not when it trails on average (the
     median and percentile pruners rank fold means): between two equally good
     configurations, 5 of 5 folds worse happens by chance with probability 1/32, 4 of 5
-    with 6/32. It is the cautious choice: it keeps every trial that might still win and
+    with 6/32. It is the cautious choice: it lets close rivals of the best finish, and
     saves less compute than ranking pruners (see ``benchmarks/results.md``).
 
     The values come from :class:`PruningCallback`, which stores them in the trial's
