@@ -94,9 +94,15 @@ def make_fold_data(
 def fold_mean_curve(histories: Sequence[History], name: str) -> list[float]:
     """Per-epoch mean over members of curve ``name``; a member that stopped early
     contributes its last value to later epochs."""
-    curves = [getattr(h, name) for h in histories]
-    length = max((len(c) for c in curves), default=0)
-    return [statistics.fmean(c[min(epoch, len(c) - 1)] for c in curves if c) for epoch in range(length)]
+    length = max((len(getattr(h, name)) for h in histories), default=0)
+    return [statistics.fmean(fold_values_at(histories, name, epoch)) for epoch in range(length)]
+
+
+def fold_values_at(histories: Sequence[History], name: str, epoch: int) -> list[float]:
+    """Each member's value of curve ``name`` after ``epoch`` (0-based): a member that
+    stopped early gives its last value, one without any value is left out."""
+    curves = (getattr(h, name) for h in histories)
+    return [c[min(epoch, len(c) - 1)] for c in curves if c]
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import torch
 
-from modelsel.cv import CVResult, cross_validate, fold_indices, fold_mean_curve, make_fold_data, mean_std
+from modelsel.cv import (
+    CVResult,
+    cross_validate,
+    fold_indices,
+    fold_mean_curve,
+    fold_values_at,
+    make_fold_data,
+    mean_std,
+)
 from modelsel.diagnostics import GradientStats, mean_weight_stats
 from modelsel.models import mlp_param_count
 from modelsel.regimes import baseline_error, classify, numbers_from_attrs
@@ -139,20 +148,22 @@ class PruningCallback(Callback):
         self.every = max(1, math.ceil(epochs / max_reports))
         self.last_epoch = epochs - 1
         self.can_prune = not isinstance(trial.study.pruner, optuna.pruners.NopPruner)
+        self.stores_fold_values = isinstance(trial.study.pruner, FoldPairedPruner)
 
     def on_epoch_end(self, epoch: int, histories: Sequence[History]) -> None:
         if (epoch + 1) % self.every and epoch != self.last_epoch:
             return
-        value = fold_mean_curve(histories, self.curve)[epoch]
+        per_fold = fold_values_at(histories, self.curve, epoch)
+        value = statistics.fmean(per_fold)
         self.trial.report(value, epoch + 1)
-        curves = [getattr(h, self.curve) for h in histories]
-        if isinstance(self.trial.study.pruner, FoldPairedPruner) and epoch != self.last_epoch and all(curves):
-            per_fold = [curve[min(epoch, len(curve) - 1)] for curve in curves]  # a member that stopped early: its last
+        # Pruning after the last epoch would discard a finished result and save nothing.
+        if not self.can_prune or epoch == self.last_epoch:
+            return
+        if self.stores_fold_values and len(per_fold) == len(histories):
             self.trial.set_user_attr(
                 FoldPairedPruner.ATTRIBUTE, {"curve": self.curve, "epoch": epoch + 1, "values": rounded(per_fold)}
             )
-        # Pruning after the last epoch would discard a finished result and save nothing.
-        if self.can_prune and epoch != self.last_epoch and self.trial.should_prune():
+        if self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
             self.trial.set_user_attr("curves", rounded(_partial_curves(histories)))
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (fold-mean {self.curve} {value:.4g})")
