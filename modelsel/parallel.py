@@ -344,12 +344,8 @@ def after_search_work(
         return None
     if not shared.claim_draft():
         return None
-    from modelsel.report import draft_report
-
-    try:
-        return "draft", draft_report(study)
-    except Exception:
-        return None
+    draft = _draft(study)
+    return None if draft is None else ("draft", draft)
 
 
 def worker_main(index: int, spec_json: str, shared: _Shared, storage_url: str | None = None) -> None:
@@ -518,8 +514,8 @@ def _refresh_bar(bar: Any, initial: int, shared: _Shared, stop: threading.Event)
 
 
 def _draft(study: optuna.Study) -> ReportDraft | None:
-    """The calling process's draft of the report; best effort, as a worker's (an error
-    is met again, and reported, when the report is built after the test)."""
+    """The report's draft, by the calling process or a worker; best effort (an error is
+    met again, and reported, when the report is built after the test)."""
     from modelsel.report import draft_report
 
     try:
