@@ -150,7 +150,9 @@ def _good_then_hopeless_lr(fast_tmp: Path, pruner: Any) -> dict[float, optuna.tr
     spec = parse_spec(
         tiny_spec_data(
             seed=1,  # GridSampler(seed=1) runs lr 0.1 first, so 1e-5 meets a finished rival
-            training={"epochs": 3, "batch_size": 32},
+            # One trial at a time on every device (auto stacks a grid's trials on CUDA, and a
+            # stack has no finished rival to compare with).
+            training={"epochs": 3, "batch_size": 32, "stack_trials": 1},
             sampler="grid",
             search={"lr": [0.1, 0.00001]},
             pruner=pruner,

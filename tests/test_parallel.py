@@ -36,7 +36,7 @@ from modelsel.report import ReportDraft
 from modelsel.spec import parse_spec, with_params
 from modelsel.storage import open_storage
 from modelsel.study import _load_dataset_for, best_trial, retrain_epochs, run_study
-from modelsel.training import torch_threads
+from modelsel.training import resolve_device, torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +76,11 @@ def test_the_retrain_of_a_parallel_run_does_not_depend_on_which_worker_made_it(f
     assert selected is not None and outcome.test is not None
     assert outcome.test["trial_number"] == selected.number
     trial_spec = with_params(spec, selected.params)
-    with torch_threads(worker_threads(torch.device("cpu"), 2)):
-        score = fit_and_test(trial_spec, _load_dataset_for(trial_spec), epochs=retrain_epochs(selected, trial_spec))
+    device = resolve_device(spec.training.device)  # the run's device: the GPU where there is one
+    with torch_threads(worker_threads(device, 2)):
+        score = fit_and_test(
+            trial_spec, _load_dataset_for(trial_spec), epochs=retrain_epochs(selected, trial_spec), device=device
+        )
     assert (outcome.test["test_loss"], outcome.test["test_metric"]) == (score.test_loss, score.test_metric)
 
 
