@@ -29,6 +29,7 @@ import platform
 import resource
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -118,6 +119,7 @@ class Settings:
     acc_tol: float
     seed: int = 0
     device: str = "cpu"
+    rounds: int = 1
 
 
 @dataclass
@@ -201,8 +203,9 @@ def modelsel_executable() -> list[str]:
     return [sys.executable, "-c", "from modelsel.cli import entry_point; entry_point()"]
 
 
-def entry_command(settings: Settings, key: str) -> list[str]:
-    """The command line of entry ``key`` (modelsel's spec is written to the entry's folder)."""
+def entry_command(settings: Settings, key: str, work: Path | None = None) -> list[str]:
+    """The command line of entry ``key`` (modelsel's spec is written to its folder ``work``,
+    by default ``<out_dir>/<key>``)."""
     if key == "engines":
         command = [sys.executable, str(HERE / "engine_probe.py"), "--repeats", "3", "--json"]
         for case in ENGINE_CASES:
@@ -235,7 +238,7 @@ def entry_command(settings: Settings, key: str) -> list[str]:
         if settings.threads is not None:
             command += ["--threads", str(settings.threads)]
         return command
-    work = settings.out_dir / key
+    work = work or settings.out_dir / key
     command = [*modelsel_executable(), "study", "run", str(work / "spec.yaml")]
     command += ["--storage", f"sqlite:///{work / 'bench.db'}", "--output", str(work), "--quiet"]
     if key.endswith("-2w"):
@@ -294,11 +297,12 @@ def _last_line(*texts: str, limit: int | None = 300) -> str:
     return "no output"
 
 
-def run_entry(settings: Settings, key: str) -> Outcome:
-    """Run entry ``key`` as one process and collect its figures."""
-    command = entry_command(settings, key)
+def run_entry(settings: Settings, key: str, round_number: int = 1) -> Outcome:
+    """Run entry ``key`` as one process and collect its figures (a later round of a grid
+    entry works in a folder of its own, so that its study starts empty)."""
+    work = settings.out_dir / (key if round_number == 1 else f"{key}-round{round_number}")
+    command = entry_command(settings, key, work)
     outcome = Outcome(key=key, label=LABELS[key], command=command)
-    work = settings.out_dir / key
     work.mkdir(parents=True, exist_ok=True)
     runs_modelsel_cli = key in MODELSEL_GRID or key in TPE_ENTRIES
     if runs_modelsel_cli:
@@ -309,7 +313,8 @@ def run_entry(settings: Settings, key: str) -> Outcome:
     outcome.waited_s = wait_for_quiet(settings.quiet_wait_s)
     outcome.load_before = round(os.getloadavg()[0], 2)
     waited = f" (waited {outcome.waited_s:.0f} s for idle CPUs)" if outcome.waited_s else ""
-    print(f"[{time.strftime('%H:%M:%S')}] {key}{waited}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    name = f"{key} (round {round_number})" if round_number > 1 else key
+    print(f"[{time.strftime('%H:%M:%S')}] {name}{waited}: {shlex.join(command)}", file=sys.stderr, flush=True)
     busy_start, children_start = busy_cpu_seconds(), children_cpu_seconds()
     start = time.perf_counter()
     try:
@@ -445,6 +450,46 @@ def merge_gemm(first: Outcome, second: Outcome) -> Outcome:
     )
 
 
+def merge_rounds(rounds: Sequence[Outcome]) -> Outcome:
+    """One outcome of a grid entry from its rounds (``--rounds``): the median wall and
+    in-process times, the most contention seen, and the first successful round's figures
+    (the runs are deterministic; a round whose accuracy differs is noted)."""
+    ok = [o for o in rounds if o.ok]
+    if not ok:
+        return rounds[0]
+    merged = Outcome(**{**asdict(ok[0]), "extra": dict(ok[0].extra)})
+    merged.process_s = statistics.median(o.process_s for o in ok if o.process_s is not None)
+    inner = [o.inner_s for o in ok if o.inner_s is not None]
+    merged.inner_s = statistics.median(inner) if inner else None
+    others = [o.other_cpu_s for o in ok if o.other_cpu_s is not None]
+    merged.other_cpu_s = max(others) if others else None
+    merged.extra["round_process_s"] = [o.process_s for o in rounds]
+    accuracies = {o.best_cv_accuracy for o in ok}
+    if len(accuracies) > 1:
+        merged.extra["round_accuracies"] = [o.best_cv_accuracy for o in ok]
+    failed = [o.error for o in rounds if not o.ok]
+    if failed:
+        merged.extra["round_errors"] = failed
+    return merged
+
+
+def run_order(selected: Sequence[str], rounds: int) -> list[tuple[str, int]]:
+    """``(entry, round)`` in the order they run: with several rounds, the grid entries run
+    once per round right after one another, every other round in reverse order, so that a
+    machine that drifts during the run weighs on all of them alike."""
+    grid = [k for k in selected if k in MODELSEL_GRID or k in GRID_BASELINES]
+    order: list[tuple[str, int]] = []
+    for key in selected:
+        if key in grid:
+            if key == grid[0]:
+                for round_number in range(1, rounds + 1):
+                    keys = grid if round_number % 2 else grid[::-1]
+                    order += [(k, round_number) for k in keys]
+            continue
+        order.append((key, 1))
+    return order
+
+
 # ------------------------------------------------------------------ the report
 
 
@@ -470,6 +515,15 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     if value is None:
         return "–"
     return f"{value:,.{digits}f}"
+
+
+def _wall(outcome: Outcome) -> str:
+    """The wall time; with several rounds, their median and then each round's."""
+    runs = outcome.extra.get("round_process_s", [])
+    if len(runs) < 2:
+        return _fmt(outcome.process_s)
+    each = ", ".join(_fmt(r) if r is not None else "failed" for r in runs)
+    return f"{_fmt(outcome.process_s)} ({each})"
 
 
 def _acc(outcome: Outcome) -> str:
@@ -614,7 +668,7 @@ def _grid_table(
         limit = gemm_seconds(o, gemm)
         ratio = wall / reference.process_s if reference is not None and reference.process_s else None
         lines.append(
-            f"| {o.label} | {_fmt(wall)} | {_fmt(o.inner_s)} | {_fmt((o.fold_epochs or 0) / wall, 2)} | "
+            f"| {o.label} | {_wall(o)} | {_fmt(o.inner_s)} | {_fmt((o.fold_epochs or 0) / wall, 2)} | "
             f"{_fmt(o.samples_trained / wall, 0)} | {_fmt(ratio, 2)} | "
             f"{_fmt(limit / wall if limit else None, 3)} | {_acc(o)} | {_params(o.best_params)} | "
             f"{_fmt(o.test_accuracy, 4)} | {_contention(o)} |"
@@ -932,6 +986,18 @@ def _notes(settings: Settings, outcomes: dict[str, Outcome]) -> list[str]:
         "cores and that entry's timings are pessimistic; rerun it on a quiet machine. Each entry waits "
         f"(up to {settings.quiet_wait_s:g} s, `--quiet-wait`) for idle CPUs before it starts.",
     ]
+    if settings.rounds > 1:
+        lines.append(
+            f"- *Rounds*: each grid entry ran {settings.rounds} times (`--rounds`), the grid entries one after "
+            "another in every round and in reverse order every other round; the wall and in-process times "
+            "are the medians of the rounds (each round's wall time in parentheses), and every ratio and "
+            "target uses the medians. *others' CPU s* is the largest of the rounds'."
+        )
+    for o in outcomes.values():
+        if o.extra.get("round_accuracies"):
+            lines.append(f"- **{o.label}: its rounds' best CV accuracies differ**: {o.extra['round_accuracies']}.")
+        if o.extra.get("round_errors"):
+            lines.append(f"- {o.label}: {len(o.extra['round_errors'])} round(s) failed: {o.extra['round_errors']}.")
     cells = len(GRIDS[settings.grid]["width"]) * len(GRIDS[settings.grid]["weight_decay"])
     for key in MODELSEL_GRID:
         o = outcomes.get(key)
@@ -999,6 +1065,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="before each entry, wait up to this many seconds for idle CPUs (0: don't wait)",
     )
     parser.add_argument("--log-dir", type=Path, default=HERE / "out", help="parent folder of the run's logs")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each grid entry this many times, interleaved (every other round in reverse order), "
+        "and report the median wall time",
+    )
     return parser
 
 
@@ -1009,6 +1082,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [k for k in keys if k not in ALL_ENTRIES]
     if unknown:
         print(f"error: unknown entries {unknown}; choose from {', '.join(ALL_ENTRIES)}", file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print(f"error: --rounds {args.rounds}: give 1 or more", file=sys.stderr)
         return 2
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     settings = Settings(
@@ -1025,6 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         acc_tol=args.acc_tol if args.acc_tol is not None else (0.03 if args.quick else 0.01),
         seed=args.seed,
         device=args.device,
+        rounds=args.rounds,
     )
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     argv_text = shlex.join(sys.argv[1:] if argv is None else list(argv))
@@ -1036,18 +1113,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "gemm" in selected:
         # Measured again at the end: contention only lowers throughput, so the faster run is the limit.
         selected.append("gemm")
-    for done, key in enumerate(selected, start=1):
-        outcome = run_entry(settings, key)
-        if key in outcomes:
+    order = run_order(selected, settings.rounds)
+    rounds: dict[str, list[Outcome]] = {}
+    for done, (key, round_number) in enumerate(order, start=1):
+        outcome = run_entry(settings, key, round_number)
+        if key == "gemm" and key in outcomes:
             outcome = merge_gemm(outcomes[key], outcome)
+        elif settings.rounds > 1 and (key in MODELSEL_GRID or key in GRID_BASELINES):
+            rounds.setdefault(key, []).append(outcome)
+            outcome = merge_rounds(rounds[key])
         outcomes[key] = outcome
-        status = outcome.error or f"{outcome.process_s:.1f} s, best CV acc {outcome.best_cv_accuracy}"
-        print(f"[{time.strftime('%H:%M:%S')}] {key}: {status}", file=sys.stderr, flush=True)
+        latest = rounds[key][-1] if key in rounds else outcome
+        status = latest.error or f"{latest.process_s:.1f} s, best CV acc {latest.best_cv_accuracy}"
+        label = f"{key} (round {round_number})" if key in rounds else key
+        print(f"[{time.strftime('%H:%M:%S')}] {label}: {status}", file=sys.stderr, flush=True)
         # Written after every entry, so an interrupted run keeps what it measured.
         raw = {"settings": {**asdict(settings), "out_dir": str(settings.out_dir)}, "command": command}
         raw["outcomes"] = {k: asdict(o) for k, o in outcomes.items()}
+        raw["rounds"] = {k: [asdict(o) for o in runs] for k, runs in rounds.items()}
         (settings.out_dir / "results.json").write_text(json.dumps(raw, indent=2, default=str))
-        args.out.write_text(render(settings, outcomes, command, started, pending=selected[done:]))
+        pending = [k if r == 1 else f"{k} (round {r})" for k, r in order[done:]]
+        args.out.write_text(render(settings, outcomes, command, started, pending=pending))
     print(f"wrote {args.out} (raw figures: {settings.out_dir / 'results.json'})", file=sys.stderr)
     return 0
 
