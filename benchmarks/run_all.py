@@ -313,7 +313,7 @@ def run_entry(settings: Settings, key: str, round_number: int = 1) -> Outcome:
     outcome.waited_s = wait_for_quiet(settings.quiet_wait_s)
     outcome.load_before = round(os.getloadavg()[0], 2)
     waited = f" (waited {outcome.waited_s:.0f} s for idle CPUs)" if outcome.waited_s else ""
-    name = f"{key} (round {round_number})" if round_number > 1 else key
+    name = entry_name(settings, key, round_number)
     print(f"[{time.strftime('%H:%M:%S')}] {name}{waited}: {shlex.join(command)}", file=sys.stderr, flush=True)
     busy_start, children_start = busy_cpu_seconds(), children_cpu_seconds()
     start = time.perf_counter()
@@ -473,11 +473,21 @@ def merge_rounds(rounds: Sequence[Outcome]) -> Outcome:
     return merged
 
 
+def is_grid_entry(key: str) -> bool:
+    """Whether ``key`` is one of the ways timed on the grid (the entries ``--rounds`` repeats)."""
+    return key in MODELSEL_GRID or key in GRID_BASELINES
+
+
+def entry_name(settings: Settings, key: str, round_number: int) -> str:
+    """``key``, with its round when grid entries run in several rounds (progress lines)."""
+    return f"{key} (round {round_number})" if settings.rounds > 1 and is_grid_entry(key) else key
+
+
 def run_order(selected: Sequence[str], rounds: int) -> list[tuple[str, int]]:
     """``(entry, round)`` in the order they run: with several rounds, the grid entries run
     once per round right after one another, every other round in reverse order, so that a
     machine that drifts during the run weighs on all of them alike."""
-    grid = [k for k in selected if k in MODELSEL_GRID or k in GRID_BASELINES]
+    grid = [k for k in selected if is_grid_entry(k)]
     order: list[tuple[str, int]] = []
     for key in selected:
         if key in grid:
@@ -1119,20 +1129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run_entry(settings, key, round_number)
         if key == "gemm" and key in outcomes:
             outcome = merge_gemm(outcomes[key], outcome)
-        elif settings.rounds > 1 and (key in MODELSEL_GRID or key in GRID_BASELINES):
+        elif settings.rounds > 1 and is_grid_entry(key):
             rounds.setdefault(key, []).append(outcome)
             outcome = merge_rounds(rounds[key])
         outcomes[key] = outcome
         latest = rounds[key][-1] if key in rounds else outcome
         status = latest.error or f"{latest.process_s:.1f} s, best CV acc {latest.best_cv_accuracy}"
-        label = f"{key} (round {round_number})" if key in rounds else key
-        print(f"[{time.strftime('%H:%M:%S')}] {label}: {status}", file=sys.stderr, flush=True)
+        name = entry_name(settings, key, round_number)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {status}", file=sys.stderr, flush=True)
         # Written after every entry, so an interrupted run keeps what it measured.
         raw = {"settings": {**asdict(settings), "out_dir": str(settings.out_dir)}, "command": command}
         raw["outcomes"] = {k: asdict(o) for k, o in outcomes.items()}
         raw["rounds"] = {k: [asdict(o) for o in runs] for k, runs in rounds.items()}
         (settings.out_dir / "results.json").write_text(json.dumps(raw, indent=2, default=str))
-        pending = [k if r == 1 else f"{k} (round {r})" for k, r in order[done:]]
+        pending = [entry_name(settings, k, r) for k, r in order[done:]]
         args.out.write_text(render(settings, outcomes, command, started, pending=pending))
     print(f"wrote {args.out} (raw figures: {settings.out_dir / 'results.json'})", file=sys.stderr)
     return 0
