@@ -104,6 +104,11 @@ def study() -> None:
 @_storage_option
 @click.option("--n-trials", type=click.IntRange(min=1), help="Total finished trials to reach (tops up a study).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to search in this run.")
+@click.option(
+    "--fold-epochs",
+    type=click.IntRange(min=1),
+    help="Compute cap: epochs x folds summed over the study's trials (overrides budget.fold_epochs).",
+)
 @_output_option
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="Override the spec's seed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override training.device.")
@@ -115,6 +120,7 @@ def run_command(
     storage: str | None,
     n_trials: int | None,
     timeout: float | None,
+    fold_epochs: int | None,
     output_dir: Path,
     seed: int | None,
     device: str | None,
@@ -129,7 +135,11 @@ def run_command(
     from modelsel.spec import builtin_spec_path, load_spec
     from modelsel.study import quiet_interrupted_trial_logs, run_study
 
-    overrides = {"seed": seed} if seed is not None else None
+    overrides: dict[str, Any] = {}
+    if seed is not None:
+        overrides["seed"] = seed
+    if fold_epochs is not None:
+        overrides["budget"] = {"fold_epochs": fold_epochs}
     study_spec = load_spec(spec if spec is not None else builtin_spec_path(), overrides=overrides)
     import optuna
 
@@ -155,6 +165,9 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
         f"Study {outcome.study_name}: {finished} trials finished ({outcome.n_complete} complete, "
         f"{outcome.n_pruned} pruned, {outcome.n_failed} failed){ran}."
     )
+    if outcome.fold_epochs:
+        cap = f" of the budget's {outcome.fold_epochs_budget}" if outcome.fold_epochs_budget else ""
+        click.echo(f"Trained {outcome.fold_epochs} fold-epochs{cap} (epochs x folds, summed over trials).")
     if outcome.best_trial_number is None:
         click.echo("No trial completed, so nothing was selected.")
     else:

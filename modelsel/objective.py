@@ -165,6 +165,7 @@ class PruningCallback(Callback):
             )
         if self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
+            self.trial.set_user_attr("fold_epochs", sum(h.epochs_run for h in histories))
             self.trial.set_user_attr("curves", rounded(_partial_curves(histories)))
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (fold-mean {self.curve} {value:.4g})")
 
@@ -430,6 +431,8 @@ class StudyObjective:
         trial.set_user_attr("regime", "diverged")
         trial.set_user_attr("regime_reason", f"training diverged: {exc.reason}")
         trial.set_user_attr("grad_norms", rounded(prepared.gradient_stats.fold_mean()))
+        # Counted up to the epoch that diverged, as if every fold trained all of it (a cap's view).
+        trial.set_user_attr("fold_epochs", (exc.epoch + 1) * len(prepared.folds))
         return optuna.TrialPruned(f"diverged: {exc}")
 
     def _finish(self, prepared: _PreparedTrial, result: CVResult) -> float | list[float]:

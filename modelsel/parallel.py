@@ -25,6 +25,10 @@ Budget
     running trial finish: up to N - 1 trials over.) A trial that fails with an error
     stops the run. Two separate invocations on one storage can still overshoot by their
     running trials; each also stops once the storage holds ``target`` finished trials.
+    Under ``budget.fold_epochs`` a worker also reserves room for one trial at its
+    longest before it starts one (:meth:`_Shared.reserve`): a trial starts only if the
+    fold-epochs the storage holds, plus every running trial and this one at their
+    longest, stay within the cap.
 
 Storage
     The storage a study already has is used as it is: SQLite by default, in WAL mode
@@ -138,6 +142,8 @@ class _Shared:
 
     def __init__(self, context: Any, slots: int | None = None, *, workers: int = 1) -> None:
         self.slots = context.Value("q", -1 if slots is None else slots)
+        #: Trials claimed under ``budget.fold_epochs`` and not yet finished (see :meth:`reserve`).
+        self.reserved = context.Value("i", 0)
         self.done = context.Value("q", 0)
         self.stop = context.Event()
         self.errors = context.Queue()
@@ -162,6 +168,19 @@ class _Shared:
             if self.slots.value > 0:
                 self.slots.value -= 1
         return True
+
+    def reserve(self, fits: Callable[[int], bool]) -> bool:
+        """Reserve room for one trial under ``budget.fold_epochs``: True when ``fits(reserved)``,
+        given how many trials other workers have reserved and not finished; one at a time."""
+        with self.reserved.get_lock():
+            if not fits(self.reserved.value):
+                return False
+            self.reserved.value += 1
+            return True
+
+    def unreserve(self) -> None:
+        with self.reserved.get_lock():
+            self.reserved.value -= 1
 
     def finished_one(self) -> None:
         with self.done.get_lock():
@@ -267,9 +286,9 @@ def trial_loop(
     shared: _Shared,
     on_trial: Any = None,
 ) -> int:
-    """Run trials one at a time while slots, time and the budget last; return how many."""
+    """Run trials one at a time while slots, time and the budget (trials, fold-epochs) last; return how many."""
     from modelsel.storage import unfinished_trials_failed
-    from modelsel.study import FINISHED_STATES, study_objective
+    from modelsel.study import FINISHED_STATES, study_objective, trials_within_fold_epochs
 
     # Workers claim budget slots one trial at a time, so each trains its trials alone:
     # training.stack_trials (a run-only setting) applies to one process.
@@ -281,6 +300,7 @@ def trial_loop(
         if on_trial is not None:
             on_trial(study, trial)
 
+    capped = spec.budget.fold_epochs is not None
     ran = 0
     try:
         while True:
@@ -288,10 +308,18 @@ def trial_loop(
                 break
             if target is not None and len(study.get_trials(deepcopy=False, states=FINISHED_STATES)) >= target:
                 break  # another invocation on the same storage filled the budget
-            if not shared.claim():
+            # Under budget.fold_epochs every running trial holds room for its longest run, so
+            # that workers starting at once cannot overspend the cap between them.
+            if capped and not shared.reserve(lambda running: (trials_within_fold_epochs(study, spec) or 0) > running):
                 break
-            with unfinished_trials_failed():
-                study.optimize(objective, n_trials=1, callbacks=[finished], gc_after_trial=False, catch=())
+            try:
+                if not shared.claim():
+                    break
+                with unfinished_trials_failed():
+                    study.optimize(objective, n_trials=1, callbacks=[finished], gc_after_trial=False, catch=())
+            finally:
+                if capped:
+                    shared.unreserve()
             ran += 1
     finally:
         shared.left_search()

@@ -351,6 +351,14 @@ class PrunerSpec(_Section):
 class BudgetSpec(_Section):
     n_trials: int | None = Field(20, ge=1, description="total finished trials (complete + pruned)")
     timeout: float | None = Field(None, gt=0.0, description="seconds for this run")
+    fold_epochs: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "compute cap: epochs trained × folds, summed over the study's trials; a trial starts "
+            "only while one at its longest still fits"
+        ),
+    )
 
 
 class RegimeSpec(_Section):
@@ -462,6 +470,14 @@ class StudySpec(_Section):
                         f"search.{key}: the grid sampler needs a finite grid; give 'step' "
                         "or use a categorical/sweep"
                     )
+        fold_epochs = self.budget.fold_epochs
+        if fold_epochs is not None and fold_epochs < trial_fold_epochs_cap(self):
+            longest = trial_fold_epochs_cap(self)
+            raise ValueError(
+                f"budget.fold_epochs ({fold_epochs}) is less than one trial at its longest "
+                f"({max_trial_epochs(self)} epochs × {self.cv.folds} folds = {longest}); "
+                f"give at least {longest}, or leave it out"
+            )
         objectives = self.objectives or []
         if len(objectives) > 1 and self.pruner.name != "none":
             raise ValueError(
@@ -536,6 +552,32 @@ def resolve_field(spec: StudySpec, key: str) -> tuple[str, str]:
         return "study", "seed"
     known = ", ".join(sorted(fields))
     raise ValueError(f"'{key}' is not a searchable field; choose one of: {known}")
+
+
+def max_trial_epochs(spec: StudySpec) -> int:
+    """The most epochs one trial of ``spec`` can train (``training.epochs`` may be searched or swept)."""
+    longest = spec.training.epochs
+    axes: list[tuple[str, Any]] = list(spec.search.items())
+    axes += [(axis, values) for grid in spec.sweep_list() for axis, values in grid.axes.items()]
+    for key, values in axes:
+        try:
+            if resolve_field(spec, key) != ("training", "epochs"):
+                continue
+        except ValueError:
+            continue
+        if isinstance(values, IntDistribution):
+            longest = max(longest, values.high)
+        elif isinstance(values, FloatDistribution):
+            longest = max(longest, math.floor(values.high))
+        else:
+            choices = values.choices if isinstance(values, CategoricalDistribution) else values
+            longest = max([longest, *(int(v) for v in choices if isinstance(v, (int, float)))])
+    return longest
+
+
+def trial_fold_epochs_cap(spec: StudySpec) -> int:
+    """Fold-epochs of one trial of ``spec`` at its longest: the unit of ``budget.fold_epochs``."""
+    return max_trial_epochs(spec) * spec.cv.folds
 
 
 def with_field(spec: StudySpec, key: str, value: Any) -> StudySpec:
@@ -718,7 +760,8 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
     path
         The YAML file.
     overrides
-        Top-level values that replace the file's (e.g. ``{"seed": 3}`` from the CLI).
+        Top-level values that replace the file's (e.g. ``{"seed": 3}`` from the CLI); a
+        mapping updates the file's section of that name key by key.
 
     Raises
     ------
@@ -740,7 +783,12 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file; a study spec is YAML text") from None
     if isinstance(data, Mapping) and overrides:
-        data = {**data, **overrides}
+        merged = dict(data)
+        for key, value in overrides.items():
+            section = merged.get(key)
+            # A section override (``{"budget": {"fold_epochs": 100}}``) keeps the file's other keys.
+            merged[key] = {**section, **value} if isinstance(section, Mapping) and isinstance(value, Mapping) else value
+        data = merged
     return parse_spec(data, source=str(path))
 
 

@@ -28,6 +28,7 @@ from modelsel.spec import (
     OBJECTIVE_DIRECTIONS,
     StudySpec,
     resolve_field,
+    trial_fold_epochs_cap,
     with_params,
 )
 from modelsel.storage import (
@@ -76,6 +77,10 @@ class StudyOutcome:
     metric_name: str = "accuracy"
     test: dict[str, Any] | None = None
     report_path: Path | None = None
+    #: Fold-epochs the trials trained (epochs × folds, summed; :func:`trial_fold_epochs`).
+    fold_epochs: int = 0
+    #: The run's ``budget.fold_epochs`` (a stored study: the one it was created with).
+    fold_epochs_budget: int | None = None
 
     @property
     def dashboard_command(self) -> str:
@@ -276,6 +281,41 @@ def _finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
 
+#: Trials whose training counts towards ``budget.fold_epochs`` (a failed trial trained too).
+SPENT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def trial_fold_epochs(trial: FrozenTrial, folds: int) -> int:
+    """Fold-epochs ``trial`` trained: the epochs of each of its ``folds`` folds, summed.
+
+    Read from the trial's ``fold_epochs`` attribute (stored when it completes, is pruned or
+    diverges); a trial without it (interrupted, or invalid and never trained) counts one
+    fold-epoch per fold for each epoch it reported.
+    """
+    stored = trial.user_attrs.get("fold_epochs")
+    if isinstance(stored, int):
+        return stored
+    return len(trial.intermediate_values) * folds
+
+
+def fold_epochs_spent(study: optuna.Study, spec: StudySpec) -> int:
+    """Fold-epochs the study's finished and failed trials trained (running ones not counted)."""
+    trials = study.get_trials(deepcopy=False, states=SPENT_STATES)
+    return sum(trial_fold_epochs(trial, spec.cv.folds) for trial in trials)
+
+
+def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | None:
+    """How many more trials ``budget.fold_epochs`` lets start, each counted at its longest
+    (:func:`~modelsel.spec.trial_fold_epochs_cap`); None when the spec has no such budget.
+
+    Counting every trial at its longest keeps the study within the cap whatever is pruned.
+    """
+    budget = spec.budget.fold_epochs
+    if budget is None:
+        return None
+    return max(0, (budget - fold_epochs_spent(study, spec)) // trial_fold_epochs_cap(spec))
+
+
 def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task: str) -> optuna.Study:
     storage = open_storage(storage_url, create_parent=create_parent)
     objectives = spec.resolved_objectives(task)  # type: ignore[arg-type]
@@ -350,21 +390,30 @@ def _optimize(
     device: torch.device,
     on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> int:
+    capped = spec.budget.fold_epochs is not None
+
+    def budget_left(study: optuna.Study) -> int:
+        left = [] if target is None else [target - _finished_count(study)]
+        room = trials_within_fold_epochs(study, spec)
+        return min(left + ([] if room is None else [room]))
+
     objective = study_objective(
         study,
         spec,
         device=device,
-        budget_left=None if target is None else lambda s: target - _finished_count(s),
+        budget_left=budget_left if target is not None or capped else None,
         on_companion_told=on_trial,
     )
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = []
     if target is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(target, states=FINISHED_STATES))
+    if capped:
+        callbacks.append(_stop_at_fold_epoch_cap(spec))
     if on_trial is not None:
         callbacks.append(on_trial)
     before = len(study.trials)
     remaining = None if target is None else max(target - _finished_count(study), 0)
-    if remaining == 0:
+    if remaining == 0 or trials_within_fold_epochs(study, spec) == 0:
         return 0
     # n_trials bounds this process's own attempts; MaxTrialsCallback stops at the shared total.
     n_trials = None if remaining is None else remaining * 3 + 10
@@ -378,6 +427,16 @@ def _optimize(
             catch=(),
         )
     return len(study.trials) - before
+
+
+def _stop_at_fold_epoch_cap(spec: StudySpec) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """An ``optimize`` callback that stops the study once no further trial fits ``budget.fold_epochs``."""
+
+    def stop_if_spent(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trials_within_fold_epochs(study, spec) == 0:
+            study.stop()
+
+    return stop_if_spent
 
 
 def run_study(
@@ -452,8 +511,11 @@ def run_study(
             raise UserError(f"{exc}; use --device cpu") from None
         target = study_budget(spec, n_trials)
         timeout = timeout if timeout is not None else spec.budget.timeout
-        if target is None and timeout is None:
-            raise SpecError("budget: give n_trials or timeout (or --n-trials/--timeout), or the study never ends")
+        if target is None and timeout is None and spec.budget.fold_epochs is None:
+            raise SpecError(
+                "budget: give n_trials, timeout or fold_epochs (or --n-trials/--timeout/--fold-epochs), "
+                "or the study never ends"
+            )
         task = preflight(spec)
         is_default_storage = storage is None and spec.storage is None
         study = _open_study(spec, storage_url, create_parent=is_default_storage, task=task)
@@ -646,6 +708,7 @@ def select_and_test(
     retrain happens, so that its numbers do not depend on which process did it).
     """
     outcome = summarize(study, storage_url)  # with the stored test score, if any
+    outcome.fold_epochs_budget = spec.budget.fold_epochs
     pending = _pending_retrain(study, spec)
     if pending is None:
         return outcome
@@ -689,6 +752,10 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         n_failed=counts[TrialState.FAIL],
         test=study.user_attrs.get("test_result"),
     )
+    stored_spec = json.loads(study.user_attrs.get("spec_full", "") or "{}")
+    folds = int((stored_spec.get("cv") or {}).get("folds", 5))
+    outcome.fold_epochs = sum(trial_fold_epochs(t, folds) for t in trials if t.state in SPENT_STATES)
+    outcome.fold_epochs_budget = (stored_spec.get("budget") or {}).get("fold_epochs")
     selected = best_trial(study)
     if selected is not None:
         outcome.best_trial_number = selected.number

@@ -206,6 +206,22 @@ def test_wrong_type_and_impossible_range(workdir: Path, spec_file: Callable[...,
     assert_nothing_written(workdir, "tiny.yaml")
 
 
+def test_fold_epochs_flag_caps_the_compute_and_keeps_the_spec_budget(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    spec = spec_file(budget={"n_trials": None})
+    # One trial at its longest is 2 epochs x 2 folds: 3 fit in 12, 2 of them are not allowed.
+    assert_user_error(
+        invoke("study", "run", str(spec), "--fold-epochs", "3"),
+        "budget.fold_epochs (3) is less than one trial at its longest (2 epochs × 2 folds = 4); give at least 4",
+    )
+    assert_nothing_written(workdir, "tiny.yaml")
+    result = invoke("study", "run", str(spec), "--quiet", "--fold-epochs", "13")
+    assert result.exit_code == 0, result.output
+    assert "Study tiny: 3 trials finished (3 complete, 0 pruned, 0 failed); 3 run in this invocation." in result.stdout
+    assert "Trained 12 fold-epochs of the budget's 13 (epochs x folds, summed over trials).\n" in result.stdout
+
+
 def test_invalid_yaml(workdir: Path) -> None:
     (workdir / "broken.yaml").write_text("name: tiny\nmodel: {depth: 1\n", encoding="utf-8")
     assert_user_error(invoke("study", "run", "broken.yaml"), "broken.yaml: invalid YAML at line ")

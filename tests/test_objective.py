@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,7 @@ def test_pruned_trials_record_the_epoch_and_partial_curves(fast_tmp: Path) -> No
         assert 1 <= epoch < 3
         assert max(trial.intermediate_values) == epoch
         assert len(trial.user_attrs["curves"]["val_metric"]) == epoch
+        assert trial.user_attrs["fold_epochs"] == epoch * spec.cv.folds
         assert "fold_val_metric" not in trial.user_attrs
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         assert "pruned_at_epoch" not in trial.user_attrs
@@ -302,6 +304,9 @@ def test_a_diverging_trial_is_pruned_with_a_reason_and_the_study_goes_on(fast_tm
     diverged = by_lr[1000.0]
     assert diverged.state == TrialState.PRUNED
     assert diverged.user_attrs["fail_reason"].startswith("diverged: member ")
+    # Counted up to the epoch that diverged, every fold in full: 2 folds.
+    epoch = int(re.search(r"diverged at epoch (\d+)", diverged.user_attrs["fail_reason"]).group(1))
+    assert diverged.user_attrs["fold_epochs"] == 2 * epoch
     assert "grad_norms" in diverged.user_attrs
     assert by_lr[0.01].state == TrialState.COMPLETE
     assert outcome.best_params == {"lr": 0.01}
@@ -495,6 +500,8 @@ def test_a_diverging_trial_in_a_stack_is_pruned_and_its_neighbours_complete(fast
     assert by_lr[1000.0].user_attrs["regime"] == "diverged"
     # The fold is named within its trial (2 folds), not by its place in the stack of 6.
     assert by_lr[1000.0].user_attrs["fail_reason"].split(" diverged")[0] in ("diverged: member 0", "diverged: member 1")
+    epoch = int(re.search(r"diverged at epoch (\d+)", by_lr[1000.0].user_attrs["fail_reason"]).group(1))
+    assert by_lr[1000.0].user_attrs["fold_epochs"] == 2 * epoch
     for lr in (0.01, 0.02):
         assert by_lr[lr].state == TrialState.COMPLETE
         assert by_lr[lr].user_attrs["fold_epochs"] == 6
@@ -530,6 +537,7 @@ def test_a_pruned_trial_leaves_the_stack_and_records_its_partial_curves() -> Non
     pruned = by_lr[0.00001]
     assert pruned.state == TrialState.PRUNED
     assert pruned.user_attrs["pruned_at_epoch"] == 1
+    assert pruned.user_attrs["fold_epochs"] == 2  # 1 epoch x 2 folds
     assert len(pruned.user_attrs["curves"]["val_metric"]) == 1
     assert "fold_val_metric" not in pruned.user_attrs
     for lr in (0.1, 0.05, 0.08):

@@ -224,6 +224,29 @@ def test_a_worker_waiting_for_its_orders_never_downloads_the_data(
     assert downloads == [tmp_path / "FashionMNIST" / "raw"]
 
 
+def test_two_workers_stay_within_a_fold_epoch_budget(fast_tmp: Path) -> None:
+    # One trial at its longest: 2 epochs x 2 folds; 3.75 trials' worth fits 3 whole ones,
+    # however the two workers' trials interleave.
+    spec = parse_spec(tiny_spec_data(name="capped", budget={"n_trials": None, "fold_epochs": 15}))
+    outcome = run_study(spec, output_dir=fast_tmp, workers=2, progress=False, build_report=False)
+    assert (outcome.n_complete, outcome.n_trained_this_run, outcome.fold_epochs) == (3, 3, 12)
+    study = optuna.load_study(study_name="capped", storage=outcome.storage_url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+
+
+def test_fold_epoch_reservations_let_trials_start_only_while_they_fit() -> None:
+    shared = _Shared(multiprocessing.get_context("spawn"), None)
+    room = 2  # trials the budget still fits, by the storage
+
+    def fits(running: int) -> bool:
+        return room > running
+
+    assert shared.reserve(fits) and shared.reserve(fits)
+    assert not shared.reserve(fits)  # both places are held by running trials
+    shared.unreserve()
+    assert shared.reserve(fits)
+
+
 def test_slots_are_claimed_exactly_once() -> None:
     shared = _Shared(multiprocessing.get_context("spawn"), 3)
     assert [shared.claim() for _ in range(5)] == [True, True, True, False, False]

@@ -14,9 +14,10 @@ from conftest import files_under, tiny_spec_data
 from optuna.trial import TrialState
 
 from modelsel.errors import DataError, SpecError, StorageError, UserError
-from modelsel.spec import StudySpec, parse_spec
+from modelsel.spec import StudySpec, parse_spec, trial_fold_epochs_cap
 from modelsel.study import (
     best_trial,
+    fold_epochs_spent,
     load_study,
     make_pruner,
     make_sampler,
@@ -25,6 +26,8 @@ from modelsel.study import (
     run_study,
     study_budget,
     summarize,
+    trial_fold_epochs,
+    trials_within_fold_epochs,
 )
 
 
@@ -66,6 +69,57 @@ def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
     assert outcome.n_trained_this_run == 2 and len(finished(url)) == 2
     assert study_budget(tiny(budget={"n_trials": 7})) == 7
     assert study_budget(tiny(budget={"n_trials": 7}), 3) == 3
+
+
+def test_a_fold_epoch_budget_caps_the_compute_and_tops_up_on_resume(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    # One trial at its longest: 2 epochs x 2 folds. 3.5 trials' worth fits 3 whole ones.
+    spec = tiny(budget={"n_trials": None, "fold_epochs": 14})
+    first = run(spec, url, fast_tmp)
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert first.n_trained_this_run == 3
+    assert [t.user_attrs["fold_epochs"] for t in study.trials] == [4, 4, 4]
+    assert (first.fold_epochs, first.fold_epochs_budget) == (12, 14)
+    assert fold_epochs_spent(study, spec) == 12 and trials_within_fold_epochs(study, spec) == 0
+    # The budget is a total over runs: a larger one tops the study up, the same one trains nothing.
+    assert run(spec, url, fast_tmp).n_trained_this_run == 0
+    more = run(tiny(budget={"n_trials": None, "fold_epochs": 20}), url, fast_tmp)
+    assert more.n_trained_this_run == 2 and more.fold_epochs == 20
+    # With both budgets the first one reached ends the search.
+    both = run(tiny(budget={"n_trials": 6, "fold_epochs": 40}), url, fast_tmp)
+    assert both.n_trained_this_run == 1 and both.n_complete == 6
+
+
+def test_a_pruned_trial_counts_the_epochs_it_trained_against_a_fold_epoch_budget(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    spec = tiny(
+        seed=1,  # GridSampler(seed=1) runs lr 0.1 first, so 1e-5 meets a finished rival
+        training={"epochs": 4, "batch_size": 32, "stack_trials": 1},
+        search={"lr": [0.1, 0.00001]},
+        sampler="grid",
+        pruner={"name": "median", "options": {"n_startup_trials": 1, "n_warmup_steps": 0}},
+        budget={"n_trials": None, "fold_epochs": 18},  # one trial at its longest: 4 x 2 = 8
+    )
+    outcome = run(spec, url, fast_tmp)
+    study = optuna.load_study(study_name="tiny", storage=url)
+    good, hopeless = sorted(study.trials, key=lambda t: -t.params["lr"])
+    assert good.state == TrialState.COMPLETE and trial_fold_epochs(good, 2) == 8
+    assert hopeless.state == TrialState.PRUNED
+    assert trial_fold_epochs(hopeless, 2) == 2 * hopeless.user_attrs["pruned_at_epoch"] < 8
+    assert outcome.fold_epochs == fold_epochs_spent(study, spec) < 16
+    # What pruning saved leaves room for a third trial (two unpruned ones would leave none).
+    assert trials_within_fold_epochs(study, spec) == 1
+
+
+def test_a_fold_epoch_budget_below_one_trial_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match=r"budget\.fold_epochs \(3\) is less than one trial at its longest \(2 epochs"):
+        tiny(budget={"fold_epochs": 3})
+    searched = tiny_spec_data(budget={"fold_epochs": 10})
+    searched["search"]["epochs"] = {"type": "int", "low": 1, "high": 6}
+    with pytest.raises(SpecError, match=r"6 epochs × 2 folds = 12\); give at least 12"):
+        parse_spec(searched)
+    swept = tiny_spec_data(search=None, sampler=None, sweep={"training.epochs": [1, 3]}, budget={"fold_epochs": 6})
+    assert trial_fold_epochs_cap(parse_spec(swept)) == 6
 
 
 def test_finished_study_reuses_the_stored_test_result(fast_tmp: Path) -> None:
@@ -237,7 +291,7 @@ def test_val_accuracy_on_a_regression_csv_fails_before_anything_is_written(fast_
 
 
 def test_a_budget_is_required() -> None:
-    with pytest.raises(SpecError, match="budget: give n_trials or timeout"):
+    with pytest.raises(SpecError, match="budget: give n_trials, timeout or fold_epochs"):
         run_study(tiny(budget={"n_trials": None}), storage="sqlite:////nonexistent/x.db", progress=False)
 
 
