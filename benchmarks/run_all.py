@@ -48,7 +48,12 @@ from baselines import GRIDS, PLAIN_LOOP, data_root, flops_per_sample  # noqa: E4
 #: Entries in the order they run; ``gemm`` first so every fraction uses this run's limit.
 GRID_BASELINES = ("d2l", "skorch", "sklearn")
 MODELSEL_GRID = ("modelsel-1w", "modelsel-2w", "modelsel-stacked", "modelsel-stacked-2w")
-TPE_ENTRIES = ("tpe", "tpe-median", "tpe-percentile", "tpe-sha", "tpe-sha4", "tpe-paired", "tpe-paired4")
+TPE_ENTRIES = (
+    "tpe", "tpe-median", "tpe-percentile", "tpe-sha", "tpe-sha4", "tpe-paired", "tpe-paired4", "tpe-paired4-cap"
+)  # fmt: skip
+#: TPE entries that search until half the unpruned search's fold-epochs are spent
+#: (``budget.fold_epochs``), however many trials that takes, instead of ``--tpe-trials`` trials.
+TPE_CAPPED = ("tpe-paired4-cap",)
 #: The pruner (spec syntax) of each TPE entry.
 TPE_PRUNERS: dict[str, Any] = {
     "tpe": "none",
@@ -58,6 +63,7 @@ TPE_PRUNERS: dict[str, Any] = {
     "tpe-sha4": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 4}},
     "tpe-paired": "fold_paired",
     "tpe-paired4": {"name": "fold_paired", "options": {"min_worse_folds": 4}},
+    "tpe-paired4-cap": {"name": "fold_paired", "options": {"min_worse_folds": 4}},
 }
 ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines", "throughput", "accuracy")
 #: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
@@ -79,6 +85,10 @@ LABELS: dict[str, str] = {
     "tpe-sha4": "TPE, successive halving (min 1 epoch, factor 4)",
     "tpe-paired": "TPE, fold-paired pruning (worse than the best trial on every fold)",
     "tpe-paired4": "TPE, fold-paired pruning (worse than the best trial on 4 of 5 folds)",
+    "tpe-paired4-cap": (
+        "TPE, fold-paired pruning (4 of 5 folds), as many trials as half the unpruned search's "
+        "fold-epochs allow (budget.fold_epochs)"
+    ),
     "engines": "stacked vs sequential engine (engine_probe.py)",
     "throughput": "training-loop throughput, 1 and 2 processes (throughput_probe.py)",
     "accuracy": "seed-to-seed accuracy of one model (accuracy_probe.py)",
@@ -189,6 +199,9 @@ def modelsel_spec(settings: Settings, key: str) -> dict[str, Any]:
         spec["sampler"] = "tpe"
         spec["pruner"] = TPE_PRUNERS[key]
         spec["budget"] = {"n_trials": settings.tpe_trials}
+        if key in TPE_CAPPED:
+            full = settings.tpe_trials * settings.epochs * settings.folds
+            spec["budget"] = {"n_trials": None, "fold_epochs": int(full * TARGET_PRUNED_FRACTION)}
     return spec
 
 
