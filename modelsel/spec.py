@@ -760,8 +760,7 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
     path
         The YAML file.
     overrides
-        Top-level values that replace the file's (e.g. ``{"seed": 3}`` from the CLI); a
-        mapping updates the file's section of that name key by key.
+        Top-level values that replace the file's (e.g. ``{"seed": 3}`` from the CLI).
 
     Raises
     ------
@@ -783,12 +782,7 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file; a study spec is YAML text") from None
     if isinstance(data, Mapping) and overrides:
-        merged = dict(data)
-        for key, value in overrides.items():
-            section = merged.get(key)
-            # A section override (``{"budget": {"fold_epochs": 100}}``) keeps the file's other keys.
-            merged[key] = {**section, **value} if isinstance(section, Mapping) and isinstance(value, Mapping) else value
-        data = merged
+        data = {**data, **overrides}
     return parse_spec(data, source=str(path))
 
 

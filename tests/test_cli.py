@@ -209,17 +209,23 @@ def test_wrong_type_and_impossible_range(workdir: Path, spec_file: Callable[...,
 def test_fold_epochs_flag_caps_the_compute_and_keeps_the_spec_budget(
     workdir: Path, spec_file: Callable[..., Path]
 ) -> None:
-    spec = spec_file(budget={"n_trials": None})
-    # One trial at its longest is 2 epochs x 2 folds: 3 fit in 12, 2 of them are not allowed.
+    spec = spec_file(budget={"n_trials": 2})
+    # One trial at its longest is 2 epochs x 2 folds.
     assert_user_error(
         invoke("study", "run", str(spec), "--fold-epochs", "3"),
-        "budget.fold_epochs (3) is less than one trial at its longest (2 epochs × 2 folds = 4); give at least 4",
+        "--fold-epochs 3 is less than one trial at its longest (2 epochs × 2 folds = 4); give at least 4",
     )
     assert_nothing_written(workdir, "tiny.yaml")
+    # The spec's n_trials still applies: 2 trials come first.
     result = invoke("study", "run", str(spec), "--quiet", "--fold-epochs", "13")
     assert result.exit_code == 0, result.output
-    assert "Study tiny: 3 trials finished (3 complete, 0 pruned, 0 failed); 3 run in this invocation." in result.stdout
-    assert "Trained 12 fold-epochs of the budget's 13 (epochs x folds, summed over trials).\n" in result.stdout
+    assert "Study tiny: 2 trials finished (2 complete, 0 pruned, 0 failed); 2 run in this invocation." in result.stdout
+    assert "Trained 8 fold-epochs of the budget's 13 (epochs x folds, summed over trials).\n" in result.stdout
+    # With more trials allowed the cap comes first: 3 trials fit in 13, a fourth would not.
+    more = invoke("study", "run", str(spec), "--quiet", "--fold-epochs", "13", "--n-trials", "5")
+    assert more.exit_code == 0, more.output
+    assert "Study tiny: 3 trials finished (3 complete, 0 pruned, 0 failed); 1 run in this invocation." in more.stdout
+    assert "Trained 12 fold-epochs of the budget's 13 (epochs x folds, summed over trials).\n" in more.stdout
 
 
 def test_invalid_yaml(workdir: Path) -> None:

@@ -84,9 +84,6 @@ def test_load_spec_overrides_replace_top_level_values(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_data()), encoding="utf-8")
     assert load_spec(path, overrides={"seed": 7}).seed == 7
-    # A section override updates the file's section key by key.
-    budget = load_spec(path, overrides={"budget": {"fold_epochs": 40}}).budget
-    assert (budget.n_trials, budget.fold_epochs) == (2, 40)
 
 
 def test_bundled_quickstart_spec_parses_with_budget_30() -> None:
