@@ -189,14 +189,17 @@ def _format_table(frame: pd.DataFrame) -> str:
 
 def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     """Counts, the selected trial, its CV score and the held-out test score."""
-    from modelsel.study import best_trial
+    from modelsel.study import best_trial, stored_fold_epochs
 
     section = Section("Summary")
     objectives = study.user_attrs.get("objectives") or ["value"]
     counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
+    spent, cap = stored_fold_epochs(study)
+    of_cap = f" of a budget of {cap}" if cap else ""
+    compute = f" They trained {spent} fold-epochs (epochs × folds){of_cap}." if spent else ""
     section.paragraphs.append(
         f"{len(frame)} trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
-        f"{counts.get('fail', 0)} failed. Objective{'s' if len(objectives) > 1 else ''}: "
+        f"{counts.get('fail', 0)} failed.{compute} Objective{'s' if len(objectives) > 1 else ''}: "
         + ", ".join(f"{o} ({d.name.lower()})" for o, d in zip(objectives, study.directions, strict=False))
         + "."
     )

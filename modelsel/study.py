@@ -304,6 +304,15 @@ def fold_epochs_spent(study: optuna.Study, spec: StudySpec) -> int:
     return sum(trial_fold_epochs(trial, spec.cv.folds) for trial in trials)
 
 
+def stored_fold_epochs(study: optuna.Study) -> tuple[int, int | None]:
+    """Fold-epochs a stored study's trials trained, and the ``budget.fold_epochs`` it was
+    created with (None: none), from the storage alone."""
+    stored_spec = json.loads(study.user_attrs.get("spec_full", "") or "{}")
+    folds = int((stored_spec.get("cv") or {}).get("folds", 5))
+    spent = sum(trial_fold_epochs(t, folds) for t in study.get_trials(deepcopy=False, states=SPENT_STATES))
+    return spent, (stored_spec.get("budget") or {}).get("fold_epochs")
+
+
 def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | None:
     """How many more trials ``budget.fold_epochs`` lets start, each counted at its longest
     (:func:`~modelsel.spec.trial_fold_epochs_cap`); None when the spec has no such budget.
@@ -752,10 +761,7 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         n_failed=counts[TrialState.FAIL],
         test=study.user_attrs.get("test_result"),
     )
-    stored_spec = json.loads(study.user_attrs.get("spec_full", "") or "{}")
-    folds = int((stored_spec.get("cv") or {}).get("folds", 5))
-    outcome.fold_epochs = sum(trial_fold_epochs(t, folds) for t in trials if t.state in SPENT_STATES)
-    outcome.fold_epochs_budget = (stored_spec.get("budget") or {}).get("fold_epochs")
+    outcome.fold_epochs, outcome.fold_epochs_budget = stored_fold_epochs(study)
     selected = best_trial(study)
     if selected is not None:
         outcome.best_trial_number = selected.number

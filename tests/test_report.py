@@ -69,6 +69,7 @@ def test_trials_csv_has_one_row_per_trial(built: tuple[optuna.Study, Path, str])
             assert row.val_accuracy == pytest.approx(trial.values[0])
         else:
             assert row.pruned_at_epoch == trial.user_attrs["pruned_at_epoch"]
+            assert row.fold_epochs == 2 * row.pruned_at_epoch  # what it trained, 2 folds
             assert pd.isna(row.val_metric_mean)
 
 
@@ -104,6 +105,9 @@ def test_report_shows_the_study_selection_and_test_score(built: tuple[optuna.Stu
     assert "<h1>tiny</h1>" in html
     counts = f"{len(study.trials)} trials: "
     assert counts in html
+    # Complete trials trained 3 epochs on 2 folds; pruned ones as many epochs as they ran.
+    spent = sum(2 * t.user_attrs.get("pruned_at_epoch", 3) for t in study.trials)
+    assert f"failed. They trained {spent} fold-epochs (epochs × folds). Objective" in html
     test = study.user_attrs["test_result"]
     assert f"held-out test {test['metric_name']}" in html
     assert f"{test['test_metric']:.4f}" in html
