@@ -63,8 +63,8 @@ TPE_PRUNERS: dict[str, Any] = {
     "tpe-sha4": {"name": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 4}},
     "tpe-paired": "fold_paired",
     "tpe-paired4": {"name": "fold_paired", "options": {"min_worse_folds": 4}},
-    "tpe-paired4-cap": {"name": "fold_paired", "options": {"min_worse_folds": 4}},
 }
+TPE_PRUNERS["tpe-paired4-cap"] = TPE_PRUNERS["tpe-paired4"]  # the same pruner, under a fold-epoch cap
 ALL_ENTRIES = ("gemm", *MODELSEL_GRID, *GRID_BASELINES, *TPE_ENTRIES, "engines", "throughput", "accuracy")
 #: ``engine_probe.py`` cases of the engine section: the D2L MLP at batch 64 and 256.
 ENGINE_CASES = ("d2l-b64", "d2l-b256")

@@ -132,18 +132,16 @@ def run_command(
     Re-running the same command resumes the study: finished trials count towards the
     budget, and a finished study trains nothing and prints its summary again.
     """
-    from modelsel.spec import builtin_spec_path, load_spec, max_trial_epochs, trial_fold_epochs_cap
+    from modelsel.spec import builtin_spec_path, fold_epochs_shortfall, load_spec
     from modelsel.study import quiet_interrupted_trial_logs, run_study
 
     overrides = {"seed": seed} if seed is not None else None
     study_spec = load_spec(spec if spec is not None else builtin_spec_path(), overrides=overrides)
     if fold_epochs is not None:
-        longest = trial_fold_epochs_cap(study_spec)
-        if fold_epochs < longest:
-            raise UserError(
-                f"--fold-epochs {fold_epochs} is less than one trial at its longest ({max_trial_epochs(study_spec)} "
-                f"epochs × {study_spec.cv.folds} folds = {longest}); give at least {longest}"
-            )
+        short = fold_epochs_shortfall(study_spec, fold_epochs, name=f"--fold-epochs {fold_epochs}")
+        if short:
+            raise UserError(short)
+        # model_copy skips validation: the one rule a new cap can break is checked just above.
         budget = study_spec.budget.model_copy(update={"fold_epochs": fold_epochs})
         study_spec = study_spec.model_copy(update={"budget": budget})
     import optuna

@@ -471,13 +471,10 @@ class StudySpec(_Section):
                         "or use a categorical/sweep"
                     )
         fold_epochs = self.budget.fold_epochs
-        if fold_epochs is not None and fold_epochs < trial_fold_epochs_cap(self):
-            longest = trial_fold_epochs_cap(self)
-            raise ValueError(
-                f"budget.fold_epochs ({fold_epochs}) is less than one trial at its longest "
-                f"({max_trial_epochs(self)} epochs × {self.cv.folds} folds = {longest}); "
-                f"give at least {longest}, or leave it out"
-            )
+        if fold_epochs is not None:
+            short = fold_epochs_shortfall(self, fold_epochs, name=f"budget.fold_epochs ({fold_epochs})")
+            if short:
+                raise ValueError(f"{short}, or leave it out")
         objectives = self.objectives or []
         if len(objectives) > 1 and self.pruner.name != "none":
             raise ValueError(
@@ -557,27 +554,34 @@ def resolve_field(spec: StudySpec, key: str) -> tuple[str, str]:
 def max_trial_epochs(spec: StudySpec) -> int:
     """The most epochs one trial of ``spec`` can train (``training.epochs`` may be searched or swept)."""
     longest = spec.training.epochs
-    axes: list[tuple[str, Any]] = list(spec.search.items())
-    axes += [(axis, values) for grid in spec.sweep_list() for axis, values in grid.axes.items()]
-    for key, values in axes:
-        try:
-            if resolve_field(spec, key) != ("training", "epochs"):
-                continue
-        except ValueError:
+    sweep_axes = [(axis, values) for grid in spec.sweep_list() for axis, values in grid.axes.items()]
+    for key, values in [*spec.search.items(), *sweep_axes]:
+        if resolve_field(spec, key) != ("training", "epochs"):
             continue
-        if isinstance(values, IntDistribution):
-            longest = max(longest, values.high)
-        elif isinstance(values, FloatDistribution):
-            longest = max(longest, math.floor(values.high))
-        else:
-            choices = values.choices if isinstance(values, CategoricalDistribution) else values
-            longest = max([longest, *(int(v) for v in choices if isinstance(v, (int, float)))])
+        if isinstance(values, (IntDistribution, FloatDistribution)):
+            values = [values.high]
+        elif isinstance(values, CategoricalDistribution):
+            values = values.choices
+        # Every value was validated as a training.epochs (None is not one), so each converts to an int.
+        longest = max([longest, *(int(v) for v in values if v is not None)])
     return longest
 
 
 def trial_fold_epochs_cap(spec: StudySpec) -> int:
     """Fold-epochs of one trial of ``spec`` at its longest: the unit of ``budget.fold_epochs``."""
     return max_trial_epochs(spec) * spec.cv.folds
+
+
+def fold_epochs_shortfall(spec: StudySpec, fold_epochs: int, *, name: str) -> str | None:
+    """Why a fold-epoch cap of ``fold_epochs`` (called ``name`` in the message) cannot start
+    a single trial of ``spec``; None when one at its longest fits."""
+    longest = trial_fold_epochs_cap(spec)
+    if fold_epochs >= longest:
+        return None
+    return (
+        f"{name} is less than one trial at its longest ({max_trial_epochs(spec)} epochs × "
+        f"{spec.cv.folds} folds = {longest}); give at least {longest}"
+    )
 
 
 def with_field(spec: StudySpec, key: str, value: Any) -> StudySpec:

@@ -298,10 +298,10 @@ def trial_fold_epochs(trial: FrozenTrial, folds: int) -> int:
     return len(trial.intermediate_values) * folds
 
 
-def fold_epochs_spent(study: optuna.Study, spec: StudySpec) -> int:
+def fold_epochs_spent(study: optuna.Study, folds: int) -> int:
     """Fold-epochs the study's finished and failed trials trained (running ones not counted)."""
     trials = study.get_trials(deepcopy=False, states=SPENT_STATES)
-    return sum(trial_fold_epochs(trial, spec.cv.folds) for trial in trials)
+    return sum(trial_fold_epochs(trial, folds) for trial in trials)
 
 
 def stored_fold_epochs(study: optuna.Study) -> tuple[int, int | None]:
@@ -309,8 +309,7 @@ def stored_fold_epochs(study: optuna.Study) -> tuple[int, int | None]:
     created with (None: none), from the storage alone."""
     stored_spec = json.loads(study.user_attrs.get("spec_full", "") or "{}")
     folds = int((stored_spec.get("cv") or {}).get("folds", 5))
-    spent = sum(trial_fold_epochs(t, folds) for t in study.get_trials(deepcopy=False, states=SPENT_STATES))
-    return spent, (stored_spec.get("budget") or {}).get("fold_epochs")
+    return fold_epochs_spent(study, folds), (stored_spec.get("budget") or {}).get("fold_epochs")
 
 
 def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | None:
@@ -322,7 +321,7 @@ def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | Non
     budget = spec.budget.fold_epochs
     if budget is None:
         return None
-    return max(0, (budget - fold_epochs_spent(study, spec)) // trial_fold_epochs_cap(spec))
+    return max(0, (budget - fold_epochs_spent(study, spec.cv.folds)) // trial_fold_epochs_cap(spec))
 
 
 def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task: str) -> optuna.Study:

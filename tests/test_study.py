@@ -80,7 +80,7 @@ def test_a_fold_epoch_budget_caps_the_compute_and_tops_up_on_resume(fast_tmp: Pa
     assert first.n_trained_this_run == 3
     assert [t.user_attrs["fold_epochs"] for t in study.trials] == [4, 4, 4]
     assert (first.fold_epochs, first.fold_epochs_budget) == (12, 14)
-    assert fold_epochs_spent(study, spec) == 12 and trials_within_fold_epochs(study, spec) == 0
+    assert fold_epochs_spent(study, spec.cv.folds) == 12 and trials_within_fold_epochs(study, spec) == 0
     # The budget is a total over runs: a larger one tops the study up, the same one trains nothing.
     assert run(spec, url, fast_tmp).n_trained_this_run == 0
     more = run(tiny(budget={"n_trials": None, "fold_epochs": 20}), url, fast_tmp)
@@ -106,7 +106,7 @@ def test_a_pruned_trial_counts_the_epochs_it_trained_against_a_fold_epoch_budget
     assert good.state == TrialState.COMPLETE and trial_fold_epochs(good, 2) == 8
     assert hopeless.state == TrialState.PRUNED
     assert trial_fold_epochs(hopeless, 2) == 2 * hopeless.user_attrs["pruned_at_epoch"] < 8
-    assert outcome.fold_epochs == fold_epochs_spent(study, spec) < 16
+    assert outcome.fold_epochs == fold_epochs_spent(study, spec.cv.folds) < 16
     # What pruning saved leaves room for a third trial (two unpruned ones would leave none).
     assert trials_within_fold_epochs(study, spec) == 1
 
