@@ -295,6 +295,13 @@ def diverging_spec(**changes: Any) -> StudySpec:
     return parse_spec(data)
 
 
+def _diverged_epoch(trial: optuna.trial.FrozenTrial) -> int:
+    """The epoch (1-based) a diverged trial's ``fail_reason`` names."""
+    found = re.search(r"diverged at epoch (\d+)", trial.user_attrs["fail_reason"])
+    assert found, trial.user_attrs["fail_reason"]
+    return int(found.group(1))
+
+
 def test_a_diverging_trial_is_pruned_with_a_reason_and_the_study_goes_on(fast_tmp: Path) -> None:
     url = f"sqlite:///{fast_tmp}/d.db"
     outcome = run_study(diverging_spec(), storage=url, output_dir=fast_tmp, progress=False, build_report=False)
@@ -305,8 +312,7 @@ def test_a_diverging_trial_is_pruned_with_a_reason_and_the_study_goes_on(fast_tm
     assert diverged.state == TrialState.PRUNED
     assert diverged.user_attrs["fail_reason"].startswith("diverged: member ")
     # Counted up to the epoch that diverged, every fold in full: 2 folds.
-    epoch = int(re.search(r"diverged at epoch (\d+)", diverged.user_attrs["fail_reason"]).group(1))
-    assert diverged.user_attrs["fold_epochs"] == 2 * epoch
+    assert diverged.user_attrs["fold_epochs"] == 2 * _diverged_epoch(diverged)
     assert "grad_norms" in diverged.user_attrs
     assert by_lr[0.01].state == TrialState.COMPLETE
     assert outcome.best_params == {"lr": 0.01}
@@ -500,8 +506,7 @@ def test_a_diverging_trial_in_a_stack_is_pruned_and_its_neighbours_complete(fast
     assert by_lr[1000.0].user_attrs["regime"] == "diverged"
     # The fold is named within its trial (2 folds), not by its place in the stack of 6.
     assert by_lr[1000.0].user_attrs["fail_reason"].split(" diverged")[0] in ("diverged: member 0", "diverged: member 1")
-    epoch = int(re.search(r"diverged at epoch (\d+)", by_lr[1000.0].user_attrs["fail_reason"]).group(1))
-    assert by_lr[1000.0].user_attrs["fold_epochs"] == 2 * epoch
+    assert by_lr[1000.0].user_attrs["fold_epochs"] == 2 * _diverged_epoch(by_lr[1000.0])
     for lr in (0.01, 0.02):
         assert by_lr[lr].state == TrialState.COMPLETE
         assert by_lr[lr].user_attrs["fold_epochs"] == 6
