@@ -18,6 +18,7 @@ from modelsel.stacked import (
     StackedTrainer,
     StackJob,
     StackResult,
+    _batched_members,
     _StackedCrossEntropy,
     stack_signature,
     train_stacked,
@@ -27,6 +28,7 @@ from modelsel.training import (
     FoldData,
     TrainedMember,
     choose_engine,
+    torch_threads,
     train_models,
 )
 
@@ -300,6 +302,25 @@ def test_plain_sgd_steps_inside_the_backward_pass_as_the_one_model_path() -> Non
         trainer = StackedTrainer([job], task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
         trainer.train()
         assert trainer.fused_steps == 0, change
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_members_beyond_a_multiple_of_the_threads_match_the_one_model_path(optimizer: str) -> None:
+    # 3 members at 2 threads, products of 256 x 512 x 256: two go through one batched
+    # call, the third through a 2-thread product of its own (forward, the SGD step taken
+    # in the backward pass, and momentum's separate weight gradient).
+    members = folds((300, 290, 310), n_features=512)
+    model = {"depth": 1, "width": 256}
+    training = {"optimizer": optimizer, "lr": 0.05, "weight_decay": 0.001, "batch_size": 256, "epochs": 2}
+    with torch_threads(2):
+        x, weight = torch.empty(3, 256, 512), torch.empty(3, 512, 256)
+        assert _batched_members(x, weight) == 2
+        assert _batched_members(x[:, :64], weight) == 3  # too small a product to split
+        sequential = run(members, "sequential", model=model, training=training)
+        stacked = run(members, "stacked", model=model, training=training)
+    with torch_threads(1):
+        assert _batched_members(x, weight) == 3
+    assert_same_training(sequential, stacked)
 
 
 def test_the_stacked_loss_is_cross_entropy_with_the_argmax_hits_of_the_same_pass() -> None:
