@@ -216,6 +216,35 @@ class _StackedLinear(torch.autograd.Function):
         return grad_input, None, None, None, None, None
 
 
+class _InplaceReLU(torch.autograd.Function):
+    """ReLU that overwrites its input, and in the backward pass the gradient it receives.
+
+    Used only where nothing else reads either: the input is a fresh layer output, and
+    the output feeds one consumer that hands back a fresh gradient (the next layer or a
+    dropout product; not a residual sum, which gives the same gradient tensor to both of
+    its inputs). Writing the backward's result into a freshly allocated ``[k, batch,
+    width]`` tensor, as ``torch.relu`` does, cost more than the pass itself: one stacked
+    epoch of the 5 D2L fold models (batch 256, 2026-11-27, Xeon, 21 interleaved pairs,
+    the same losses) ran 1.055x and 1.029x faster at one thread and 1.025x at two; with
+    an in-place forward only, 0.99-1.01x.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
+        z.relu_()
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(z)
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        if not grad.is_contiguous():
+            return torch.ops.aten.threshold_backward(grad, out, 0.0)
+        # out > 0 exactly where the input was > 0, so the output serves as the mask.
+        return torch.ops.aten.threshold_backward.grad_input(grad, out, 0.0, grad_input=grad)
+
+
 class _StackedCrossEntropy(torch.autograd.Function):
     """Per-sample cross-entropy of ``[k, batch, classes]`` logits, and which samples the
     model classifies right, from one pass over the logits.
@@ -399,6 +428,8 @@ class StackedTrainer:
         self.row_size = sum(s.numel for s in self.slots)
         self.residual = [block.residual for block in _blocks(reference)]
         self.activation = _blocks(reference)[0].activation if reference.blocks else None
+        # A residual sum passes one gradient tensor to both of its inputs: no in-place ReLU there.
+        self.inplace_relu = [isinstance(self.activation, nn.ReLU) and not residual for residual in self.residual]
         self.dtype = reference.output.weight.dtype
         self.dropout_generator = torch.Generator(device=device)
         self.dropout_generator.manual_seed(member_seed(first.seed + 2, 0))
@@ -779,7 +810,7 @@ class StackedTrainer:
             if self.batch_norm:
                 z = self._batch_norm(z, b, mask)
             assert self.activation is not None
-            a = self.activation(z)
+            a = _InplaceReLU.apply(z) if self.inplace_relu[b] else self.activation(z)
             if self.dropout:
                 a = a * self._dropout_mask(a)
             h = h + a if self.residual[b] else a

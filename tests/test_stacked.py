@@ -323,6 +323,17 @@ def test_members_beyond_a_multiple_of_the_threads_match_the_one_model_path(optim
     assert_same_training(sequential, stacked)
 
 
+def test_relu_runs_in_place_except_before_a_residual_sum() -> None:
+    def trainer(**model: Any) -> StackedTrainer:
+        job = StackJob(data=fold(20, seed=0), model=ModelSpec.model_validate(model), training=TrainingSpec(), seed=0)
+        return StackedTrainer([job], task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
+
+    assert trainer(depth=2, width=8).inplace_relu == [True, True]
+    assert trainer(depth=2, width=8, activation="tanh").inplace_relu == [False, False]
+    residual = trainer(depth=3, width=8, residual=True)
+    assert residual.inplace_relu == [not r for r in residual.residual] and any(residual.residual)
+
+
 def test_the_stacked_loss_is_cross_entropy_with_the_argmax_hits_of_the_same_pass() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 4, generator=gen)
