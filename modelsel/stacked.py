@@ -123,6 +123,9 @@ def _stacked_accumulate_(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     """``target <- beta * target + alpha * a @ b`` for every member, in place."""
     k = a.shape[0]
     split = _batched_members(a, b)
+    if split == k:
+        target.baddbmm_(a, b, beta=beta, alpha=alpha)
+        return
     if split:
         target[:split].baddbmm_(a[:split], b[:split], beta=beta, alpha=alpha)
     for i in range(split, k):
