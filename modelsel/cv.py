@@ -14,7 +14,7 @@ from sklearn.model_selection import BaseCrossValidator, KFold, StratifiedKFold
 
 from modelsel.errors import DataError
 from modelsel.spec import CVSpec, StudySpec
-from modelsel.training import Callback, FoldData, History, TrainedMember, evaluate, train_models
+from modelsel.training import Callback, FoldData, History, TrainedMember, TrainSource, evaluate, train_models
 
 if TYPE_CHECKING:
     from modelsel.data import Dataset
@@ -86,6 +86,8 @@ def make_fold_data(
                 y_train=y.index_select(0, train_index),
                 X_val=X_va.contiguous(),
                 y_val=y.index_select(0, val_index),
+                # Standardized rows are no longer rows of X.
+                source=None if dataset.standardize else TrainSource(X, y, train_index),
             )
         )
     return folds

@@ -47,7 +47,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import torch
 from torch import nn
@@ -63,6 +63,7 @@ from modelsel.training import (
     History,
     Task,
     TrainedMember,
+    TrainSource,
     evaluate,
     member_seed,
     stop_index,
@@ -650,6 +651,11 @@ class StackedTrainer:
         for row, m in enumerate(stack):
             index[row, : m.stop] = torch.randperm(m.n_train, generator=m.generator)[: m.stop]
         index = index.to(self.device, non_blocking=True)
+        source = self._shared_source()
+        if source is not None:
+            # Each member's shuffle as rows of the shared source: one gather per chunk serves them all.
+            member_rows = [cast(TrainSource, m.job.data.source).rows for m in stack]
+            index = torch.stack([rows[i] for rows, i in zip(member_rows, index, strict=True)])
         self.loss_sum.zero_()
         self.correct.zero_()
         row_bytes = self.n_inputs * stack[0].job.data.X_train.element_size()
@@ -660,10 +666,16 @@ class StackedTrainer:
         step = 0
         for chunk_start in range(0, length, chunk):
             chunk_end = min(chunk_start + chunk, length)
-            for row, m in enumerate(stack):
-                rows = index[row, chunk_start:chunk_end]
-                torch.index_select(m.job.data.X_train, 0, rows, out=x_buffer[row, : chunk_end - chunk_start])
-                torch.index_select(m.job.data.y_train, 0, rows, out=y_buffer[row, : chunk_end - chunk_start])
+            if source is not None and chunk_end - chunk_start == x_buffer.shape[1]:
+                rows = index[:, chunk_start:chunk_end].reshape(-1)
+                torch.index_select(source.X, 0, rows, out=x_buffer.view(-1, self.n_inputs))
+                torch.index_select(source.y, 0, rows, out=y_buffer.view(-1))
+            else:
+                for row, m in enumerate(stack):
+                    rows = index[row, chunk_start:chunk_end]
+                    X, y = (source.X, source.y) if source is not None else (m.job.data.X_train, m.job.data.y_train)
+                    torch.index_select(X, 0, rows, out=x_buffer[row, : chunk_end - chunk_start])
+                    torch.index_select(y, 0, rows, out=y_buffer[row, : chunk_end - chunk_start])
             for start in range(chunk_start, chunk_end, width):
                 end = min(start + width, chunk_end)
                 counts = [min(max(s - start, 0), end - start) for s in stops]
@@ -679,6 +691,24 @@ class StackedTrainer:
                 step += 1
         seconds = (time.perf_counter() - started) / k
         self._end_epoch(epoch, seconds)
+
+    def _shared_source(self) -> TrainSource | None:
+        """The training source every member's rows come from, if they share one (see
+        :class:`~modelsel.training.FoldData`), in the stack's dtype and on its device.
+
+        Then one ``index_select`` per chunk gathers every member's batch, instead of one
+        per member. The values are the same; the calls and the memory touched are fewer.
+        Measured on the 2-vCPU Xeon (5 D2L-shaped fold models, batch 256, one epoch on
+        12k rows per fold, 31 interleaved pairs in each creation order, the same losses):
+        width 64 1.017x at one thread and 1.055x at two; width 256 1.00x and 1.01x.
+        """
+        sources = [m.job.data.source for m in self.stack]
+        first = sources[0]
+        if first is None or first.X.dtype != self.dtype or first.X.device != self.device:
+            return None
+        if any(s is None or s.X is not first.X or s.y is not first.y for s in sources):
+            return None
+        return first
 
     def _step(
         self,

@@ -62,12 +62,28 @@ GATHER_BYTES = 2 << 20
 
 @dataclass
 class FoldData:
-    """Training and (optional) validation tensors of one member, on any device."""
+    """Training and (optional) validation tensors of one member, on any device.
+
+    ``source``, when given, says where the training rows come from: ``X_train`` is
+    ``source.X[source.rows]`` and ``y_train`` is ``source.y[source.rows]``, value for value.
+    The stacked engine then gathers the batches of every member whose folds share a
+    source with one call.
+    """
 
     X_train: torch.Tensor
     y_train: torch.Tensor
     X_val: torch.Tensor | None = None
     y_val: torch.Tensor | None = None
+    source: TrainSource | None = None
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """The tensors a fold's training rows were taken from, and which rows (see :class:`FoldData`)."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+    rows: torch.Tensor
 
 
 @dataclass

@@ -153,6 +153,7 @@ def test_standardization_uses_training_fold_statistics_only() -> None:
         assert float(fold.X_val.mean(dim=0).abs().max()) > 1e-3
         assert torch.equal(fold.y_train, dataset.y_train[train])
         assert torch.equal(fold.y_val, dataset.y_train[val])  # type: ignore[arg-type]
+        assert fold.source is None  # standardized rows are not rows of the dataset
     assert torch.equal(dataset.X_train, X_before)  # never in place
 
 
@@ -162,6 +163,10 @@ def test_no_standardization_when_the_dataset_says_so() -> None:
     for fold, (train, val) in zip(make_fold_data(dataset, splits, device=torch.device("cpu")), splits, strict=True):
         assert torch.equal(fold.X_train, dataset.X_train[train])
         assert torch.equal(fold.X_val, dataset.X_train[val])  # type: ignore[arg-type]
+        # Unstandardized folds say where their rows come from (the stacked engine's shared gather).
+        assert fold.source is not None and fold.source.X is dataset.X_train
+        assert torch.equal(fold.source.X[fold.source.rows], fold.X_train)
+        assert torch.equal(fold.source.y[fold.source.rows], fold.y_train)
 
 
 def test_constant_feature_does_not_divide_by_zero() -> None:

@@ -4,6 +4,7 @@ hyperparameters, dropout statistics, callbacks and the ``engine: auto`` rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from modelsel.training import (
     Diverged,
     FoldData,
     TrainedMember,
+    TrainSource,
     choose_engine,
     torch_threads,
     train_models,
@@ -321,6 +323,40 @@ def test_members_beyond_a_multiple_of_the_threads_match_the_one_model_path(optim
     with torch_threads(1):
         assert _batched_members(x, weight) == 3
     assert_same_training(sequential, stacked)
+
+
+def test_members_sharing_a_source_gather_from_it_with_the_same_results() -> None:
+    # Folds cut from one source tensor (as make_fold_data cuts unstandardized ones) are
+    # gathered with one call per chunk; 784 features make the chunk 216 rows for 3
+    # members, so the last chunk of an epoch is partial and the members uneven.
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.rand(400, 784, generator=gen), torch.randint(0, N_CLASSES, (400,), generator=gen)
+    members = []
+    for i, n in enumerate((300, 290, 310)):
+        rows = torch.randperm(400, generator=torch.Generator().manual_seed(i))[:n]
+        members.append(FoldData(X_train=X[rows], y_train=y[rows], source=TrainSource(X, y, rows)))
+    jobs = [
+        StackJob(data=data, model=ModelSpec(depth=1, width=16), training=TrainingSpec(epochs=2, batch_size=8), seed=i)
+        for i, data in enumerate(members)
+    ]
+    shared = StackedTrainer(jobs, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
+    jobs_apart = [
+        StackJob(data=dataclasses.replace(j.data, source=None), model=j.model, training=j.training, seed=j.seed)
+        for j in jobs
+    ]
+    apart = StackedTrainer(jobs_apart, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
+    assert shared._shared_source() is not None and apart._shared_source() is None
+    for a, b in zip(apart.train(), shared.train(), strict=True):
+        assert a.member.history.train_loss == b.member.history.train_loss
+        for key, value in a.member.model.state_dict().items():
+            assert torch.equal(b.member.model.state_dict()[key], value), key
+    # Members from different sources keep their own gathers.
+    other = dataclasses.replace(members[0], source=TrainSource(X.clone(), y, members[0].source.rows))  # type: ignore[union-attr]
+    mixed = StackedTrainer(
+        [dataclasses.replace(jobs[0], data=other), *jobs[1:]], task="classification", n_outputs=N_CLASSES,
+        device=torch.device("cpu"),
+    )
+    assert mixed._shared_source() is None
 
 
 def test_relu_runs_in_place_except_before_a_residual_sum() -> None:
