@@ -79,7 +79,7 @@ class StudyOutcome:
     report_path: Path | None = None
     #: Fold-epochs the trials trained (epochs × folds, summed; :func:`trial_fold_epochs`).
     fold_epochs: int = 0
-    #: The run's ``budget.fold_epochs`` (a stored study: the one it was created with).
+    #: ``budget.fold_epochs`` of the spec the study's latest run stored (None: none).
     fold_epochs_budget: int | None = None
 
     @property
@@ -304,12 +304,20 @@ def fold_epochs_spent(study: optuna.Study, folds: int) -> int:
     return sum(trial_fold_epochs(trial, folds) for trial in trials)
 
 
+def stored_spec(study: optuna.Study) -> dict[str, Any]:
+    """The full spec the study's latest run stored (user attribute ``spec_full``, written by
+    every run that opens the study); empty when there is none. Raises ``ValueError`` when it
+    is not JSON."""
+    parsed: dict[str, Any] = json.loads(study.user_attrs.get("spec_full", "") or "{}")
+    return parsed
+
+
 def stored_fold_epochs(study: optuna.Study) -> tuple[int, int | None]:
-    """Fold-epochs a stored study's trials trained, and the ``budget.fold_epochs`` it was
-    created with (None: none), from the storage alone."""
-    stored_spec = json.loads(study.user_attrs.get("spec_full", "") or "{}")
-    folds = int((stored_spec.get("cv") or {}).get("folds", 5))
-    return fold_epochs_spent(study, folds), (stored_spec.get("budget") or {}).get("fold_epochs")
+    """Fold-epochs a stored study's trials trained, and the ``budget.fold_epochs`` of its
+    stored spec (None: none), from the storage alone."""
+    spec = stored_spec(study)
+    folds = int((spec.get("cv") or {}).get("folds", 5))
+    return fold_epochs_spent(study, folds), (spec.get("budget") or {}).get("fold_epochs")
 
 
 def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | None:
@@ -716,7 +724,6 @@ def select_and_test(
     retrain happens, so that its numbers do not depend on which process did it).
     """
     outcome = summarize(study, storage_url)  # with the stored test score, if any
-    outcome.fold_epochs_budget = spec.budget.fold_epochs
     pending = _pending_retrain(study, spec)
     if pending is None:
         return outcome
