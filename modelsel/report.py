@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import time
 import warnings
@@ -300,6 +299,8 @@ def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDr
     Path
         The HTML report.
     """
+    from modelsel.study import stored_spec
+
     if draft is None:
         draft = draft_report(study)
     output = Path(output_dir)
@@ -307,7 +308,7 @@ def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDr
     for name, content in draft.files.items():
         (output / name).write_bytes(content)
     sections = [summary_section(study, draft.frame), *draft.sections]
-    spec = json.loads(study.user_attrs.get("spec_full", "{}") or "{}")
+    spec = stored_spec(study)
     environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
     html = environment.get_template("report.html").render(
         study_name=study.study_name,

@@ -79,8 +79,10 @@ def value_key(value: Any) -> str:
 def sweep_info(study: optuna.Study) -> tuple[list[str], list[str], RegimeSpec, dict[str, Any]] | None:
     """The study's sweep axes, which of them change the data, the regime thresholds and
     the stored spec; None when the study is not a (single-grid) sweep."""
+    from modelsel.study import stored_spec
+
     try:
-        spec = json.loads(study.user_attrs.get("spec_full", "") or "{}")
+        spec = stored_spec(study)
     except ValueError:
         return None
     sweep = spec.get("sweep")
