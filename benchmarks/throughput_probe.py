@@ -69,7 +69,8 @@ def run_child(args: argparse.Namespace) -> None:
 
     dataset = load_dataset(FashionMNISTSpec(name="fashion-mnist", root=data_root(args.data_root)), seed=0)
     cv_folds = make_fold_data(dataset, fold_indices(dataset, CVSpec(folds=FOLDS), seed=0), device=torch.device("cpu"))
-    folds = [FoldData(X_train=f.X_train, y_train=f.y_train) for f in cv_folds]  # no validation pass
+    # No validation pass; training rows from the dataset's tensors, as a study's folds take them.
+    folds = [FoldData(source=f.source) for f in cv_folds]
     model = ModelSpec(depth=1, width=args.width)
 
     def train_seconds(members: list[FoldData], epochs: int, seed: int) -> float:
@@ -95,7 +96,7 @@ def run_child(args: argparse.Namespace) -> None:
     started = time.time()
     train_s = train_seconds(folds, args.epochs, args.seed)
     ended = time.time()
-    samples = sum(f.X_train.shape[0] for f in folds) * args.epochs
+    samples = sum(f.n_train for f in folds) * args.epochs
     print(
         json.dumps(
             {"start": started, "end": ended, "train_s": train_s, "samples": samples},

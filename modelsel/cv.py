@@ -69,27 +69,27 @@ def make_fold_data(
     *,
     device: torch.device,
 ) -> list[FoldData]:
-    """Materialise each fold's tensors on ``device``; standardize with train-fold statistics."""
+    """Each fold's tensors on ``device``; standardized with train-fold statistics.
+
+    Without standardization a fold's training split is rows of the dataset's training
+    tensors (:class:`~modelsel.training.FoldData` ``source``), not a copy of them; its
+    validation split is copied (the k validation splits are one copy of the data).
+    """
     X = dataset.X_train.to(device)
     y = dataset.y_train.to(device)
     folds = []
     for train_idx, val_idx in splits:
         train_index = torch.as_tensor(train_idx, device=device)
         val_index = torch.as_tensor(val_idx, device=device)
-        X_tr, X_va = X.index_select(0, train_index), X.index_select(0, val_index)
+        X_va, y_va = X.index_select(0, val_index), y.index_select(0, val_index)
         if dataset.standardize:
+            # Standardized rows are no longer rows of X: the fold gets its own copy.
+            X_tr = X.index_select(0, train_index)
             transform = _standardizer(X_tr)
-            X_tr, X_va = transform(X_tr), transform(X_va)
-        folds.append(
-            FoldData(
-                X_train=X_tr.contiguous(),
-                y_train=y.index_select(0, train_index),
-                X_val=X_va.contiguous(),
-                y_val=y.index_select(0, val_index),
-                # Standardized rows are no longer rows of X.
-                source=None if dataset.standardize else TrainSource(X, y, train_index),
-            )
-        )
+            fold = FoldData(transform(X_tr), y.index_select(0, train_index), transform(X_va), y_va)
+        else:
+            fold = FoldData(X_val=X_va, y_val=y_va, source=TrainSource(X, y, train_index))
+        folds.append(fold)
     return folds
 
 

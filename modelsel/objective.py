@@ -564,7 +564,7 @@ class StudyObjective:
             # Members may train on different data (seeds, training-set sizes), not different
             # shapes. A stack takes as many steps per epoch as its largest member and the
             # others sit out the rest, so sizes more than about 2x apart stack separately.
-            batches = max(math.ceil(f.X_train.shape[0] / prepared.spec.training.batch_size) for f in prepared.folds)
+            batches = max(math.ceil(f.n_train / prepared.spec.training.batch_size) for f in prepared.folds)
             key = (
                 stack_signature(prepared.spec.model, prepared.spec.training),
                 prepared.dataset.task,

@@ -423,7 +423,7 @@ class StackedTrainer:
         self.full_train_metrics = first.training.train_metrics == "full"
         self.classification = task == "classification"
         self.batch_norm = first.model.batch_norm
-        self.n_inputs = first.data.X_train.shape[1]
+        self.n_inputs = first.data.n_inputs
         # Members seed the global RNG for their initial weights; the caller's RNG state stays as it was.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.members = [self._build_member(p, job, n_outputs) for p, job in enumerate(jobs)]
@@ -449,7 +449,7 @@ class StackedTrainer:
     def _build_member(self, position: int, job: StackJob, n_outputs: int) -> _MemberState:
         torch.manual_seed(member_seed(job.seed, job.index))
         model = build_mlp(job.model, n_inputs=self.n_inputs, n_outputs=n_outputs).to(self.device)
-        n = job.data.X_train.shape[0]
+        n = job.data.n_train
         generator = torch.Generator().manual_seed(member_seed(job.seed + 1, job.index))
         stop = stop_index(n, self.batch_size, batch_norm=job.model.batch_norm)
         return _MemberState(position, job, model, n, stop, generator)
@@ -652,17 +652,24 @@ class StackedTrainer:
             index[row, : m.stop] = torch.randperm(m.n_train, generator=m.generator)[: m.stop]
         index = index.to(self.device, non_blocking=True)
         source = self._shared_source()
+        member_rows: list[torch.Tensor | None]
         if source is not None:
-            # Each member's shuffle as rows of the shared source: one gather per chunk serves them all.
+            # One gather per chunk from the shared source serves every member.
+            gather_from = [(source.X, source.y)] * k
             member_rows = [cast(TrainSource, m.job.data.source).rows for m in stack]
-            index = torch.stack([rows[i] for rows, i in zip(member_rows, index, strict=True)])
+        else:
+            parts = [m.job.data.training_rows() for m in stack]
+            gather_from = [(X, y) for X, y, _ in parts]
+            member_rows = [rows for _, _, rows in parts]
+        if any(rows is not None for rows in member_rows):
+            # Each member's shuffle as rows of the tensors its batches are gathered from.
+            index = torch.stack([i if rows is None else rows[i] for rows, i in zip(member_rows, index, strict=True)])
         self.loss_sum.zero_()
         self.correct.zero_()
-        row_bytes = self.n_inputs * stack[0].job.data.X_train.element_size()
+        row_bytes = self.n_inputs * gather_from[0][0].element_size()
         chunk = max(width, (GATHER_BYTES // max(1, k * row_bytes)) // width * width)
         x_buffer = torch.empty(k, min(chunk, length), self.n_inputs, device=self.device, dtype=self.dtype)
-        y_dtype = stack[0].job.data.y_train.dtype
-        y_buffer = torch.empty(k, min(chunk, length), device=self.device, dtype=y_dtype)
+        y_buffer = torch.empty(k, min(chunk, length), device=self.device, dtype=gather_from[0][1].dtype)
         step = 0
         for chunk_start in range(0, length, chunk):
             chunk_end = min(chunk_start + chunk, length)
@@ -671,9 +678,8 @@ class StackedTrainer:
                 torch.index_select(source.X, 0, rows, out=x_buffer.view(-1, self.n_inputs))
                 torch.index_select(source.y, 0, rows, out=y_buffer.view(-1))
             else:
-                for row, m in enumerate(stack):
+                for row, (X, y) in enumerate(gather_from):
                     rows = index[row, chunk_start:chunk_end]
-                    X, y = (source.X, source.y) if source is not None else (m.job.data.X_train, m.job.data.y_train)
                     torch.index_select(X, 0, rows, out=x_buffer[row, : chunk_end - chunk_start])
                     torch.index_select(y, 0, rows, out=y_buffer[row, : chunk_end - chunk_start])
             for start in range(chunk_start, chunk_end, width):
@@ -1002,7 +1008,8 @@ class StackedTrainer:
                 self._diverge(m, epoch, f"training loss is {train_loss}")
                 continue
             if self.full_train_metrics:
-                train_loss, train_metric = evaluate(m.model, data.X_train, data.y_train, task=self.task)
+                X, y, rows = data.training_rows()
+                train_loss, train_metric = evaluate(m.model, X, y, task=self.task, rows=rows)
             else:
                 train_metric = corrects[row] / m.stop if self.classification else math.sqrt(train_loss)
             history.train_loss.append(train_loss)
@@ -1060,7 +1067,8 @@ class StackedTrainer:
         else:
             history.final_epoch = history.epochs_run - 1
         if m.diverged is None and not m.stopped:
-            loss, metric = evaluate(m.model, m.job.data.X_train, m.job.data.y_train, task=self.task)
+            X, y, rows = m.job.data.training_rows()
+            loss, metric = evaluate(m.model, X, y, task=self.task, rows=rows)
             history.final_train_loss = loss
             history.final_train_metric = metric
         return StackResult(TrainedMember(model=m.model, history=history), m.diverged)

@@ -60,30 +60,95 @@ _EVAL_BATCH_CUDA = 8192
 GATHER_BYTES = 2 << 20
 
 
-@dataclass
-class FoldData:
-    """Training and (optional) validation tensors of one member, on any device.
-
-    ``source``, when given, says where the training rows come from: ``X_train`` is
-    ``source.X[source.rows]`` and ``y_train`` is ``source.y[source.rows]``, value for value.
-    The stacked engine then gathers the batches of every member whose folds share a
-    source with one call.
-    """
-
-    X_train: torch.Tensor
-    y_train: torch.Tensor
-    X_val: torch.Tensor | None = None
-    y_val: torch.Tensor | None = None
-    source: TrainSource | None = None
-
-
 @dataclass(frozen=True)
 class TrainSource:
-    """The tensors a fold's training rows were taken from, and which rows (see :class:`FoldData`)."""
+    """The tensors a fold's training rows are taken from, and which rows (see :class:`FoldData`)."""
 
     X: torch.Tensor
     y: torch.Tensor
     rows: torch.Tensor
+
+
+class FoldData:
+    """Training and (optional) validation tensors of one member, on any device.
+
+    The training split is given either as tensors (``X_train``, ``y_train``) or as rows
+    of larger tensors (``source``: ``X_train`` is ``source.X[source.rows]`` and
+    ``y_train`` is ``source.y[source.rows]``, value for value). A fold given only by its
+    source holds no copy of its training rows: the engines gather its batches and its
+    evaluation passes from the source (so the k folds of a dataset cost no copy of their
+    training rows at all), and the stacked engine gathers the batches of every member
+    whose folds share a source with one call. Reading ``X_train`` or ``y_train`` of such
+    a fold makes a copy each time. Both may be given (the tensors are then used as they are).
+
+    Raises
+    ------
+    ValueError
+        When neither the training tensors nor a source are given.
+    """
+
+    def __init__(
+        self,
+        X_train: torch.Tensor | None = None,
+        y_train: torch.Tensor | None = None,
+        X_val: torch.Tensor | None = None,
+        y_val: torch.Tensor | None = None,
+        *,
+        source: TrainSource | None = None,
+    ) -> None:
+        if (X_train is None or y_train is None) and source is None:
+            raise ValueError("FoldData needs X_train and y_train, or a source")
+        self._X_train = X_train
+        self._y_train = y_train
+        self.X_val = X_val
+        self.y_val = y_val
+        self.source = source
+
+    @property
+    def X_train(self) -> torch.Tensor:  # noqa: N802 (the name of the sklearn convention, as the argument)
+        """The training inputs (a fresh copy for a fold given only by its source)."""
+        if self._X_train is not None:
+            return self._X_train
+        assert self.source is not None
+        return self.source.X.index_select(0, self.source.rows)
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        """The training targets (a fresh copy for a fold given only by its source)."""
+        if self._y_train is not None:
+            return self._y_train
+        assert self.source is not None
+        return self.source.y.index_select(0, self.source.rows)
+
+    @property
+    def n_train(self) -> int:
+        """Training samples."""
+        if self._X_train is not None:
+            return int(self._X_train.shape[0])
+        assert self.source is not None
+        return int(self.source.rows.shape[0])
+
+    @property
+    def n_inputs(self) -> int:
+        """Input features."""
+        X = self._X_train if self._X_train is not None else self.source.X  # type: ignore[union-attr]
+        return int(X.shape[1])
+
+    def training_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(X, y, rows)``: the training split is ``X[rows]``, ``y[rows]`` (all of ``X``
+        and ``y`` when ``rows`` is None). Gathering shuffled batches from these gives the
+        same values as gathering them from ``X_train``, without its copy."""
+        if self._X_train is not None and self._y_train is not None:
+            return self._X_train, self._y_train, None
+        assert self.source is not None
+        return self.source.X, self.source.y, self.source.rows
+
+    def with_source(self, source: TrainSource | None) -> FoldData:
+        """The same fold with ``source`` instead of its own (its training tensors, if it
+        has them, kept; made from the old source when it has none and loses it)."""
+        if source is None and self._X_train is None:
+            return FoldData(self.X_train, self.y_train, self.X_val, self.y_val)
+        return FoldData(self._X_train, self._y_train, self.X_val, self.y_val, source=source)
 
 
 @dataclass
@@ -228,15 +293,26 @@ def loss_function(task: Task, output: torch.Tensor, target: torch.Tensor) -> tor
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, task: Task) -> tuple[float, float]:
-    """Loss and metric (accuracy, or RMSE for regression) of ``model`` on ``(X, y)`` in eval mode."""
+def evaluate(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, task: Task, rows: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """Loss and metric (accuracy, or RMSE for regression) of ``model`` on ``(X, y)`` in eval mode.
+
+    With ``rows``, on ``(X[rows], y[rows])``, gathered a chunk at a time (the same
+    numbers, without a copy of those rows).
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=X.device)
     correct = torch.zeros((), device=X.device, dtype=torch.int64)
     chunk = _EVAL_BATCH_CPU if X.device.type == "cpu" else _EVAL_BATCH_CUDA
-    for start in range(0, X.shape[0], chunk):
-        xb, yb = X[start : start + chunk], y[start : start + chunk]
+    n = X.shape[0] if rows is None else rows.shape[0]
+    for start in range(0, n, chunk):
+        if rows is None:
+            xb, yb = X[start : start + chunk], y[start : start + chunk]
+        else:
+            index = rows[start : start + chunk]
+            xb, yb = X.index_select(0, index), y.index_select(0, index)
         out = model(xb)
         if task == "classification":
             loss_sum += F.cross_entropy(out, yb, reduction="sum")
@@ -244,7 +320,6 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, task: Task) 
         else:
             loss_sum += F.mse_loss(out.squeeze(-1), yb, reduction="sum")
     model.train(was_training)
-    n = X.shape[0]
     loss = loss_sum.item() / n
     metric = correct.item() / n if task == "classification" else math.sqrt(loss)
     return loss, metric
@@ -325,7 +400,7 @@ def train_models(
         When a member's training loss becomes NaN or infinite.
     """
     device = torch.device(device)
-    n_inputs = members[0].X_train.shape[1]
+    n_inputs = members[0].n_inputs
     engine = choose_engine(training)
     with thread_policy(model_spec, training, n_inputs=n_inputs, n_outputs=n_outputs, device=device):
         if engine == "stacked":
@@ -370,7 +445,7 @@ def _train_sequential(
     device: torch.device,
 ) -> list[TrainedMember]:
     """The one-model path: each member is its own MLP; all advance one epoch at a time."""
-    n_inputs = members[0].X_train.shape[1]
+    n_inputs = members[0].n_inputs
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         states: list[_Member] = []
         for index, data in enumerate(members):
@@ -406,13 +481,15 @@ def _run_epoch(
 ) -> None:
     started = time.perf_counter()
     model, optimizer, data, params = state.model, state.optimizer, state.data, state.params
-    X, y = data.X_train, data.y_train
-    n = X.shape[0]
+    X, y, rows = data.training_rows()
+    n = data.n_train
     batch_size = min(training.batch_size, n)
     stop = stop_index(n, training.batch_size, batch_norm=state.batch_norm)
     perm = torch.randperm(n, generator=state.generator)[:stop]
     if X.device.type != "cpu":
         perm = perm.pin_memory().to(X.device, non_blocking=True)
+    if rows is not None:
+        perm = rows[perm]  # the shuffle as rows of the fold's source
     # Gather a chunk of shuffled rows at once, then take batches as views of it: one
     # index_select per chunk instead of two per step (a whole epoch for small inputs).
     row_bytes = max(1, X.shape[1] * X.element_size())
@@ -456,7 +533,7 @@ def _run_epoch(
         raise Diverged(state.index, epoch, f"training loss is {train_loss}")
     history = state.history
     if training.train_metrics == "full":
-        train_loss, train_metric = evaluate(model, X, y, task=task)
+        train_loss, train_metric = evaluate(model, X, y, task=task, rows=rows)
     else:
         train_metric = correct.item() / stop if classification else math.sqrt(train_loss)
     history.train_loss.append(train_loss)
@@ -612,6 +689,7 @@ def _finish(state: _Member, *, task: Task) -> None:
         history.final_epoch = history.best_epoch
     else:
         history.final_epoch = history.epochs_run - 1
-    loss, metric = evaluate(state.model, state.data.X_train, state.data.y_train, task=task)
+    X, y, rows = state.data.training_rows()
+    loss, metric = evaluate(state.model, X, y, task=task, rows=rows)
     history.final_train_loss = loss
     history.final_train_metric = metric

@@ -4,10 +4,9 @@ hyperparameters, dropout statistics, callbacks and the ``engine: auto`` rule."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -335,28 +334,28 @@ def test_members_sharing_a_source_gather_from_it_with_the_same_results() -> None
     for i, n in enumerate((300, 290, 310)):
         rows = torch.randperm(400, generator=torch.Generator().manual_seed(i))[:n]
         members.append(FoldData(X_train=X[rows], y_train=y[rows], source=TrainSource(X, y, rows)))
-    jobs = [
-        StackJob(data=data, model=ModelSpec(depth=1, width=16), training=TrainingSpec(epochs=2, batch_size=8), seed=i)
-        for i, data in enumerate(members)
-    ]
-    shared = StackedTrainer(jobs, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
-    jobs_apart = [
-        StackJob(data=dataclasses.replace(j.data, source=None), model=j.model, training=j.training, seed=j.seed)
-        for j in jobs
-    ]
-    apart = StackedTrainer(jobs_apart, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
-    assert shared._shared_source() is not None and apart._shared_source() is None
-    for a, b in zip(apart.train(), shared.train(), strict=True):
-        assert a.member.history.train_loss == b.member.history.train_loss
-        for key, value in a.member.model.state_dict().items():
-            assert torch.equal(b.member.model.state_dict()[key], value), key
-    # Members from different sources keep their own gathers.
-    other = dataclasses.replace(members[0], source=TrainSource(X.clone(), y, members[0].source.rows))  # type: ignore[union-attr]
-    mixed = StackedTrainer(
-        [dataclasses.replace(jobs[0], data=other), *jobs[1:]], task="classification", n_outputs=N_CLASSES,
-        device=torch.device("cpu"),
-    )
-    assert mixed._shared_source() is None
+    sources = [cast(TrainSource, m.source) for m in members]
+
+    def trainer(datas: list[FoldData]) -> StackedTrainer:
+        model, training = ModelSpec(depth=1, width=16), TrainingSpec(epochs=2, batch_size=8)
+        jobs = [StackJob(data=data, model=model, training=training, seed=i) for i, data in enumerate(datas)]
+        return StackedTrainer(jobs, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
+
+    apart = trainer([m.with_source(None) for m in members])  # their own tensors only
+    shared = trainer(members)  # tensors and the source
+    rows_only = trainer([FoldData(source=s) for s in sources])  # no copy of the training rows
+    # Rows of different sources: each member gathers from its own.
+    copied = TrainSource(X.clone(), y.clone(), sources[0].rows)
+    mixed = trainer([FoldData(source=copied), *(FoldData(source=s) for s in sources[1:])])
+    assert apart._shared_source() is None and mixed._shared_source() is None
+    assert shared._shared_source() is not None and rows_only._shared_source() is not None
+    expected = apart.train()
+    for other in (shared, rows_only, mixed):
+        for a, b in zip(expected, other.train(), strict=True):
+            assert a.member.history.train_loss == b.member.history.train_loss
+            assert a.member.history.final_train_loss == b.member.history.final_train_loss
+            for key, value in a.member.model.state_dict().items():
+                assert torch.equal(b.member.model.state_dict()[key], value), key
 
 
 def test_relu_runs_in_place_except_before_a_residual_sum() -> None:

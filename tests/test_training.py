@@ -21,6 +21,7 @@ from modelsel.training import (
     FoldData,
     History,
     TrainedMember,
+    TrainSource,
     evaluate,
     make_optimizer,
     train_models,
@@ -194,6 +195,39 @@ def test_members_without_validation_data_train() -> None:
     (member,) = fit([FoldData(X_train=X, y_train=y)], epochs=2)
     assert member.history.epochs_run == 2 and member.history.val_loss == []
     assert member.history.final_epoch == 1
+
+
+def test_a_fold_given_by_rows_of_a_source_trains_as_its_copy() -> None:
+    # make_fold_data's unstandardized folds hold no copy of their training rows: the
+    # engines gather batches and evaluation chunks from the source. More rows than one
+    # evaluation chunk, in shuffled order, with a ragged last batch.
+    X, y = blobs(2_600)
+    rows = torch.randperm(2_600, generator=torch.Generator().manual_seed(3))[:2_301]
+    X_val, y_val = blobs(64, seed=1)
+    copied = FoldData(X_train=X[rows], y_train=y[rows], X_val=X_val, y_val=y_val)
+    by_rows = FoldData(X_val=X_val, y_val=y_val, source=TrainSource(X, y, rows))
+    for kwargs in ({}, {"train_metrics": "full"}):
+        (a,) = fit([copied], epochs=2, batch_size=64, **kwargs)
+        (b,) = fit([by_rows], epochs=2, batch_size=64, **kwargs)
+        assert a.history.train_loss == b.history.train_loss and a.history.val_loss == b.history.val_loss
+        assert a.history.final_train_loss == b.history.final_train_loss
+        assert state_equal(a.model, b.model)
+
+
+def test_fold_data_by_rows_reads_as_tensors() -> None:
+    X, y = blobs(20)
+    rows = torch.tensor([5, 1, 7])
+    fold = FoldData(source=TrainSource(X, y, rows))
+    assert fold.n_train == 3 and fold.n_inputs == 4
+    assert torch.equal(fold.X_train, X[rows]) and torch.equal(fold.y_train, y[rows])
+    source_X, _, source_rows = fold.training_rows()
+    assert source_X is X and source_rows is rows
+    own = FoldData(X_train=X, y_train=y)
+    own_X, own_y, own_rows = own.training_rows()
+    assert own_X is X and own_y is y and own_rows is None and own.n_train == 20
+    assert torch.equal(fold.with_source(None).X_train, X[rows]) and fold.with_source(None).source is None
+    with pytest.raises(ValueError, match="X_train and y_train, or a source"):
+        FoldData(X_train=X)
 
 
 def test_batch_norm_with_a_last_batch_of_one_sample() -> None:
