@@ -836,6 +836,26 @@ def _engine_body(extra: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _probe_limit_text(gemm: dict[str, Any]) -> str:
+    """How the throughput probe's GEMM limit was measured, with its figures."""
+    start, end = gemm["start"], gemm["end"]
+    figures = (
+        f"{start['samples_per_s']:,.0f} / {end['samples_per_s']:,.0f} samples/s "
+        f"({start['gflops']:.1f} / {end['gflops']:.1f} GFLOP/s)"
+    )
+    if "two_processes_1_thread" not in start:  # a probe from before 2026-11-27 14:00
+        return f"GEMM limit at 2 threads, measured in the same run (start / end): {figures}; the faster is the limit."
+    ways = "; ".join(
+        f"{when}: {g['one_process_2_threads']:,.0f} at 2 threads in one process, "
+        f"{g['two_processes_1_thread']:,.0f} in two 1-thread processes at once"
+        for when, g in (("start", start), ("end", end))
+    )
+    return (
+        f"GEMM limit measured in the same run at its start and end, each time both ways the rows train "
+        f"(samples/s; {ways}); the fastest is the limit: {figures} at start / end."
+    )
+
+
 def _throughput_body(extra: dict[str, Any]) -> list[str]:
     gemm = extra["gemm"]
     limit = gemm["limit_samples_per_s"]
@@ -847,9 +867,7 @@ def _throughput_body(extra: dict[str, Any]) -> list[str]:
         f"images for {extra['epochs']} epoch(s) with `train_models` (engine `pytorch`: the plain loop written by "
         "hand, `baselines.in_memory_epochs`, one fold model after another); the children of a row start "
         "together. Samples per second summed over the children, from the engines' epoch times, median of "
-        f"{extra['rounds']} interleaved rounds. GEMM limit at 2 threads, measured in the same run (start / end): "
-        f"{gemm['start']['samples_per_s']:,.0f} / {gemm['end']['samples_per_s']:,.0f} samples/s "
-        f"({gemm['start']['gflops']:.1f} / {gemm['end']['gflops']:.1f} GFLOP/s); the faster is the limit.",
+        f"{extra['rounds']} interleaved rounds. {_probe_limit_text(gemm)}",
         "",
         "| engine | processes × threads | samples/s | rounds | fraction of the GEMM limit |",
         "|---|---|---:|---|---:|",
