@@ -131,7 +131,7 @@ class FoldData:
     @property
     def n_inputs(self) -> int:
         """Input features."""
-        X = self._X_train if self._X_train is not None else self.source.X  # type: ignore[union-attr]
+        X, _, _ = self.training_rows()
         return int(X.shape[1])
 
     def training_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -142,13 +142,6 @@ class FoldData:
             return self._X_train, self._y_train, None
         assert self.source is not None
         return self.source.X, self.source.y, self.source.rows
-
-    def with_source(self, source: TrainSource | None) -> FoldData:
-        """The same fold with ``source`` instead of its own (its training tensors, if it
-        has them, kept; made from the old source when it has none and loses it)."""
-        if source is None and self._X_train is None:
-            return FoldData(self.X_train, self.y_train, self.X_val, self.y_val)
-        return FoldData(self._X_train, self._y_train, self.X_val, self.y_val, source=source)
 
 
 @dataclass

@@ -341,7 +341,7 @@ def test_members_sharing_a_source_gather_from_it_with_the_same_results() -> None
         jobs = [StackJob(data=data, model=model, training=training, seed=i) for i, data in enumerate(datas)]
         return StackedTrainer(jobs, task="classification", n_outputs=N_CLASSES, device=torch.device("cpu"))
 
-    apart = trainer([m.with_source(None) for m in members])  # their own tensors only
+    apart = trainer([FoldData(m.X_train, m.y_train) for m in members])  # their own tensors only
     shared = trainer(members)  # tensors and the source
     rows_only = trainer([FoldData(source=s) for s in sources])  # no copy of the training rows
     # Rows of different sources: each member gathers from its own.
