@@ -92,24 +92,19 @@ for _batch in (32, 64, 128, 256):
 
 
 def _folds(case: Case, device: torch.device) -> list[FoldData]:
-    folds = _cpu_folds(case)
-    if device.type == "cpu":
-        return folds
-    return [
-        FoldData(*(t.to(device) if t is not None else None for t in (f.X_train, f.y_train, f.X_val, f.y_val)))
-        for f in folds
-    ]
-
-
-def _cpu_folds(case: Case) -> list[FoldData]:
+    """The case's folds on ``device``; a dataset's as a study makes them (``make_fold_data``
+    on the device: training splits as rows of the dataset's tensors)."""
     if case.dataset == "fashion":
         ds = load_dataset(FashionMNISTSpec(name="fashion-mnist", root=data_root()), seed=0)
     elif case.dataset == "digits":
         ds = load_dataset(DigitsSpec(name="digits"), seed=0)
     else:
         n, d = (int(v) for v in case.dataset.split("x"))
-        return _synthetic(n, d, 10, case.folds)
-    return make_fold_data(ds, fold_indices(ds, CVSpec(folds=case.folds), seed=0), device=torch.device("cpu"))
+        return [
+            FoldData(*(t.to(device) if t is not None else None for t in (f.X_train, f.y_train, f.X_val, f.y_val)))
+            for f in _synthetic(n, d, 10, case.folds)
+        ]
+    return make_fold_data(ds, fold_indices(ds, CVSpec(folds=case.folds), seed=0), device=device)
 
 
 def _load_baseline(path: str) -> Callable[..., Any]:
