@@ -47,7 +47,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast, overload
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -659,25 +659,18 @@ class StackedTrainer:
         for row, m in enumerate(stack):
             index[row, : m.stop] = torch.randperm(m.n_train, generator=m.generator)[: m.stop]
         index = index.to(self.device, non_blocking=True)
-        source = self._shared_source()
-        member_rows: list[torch.Tensor | None]
-        if source is not None:
-            # One gather per chunk from the shared source serves every member.
-            gather_from = [(source.X, source.y)] * k
-            member_rows = [cast(TrainSource, m.job.data.source).rows for m in stack]
-        else:
-            parts = [m.job.data.training_rows() for m in stack]
-            gather_from = [(X, y) for X, y, _ in parts]
-            member_rows = [rows for _, _, rows in parts]
-        if any(rows is not None for rows in member_rows):
+        parts = [m.job.data.training_rows() for m in stack]
+        if any(rows is not None for _, _, rows in parts):
             # Each member's shuffle as rows of the tensors its batches are gathered from.
-            index = torch.stack([i if rows is None else rows[i] for rows, i in zip(member_rows, index, strict=True)])
+            index = torch.stack([i if rows is None else rows[i] for (_, _, rows), i in zip(parts, index, strict=True)])
+        # With one shared source, one gather per chunk serves every member.
+        source = self._shared_source()
         self.loss_sum.zero_()
         self.correct.zero_()
-        row_bytes = self.n_inputs * gather_from[0][0].element_size()
+        row_bytes = self.n_inputs * parts[0][0].element_size()
         chunk = max(width, (GATHER_BYTES // max(1, k * row_bytes)) // width * width)
         x_buffer = torch.empty(k, min(chunk, length), self.n_inputs, device=self.device, dtype=self.dtype)
-        y_buffer = torch.empty(k, min(chunk, length), device=self.device, dtype=gather_from[0][1].dtype)
+        y_buffer = torch.empty(k, min(chunk, length), device=self.device, dtype=parts[0][1].dtype)
         step = 0
         for chunk_start in range(0, length, chunk):
             chunk_end = min(chunk_start + chunk, length)
@@ -686,7 +679,7 @@ class StackedTrainer:
                 torch.index_select(source.X, 0, rows, out=x_buffer.view(-1, self.n_inputs))
                 torch.index_select(source.y, 0, rows, out=y_buffer.view(-1))
             else:
-                for row, (X, y) in enumerate(gather_from):
+                for row, (X, y, _) in enumerate(parts):
                     rows = index[row, chunk_start:chunk_end]
                     torch.index_select(X, 0, rows, out=x_buffer[row, : chunk_end - chunk_start])
                     torch.index_select(y, 0, rows, out=y_buffer[row, : chunk_end - chunk_start])

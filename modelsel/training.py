@@ -79,7 +79,8 @@ class FoldData:
     evaluation passes from the source (so the k folds of a dataset cost no copy of their
     training rows at all), and the stacked engine gathers the batches of every member
     whose folds share a source with one call. Reading ``X_train`` or ``y_train`` of such
-    a fold makes a copy each time. Both may be given (the tensors are then used as they are).
+    a fold makes a copy each time. Both may be given: the engines then gather from the
+    source (the same values), and ``X_train`` returns the tensor given.
 
     Raises
     ------
@@ -123,10 +124,8 @@ class FoldData:
     @property
     def n_train(self) -> int:
         """Training samples."""
-        if self._X_train is not None:
-            return int(self._X_train.shape[0])
-        assert self.source is not None
-        return int(self.source.rows.shape[0])
+        X, _, rows = self.training_rows()
+        return int(X.shape[0] if rows is None else rows.shape[0])
 
     @property
     def n_inputs(self) -> int:
@@ -138,10 +137,10 @@ class FoldData:
         """``(X, y, rows)``: the training split is ``X[rows]``, ``y[rows]`` (all of ``X``
         and ``y`` when ``rows`` is None). Gathering shuffled batches from these gives the
         same values as gathering them from ``X_train``, without its copy."""
-        if self._X_train is not None and self._y_train is not None:
-            return self._X_train, self._y_train, None
-        assert self.source is not None
-        return self.source.X, self.source.y, self.source.rows
+        if self.source is not None:
+            return self.source.X, self.source.y, self.source.rows
+        assert self._X_train is not None and self._y_train is not None
+        return self._X_train, self._y_train, None
 
 
 @dataclass
