@@ -597,15 +597,16 @@ class StackedTrainer:
             # Masks compare 16 random bits with a threshold: P(keep) = 1 - p to within 2**-16.
             thresholds = [min(round(q * 65536), 65535) - 32768 for q in p]
             scales = [1.0 / (1.0 - q) for q in p]
-            self.drop_threshold: int | torch.Tensor = _int16_column(thresholds, self.device)
-            self.drop_scale: float | torch.Tensor = (
-                scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=self.device).view(-1, 1, 1)
-            )
-            # The same for the numpy masks of the CPU (one value when every member has it).
-            self.np_drop_threshold = np.array(thresholds, dtype=np.int16).reshape(-1, 1, 1)
-            self.np_drop_scale = np.array(scales, dtype=np.float32).reshape(-1, 1, 1)
-            if len(set(thresholds)) == 1 and len(set(scales)) == 1:
-                self.np_drop_threshold, self.np_drop_scale = self.np_drop_threshold[:1], self.np_drop_scale[:1]
+            if len(set(p)) == 1:  # one rate: one threshold and scale for the whole stack
+                thresholds, scales = thresholds[:1], scales[:1]
+            if self.dropout_bits is not None:  # the CPU's masks are drawn in numpy
+                self.np_drop_threshold = np.array(thresholds, dtype=np.int16).reshape(-1, 1, 1)
+                self.np_drop_scale = np.array(scales, dtype=np.float32).reshape(-1, 1, 1)
+            else:
+                self.drop_threshold: int | torch.Tensor = _int16_column(thresholds, self.device)
+                self.drop_scale: float | torch.Tensor = (
+                    scales[0] if len(scales) == 1 else torch.tensor(scales, device=self.device).view(-1, 1, 1)
+                )
 
     # ------------------------------------------------------------------ callers
 
