@@ -843,8 +843,6 @@ def _probe_limit_text(gemm: dict[str, Any]) -> str:
         f"{start['samples_per_s']:,.0f} / {end['samples_per_s']:,.0f} samples/s "
         f"({start['gflops']:.1f} / {end['gflops']:.1f} GFLOP/s)"
     )
-    if "two_processes_1_thread" not in start:  # a probe from before 2026-11-27 14:00
-        return f"GEMM limit at 2 threads, measured in the same run (start / end): {figures}; the faster is the limit."
     ways = "; ".join(
         f"{when}: {g['one_process_2_threads']:,.0f} at 2 threads in one process, "
         f"{g['two_processes_1_thread']:,.0f} in two 1-thread processes at once"
