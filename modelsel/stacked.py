@@ -874,6 +874,11 @@ class StackedTrainer:
             var = ((z - mean).square() * m).sum(dim=1, keepdim=True) / safe
             unbias = (safe / (count - 1.0).clamp(min=1.0)).squeeze(1)
         normalized = (z - mean) * torch.rsqrt(var + _BN_EPS)
+        if mask is not None:
+            # The padded rows (all of an idle member's) carry no statistics: scaled by
+            # rsqrt(eps) at every layer they would overflow in a deep net, and inf * 0 in
+            # the masked sums is NaN. Zeroed, they leave each layer as its shift.
+            normalized = normalized * m
         with torch.no_grad():
             running_mean.lerp_(mean.detach().squeeze(1), _BN_MOMENTUM)
             running_var.lerp_(var.detach().squeeze(1) * unbias, _BN_MOMENTUM)
