@@ -444,6 +444,9 @@ class StudySpec(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
+        problem = batch_norm_batch_problem(self.model, self.training)
+        if problem:
+            raise ValueError(problem)
         for key, dist in self.search.items():
             _check_distribution(self, key, dist)
         if self.sweep is not None:
@@ -620,7 +623,22 @@ def with_params(spec: StudySpec, params: Mapping[str, Any]) -> StudySpec:
                 sections[section] = type(current).model_validate(merged)
             except ValidationError as exc:
                 raise ValueError(_first_error_text(exc, prefix=section)) from None
+    model, training = sections.get("model", spec.model), sections.get("training", spec.training)
+    problem = batch_norm_batch_problem(model, training)
+    if problem:
+        raise ValueError(problem)
     return spec.model_copy(update=sections)
+
+
+def batch_norm_batch_problem(model: ModelSpec, training: TrainingSpec) -> str | None:
+    """Why ``model`` cannot train with ``training``'s batches (batch norm normalizes each
+    unit over a batch, so it needs two samples or more), or None."""
+    if model.batch_norm and model.depth > 0 and training.batch_size < 2:
+        return (
+            f"model.batch_norm needs batches of 2 samples or more (training.batch_size is "
+            f"{training.batch_size}); raise batch_size or set batch_norm: false"
+        )
+    return None
 
 
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:

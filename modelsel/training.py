@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modelsel.models import MLP, build_mlp
-from modelsel.spec import EarlyStoppingSpec, ModelSpec, TrainingSpec
+from modelsel.spec import EarlyStoppingSpec, ModelSpec, TrainingSpec, batch_norm_batch_problem
 
 Task = Literal["classification", "regression"]
 #: Rows per evaluation forward pass. On CPU, chunks whose activations stay in cache: on
@@ -390,8 +390,20 @@ def train_models(
     ------
     Diverged
         When a member's training loss becomes NaN or infinite.
+    ValueError
+        When batch norm would see a batch of one sample (``batch_size`` 1, or a member
+        with one training sample).
     """
     device = torch.device(device)
+    problem = batch_norm_batch_problem(model_spec, training)
+    if problem:
+        raise ValueError(problem)
+    if model_spec.batch_norm and model_spec.depth > 0:
+        for index, data in enumerate(members):
+            if data.n_train < 2:
+                raise ValueError(
+                    f"model.batch_norm needs 2 training samples or more per model; member {index} has {data.n_train}"
+                )
     n_inputs = members[0].n_inputs
     engine = choose_engine(training)
     with thread_policy(model_spec, training, n_inputs=n_inputs, n_outputs=n_outputs, device=device):

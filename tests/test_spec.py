@@ -303,6 +303,21 @@ def test_search_range_endpoints_are_validated_against_the_field() -> None:
     assert "search.activation: value 'swish' is invalid" in message
 
 
+def test_batch_norm_needs_batches_of_two_samples_fixed_searched_or_swept() -> None:
+    # One sample per batch has no batch statistics: torch's BatchNorm1d refuses it in
+    # training, and the stacked engine would train on zeros.
+    expected = "model.batch_norm needs batches of 2 samples or more (training.batch_size is 1)"
+    message = spec_error(spec(model={"batch_norm": True}, training={"batch_size": 1}))
+    assert message.endswith(f"{expected}; raise batch_size or set batch_norm: false")
+    searched = spec(model={"batch_norm": True}, search={"batch_size": {"type": "int", "low": 1, "high": 8}})
+    assert f"search.batch_size: value 1 is invalid: {expected}" in spec_error(searched)
+    swept = spec(training={"batch_size": 1}, sweep={"batch_norm": [False, True]})
+    assert f"sweep.batch_norm: {expected}" in spec_error(swept)
+    assert parse_spec(spec(model={"batch_norm": True, "depth": 0}, training={"batch_size": 1})).model.batch_norm
+    with pytest.raises(ValueError, match="batch_norm needs batches of 2"):
+        with_params(parse_spec(spec(model={"batch_norm": True})), {"batch_size": 1})
+
+
 @pytest.mark.parametrize("key", ["device", "name", "learning_rate", "model.lr"])
 def test_search_on_unsearchable_or_unknown_field(key: str) -> None:
     message = spec_error(spec(search={key: [1, 2]}))

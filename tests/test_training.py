@@ -235,6 +235,19 @@ def test_batch_norm_with_a_last_batch_of_one_sample() -> None:
     assert member.history.epochs_run == 2
 
 
+def test_batch_norm_refuses_batches_of_one_sample() -> None:
+    # torch's BatchNorm1d refuses them in training; the stacked engine must not train on
+    # the zeros it would compute instead.
+    X, y = blobs(33)
+    bn = {"depth": 1, "width": 8, "batch_norm": True}
+    with pytest.raises(ValueError, match=r"batch_norm needs batches of 2 samples or more \(training.batch_size is 1\)"):
+        fit([FoldData(X_train=X, y_train=y)], model=bn, batch_size=1)
+    with pytest.raises(ValueError, match="needs 2 training samples or more per model; member 1 has 1"):
+        fit([FoldData(X_train=X, y_train=y), FoldData(X_train=X[:1], y_train=y[:1])], model=bn)
+    (linear,) = fit([FoldData(X_train=X[:1], y_train=y[:1])], model={"depth": 0, "batch_norm": True}, batch_size=1)
+    assert linear.history.epochs_run == 5
+
+
 # -------------------------------------------------------------- reproducibility
 
 
