@@ -42,7 +42,8 @@ Storage
     would not be found when resumed without it.
 
 Samplers
-    Each worker seeds its sampler differently (``seed + 7919 * worker``), or they would
+    Each worker seeds its sampler differently (``seed + 7919 * worker``, plus the
+    resumed study's offset of :func:`modelsel.study.resume_seed_offset`), or they would
     draw the same first configurations; TPE runs with ``constant_liar`` (unless the spec
     sets it) so concurrent workers do not all sample next to the same running trial.
 
@@ -108,8 +109,10 @@ class WorkerError(UserError):
     """A worker process failed; the message is its one-line error."""
 
 
-def worker_sampler(spec: StudySpec, worker: int) -> optuna.samplers.BaseSampler:
-    """The sampler of worker ``worker``: seeded apart from the others; TPE with constant liar."""
+def worker_sampler(spec: StudySpec, worker: int, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler of worker ``worker``: seeded apart from the others (and from earlier runs
+    of the study by ``seed_offset``, see :func:`modelsel.study.resume_seed_offset`); TPE
+    with constant liar."""
     from modelsel.study import make_sampler
 
     if spec.sweep is not None or spec.sampler.name == "grid":
@@ -125,7 +128,7 @@ def worker_sampler(spec: StudySpec, worker: int) -> optuna.samplers.BaseSampler:
             "sampler": spec.sampler.model_copy(update={"options": options}),
         }
     )
-    return make_sampler(sampler_spec)
+    return make_sampler(sampler_spec, seed_offset=seed_offset)
 
 
 def worker_threads(device: torch.device, workers: int) -> int:
@@ -219,6 +222,8 @@ class WorkerOrders:
     threads: int
     #: Whether the run builds a report (a worker may then draft it, see :func:`after_search_work`).
     report: bool = False
+    #: Added to each worker's sampler seed (:func:`modelsel.study.resume_seed_offset`).
+    sampler_seed_offset: int = 0
 
 
 class WorkerPool:
@@ -415,7 +420,7 @@ def _work(index: int, spec_json: str, shared: _Shared, storage_url: str | None) 
     study = optuna.load_study(
         study_name=spec.name,
         storage=open_storage(orders.storage_url),
-        sampler=worker_sampler(spec, index),
+        sampler=worker_sampler(spec, index, seed_offset=orders.sampler_seed_offset),
         pruner=make_pruner(spec),
     )
     device = torch.device(orders.device_type)
@@ -490,7 +495,7 @@ def run_parallel(
     report's draft (see :func:`after_search_work`) are left in ``pool.early_refit`` and
     ``pool.report_draft``.
     """
-    from modelsel.study import FINISHED_STATES, _best_value_text
+    from modelsel.study import FINISHED_STATES, _best_value_text, resume_seed_offset
     from modelsel.training import torch_threads
 
     processes, shared = pool.processes, pool.shared
@@ -498,7 +503,10 @@ def run_parallel(
     slots = None if target is None else max(target - finished_before, 0)
     deadline = None if timeout is None else time.time() + timeout
     threads = pool.threads(device)
-    pool.release(WorkerOrders(storage_url, target, deadline, device.type, threads, report), slots)
+    seed_offset = resume_seed_offset(study)
+    pool.release(
+        WorkerOrders(storage_url, target, deadline, device.type, threads, report, seed_offset), slots
+    )
     refreshing = threading.Event()
     refresher = threading.Thread(target=_refresh_bar, args=(bar, finished_before, shared, refreshing), daemon=True)
     refresher.start()
@@ -508,7 +516,7 @@ def run_parallel(
         bar.set_postfix_str(_best_value_text(study), refresh=False)
 
     try:
-        study.sampler = worker_sampler(spec, 0)
+        study.sampler = worker_sampler(spec, 0, seed_offset=seed_offset)
         with torch_threads(threads):
             trial_loop(
                 study, spec, device=device, target=target, deadline=deadline, shared=shared, on_trial=show_best

@@ -87,8 +87,22 @@ class StudyOutcome:
         return f"optuna-dashboard {display_url(self.storage_url)}"
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The sampler a spec names, seeded with the spec's seed.
+#: A resumed study's sampler is seeded ``seed + stride * (trials already stored)``: seeded
+#: as in its first run, a random or TPE sampler would draw that run's configurations again.
+_RESUME_SEED_STRIDE = 104_729
+
+
+def resume_seed_offset(study: optuna.Study) -> int:
+    """What a run adds to the spec's seed for its sampler: 0 for a new study, else a step
+    per trial already stored, so that each resume draws configurations of its own (and
+    the same ones again for the same stored trials)."""
+    return _RESUME_SEED_STRIDE * len(study.get_trials(deepcopy=False))
+
+
+def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler a spec names, seeded with the spec's seed plus ``seed_offset`` (see
+    :func:`resume_seed_offset`; a grid ignores it: its cells keep their order, and the
+    sampler skips the visited ones).
 
     Raises
     ------
@@ -110,7 +124,7 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
             "cmaes": samplers.CmaEsSampler,
             "nsga2": samplers.NSGAIISampler,
         }
-        return factory[name](seed=spec.seed, **options)
+        return factory[name](seed=spec.seed + seed_offset, **options)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"sampler.options: {exc}") from None
 
@@ -352,7 +366,7 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
                 f"(differs in: {', '.join(changed[:5])}); rename the study, use another --storage, "
                 "or delete the old database"
             )
-        existing.sampler = make_sampler(spec)
+        existing.sampler = make_sampler(spec, seed_offset=resume_seed_offset(existing))
         existing.pruner = make_pruner(spec)
         return existing
     study = optuna.create_study(

@@ -61,6 +61,9 @@ def test_two_workers_reach_exactly_the_budget_and_resume(fast_tmp: Path) -> None
     assert (second.n_complete + second.n_pruned, second.n_trained_this_run, second.n_failed) == (5, 2, 0)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == len(states) == 5
+    # ... and the resumed workers sample apart from the first run's.
+    params = [tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)]
+    assert len(set(params)) == 5
     assert second.test is not None  # the selected trial was retrained and tested once
 
 

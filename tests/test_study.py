@@ -63,6 +63,22 @@ def test_n_trials_is_a_total_across_runs(fast_tmp: Path) -> None:
     assert run(tiny(), url, fast_tmp, n_trials=2).n_trained_this_run == 0
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_search_draws_new_configurations(fast_tmp: Path, sampler: str) -> None:
+    # Seeded as in its first run, the sampler drew that run's configurations again.
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(sampler=sampler), url, fast_tmp, n_trials=2)
+    run(tiny(sampler=sampler), url, fast_tmp, n_trials=4)
+    params = [t.params for t in finished(url)]
+    assert len(params) == 4
+    assert all(later not in params[:2] for later in params[2:])
+    # ... and the same ones again for the same stored trials: resumes are reproducible.
+    other = f"sqlite:///{fast_tmp}/t.db"
+    run(tiny(sampler=sampler), other, fast_tmp, n_trials=2)
+    run(tiny(sampler=sampler), other, fast_tmp, n_trials=4)
+    assert [t.params for t in finished(other)] == params
+
+
 def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
     url = f"sqlite:///{fast_tmp}/s.db"
     outcome = run(tiny(budget={"n_trials": 2}), url, fast_tmp)
