@@ -368,6 +368,7 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
             )
         existing.sampler = make_sampler(spec, seed_offset=resume_seed_offset(existing))
         existing.pruner = make_pruner(spec)
+        existing.set_user_attr("spec_full", spec.to_json())  # the budget and description may change
         return existing
     study = optuna.create_study(
         storage=storage,

@@ -24,6 +24,7 @@ from modelsel.study import (
     quiet_interrupted_trial_logs,
     retrain_epochs,
     run_study,
+    stored_spec,
     study_budget,
     summarize,
     trial_fold_epochs,
@@ -77,6 +78,14 @@ def test_a_resumed_search_draws_new_configurations(fast_tmp: Path, sampler: str)
     run(tiny(sampler=sampler), other, fast_tmp, n_trials=2)
     run(tiny(sampler=sampler), other, fast_tmp, n_trials=4)
     assert [t.params for t in finished(other)] == params
+
+
+def test_a_resumed_run_stores_its_budget_and_description(fast_tmp: Path) -> None:
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(budget={"n_trials": 1}), url, fast_tmp)
+    run(tiny(budget={"n_trials": 2}, description="the second run's words"), url, fast_tmp)
+    stored = stored_spec(optuna.load_study(study_name="tiny", storage=url))
+    assert (stored["budget"]["n_trials"], stored["description"]) == (2, "the second run's words")
 
 
 def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
