@@ -14,7 +14,7 @@ import logging
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -346,6 +346,34 @@ def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | Non
     return max(0, (budget - fold_epochs_spent(study, spec.cv.folds)) // trial_fold_epochs_cap(spec))
 
 
+def requeue_failed_cells(study: optuna.Study) -> int:
+    """Enqueue once more each grid cell whose trials all failed; return how many.
+
+    A trial stopped by Ctrl-C is stored as failed, and Optuna's GridSampler counts a
+    failed trial's cell as visited: the cell would never be trained, and a later run
+    would train a finished one again. The enqueued trials take their cells' values
+    before the sampler hands out the cells it has not visited.
+    """
+
+    def cell(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((name, repr(value)) for name, value in params.items()))
+
+    trials = study.get_trials(deepcopy=False)
+    covered = {
+        cell(t.system_attrs.get("fixed_params", t.params))
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    }
+    requeued = 0
+    for trial in trials:
+        key = cell(trial.params)
+        if trial.state == TrialState.FAIL and trial.params and key not in covered:
+            study.enqueue_trial(dict(trial.params))
+            covered.add(key)
+            requeued += 1
+    return requeued
+
+
 def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task: str) -> optuna.Study:
     storage = open_storage(storage_url, create_parent=create_parent)
     objectives = spec.resolved_objectives(task)  # type: ignore[arg-type]
@@ -366,6 +394,8 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
                 f"(differs in: {', '.join(changed[:5])}); rename the study, use another --storage, "
                 "or delete the old database"
             )
+        if spec.sweep is not None or spec.sampler.name == "grid":
+            requeue_failed_cells(existing)
         existing.sampler = make_sampler(spec, seed_offset=resume_seed_offset(existing))
         existing.pruner = make_pruner(spec)
         existing.set_user_attr("spec_full", spec.to_json())  # the budget and description may change

@@ -88,6 +88,25 @@ def test_a_resumed_run_stores_its_budget_and_description(fast_tmp: Path) -> None
     assert (stored["budget"]["n_trials"], stored["description"]) == (2, "the second run's words")
 
 
+def test_a_sweep_cell_stopped_by_ctrl_c_is_trained_when_the_sweep_is_resumed(fast_tmp: Path) -> None:
+    # Optuna's GridSampler counts a failed trial's cell as visited: the cell was never
+    # trained, and a later run trained a finished cell twice.
+    url = f"sqlite:///{fast_tmp}/s.db"
+    sweep = {"width": [4, 8], "lr": [0.01, 0.1]}
+    capped = tiny(search=None, sampler=None, sweep=sweep, budget={"fold_epochs": 8})  # 2 trials of 2 x 2
+    run(capped, url, fast_tmp)
+    study = optuna.load_study(study_name="tiny", storage=url, sampler=make_sampler(capped))
+    stopped = study.ask()  # the next cell, as Ctrl-C leaves it
+    cell = {axis: stopped.suggest_categorical(axis, values) for axis, values in sweep.items()}
+    study.tell(stopped, state=TrialState.FAIL)
+    run(tiny(search=None, sampler=None, sweep=sweep), url, fast_tmp)
+    cells = sorted((t.params["width"], t.params["lr"]) for t in finished(url))
+    assert cells == [(4, 0.01), (4, 0.1), (8, 0.01), (8, 0.1)]
+    assert (cell["width"], cell["lr"]) in cells
+    # A finished sweep trains nothing more.
+    assert run(tiny(search=None, sampler=None, sweep=sweep), url, fast_tmp).n_trained_this_run == 0
+
+
 def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
     url = f"sqlite:///{fast_tmp}/s.db"
     outcome = run(tiny(budget={"n_trials": 2}), url, fast_tmp)
