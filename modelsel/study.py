@@ -303,13 +303,16 @@ def trial_fold_epochs(trial: FrozenTrial, folds: int) -> int:
     """Fold-epochs ``trial`` trained: the epochs of each of its ``folds`` folds, summed.
 
     Read from the trial's ``fold_epochs`` attribute (stored when it completes, is pruned or
-    diverges); a trial without it (interrupted, or invalid and never trained) counts one
-    fold-epoch per fold for each epoch it reported.
+    diverges); a trial without it (interrupted, or invalid and never trained) counts the
+    epochs of its last report, the step of which is the epochs trained, for each fold. (A
+    trial of more than 100 epochs reports every ``ceil(epochs / 100)``-th, so fewer epochs
+    than that may go uncounted after its last report; counting its reports instead
+    counted half of a 120-epoch trial.)
     """
     stored = trial.user_attrs.get("fold_epochs")
     if isinstance(stored, int):
         return stored
-    return len(trial.intermediate_values) * folds
+    return max(trial.intermediate_values, default=0) * folds
 
 
 def fold_epochs_spent(study: optuna.Study, folds: int) -> int:

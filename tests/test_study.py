@@ -155,6 +155,16 @@ def test_a_pruned_trial_counts_the_epochs_it_trained_against_a_fold_epoch_budget
     assert trials_within_fold_epochs(study, spec) == 1
 
 
+def test_an_interrupted_trial_counts_the_epochs_of_its_last_report() -> None:
+    # A 120-epoch trial reports every 2nd epoch: the step is the epochs trained, and the
+    # number of reports only half of them.
+    stopped = optuna.trial.create_trial(
+        state=TrialState.FAIL, intermediate_values={epoch: 0.5 for epoch in range(2, 115, 2)}
+    )
+    assert trial_fold_epochs(stopped, 3) == 114 * 3
+    assert trial_fold_epochs(optuna.trial.create_trial(state=TrialState.FAIL), 3) == 0
+
+
 def test_a_fold_epoch_budget_below_one_trial_is_a_spec_error() -> None:
     with pytest.raises(SpecError, match=r"budget\.fold_epochs \(3\) is less than one trial at its longest \(2 epochs"):
         tiny(budget={"fold_epochs": 3})
