@@ -269,9 +269,11 @@ def report() -> None:
 def build_command(name: str, storage: str | None, output_dir: Path) -> None:
     """Rebuild trials.csv and report.html of study NAME from its storage alone."""
     from modelsel.report import build_report
+    from modelsel.storage import check_output_folder
     from modelsel.study import load_study
 
     url = _locate(name, storage, output_dir)
+    check_output_folder(output_dir / name)
     path = build_report(load_study(name, url), output_dir=output_dir / name)
     click.echo(f"Report: {path}")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from modelsel.errors import StorageError, exception_chain
+from modelsel.errors import StorageError, UserError, exception_chain
 
 _HINT = "use sqlite:///path/to/study.db, postgresql://user@host/db or journal:path/to/study.log"
 _SQLITE_TIMEOUT_S = 60
@@ -36,6 +36,20 @@ def default_storage_url(output_dir: str | Path, study_name: str) -> str:
     """SQLite file ``<output_dir>/<study_name>/study.db`` (absolute)."""
     path = (Path(output_dir) / study_name / "study.db").resolve()
     return f"sqlite:///{path}"
+
+
+def check_output_folder(folder: str | Path) -> None:
+    """Raise a one-line :class:`UserError` unless ``folder`` (a report's folder) is a
+    writable folder or can be made one: checked before training, so that a run does not
+    train for minutes and then fail to write its report."""
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"report folder {path}: {existing} is not a folder; pass --output DIR with a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"report folder {path}: {existing} is not writable; pass --output DIR with a writable folder")
 
 
 def redact(url: str) -> str:

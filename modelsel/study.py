@@ -32,6 +32,7 @@ from modelsel.spec import (
     with_params,
 )
 from modelsel.storage import (
+    check_output_folder,
     default_storage_url,
     display_url,
     open_storage,
@@ -546,6 +547,8 @@ def run_study(
     """
     if workers < 1:
         raise UserError("--workers must be at least 1")
+    if build_report:
+        check_output_folder(Path(output_dir) / spec.name)
     if isinstance(spec.sweep, list):
         from modelsel.sweeps import run_sweep_maps
 

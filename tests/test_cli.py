@@ -272,6 +272,24 @@ def test_unknown_study_name_in_an_existing_storage(workdir: Path, spec_file: Cal
     assert files_under(workdir) == before
 
 
+def test_a_report_folder_that_cannot_be_written_fails_before_training(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    # It used to train every trial and then fail with a traceback writing the report.
+    spec = spec_file(budget={"n_trials": 1})
+    (workdir / "out").mkdir()
+    (workdir / "out" / "tiny").write_text("a file where the report folder goes", encoding="utf-8")
+    run = invoke("study", "run", str(spec), "--output", "out", "--storage", "sqlite:///s.db")
+    assert_user_error(run, f"report folder {workdir / 'out' / 'tiny'}: ", "is not a folder; pass --output DIR")
+    assert_nothing_written(workdir, "out", "tiny", "tiny.yaml")
+    assert invoke("study", "run", str(spec), "--quiet", "--storage", "sqlite:///s.db").exit_code == 0
+    before = files_under(workdir)
+    assert_user_error(
+        invoke("report", "build", "tiny", "--output", "out", "--storage", "sqlite:///s.db"), "is not a folder"
+    )
+    assert files_under(workdir) == before
+
+
 def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]) -> None:
     spec = spec_file()
     result = invoke("study", "run", str(spec), "--n-trials", "0")
