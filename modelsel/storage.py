@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import os
 import re
 import sys
@@ -74,6 +75,9 @@ def storage_kind(url: str) -> str:
     if scheme in ("sqlite", "postgresql", "postgres", "mysql"):
         if scheme == "sqlite" and not url.startswith("sqlite:///"):
             raise StorageError(f"storage URL '{redact(url)}' is malformed; {_HINT}")
+        if scheme == "sqlite" and url.removeprefix("sqlite:///").split("?")[0] in ("", ":memory:"):
+            # Gone with its connection: the run, its workers and the report need a file.
+            raise StorageError(f"storage URL '{url}' names no file; use sqlite:///path/to/study.db")
         if scheme != "sqlite" and urlsplit(url).netloc.count("@") > 1:
             raise StorageError(
                 f"storage URL '{redact(url)}' has '@' in its user name or password; write each such '@' as %40"
@@ -89,7 +93,7 @@ def local_path(url: str) -> Path | None:
         return Path(url.removeprefix("journal:").removeprefix("//"))
     if kind == "sqlite":
         path = url.removeprefix("sqlite:///").split("?")[0]
-        return None if path in ("", ":memory:") else Path(path)
+        return Path(path)
     return None
 
 
@@ -111,6 +115,18 @@ def check_storage_url(url: str, *, create_parent: bool = False) -> None:
         )
     if path is not None and path.exists() and path.is_dir():
         raise StorageError(f"storage URL '{url}' points at a folder; name a file, e.g. {path / 'study.db'}")
+    if path is not None and storage_kind(url) == "journal" and path.is_file():
+        with path.open("rb") as file:
+            first_line = file.readline(65536).strip()
+        try:
+            record = json.loads(first_line) if first_line else {"op_code": None}
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and "op_code" in record):
+            # Optuna would append its records to the file before failing to read it.
+            raise StorageError(
+                f"storage URL '{url}': {path} is not an Optuna journal file; name a new file or a journal"
+            )
 
 
 def display_url(url: str) -> str:
@@ -321,7 +337,12 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "journal":
         assert path is not None
-        journal = _owning(optuna.storages.JournalStorage)(JournalFileBackend(str(path)))
+        try:
+            journal = _owning(optuna.storages.JournalStorage)(JournalFileBackend(str(path)))
+        except OSError as exc:  # a read-only folder or file system (the backend creates the file)
+            raise StorageError(
+                f"storage URL '{url}': cannot write {path} ({exc.strerror}); choose another path"
+            ) from None
         _STORAGES.add(journal)
         return journal
     engine_kwargs: dict[str, Any] = {}

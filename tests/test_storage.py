@@ -87,7 +87,32 @@ def test_local_path() -> None:
     assert local_path("sqlite:////abs/study.db?timeout=3") == Path("/abs/study.db")
     assert local_path("journal:runs/study.log") == Path("runs/study.log")
     assert local_path("postgresql://u@h/db") is None
-    assert local_path("sqlite:///:memory:") is None
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite:///", "sqlite:///?timeout=3"])
+def test_an_in_memory_sqlite_database_is_refused(url: str) -> None:
+    # It is gone with its connection: the run, its workers and the report need a file.
+    with pytest.raises(StorageError) as info:
+        storage_kind(url)
+    assert one_line_error(info) == f"storage URL '{url}' names no file; use sqlite:///path/to/study.db"
+
+
+def test_a_file_that_is_not_a_journal_is_refused_untouched(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("garbage\n", encoding="utf-8")
+    for check in (check_storage_url, open_storage):
+        with pytest.raises(StorageError, match=f"{notes} is not an Optuna journal file; name a new file or a journal"):
+            check(f"journal:{notes}")
+    assert notes.read_text(encoding="utf-8") == "garbage\n"
+    empty = tmp_path / "empty.log"
+    empty.touch()
+    check_storage_url(f"journal:{empty}")  # a new journal may start as an empty file
+
+
+def test_a_journal_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").touch()
+    with pytest.raises(StorageError, match=r"cannot write .*file/s\.log \(Not a directory\); choose another path"):
+        open_storage(f"journal:{tmp_path}/file/s.log")
 
 
 def test_default_storage_url_is_an_absolute_sqlite_file(tmp_path: Path) -> None:
