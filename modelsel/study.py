@@ -567,6 +567,8 @@ def run_study(
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
     storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     storage_kind(storage_url)
+    make_sampler(spec)  # the sampler's and pruner's options are checked before anything is written
+    make_pruner(spec)
     early_refit: EarlyRefit | None = None
     draft: ReportDraft | None = None
     with _worker_pool(spec, workers, storage_url) as pool:

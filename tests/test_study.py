@@ -322,6 +322,22 @@ def test_a_bad_storage_url_fails_before_anything_is_written(fast_tmp: Path) -> N
     assert files_under(fast_tmp) == []
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"sampler": {"name": "random", "options": {"foo": 1}}},
+        {"pruner": {"name": "percentile", "options": {"percentile": 150}}},
+        {"pruner": {"name": "fold_paired", "options": {"min_worse_folds": 5}}},
+    ],
+)
+def test_bad_sampler_or_pruner_options_fail_before_anything_is_written(
+    fast_tmp: Path, changes: dict[str, Any]
+) -> None:
+    with pytest.raises(SpecError, match=r"(sampler|pruner)\.options"):
+        run_study(tiny(**changes), output_dir=fast_tmp / "reports", progress=False)
+    assert files_under(fast_tmp) == []
+
+
 def test_the_default_storage_and_report_go_under_the_output_folder(fast_tmp: Path) -> None:
     outcome = run_study(tiny(budget={"n_trials": 1}), output_dir=fast_tmp / "reports", progress=False)
     folder = fast_tmp / "reports" / "tiny"
