@@ -272,10 +272,33 @@ def build_command(name: str, storage: str | None, output_dir: Path) -> None:
     from modelsel.storage import check_output_folder
     from modelsel.study import load_study
 
-    url = _locate(name, storage, output_dir)
+    try:
+        study = load_study(name, _locate(name, storage, output_dir))
+    except UserError:
+        maps = _stored_maps(name, storage, output_dir)  # the combined report of a multi-grid sweep
+        if maps is None:
+            raise
+        from modelsel.sweeps import build_maps_report
+
+        check_output_folder(output_dir / name)
+        click.echo(f"Report: {build_maps_report(*maps, output_dir=output_dir / name)}")
+        return
     check_output_folder(output_dir / name)
-    path = build_report(load_study(name, url), output_dir=output_dir / name)
+    path = build_report(study, output_dir=output_dir / name)
     click.echo(f"Report: {path}")
+
+
+def _stored_maps(name: str, storage: str | None, output_dir: Path) -> tuple[Any, list[Any]] | None:
+    """A multi-grid sweep ``name`` (its spec and map studies) in ``storage``, else in its
+    default storage ``OUTPUT/<name>/study.db``; None when there is none."""
+    from modelsel.storage import default_storage_url, local_path
+    from modelsel.sweeps import stored_maps
+
+    url = storage or default_storage_url(output_dir, name)
+    path = local_path(url)
+    if path is not None and not path.is_file():
+        return None
+    return stored_maps(url, name)
 
 
 def entry_point() -> None:

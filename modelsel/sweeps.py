@@ -623,6 +623,43 @@ def map_specs(spec: StudySpec) -> list[StudySpec]:
     ]
 
 
+def stored_maps(storage_url: str, name: str) -> tuple[StudySpec, list[optuna.Study]] | None:
+    """The multi-grid sweep ``name`` as stored at ``storage_url``, or None when none is.
+
+    Returns its spec, rebuilt from the specs its maps stored (each map's grid, its axes in
+    the spec's order), and the maps' studies in the order they were created: what
+    :func:`build_maps_report` needs, from the storage alone.
+    """
+    from modelsel.spec import parse_spec
+    from modelsel.storage import open_storage
+    from modelsel.study import stored_spec
+
+    storage = open_storage(storage_url, heartbeat=False, must_exist=True)
+    studies: list[optuna.Study] = []
+    grids: list[dict[str, Any]] = []
+    base: dict[str, Any] | None = None
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if not summary.study_name.startswith(f"{name}-"):
+            continue
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        axes = study.user_attrs.get("sweep_axes")
+        try:
+            data = stored_spec(study)
+        except ValueError:
+            continue
+        sweep = data.get("sweep")
+        if not (isinstance(axes, list) and isinstance(sweep, dict) and isinstance(sweep.get("axes"), dict)):
+            continue
+        if summary.study_name != f"{name}-{'-x-'.join(str(a).replace('.', '_') for a in axes)}":
+            continue
+        studies.append(study)
+        grids.append({**sweep, "axes": {axis: sweep["axes"][axis] for axis in axes}})
+        base = data
+    if base is None:
+        return None
+    return parse_spec({**base, "name": name, "sweep": grids}, source=f"the stored spec of '{name}'"), studies
+
+
 def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Path, **options: Any) -> StudyOutcome:
     """Run every grid of a multi-grid sweep as its own resumable study in one storage.
 
@@ -725,6 +762,7 @@ __all__ = [
     "cell_summary",
     "map_specs",
     "run_sweep_maps",
+    "stored_maps",
     "sweep_frame",
     "sweep_info",
     "sweep_report_parts",

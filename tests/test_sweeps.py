@@ -3,8 +3,10 @@ several grids in one spec, the image cases and D2L's polynomial example end to e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,10 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 from optuna.trial import TrialState
 
+from modelsel.cli import main
 from modelsel.report import build_report, draft_report
 from modelsel.spec import load_spec, parse_spec
 from modelsel.study import FINISHED_STATES, _open_study, _optimize, preflight, run_study
@@ -149,6 +153,22 @@ def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> No
     assert (tmp_path / "maps-width-x-train_size" / "learning_curve_train_size.png").exists()
     again = run_study(spec, output_dir=tmp_path, progress=False, build_report=False)
     assert again.n_trained_this_run == 0
+    # The combined report is rebuilt from (a copy of) the storage alone.
+    copy = tmp_path / "copy.db"
+    source, target = sqlite3.connect(tmp_path / "maps" / "study.db"), sqlite3.connect(copy)
+    with contextlib.closing(source), contextlib.closing(target):
+        source.backup(target)  # with what is still in the write-ahead log
+    command = ["report", "build", "maps", "--storage", f"sqlite:///{copy}", "--output", str(tmp_path / "rebuilt")]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    rebuilt = tmp_path / "rebuilt" / "maps" / "report.html"
+    assert result.output == f"Report: {rebuilt}\n"
+
+    def comparable(path: Path) -> str:  # without the time stamp, and the storage the maps name
+        text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d", "", path.read_text(encoding="utf-8"))
+        return re.sub(r"\nstorage: .*\n", "\n", text)
+
+    assert comparable(rebuilt) == comparable(outcome.report_path)
 
 
 def test_image_cases_tiny_model_underfits_huge_model_on_few_samples_overfits(tmp_path: Path) -> None:
