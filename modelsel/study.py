@@ -456,6 +456,13 @@ def _optimize(
     on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> int:
     capped = spec.budget.fold_epochs is not None
+    # The trials this process ran (another process may add trials to the same study meanwhile).
+    ran: set[int] = set()
+
+    def record(study: optuna.Study, trial: FrozenTrial) -> None:
+        ran.add(trial.number)
+        if on_trial is not None:
+            on_trial(study, trial)
 
     def budget_left(study: optuna.Study) -> int:
         left = [] if target is None else [target - _finished_count(study)]
@@ -467,16 +474,14 @@ def _optimize(
         spec,
         device=device,
         budget_left=budget_left if target is not None or capped else None,
-        on_companion_told=on_trial,
+        on_companion_told=record,
     )
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = []
     if target is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(target, states=FINISHED_STATES))
     if capped:
         callbacks.append(_stop_at_fold_epoch_cap(spec))
-    if on_trial is not None:
-        callbacks.append(on_trial)
-    before = len(study.trials)
+    callbacks.append(record)
     remaining = None if target is None else max(target - _finished_count(study), 0)
     if remaining == 0 or trials_within_fold_epochs(study, spec) == 0:
         return 0
@@ -491,7 +496,7 @@ def _optimize(
             gc_after_trial=False,
             catch=(),
         )
-    return len(study.trials) - before
+    return len(ran)
 
 
 def _stop_at_fold_epoch_cap(spec: StudySpec) -> Callable[[optuna.Study, FrozenTrial], None]:

@@ -10,12 +10,15 @@ from typing import Any
 
 import optuna
 import pytest
+import torch
 from conftest import files_under, tiny_spec_data
 from optuna.trial import TrialState
 
 from modelsel.errors import DataError, SpecError, StorageError, UserError
 from modelsel.spec import StudySpec, parse_spec, trial_fold_epochs_cap
 from modelsel.study import (
+    _open_study,
+    _optimize,
     best_trial,
     fold_epochs_spent,
     load_study,
@@ -105,6 +108,21 @@ def test_a_sweep_cell_stopped_by_ctrl_c_is_trained_when_the_sweep_is_resumed(fas
     assert (cell["width"], cell["lr"]) in cells
     # A finished sweep trains nothing more.
     assert run(tiny(search=None, sampler=None, sweep=sweep), url, fast_tmp).n_trained_this_run == 0
+
+
+def test_a_run_counts_only_the_trials_it_ran(fast_tmp: Path) -> None:
+    # Another process adding trials to the same study meanwhile was counted as this run's.
+    spec = tiny()
+    study = _open_study(spec, f"sqlite:///{fast_tmp}/s.db", create_parent=False, task="classification")
+    elsewhere = optuna.load_study(study_name="tiny", storage=f"sqlite:///{fast_tmp}/s.db")
+
+    def another_process_adds_a_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        elsewhere.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+
+    cpu = torch.device("cpu")
+    ran = _optimize(study, spec, target=2, timeout=None, device=cpu, on_trial=another_process_adds_a_trial)
+    assert ran == 2
+    assert len(study.trials) == 4
 
 
 def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
