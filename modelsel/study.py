@@ -174,14 +174,15 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 
 def study_budget(spec: StudySpec, n_trials: int | None = None) -> int | None:
-    """Total finished trials the study should reach: a sweep's grid size, else the budget."""
+    """Total finished trials the study should reach: a sweep's grid size (or fewer, with
+    an explicit ``n_trials``, e.g. ``--n-trials``), else the budget."""
     if spec.sweep is not None:
         from modelsel.objective import sweep_grid
 
         cells = 1
         for values in sweep_grid(spec).values():
             cells *= len(values)
-        return cells
+        return cells if n_trials is None else min(cells, n_trials)
     return n_trials if n_trials is not None else spec.budget.n_trials
 
 

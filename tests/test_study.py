@@ -133,6 +133,16 @@ def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
     assert study_budget(tiny(budget={"n_trials": 7}), 3) == 3
 
 
+def test_n_trials_stops_a_sweep_early_and_a_later_run_goes_on(fast_tmp: Path) -> None:
+    # A sweep's budget is its grid; --n-trials used to be ignored there.
+    url = f"sqlite:///{fast_tmp}/s.db"
+    sweep = tiny(search=None, sampler=None, sweep={"width": [4, 8], "lr": [0.01, 0.1]}, budget={"n_trials": 30})
+    assert study_budget(sweep) == 4 and study_budget(sweep, 9) == 4
+    assert run(sweep, url, fast_tmp, n_trials=1).n_trained_this_run == 1
+    assert run(sweep, url, fast_tmp).n_trained_this_run == 3
+    assert len({(t.params["width"], t.params["lr"]) for t in finished(url)}) == 4
+
+
 def test_a_fold_epoch_budget_caps_the_compute_and_tops_up_on_resume(fast_tmp: Path) -> None:
     url = f"sqlite:///{fast_tmp}/s.db"
     # One trial at its longest: 2 epochs x 2 folds. 3.5 trials' worth fits 3 whole ones.
