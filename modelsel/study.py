@@ -14,6 +14,7 @@ import logging
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,49 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
         raise SpecError(f"sampler.options: {exc}") from None
 
 
+def check_sampler_and_pruner(spec: StudySpec) -> None:
+    """Raise a one-line :class:`SpecError` when ``spec``'s sampler or pruner options are bad.
+
+    Some options pass the constructors and fail only when a trial is sampled or judged
+    (TPE's ``n_startup_trials: 'x'``, Hyperband's ``max_resource: 0``): so two trials go
+    through a throwaway in-memory study, sampling the search space and reporting a step.
+    """
+    sampler, pruner = make_sampler(spec), make_pruner(spec)
+    if spec.sweep is not None or spec.sampler.name == "grid":
+        return
+    from modelsel.spec import FloatDistribution, IntDistribution
+
+    space: dict[str, optuna.distributions.BaseDistribution] = {}
+    for key, dist in spec.search.items():
+        if isinstance(dist, IntDistribution):
+            space[key] = optuna.distributions.IntDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
+        elif isinstance(dist, FloatDistribution):
+            space[key] = optuna.distributions.FloatDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            space[key] = optuna.distributions.CategoricalDistribution(dist.choices)
+    n_objectives = len(spec.objectives or ["default"])
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings concern the probe's trials
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = optuna.create_study(sampler=sampler, pruner=pruner, directions=["minimize"] * n_objectives)
+            for value in (0.5, 0.25):
+                try:
+                    trial = probe.ask(fixed_distributions=space)
+                except Exception as exc:  # whatever a misconfigured sampler raises
+                    raise SpecError(f"sampler.options: {exc}") from None
+                if n_objectives == 1 and spec.pruner.name not in ("none", "fold_paired"):
+                    try:
+                        trial.report(value, 1)
+                        trial.should_prune()
+                    except Exception as exc:  # whatever a misconfigured pruner raises
+                        raise SpecError(f"pruner.options: {exc}") from None
+                probe.tell(trial, [value] * n_objectives)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The pruner a spec names (``none`` never prunes).
 
@@ -168,6 +212,10 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             return FoldPairedPruner(**options)
         options.setdefault("min_resource", 1)
         options.setdefault("max_resource", spec.training.epochs)
+        for resource in ("min_resource", "max_resource"):
+            value = options[resource]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+                raise ValueError(f"{resource} is {value}; give a number of epochs of 1 or more")
         return pruners.HyperbandPruner(**options)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"pruner.options: {exc}") from None
@@ -573,8 +621,7 @@ def run_study(
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
     storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     storage_kind(storage_url)
-    make_sampler(spec)  # the sampler's and pruner's options are checked before anything is written
-    make_pruner(spec)
+    check_sampler_and_pruner(spec)  # before anything is written
     early_refit: EarlyRefit | None = None
     draft: ReportDraft | None = None
     with _worker_pool(spec, workers, storage_url) as pool:
