@@ -427,13 +427,15 @@ class StudyObjective:
     def _diverged(prepared: _PreparedTrial, exc: Diverged) -> optuna.TrialPruned:
         """Record a diverged trial; the exception to end it with."""
         trial = prepared.trial
-        trial.set_user_attr("fail_reason", f"diverged: {exc}")
+        # Within a trial the diverged member is a fold (the engines' message says "member").
+        reason = f"diverged: fold {exc.member} at epoch {exc.epoch + 1}: {exc.reason}"
+        trial.set_user_attr("fail_reason", reason)
         trial.set_user_attr("regime", "diverged")
         trial.set_user_attr("regime_reason", f"training diverged: {exc.reason}")
         trial.set_user_attr("grad_norms", rounded(prepared.gradient_stats.fold_mean()))
         # Counted up to the epoch that diverged, as if every fold trained all of it (a cap's view).
         trial.set_user_attr("fold_epochs", (exc.epoch + 1) * len(prepared.folds))
-        return optuna.TrialPruned(f"diverged: {exc}")
+        return optuna.TrialPruned(reason)
 
     def _finish(self, prepared: _PreparedTrial, result: CVResult) -> float | list[float]:
         """Store a finished trial's record and return its objective value(s)."""
