@@ -9,21 +9,25 @@ keys are errors. :func:`load_spec` turns every validation problem into one
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from modelsel.errors import SpecError
 
@@ -45,8 +49,55 @@ OBJECTIVE_DIRECTIONS: dict[str, str] = {
 }
 
 
+def _leaf_types(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (``int | list[int]``: int and list[int]), else itself."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(t for arg in get_args(annotation) for t in _leaf_types(arg))
+    return (annotation,)
+
+
+@functools.cache
+def _number_kind(annotation: Any) -> str | None:
+    """``an integer`` or ``a number`` for an annotation that takes numbers but no booleans,
+    else None."""
+    leaves = _leaf_types(annotation)
+    if bool in leaves or (int not in leaves and float not in leaves):
+        return None
+    return "a number" if float in leaves else "an integer"
+
+
+def _bool_for_number(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` (a boolean, or a list holding one) does not fit a numeric field of
+    this annotation, or None."""
+    kind = _number_kind(annotation)
+    if kind is not None and isinstance(value, bool):
+        return f"expected {kind}, got {str(value).lower()}"
+    if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+        for leaf in _leaf_types(annotation):
+            item_kind = _number_kind(get_args(leaf)[0]) if get_origin(leaf) is list else None
+            if item_kind is not None:
+                return f"expected {item_kind} or a list of them, got a list holding a boolean (true/false)"
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, data: Any) -> Any:
+        # pydantic reads true as 1 in an int or float field (``width: true`` would be width 1).
+        if isinstance(data, Mapping):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                problem = _bool_for_number(field.annotation, value) if field is not None else None
+                if problem:
+                    raise PydanticCustomError(_BOOL_ERROR, "{problem}", {"field": name, "problem": problem})
+        return data
+
+
+#: Error type of a boolean in a numeric field; the message names the field via ``ctx``.
+_BOOL_ERROR = "bool_for_number"
 
 
 # --------------------------------------------------------------------------- model
@@ -396,13 +447,16 @@ def _name_shorthand(value: Any) -> Any:
 
 # ---------------------------------------------------------------------- the study
 
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+_SEED = TypeAdapter(Seed)
+
 
 class StudySpec(_Section):
     """A whole study: what to train, what to vary, how to score and where to store it."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)
     description: str = ""
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: Seed = 0
     dataset: DatasetSpec = Field(default_factory=lambda: DigitsSpec(name="digits"))
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -611,7 +665,7 @@ def with_params(spec: StudySpec, params: Mapping[str, Any]) -> StudySpec:
     for key, value in params.items():
         section, field = resolve_field(spec, key)
         if section == "study":
-            seed = int(value)
+            seed = _validated_seed(value)
         else:
             updates[section][field] = value
     sections: dict[str, Any] = {"seed": seed}
@@ -628,6 +682,16 @@ def with_params(spec: StudySpec, params: Mapping[str, Any]) -> StudySpec:
     if problem:
         raise ValueError(problem)
     return spec.model_copy(update=sections)
+
+
+def _validated_seed(value: Any) -> int:
+    problem = _bool_for_number(int, value)
+    if problem:
+        raise ValueError(f"seed: {problem}")
+    try:
+        return _SEED.validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(_first_error_text(exc, prefix="seed")) from None
 
 
 def batch_norm_batch_problem(model: ModelSpec, training: TrainingSpec) -> str | None:
@@ -691,6 +755,8 @@ def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
     errors = exc.errors()
     first = errors[0]
     loc = _loc_text(tuple(first["loc"]))
+    if first["type"] == _BOOL_ERROR:  # raised by the model, about one of its fields
+        loc = ".".join(p for p in (loc, str((first.get("ctx") or {})["field"])) if p)
     where = ".".join(p for p in (prefix, loc) if p)
     message = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":

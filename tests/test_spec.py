@@ -224,6 +224,47 @@ def test_wrong_type_names_field(data: dict[str, Any], field: str, hint: str) -> 
     assert hint in message
 
 
+@pytest.mark.parametrize(
+    ("data", "field", "kind"),
+    [
+        ({"model": {"width": True}}, "model.width", "an integer"),
+        ({"model": {"depth": False}}, "model.depth", "an integer"),
+        ({"training": {"epochs": True}}, "training.epochs", "an integer"),
+        ({"training": {"batch_size": True}}, "training.batch_size", "an integer"),
+        ({"training": {"lr": True}}, "training.lr", "a number"),
+        ({"training": {"grad_clip": {"threshold": True}}}, "training.grad_clip.threshold", "a number"),
+        ({"dataset": {"name": "digits", "train_size": True}}, "dataset.train_size", "a number"),
+        ({"cv": {"folds": True}}, "cv.folds", "an integer"),
+        ({"budget": {"timeout": True}}, "budget.timeout", "a number"),
+        ({"seed": True}, "seed", "an integer"),
+        ({"search": {"width": {"type": "int", "low": True, "high": 8}}}, "search.width.low", "an integer"),
+        ({"sweep": {"width": [4, 8], "repeats": True}}, "sweep", "an integer"),
+    ],
+)
+def test_a_boolean_is_not_a_number(data: dict[str, Any], field: str, kind: str) -> None:
+    # pydantic alone reads true as 1: width 1, one epoch, lr 1.0.
+    message = spec_error(spec(**data))
+    assert f"s.yaml: {field}" in message
+    assert f"expected {kind}, got " in message
+
+
+def test_a_boolean_is_not_a_number_in_a_list_a_search_or_a_sweep() -> None:
+    message = spec_error(spec(model={"depth": 2, "width": [True, 4]}))
+    assert "model.width: expected an integer or a list of them" in message
+    assert "search.epochs: value True is invalid: training.epochs: expected an integer, got true" in spec_error(
+        spec(search={"epochs": [True, 2]})
+    )
+    assert "sweep.seed: seed: expected an integer, got true" in spec_error(spec(sweep={"seed": [True, 2]}))
+    base = parse_spec(spec())
+    with pytest.raises(ValueError, match=r"model\.width: expected an integer, got true"):
+        with_params(base, {"width": True})
+    with pytest.raises(ValueError, match="seed: Input should be a valid integer"):
+        with_params(base, {"seed": 1.5})
+    # Booleans stay booleans where a field takes them, shorthands included.
+    loaded = parse_spec(spec(model={"batch_norm": True}, training={"early_stopping": True}))
+    assert loaded.model.batch_norm and loaded.training.early_stopping is not None
+
+
 def test_missing_name_is_reported() -> None:
     assert "name: required key is missing" in spec_error({"seed": 1})
 
