@@ -66,6 +66,11 @@ def _number_kind(annotation: Any) -> str | None:
     return "a number" if float in leaves else "an integer"
 
 
+def _whole_numbers_only(annotation: Any) -> bool:
+    """Whether a field of this annotation takes whole numbers only (``int``, ``int | list[int]``)."""
+    return _number_kind(annotation) == "an integer"
+
+
 def _bool_for_number(annotation: Any, value: Any) -> str | None:
     """Why ``value`` (a boolean, or a list holding one) does not fit a numeric field of
     this annotation, or None."""
@@ -707,9 +712,15 @@ def batch_norm_batch_problem(model: ModelSpec, training: TrainingSpec) -> str | 
 
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
     try:
-        resolve_field(spec, key)
+        section, field = resolve_field(spec, key)
     except ValueError as exc:
         raise ValueError(f"search.{key}: {exc}") from None
+    model = type(spec) if section == "study" else type(getattr(spec, section))
+    if isinstance(dist, FloatDistribution) and _whole_numbers_only(model.model_fields[field].annotation):
+        # Its draws would be floats such as 7.3, which the field refuses in every trial.
+        name = field if section == "study" else f"{section}.{field}"
+        log = " (with log: true for a log scale)" if dist.log else ""
+        raise ValueError(f"search.{key}: {name} takes whole numbers, not a float distribution; use type: int{log}")
     if isinstance(dist, CategoricalDistribution):
         endpoints: list[Any] = list(dist.choices)
     else:

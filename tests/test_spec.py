@@ -344,6 +344,27 @@ def test_search_range_endpoints_are_validated_against_the_field() -> None:
     assert "search.activation: value 'swish' is invalid" in message
 
 
+@pytest.mark.parametrize(
+    ("key", "dist", "fix"),
+    [
+        ("width", {"type": "float", "low": 4, "high": 16}, "use type: int"),
+        ("model.depth", {"type": "float", "low": 1, "high": 3, "step": 1}, "use type: int"),
+        ("epochs", {"type": "log", "low": 1, "high": 8}, "use type: int (with log: true for a log scale)"),
+        ("batch_size", {"type": "float", "low": 16, "high": 64}, "use type: int"),
+    ],
+)
+def test_a_float_distribution_over_an_integer_field(key: str, dist: dict[str, Any], fix: str) -> None:
+    # Its endpoints are whole numbers, but every trial would draw a float the field refuses.
+    field = resolve_field(parse_spec(spec()), key)
+    message = spec_error(spec(search={key: dist}))
+    assert message.endswith(f"search.{key}: {'.'.join(field)} takes whole numbers, not a float distribution; {fix}")
+
+
+def test_a_float_distribution_over_a_field_that_takes_floats() -> None:
+    loaded = parse_spec(spec(search={"train_size": {"type": "float", "low": 0.2, "high": 0.8}}))
+    assert isinstance(loaded.search["train_size"], FloatDistribution)
+
+
 def test_batch_norm_needs_batches_of_two_samples_fixed_searched_or_swept() -> None:
     # One sample per batch has no batch statistics: torch's BatchNorm1d refuses it in
     # training, and the stacked engine would train on zeros.
