@@ -508,6 +508,7 @@ class StudySpec(_Section):
             raise ValueError(problem)
         for key, dist in self.search.items():
             _check_distribution(self, key, dist)
+        _one_key_per_field(self, list(self.search), where="search")
         if self.sweep is not None:
             if self.search:
                 raise ValueError("give either 'search' or 'sweep', not both")
@@ -516,7 +517,9 @@ class StudySpec(_Section):
             grids = self.sweep_list()
             if not grids:
                 raise ValueError("sweep: list at least one grid, or leave 'sweep' out")
-            if len({tuple(g.axes) for g in grids}) != len(grids):
+            for grid in grids:
+                _one_key_per_field(self, list(grid.axes), where="sweep")
+            if len({frozenset(resolve_field(self, a) for a in g.axes) for g in grids}) != len(grids):
                 raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
             for grid in grids:
                 for axis, values in grid.axes.items():
@@ -710,6 +713,26 @@ def batch_norm_batch_problem(model: ModelSpec, training: TrainingSpec) -> str | 
     return None
 
 
+def _field_name(section: str, field: str) -> str:
+    """``training.lr``, or ``seed`` for the study's own field."""
+    return field if section == "study" else f"{section}.{field}"
+
+
+def _one_key_per_field(spec: StudySpec, keys: list[str], *, where: str) -> None:
+    """Refuse two of ``keys`` that name one field (``lr`` and ``training.lr``), or an unknown key."""
+    seen: dict[tuple[str, str], str] = {}
+    for key in keys:
+        try:
+            resolved = resolve_field(spec, key)
+        except ValueError as exc:
+            raise ValueError(f"{where}.{key}: {exc}") from None
+        if resolved in seen:
+            raise ValueError(
+                f"{where}.{key} and {where}.{seen[resolved]} name the same field {_field_name(*resolved)}; keep one"
+            )
+        seen[resolved] = key
+
+
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
     try:
         section, field = resolve_field(spec, key)
@@ -718,9 +741,11 @@ def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
     model = type(spec) if section == "study" else type(getattr(spec, section))
     if isinstance(dist, FloatDistribution) and _whole_numbers_only(model.model_fields[field].annotation):
         # Its draws would be floats such as 7.3, which the field refuses in every trial.
-        name = field if section == "study" else f"{section}.{field}"
         log = " (with log: true for a log scale)" if dist.log else ""
-        raise ValueError(f"search.{key}: {name} takes whole numbers, not a float distribution; use type: int{log}")
+        raise ValueError(
+            f"search.{key}: {_field_name(section, field)} takes whole numbers, not a float distribution; "
+            f"use type: int{log}"
+        )
     if isinstance(dist, CategoricalDistribution):
         endpoints: list[Any] = list(dist.choices)
     else:

@@ -387,6 +387,15 @@ def test_search_on_unsearchable_or_unknown_field(key: str) -> None:
     assert "choose one of: " in message and "lr" in message and "width" in message
 
 
+def test_one_field_under_two_names() -> None:
+    searched = spec(search={"lr": [0.1, 0.01], "training.lr": {"type": "log", "low": 0.001, "high": 0.1}})
+    assert spec_error(searched).endswith("search.training.lr and search.lr name the same field training.lr; keep one")
+    swept = spec(sweep={"model.width": [4, 8], "width": [16, 32]})
+    assert spec_error(swept).endswith("sweep.width and sweep.model.width name the same field model.width; keep one")
+    grids = spec(sweep=[{"lr": [0.1], "width": [4]}, {"model.width": [8], "training.lr": [0.2]}])
+    assert spec_error(grids).endswith("sweep: two grids sweep the same axes; merge them into one grid")
+
+
 def test_dataset_without_a_name_says_which_names_exist() -> None:
     message = spec_error(spec(dataset={"train_size": 100}))
     assert "dataset: missing 'name'" in message
