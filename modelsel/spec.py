@@ -380,8 +380,6 @@ class SweepSpec(_Section):
         for axis, values in axes.items():
             if not values:
                 raise ValueError(f"sweep axis '{axis}' has no values")
-            if len(set(map(repr, values))) != len(values):
-                raise ValueError(f"sweep axis '{axis}' repeats a value")
         return axes
 
 
@@ -523,11 +521,15 @@ class StudySpec(_Section):
                 raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
             for grid in grids:
                 for axis, values in grid.axes.items():
+                    validated = []
                     for value in values:
                         try:
-                            with_field(self, axis, value)
+                            validated.append(_validated_value(self, axis, value))
                         except ValueError as exc:
                             raise ValueError(f"sweep.{axis}: {exc}") from None
+                    repeat = _repeated_value(values, validated)
+                    if repeat:
+                        raise ValueError(f"sweep.{axis}: sweep axis '{axis}' repeats a value: {repeat}; keep one")
         elif self.sampler.name == "grid":
             for key, dist in self.search.items():
                 if isinstance(dist, FloatDistribution) and dist.step is None:
@@ -758,11 +760,47 @@ def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
         if isinstance(dist, FloatDistribution) and dist.log and dist.step is not None:
             raise ValueError(f"search.{key}: a log float distribution takes no step")
         endpoints = [dist.low, dist.high]
+    validated = []
     for value in endpoints:
         try:
-            with_field(spec, key, value)
+            validated.append(_validated_value(spec, key, value))
         except ValueError as exc:
             raise ValueError(f"search.{key}: value {value!r} is invalid: {exc}") from None
+    if isinstance(dist, CategoricalDistribution):
+        repeat = _repeated_value(dist.choices, validated)
+        if repeat:
+            raise ValueError(f"search.{key}: the choices repeat a value: {repeat}; keep one")
+
+
+def _validated_value(spec: StudySpec, key: str, value: Any) -> Any:
+    """``value`` as the field that ``key`` names holds it (``4.0`` as a width is 4).
+
+    Raises
+    ------
+    ValueError
+        When the key is unknown or the value is invalid for that field.
+    """
+    section, field = resolve_field(spec, key)
+    updated = with_field(spec, key, value)
+    return getattr(updated if section == "study" else getattr(updated, section), field)
+
+
+def _repeated_value(values: list[Any], validated: list[Any]) -> str | None:
+    """How two of ``values`` are one value once validated (``4 and 4.0 are the same value``),
+    or None when they all differ."""
+    for j, value in enumerate(validated):
+        for i in range(j):
+            if validated[i] == value:
+                first, again = values[i], values[j]
+                if type(first) is type(again) and first == again:
+                    return f"{_yaml_text(again)} is listed twice"
+                return f"{_yaml_text(first)} and {_yaml_text(again)} are the same value"
+    return None
+
+
+def _yaml_text(value: Any) -> str:
+    """A scalar as a spec writes it: true, null, 4.0, 'relu'."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else repr(value)
 
 
 # ------------------------------------------------------------------------ loading

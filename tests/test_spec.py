@@ -396,6 +396,29 @@ def test_one_field_under_two_names() -> None:
     assert spec_error(grids).endswith("sweep: two grids sweep the same axes; merge them into one grid")
 
 
+@pytest.mark.parametrize(
+    ("axis", "values", "repeat"),
+    [
+        ("width", [4, 8, 4], "4 is listed twice"),
+        ("width", [4, 4.0], "4 and 4.0 are the same value"),
+        ("batch_norm", [True, 1], "true and 1 are the same value"),
+        ("train_size", [100, 100.0], "100 and 100.0 are the same value"),
+    ],
+)
+def test_a_sweep_axis_that_repeats_a_value_once_validated(axis: str, values: list[Any], repeat: str) -> None:
+    # Each would run one cell twice.
+    message = spec_error(spec(sweep={axis: values}))
+    assert message == f"s.yaml: sweep.{axis}: sweep axis '{axis}' repeats a value: {repeat}; keep one"
+
+
+def test_a_categorical_search_that_repeats_a_choice() -> None:
+    message = spec_error(spec(search={"activation": ["relu", "tanh", "relu"]}))
+    assert message.endswith("search.activation: the choices repeat a value: 'relu' is listed twice; keep one")
+    message = spec_error(spec(search={"width": [4, 8, 4.0]}))
+    assert message.endswith("search.width: the choices repeat a value: 4 and 4.0 are the same value; keep one")
+    assert parse_spec(spec(search={"batch_norm": [True, False]})).search["batch_norm"]
+
+
 def test_dataset_without_a_name_says_which_names_exist() -> None:
     message = spec_error(spec(dataset={"train_size": 100}))
     assert "dataset: missing 'name'" in message
