@@ -20,8 +20,11 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -51,6 +54,8 @@ OBJECTIVE_DIRECTIONS: dict[str, str] = {
 
 def _leaf_types(annotation: Any) -> tuple[Any, ...]:
     """The members of a union annotation (``int | list[int]``: int and list[int]), else itself."""
+    if get_origin(annotation) is Annotated:
+        return _leaf_types(get_args(annotation)[0])
     if get_origin(annotation) in (Union, types.UnionType):
         return tuple(t for arg in get_args(annotation) for t in _leaf_types(arg))
     return (annotation,)
@@ -356,10 +361,23 @@ def _normalize_distribution(value: Any) -> Any:
     return value
 
 
+def _axis_values(values: Any) -> Any:
+    # Runs per axis, so that an error names the axis (``sweep.width``).
+    if not isinstance(values, list):
+        text = _yaml_text(values)
+        raise ValueError(f"expected a list of values, got {text}; write [{text}] for one value")
+    if not values:
+        raise ValueError("the axis lists no values; give at least one")
+    for value in values:
+        if isinstance(value, (list, Mapping)):
+            raise ValueError(f"a sweep value is a number, a string, true/false or null, not {value!r}")
+    return values
+
+
 class SweepSpec(_Section):
     """A grid over one or two axes, each with explicit values; every cell once per repeat."""
 
-    axes: dict[str, list[Scalar]]
+    axes: dict[str, Annotated[list[Scalar], BeforeValidator(_axis_values)]]
     repeats: int = Field(1, ge=1, le=100, description="seeds per cell, for error bars")
 
     @model_validator(mode="before")
@@ -375,12 +393,20 @@ class SweepSpec(_Section):
     @field_validator("axes")
     @classmethod
     def _one_or_two_axes(cls, axes: dict[str, list[Scalar]]) -> dict[str, list[Scalar]]:
-        if not 1 <= len(axes) <= 2:
-            raise ValueError(f"a sweep has one or two axes, got {len(axes)}")
-        for axis, values in axes.items():
-            if not values:
-                raise ValueError(f"sweep axis '{axis}' has no values")
+        if not axes:
+            raise ValueError("a sweep has one or two axes, got none; give one such as width: [4, 16, 64]")
+        if len(axes) > 2:
+            raise ValueError(f"a sweep has one or two axes, got {len(axes)}; give a list of grids to sweep more")
         return axes
+
+
+def _sweep_form(value: Any) -> str | None:
+    """The tag of the sweep union's branch that fits ``value``: one grid or a list of grids."""
+    if isinstance(value, list):
+        return "sweep-grids"
+    if isinstance(value, (Mapping, SweepSpec)):
+        return "sweep-grid"
+    return None
 
 
 # ------------------------------------------------------- cv, sampler, pruner, budget
@@ -464,9 +490,17 @@ class StudySpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     search: dict[str, Distribution] = Field(default_factory=dict)
-    sweep: SweepSpec | list[SweepSpec] | None = Field(
-        None, description="a grid over one or two axes, or a list of grids (one study per grid)"
-    )
+    sweep: (
+        Annotated[
+            Annotated[SweepSpec, Tag("sweep-grid")] | Annotated[list[SweepSpec], Tag("sweep-grids")],
+            Discriminator(
+                _sweep_form,
+                custom_error_type="sweep_form",
+                custom_error_message="give a mapping of axes to lists of values, or a list of such grids",
+            ),
+        ]
+        | None
+    ) = Field(None, description="a grid over one or two axes, or a list of grids (one study per grid)")
     regimes: RegimeSpec = Field(default_factory=RegimeSpec)
     cv: CVSpec = Field(default_factory=CVSpec)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -512,24 +546,7 @@ class StudySpec(_Section):
                 raise ValueError("give either 'search' or 'sweep', not both")
             if self.sampler.name not in ("grid", "tpe") or self.sampler.options:
                 raise ValueError("a sweep runs on the grid sampler; leave 'sampler' out")
-            grids = self.sweep_list()
-            if not grids:
-                raise ValueError("sweep: list at least one grid, or leave 'sweep' out")
-            for grid in grids:
-                _one_key_per_field(self, list(grid.axes), where="sweep")
-            if len({frozenset(resolve_field(self, a) for a in g.axes) for g in grids}) != len(grids):
-                raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
-            for grid in grids:
-                for axis, values in grid.axes.items():
-                    validated = []
-                    for value in values:
-                        try:
-                            validated.append(_validated_value(self, axis, value))
-                        except ValueError as exc:
-                            raise ValueError(f"sweep.{axis}: {exc}") from None
-                    repeat = _repeated_value(values, validated)
-                    if repeat:
-                        raise ValueError(f"sweep.{axis}: sweep axis '{axis}' repeats a value: {repeat}; keep one")
+            _check_grids(self)
         elif self.sampler.name == "grid":
             for key, dist in self.search.items():
                 if isinstance(dist, FloatDistribution) and dist.step is None:
@@ -735,6 +752,22 @@ def _one_key_per_field(spec: StudySpec, keys: list[str], *, where: str) -> None:
         seen[resolved] = key
 
 
+def _check_grids(spec: StudySpec) -> None:
+    """Refuse sweep grids that name a field twice, sweep the same fields as another grid,
+    or hold a value the field refuses or two values that are one once validated."""
+    grids = spec.sweep_list()
+    if not grids:
+        raise ValueError("sweep: list at least one grid, or leave 'sweep' out")
+    wheres = [f"sweep.{i}" if isinstance(spec.sweep, list) else "sweep" for i in range(len(grids))]
+    for grid, where in zip(grids, wheres, strict=True):
+        _one_key_per_field(spec, list(grid.axes), where=where)
+    if len({frozenset(resolve_field(spec, a) for a in g.axes) for g in grids}) != len(grids):
+        raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
+    for grid, where in zip(grids, wheres, strict=True):
+        for axis, values in grid.axes.items():
+            _check_values(spec, axis, values, where=f"{where}.{axis}", repeats=f"sweep axis '{axis}' repeats a value")
+
+
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
     try:
         section, field = resolve_field(spec, key)
@@ -760,16 +793,37 @@ def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
         if isinstance(dist, FloatDistribution) and dist.log and dist.step is not None:
             raise ValueError(f"search.{key}: a log float distribution takes no step")
         endpoints = [dist.low, dist.high]
+    _check_values(
+        spec,
+        key,
+        endpoints,
+        where=f"search.{key}",
+        invalid="value {value} is invalid: {problem}",
+        repeats="the choices repeat a value" if isinstance(dist, CategoricalDistribution) else None,
+    )
+
+
+def _check_values(
+    spec: StudySpec, key: str, values: list[Any], *, where: str, invalid: str = "{problem}", repeats: str | None
+) -> None:
+    """Validate each of ``values`` as the field ``key`` names, and refuse two that are one
+    once validated (unless ``repeats`` is None).
+
+    Raises
+    ------
+    ValueError
+        ``where``, then ``invalid`` filled with the value and its problem, or ``repeats``
+        and which values are one.
+    """
     validated = []
-    for value in endpoints:
+    for value in values:
         try:
             validated.append(_validated_value(spec, key, value))
         except ValueError as exc:
-            raise ValueError(f"search.{key}: value {value!r} is invalid: {exc}") from None
-    if isinstance(dist, CategoricalDistribution):
-        repeat = _repeated_value(dist.choices, validated)
-        if repeat:
-            raise ValueError(f"search.{key}: the choices repeat a value: {repeat}; keep one")
+            raise ValueError(f"{where}: " + invalid.format(value=repr(value), problem=exc)) from None
+    repeat = _repeated_value(values, validated) if repeats else None
+    if repeat:
+        raise ValueError(f"{where}: {repeats}: {repeat}; keep one")
 
 
 def _validated_value(spec: StudySpec, key: str, value: Any) -> Any:
@@ -806,10 +860,55 @@ def _yaml_text(value: Any) -> str:
 # ------------------------------------------------------------------------ loading
 
 
+def _is_union_tag(part: Any) -> bool:
+    """Whether a location part names a branch of a union ('digits', 'int', 'list[int]')."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
+
+
 def _loc_text(loc: tuple[Any, ...]) -> str:
-    # Drop pydantic's union tags (e.g. 'digits', 'int') from the location.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _UNION_TAGS)]
+    parts = []
+    for i, part in enumerate(loc):
+        in_grid = (i >= 1 and loc[i - 1] == "sweep-grid") or (
+            i >= 2 and loc[i - 2] == "sweep-grids" and isinstance(loc[i - 1], int)
+        )
+        # A flat sweep names its axes right under 'sweep' ('axes' is the long form).
+        if not _is_union_tag(part) and not (part == "axes" and in_grid):
+            parts.append(str(part))
     return ".".join(parts)
+
+
+def _other_branch(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two error locations are two branches of one union (they part at union tags)."""
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            return _is_union_tag(x) and _is_union_tag(y)
+    return False
+
+
+def _problems(errors: list[Any]) -> list[list[Any]]:
+    """pydantic's errors grouped by problem: a value that fits no branch of a union is one
+    problem, however many branches it failed."""
+    groups: list[list[Any]] = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        group = next((g for g in groups if any(_other_branch(loc, tuple(e["loc"])) for e in g)), None)
+        if group is None:
+            groups.append([error])
+        else:
+            group.append(error)
+    return groups
+
+
+def _problem_error(group: list[Any]) -> Any:
+    """The error that tells most about one problem: the branch that got furthest into the
+    value (a list of ints whose second item is not one), or the branches' wishes together
+    when none got in."""
+    deepest = max(len(e["loc"]) for e in group)
+    best = [e for e in group if len(e["loc"]) == deepest]
+    if len(best) > 1 and all(str(e["type"]).endswith("_type") for e in best):
+        wishes = [str(e["msg"]).removeprefix("Input should be ") for e in best]
+        return {**best[0], "msg": f"Input should be {', '.join(wishes[:-1])} or {wishes[-1]}"}
+    return best[0]
 
 
 _UNION_TAGS = {
@@ -821,18 +920,22 @@ _UNION_TAGS = {
     "int",
     "float",
     "categorical",
-    "function-after[_valid_train_size(), int]",
+    "bool",
+    "str",
+    "sweep-grid",
+    "sweep-grids",
 }
 
 
 def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
-    errors = exc.errors()
-    first = errors[0]
+    problems = _problems(list(exc.errors()))
+    first = _problem_error(problems[0])
     loc = _loc_text(tuple(first["loc"]))
     if first["type"] == _BOOL_ERROR:  # raised by the model, about one of its fields
         loc = ".".join(p for p in (loc, str((first.get("ctx") or {})["field"])) if p)
     where = ".".join(p for p in (prefix, loc) if p)
-    message = str(first["msg"]).removeprefix("Value error, ")
+    # pydantic's class names mean nothing to a spec's author.
+    message = str(first["msg"]).removeprefix("Value error, ").split(" or instance of ")[0]
     if first["type"] == "extra_forbidden":
         message = "unknown key" + _allowed_keys_hint(first["loc"], prefix)
     elif first["type"] == "missing":
@@ -840,12 +943,12 @@ def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
     elif first["type"] == "union_tag_not_found":
         key = str((first.get("ctx") or {}).get("discriminator", "")).strip("'")
         message = f"missing '{key}'" + (f"; give one of: {_TAG_CHOICES[key]}" if key in _TAG_CHOICES else "")
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
-    parts = ([prefix] if prefix else []) + [str(p) for p in loc[:-1]]
+    parts = ([prefix] if prefix else []) + list(loc[:-1])
     model: type[BaseModel] | None = StudySpec
     for part in parts:
         if part in _DATASET_CLASSES:
@@ -854,16 +957,16 @@ def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
         if part in _DISTRIBUTION_CLASSES:
             model = _DISTRIBUTION_CLASSES[part]
             continue
-        if model is None:  # a key of a mapping such as ``search``; a union tag follows
+        # A key of a mapping such as ``search`` (a union tag follows), a list index or a union tag.
+        if model is None or isinstance(part, int) or _is_union_tag(part):
             continue
         field = model.model_fields.get(part)
         if field is None:
             return ""
-        candidates = [
-            a for a in (get_args(field.annotation) or (field.annotation,))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        model = candidates[0] if len(candidates) == 1 else None
+        # The section a field holds, through ``X | None`` and lists of X (a list of sweep grids).
+        leaves = [get_args(a)[0] if get_origin(a) is list else a for a in _leaf_types(field.annotation)]
+        candidates = {a for a in leaves if isinstance(a, type) and issubclass(a, BaseModel)}
+        model = candidates.pop() if len(candidates) == 1 else None
     if model is None:
         return ""
     return "; allowed keys: " + ", ".join(model.model_fields)

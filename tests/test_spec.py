@@ -238,7 +238,7 @@ def test_wrong_type_names_field(data: dict[str, Any], field: str, hint: str) -> 
         ({"budget": {"timeout": True}}, "budget.timeout", "a number"),
         ({"seed": True}, "seed", "an integer"),
         ({"search": {"width": {"type": "int", "low": True, "high": 8}}}, "search.width.low", "an integer"),
-        ({"sweep": {"width": [4, 8], "repeats": True}}, "sweep", "an integer"),
+        ({"sweep": {"width": [4, 8], "repeats": True}}, "sweep.repeats", "an integer"),
     ],
 )
 def test_a_boolean_is_not_a_number(data: dict[str, Any], field: str, kind: str) -> None:
@@ -419,6 +419,48 @@ def test_a_categorical_search_that_repeats_a_choice() -> None:
     assert parse_spec(spec(search={"batch_norm": [True, False]})).search["batch_norm"]
 
 
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ({"width": [4, 4]}, "sweep.width: sweep axis 'width' repeats a value: 4 is listed twice; keep one"),
+        ({}, "sweep: a sweep has one or two axes, got none; give one such as width: [4, 16, 64]"),
+        ({"width": []}, "sweep.width: the axis lists no values; give at least one"),
+        ({"width": [4], "depth": [1], "lr": [0.1]}, "sweep: a sweep has one or two axes, got 3; give a list of grids"),
+        ({"width": [4, 8], "repeats": 0}, "sweep.repeats: Input should be greater than or equal to 1"),
+        ({"axes": {"width": [4]}, "colour": 1}, "sweep.colour: unknown key; allowed keys: axes, repeats"),
+        ({"width": 4}, "sweep.width: expected a list of values, got 4; write [4] for one value"),
+        ({"axes": {"width": 4}}, "sweep.width: expected a list of values, got 4"),
+        ({"early_stopping": [True, {}]}, "sweep.early_stopping: a sweep value is a number, a string, true/false"),
+        ([{"lr": [0.1]}, {"width": 4}], "sweep.1.width: expected a list of values, got 4"),
+        ([{"lr": [0.1]}, {"width": [4, 4.0]}], "sweep.1.width: sweep axis 'width' repeats a value: 4 and 4.0"),
+        ([{"lr": [0.1]}, {"axes": {"width": [4]}, "colour": 1}], "sweep.1.colour: unknown key; allowed keys: axes"),
+        (5, "sweep: give a mapping of axes to lists of values, or a list of such grids"),
+    ],
+)
+def test_sweep_errors_name_the_axis_in_the_spec_s_own_terms(sweep: Any, expected: str) -> None:
+    # pydantic alone says 'sweep.SweepSpec.axes: ... (and 1 more problem)': the class name of one
+    # branch of the sweep's union, and the other branch (a list of grids) counted as a problem.
+    message = spec_error(spec(sweep=sweep))
+    assert message.startswith(f"s.yaml: {expected}")
+    assert "Spec" not in message and "more problem" not in message
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"model": {"width": "wide"}}, "model.width: Input should be a valid integer, unable to parse string"),
+        ({"model": {"depth": 2, "width": [8, "wide"]}}, "model.width.1: Input should be a valid integer"),
+        ({"training": {"stack_trials": "many"}}, "training.stack_trials: Input should be a valid integer"),
+        ({"search": {"lr": [[0.1]]}}, "search.lr.choices.0: Input should be a valid boolean, a valid integer, a valid"),
+        ({"training": {"grad_clip": "hard"}}, "training.grad_clip: Input should be a valid dictionary"),
+    ],
+)
+def test_a_value_that_fits_no_branch_of_a_union_is_one_problem(data: dict[str, Any], expected: str) -> None:
+    message = spec_error(spec(**data))
+    assert message.startswith(f"s.yaml: {expected}")
+    assert "more problem" not in message and "Spec" not in message
+
+
 def test_dataset_without_a_name_says_which_names_exist() -> None:
     message = spec_error(spec(dataset={"train_size": 100}))
     assert "dataset: missing 'name'" in message
@@ -516,3 +558,6 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_error_reports_the_first_problem_and_counts_the_rest() -> None:
     message = spec_error(spec(training={"epochs": 0, "lr": -1, "batch_size": 0}))
     assert message.endswith("(and 2 more problems)")
+    # Two problems, each a value that fits neither branch of its field's union.
+    message = spec_error(spec(model={"width": "wide"}, training={"stack_trials": "many"}))
+    assert message.startswith("s.yaml: model.width: ") and message.endswith(" (and 1 more problem)")
