@@ -1038,7 +1038,7 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
             f"spec file not found: {path} (give the path of a YAML study spec, e.g. studies/quickstart.yaml)"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -1049,6 +1049,28 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
     if isinstance(data, Mapping) and overrides:
         data = {**data, **overrides}
     return parse_spec(data, source=str(path))
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:  # an unhashable key: the base loader says so
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key '{key}' (first at line {first}); keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def builtin_spec_path(name: str = "quickstart") -> Path:

@@ -540,6 +540,31 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     assert 4 <= line <= 5
 
 
+@pytest.mark.parametrize(
+    ("text", "where", "key", "first"),
+    [
+        ("name: a\ndataset: {name: digits}\nname: b\n", "line 3, column 1", "name", 1),
+        ("name: a\nmodel:\n  width: 4\n  depth: 1\n  width: 8\n", "line 5, column 3", "width", 3),
+        ("name: a\nmodel: {width: 4, width: 8}\n", "line 2, column 19", "width", 2),
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path: Path, text: str, where: str, key: str, first: int) -> None:
+    # Plain YAML keeps the last value and drops the other without a word.
+    path = tmp_path / "twice.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message == f"{path}: invalid YAML at {where}: duplicate key '{key}' (first at line {first}); keep one"
+
+
+def test_a_merged_key_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("name: a\nmodel:\n  <<: {width: 4, depth: 2}\n  width: 8\n", encoding="utf-8")
+    loaded = load_spec(path)
+    assert (loaded.model.width, loaded.model.depth) == (8, 2)
+
+
 def test_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe\x00\x81name")
