@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import signal
 import sys
 import threading
@@ -135,6 +136,8 @@ def run_command(
     from modelsel.spec import builtin_spec_path, fold_epochs_shortfall, load_spec
     from modelsel.study import quiet_interrupted_trial_logs, run_study
 
+    if timeout is not None and not math.isfinite(timeout):  # click's range lets nan and inf through
+        raise UserError(f"--timeout must be a finite number of seconds, got {timeout}; e.g. --timeout 600")
     overrides = {"seed": seed} if seed is not None else None
     study_spec = load_spec(spec if spec is not None else builtin_spec_path(), overrides=overrides)
     if fold_epochs is not None:

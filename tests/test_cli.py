@@ -281,6 +281,14 @@ def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]
     assert_nothing_written(workdir, "tiny.yaml")
 
 
+@pytest.mark.parametrize("timeout", ["nan", "inf"])
+def test_timeout_must_be_finite(workdir: Path, spec_file: Callable[..., Path], timeout: str) -> None:
+    spec = spec_file()
+    result = invoke("study", "run", str(spec), "--timeout", timeout)
+    assert_user_error(result, f"--timeout must be a finite number of seconds, got {timeout}; e.g. --timeout 600")
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
 def test_too_many_folds_for_the_data(workdir: Path, spec_file: Callable[..., Path]) -> None:
     spec = spec_file(dataset={**tiny_spec_data()["dataset"], "train_size": 6}, cv={"folds": 4})
     assert_user_error(invoke("study", "run", str(spec)), "cv.folds is 4 but a class has only")
