@@ -518,6 +518,16 @@ class StudySpec(_Section):
             return {key: _normalize_distribution(dist) for key, dist in value.items()}
         return value
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_given(cls, value: str | None) -> str | None:
+        # An empty URL would silently mean the default storage, whose folder is not created for it.
+        if value is not None and not value.strip():
+            raise ValueError(
+                "the storage URL is empty; give one such as sqlite:///path/to/study.db, or leave 'storage' out"
+            )
+        return value
+
     @field_validator("sampler", "pruner", mode="before")
     @classmethod
     def _string_shorthand(cls, value: Any) -> Any:
