@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import signal
 import sys
 import threading
@@ -135,6 +136,9 @@ def run_command(
     from modelsel.spec import builtin_spec_path, fold_epochs_shortfall, load_spec
     from modelsel.study import quiet_interrupted_trial_logs, run_study
 
+    if timeout is not None and not math.isfinite(timeout):  # click's range lets nan and inf through
+        raise UserError(f"--timeout must be a finite number of seconds, got {timeout}; e.g. --timeout 600")
+    _check_storage_flag(storage)
     overrides = {"seed": seed} if seed is not None else None
     study_spec = load_spec(spec if spec is not None else builtin_spec_path(), overrides=overrides)
     if fold_epochs is not None:
@@ -199,9 +203,18 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _check_storage_flag(storage: str | None) -> None:
+    """Refuse an empty ``--storage`` (``--storage ""``), which would otherwise mean the default."""
+    if storage is not None and not storage.strip():
+        raise UserError(
+            "--storage is empty; give a storage URL such as sqlite:///path/to/study.db, or leave --storage out"
+        )
+
+
 def _storages(storage: str | None, output_dir: Path) -> list[str]:
     from modelsel.storage import find_default_storages
 
+    _check_storage_flag(storage)
     return [storage] if storage else find_default_storages(output_dir)
 
 
@@ -229,6 +242,7 @@ def list_command(storage: str | None, output_dir: Path) -> None:
 def _locate(name: str, storage: str | None, output_dir: Path) -> str:
     from modelsel.storage import default_storage_url, find_default_storages, study_names
 
+    _check_storage_flag(storage)
     if storage:
         return storage
     default = default_storage_url(output_dir, name)

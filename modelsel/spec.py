@@ -9,21 +9,28 @@ keys are errors. :func:`load_spec` turns every validation problem into one
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from modelsel.errors import SpecError
 
@@ -45,8 +52,62 @@ OBJECTIVE_DIRECTIONS: dict[str, str] = {
 }
 
 
+def _leaf_types(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (``int | list[int]``: int and list[int]), else itself."""
+    if get_origin(annotation) is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(t for arg in get_args(annotation) for t in _leaf_types(arg))
+    return (annotation,)
+
+
+@functools.cache
+def _number_kind(annotation: Any) -> str | None:
+    """``an integer`` or ``a number`` for an annotation that takes numbers but no booleans,
+    else None."""
+    leaves = _leaf_types(annotation)
+    if bool in leaves or (int not in leaves and float not in leaves):
+        return None
+    return "a number" if float in leaves else "an integer"
+
+
+def _whole_numbers_only(annotation: Any) -> bool:
+    """Whether a field of this annotation takes whole numbers only (``int``, ``int | list[int]``)."""
+    return _number_kind(annotation) == "an integer"
+
+
+def _bool_for_number(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` (a boolean, or a list holding one) does not fit a numeric field of
+    this annotation, or None."""
+    kind = _number_kind(annotation)
+    if kind is not None and isinstance(value, bool):
+        return f"expected {kind}, got {str(value).lower()}"
+    if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+        for leaf in _leaf_types(annotation):
+            item_kind = _number_kind(get_args(leaf)[0]) if get_origin(leaf) is list else None
+            if item_kind is not None:
+                return f"expected {item_kind} or a list of them, got a list holding a boolean (true/false)"
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, data: Any) -> Any:
+        # pydantic reads true as 1 in an int or float field (``width: true`` would be width 1).
+        if isinstance(data, Mapping):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                problem = _bool_for_number(field.annotation, value) if field is not None else None
+                if problem:
+                    raise PydanticCustomError(_BOOL_ERROR, "{problem}", {"field": name, "problem": problem})
+        return data
+
+
+#: Error type of a boolean in a numeric field; the message names the field via ``ctx``.
+_BOOL_ERROR = "bool_for_number"
 
 
 # --------------------------------------------------------------------------- model
@@ -300,10 +361,23 @@ def _normalize_distribution(value: Any) -> Any:
     return value
 
 
+def _axis_values(values: Any) -> Any:
+    # Runs per axis, so that an error names the axis (``sweep.width``).
+    if not isinstance(values, list):
+        text = _yaml_text(values)
+        raise ValueError(f"expected a list of values, got {text}; write [{text}] for one value")
+    if not values:
+        raise ValueError("the axis lists no values; give at least one")
+    for value in values:
+        if isinstance(value, (list, Mapping)):
+            raise ValueError(f"a sweep value is a number, a string, true/false or null, not {value!r}")
+    return values
+
+
 class SweepSpec(_Section):
     """A grid over one or two axes, each with explicit values; every cell once per repeat."""
 
-    axes: dict[str, list[Scalar]]
+    axes: dict[str, Annotated[list[Scalar], BeforeValidator(_axis_values)]]
     repeats: int = Field(1, ge=1, le=100, description="seeds per cell, for error bars")
 
     @model_validator(mode="before")
@@ -319,14 +393,20 @@ class SweepSpec(_Section):
     @field_validator("axes")
     @classmethod
     def _one_or_two_axes(cls, axes: dict[str, list[Scalar]]) -> dict[str, list[Scalar]]:
-        if not 1 <= len(axes) <= 2:
-            raise ValueError(f"a sweep has one or two axes, got {len(axes)}")
-        for axis, values in axes.items():
-            if not values:
-                raise ValueError(f"sweep axis '{axis}' has no values")
-            if len(set(map(repr, values))) != len(values):
-                raise ValueError(f"sweep axis '{axis}' repeats a value")
+        if not axes:
+            raise ValueError("a sweep has one or two axes, got none; give one such as width: [4, 16, 64]")
+        if len(axes) > 2:
+            raise ValueError(f"a sweep has one or two axes, got {len(axes)}; give a list of grids to sweep more")
         return axes
+
+
+def _sweep_form(value: Any) -> str | None:
+    """The tag of the sweep union's branch that fits ``value``: one grid or a list of grids."""
+    if isinstance(value, list):
+        return "sweep-grids"
+    if isinstance(value, (Mapping, SweepSpec)):
+        return "sweep-grid"
+    return None
 
 
 # ------------------------------------------------------- cv, sampler, pruner, budget
@@ -396,20 +476,31 @@ def _name_shorthand(value: Any) -> Any:
 
 # ---------------------------------------------------------------------- the study
 
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+_SEED = TypeAdapter(Seed)
+
 
 class StudySpec(_Section):
     """A whole study: what to train, what to vary, how to score and where to store it."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)
     description: str = ""
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: Seed = 0
     dataset: DatasetSpec = Field(default_factory=lambda: DigitsSpec(name="digits"))
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     search: dict[str, Distribution] = Field(default_factory=dict)
-    sweep: SweepSpec | list[SweepSpec] | None = Field(
-        None, description="a grid over one or two axes, or a list of grids (one study per grid)"
-    )
+    sweep: (
+        Annotated[
+            Annotated[SweepSpec, Tag("sweep-grid")] | Annotated[list[SweepSpec], Tag("sweep-grids")],
+            Discriminator(
+                _sweep_form,
+                custom_error_type="sweep_form",
+                custom_error_message="give a mapping of axes to lists of values, or a list of such grids",
+            ),
+        ]
+        | None
+    ) = Field(None, description="a grid over one or two axes, or a list of grids (one study per grid)")
     regimes: RegimeSpec = Field(default_factory=RegimeSpec)
     cv: CVSpec = Field(default_factory=CVSpec)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -425,6 +516,16 @@ class StudySpec(_Section):
     def _search_shorthands(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
             return {key: _normalize_distribution(dist) for key, dist in value.items()}
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_given(cls, value: str | None) -> str | None:
+        # An empty URL would silently mean the default storage, whose folder is not created for it.
+        if value is not None and not value.strip():
+            raise ValueError(
+                "the storage URL is empty; give one such as sqlite:///path/to/study.db, or leave 'storage' out"
+            )
         return value
 
     @field_validator("sampler", "pruner", mode="before")
@@ -449,23 +550,13 @@ class StudySpec(_Section):
             raise ValueError(problem)
         for key, dist in self.search.items():
             _check_distribution(self, key, dist)
+        _one_key_per_field(self, list(self.search), where="search")
         if self.sweep is not None:
             if self.search:
                 raise ValueError("give either 'search' or 'sweep', not both")
             if self.sampler.name not in ("grid", "tpe") or self.sampler.options:
                 raise ValueError("a sweep runs on the grid sampler; leave 'sampler' out")
-            grids = self.sweep_list()
-            if not grids:
-                raise ValueError("sweep: list at least one grid, or leave 'sweep' out")
-            if len({tuple(g.axes) for g in grids}) != len(grids):
-                raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
-            for grid in grids:
-                for axis, values in grid.axes.items():
-                    for value in values:
-                        try:
-                            with_field(self, axis, value)
-                        except ValueError as exc:
-                            raise ValueError(f"sweep.{axis}: {exc}") from None
+            _check_grids(self)
         elif self.sampler.name == "grid":
             for key, dist in self.search.items():
                 if isinstance(dist, FloatDistribution) and dist.step is None:
@@ -611,7 +702,7 @@ def with_params(spec: StudySpec, params: Mapping[str, Any]) -> StudySpec:
     for key, value in params.items():
         section, field = resolve_field(spec, key)
         if section == "study":
-            seed = int(value)
+            seed = _validated_seed(value)
         else:
             updates[section][field] = value
     sections: dict[str, Any] = {"seed": seed}
@@ -630,6 +721,16 @@ def with_params(spec: StudySpec, params: Mapping[str, Any]) -> StudySpec:
     return spec.model_copy(update=sections)
 
 
+def _validated_seed(value: Any) -> int:
+    problem = _bool_for_number(int, value)
+    if problem:
+        raise ValueError(f"seed: {problem}")
+    try:
+        return _SEED.validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(_first_error_text(exc, prefix="seed")) from None
+
+
 def batch_norm_batch_problem(model: ModelSpec, training: TrainingSpec) -> str | None:
     """Why ``model`` cannot train with ``training``'s batches (batch norm normalizes each
     unit over a batch, so it needs two samples or more), or None."""
@@ -641,11 +742,55 @@ def batch_norm_batch_problem(model: ModelSpec, training: TrainingSpec) -> str | 
     return None
 
 
+def _field_name(section: str, field: str) -> str:
+    """``training.lr``, or ``seed`` for the study's own field."""
+    return field if section == "study" else f"{section}.{field}"
+
+
+def _one_key_per_field(spec: StudySpec, keys: list[str], *, where: str) -> None:
+    """Refuse two of ``keys`` that name one field (``lr`` and ``training.lr``), or an unknown key."""
+    seen: dict[tuple[str, str], str] = {}
+    for key in keys:
+        try:
+            resolved = resolve_field(spec, key)
+        except ValueError as exc:
+            raise ValueError(f"{where}.{key}: {exc}") from None
+        if resolved in seen:
+            raise ValueError(
+                f"{where}.{key} and {where}.{seen[resolved]} name the same field {_field_name(*resolved)}; keep one"
+            )
+        seen[resolved] = key
+
+
+def _check_grids(spec: StudySpec) -> None:
+    """Refuse sweep grids that name a field twice, sweep the same fields as another grid,
+    or hold a value the field refuses or two values that are one once validated."""
+    grids = spec.sweep_list()
+    if not grids:
+        raise ValueError("sweep: list at least one grid, or leave 'sweep' out")
+    wheres = [f"sweep.{i}" if isinstance(spec.sweep, list) else "sweep" for i in range(len(grids))]
+    for grid, where in zip(grids, wheres, strict=True):
+        _one_key_per_field(spec, list(grid.axes), where=where)
+    if len({frozenset(resolve_field(spec, a) for a in g.axes) for g in grids}) != len(grids):
+        raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
+    for grid, where in zip(grids, wheres, strict=True):
+        for axis, values in grid.axes.items():
+            _check_values(spec, axis, values, where=f"{where}.{axis}", repeats=f"sweep axis '{axis}' repeats a value")
+
+
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
     try:
-        resolve_field(spec, key)
+        section, field = resolve_field(spec, key)
     except ValueError as exc:
         raise ValueError(f"search.{key}: {exc}") from None
+    model = type(spec) if section == "study" else type(getattr(spec, section))
+    if isinstance(dist, FloatDistribution) and _whole_numbers_only(model.model_fields[field].annotation):
+        # Its draws would be floats such as 7.3, which the field refuses in every trial.
+        log = " (with log: true for a log scale)" if dist.log else ""
+        raise ValueError(
+            f"search.{key}: {_field_name(section, field)} takes whole numbers, not a float distribution; "
+            f"use type: int{log}"
+        )
     if isinstance(dist, CategoricalDistribution):
         endpoints: list[Any] = list(dist.choices)
     else:
@@ -658,20 +803,122 @@ def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
         if isinstance(dist, FloatDistribution) and dist.log and dist.step is not None:
             raise ValueError(f"search.{key}: a log float distribution takes no step")
         endpoints = [dist.low, dist.high]
-    for value in endpoints:
+    _check_values(
+        spec,
+        key,
+        endpoints,
+        where=f"search.{key}",
+        invalid="value {value} is invalid: {problem}",
+        repeats="the choices repeat a value" if isinstance(dist, CategoricalDistribution) else None,
+    )
+
+
+def _check_values(
+    spec: StudySpec, key: str, values: list[Any], *, where: str, invalid: str = "{problem}", repeats: str | None
+) -> None:
+    """Validate each of ``values`` as the field ``key`` names, and refuse two that are one
+    once validated (unless ``repeats`` is None).
+
+    Raises
+    ------
+    ValueError
+        ``where``, then ``invalid`` filled with the value and its problem, or ``repeats``
+        and which values are one.
+    """
+    validated = []
+    for value in values:
         try:
-            with_field(spec, key, value)
+            validated.append(_validated_value(spec, key, value))
         except ValueError as exc:
-            raise ValueError(f"search.{key}: value {value!r} is invalid: {exc}") from None
+            raise ValueError(f"{where}: " + invalid.format(value=repr(value), problem=exc)) from None
+    repeat = _repeated_value(values, validated) if repeats else None
+    if repeat:
+        raise ValueError(f"{where}: {repeats}: {repeat}; keep one")
+
+
+def _validated_value(spec: StudySpec, key: str, value: Any) -> Any:
+    """``value`` as the field that ``key`` names holds it (``4.0`` as a width is 4).
+
+    Raises
+    ------
+    ValueError
+        When the key is unknown or the value is invalid for that field.
+    """
+    section, field = resolve_field(spec, key)
+    updated = with_field(spec, key, value)
+    return getattr(updated if section == "study" else getattr(updated, section), field)
+
+
+def _repeated_value(values: list[Any], validated: list[Any]) -> str | None:
+    """How two of ``values`` are one value once validated (``4 and 4.0 are the same value``),
+    or None when they all differ."""
+    for j, value in enumerate(validated):
+        for i in range(j):
+            if validated[i] == value:
+                first, again = values[i], values[j]
+                if type(first) is type(again) and first == again:
+                    return f"{_yaml_text(again)} is listed twice"
+                return f"{_yaml_text(first)} and {_yaml_text(again)} are the same value"
+    return None
+
+
+def _yaml_text(value: Any) -> str:
+    """A scalar as a spec writes it: true, null, 4.0, 'relu'."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else repr(value)
 
 
 # ------------------------------------------------------------------------ loading
 
 
+def _is_union_tag(part: Any) -> bool:
+    """Whether a location part names a branch of a union ('digits', 'int', 'list[int]')."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
+
+
 def _loc_text(loc: tuple[Any, ...]) -> str:
-    # Drop pydantic's union tags (e.g. 'digits', 'int') from the location.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _UNION_TAGS)]
+    parts = []
+    for i, part in enumerate(loc):
+        in_grid = (i >= 1 and loc[i - 1] == "sweep-grid") or (
+            i >= 2 and loc[i - 2] == "sweep-grids" and isinstance(loc[i - 1], int)
+        )
+        # A flat sweep names its axes right under 'sweep' ('axes' is the long form).
+        if not _is_union_tag(part) and not (part == "axes" and in_grid):
+            parts.append(str(part))
     return ".".join(parts)
+
+
+def _other_branch(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two error locations are two branches of one union (they part at union tags)."""
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            return _is_union_tag(x) and _is_union_tag(y)
+    return False
+
+
+def _problems(errors: list[Any]) -> list[list[Any]]:
+    """pydantic's errors grouped by problem: a value that fits no branch of a union is one
+    problem, however many branches it failed."""
+    groups: list[list[Any]] = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        group = next((g for g in groups if any(_other_branch(loc, tuple(e["loc"])) for e in g)), None)
+        if group is None:
+            groups.append([error])
+        else:
+            group.append(error)
+    return groups
+
+
+def _problem_error(group: list[Any]) -> Any:
+    """The error that tells most about one problem: the branch that got furthest into the
+    value (a list of ints whose second item is not one), or the branches' wishes together
+    when none got in."""
+    deepest = max(len(e["loc"]) for e in group)
+    best = [e for e in group if len(e["loc"]) == deepest]
+    if len(best) > 1 and all(str(e["type"]).endswith("_type") for e in best):
+        wishes = [str(e["msg"]).removeprefix("Input should be ") for e in best]
+        return {**best[0], "msg": f"Input should be {', '.join(wishes[:-1])} or {wishes[-1]}"}
+    return best[0]
 
 
 _UNION_TAGS = {
@@ -683,16 +930,22 @@ _UNION_TAGS = {
     "int",
     "float",
     "categorical",
-    "function-after[_valid_train_size(), int]",
+    "bool",
+    "str",
+    "sweep-grid",
+    "sweep-grids",
 }
 
 
 def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
-    errors = exc.errors()
-    first = errors[0]
+    problems = _problems(list(exc.errors()))
+    first = _problem_error(problems[0])
     loc = _loc_text(tuple(first["loc"]))
+    if first["type"] == _BOOL_ERROR:  # raised by the model, about one of its fields
+        loc = ".".join(p for p in (loc, str((first.get("ctx") or {})["field"])) if p)
     where = ".".join(p for p in (prefix, loc) if p)
-    message = str(first["msg"]).removeprefix("Value error, ")
+    # pydantic's class names mean nothing to a spec's author.
+    message = str(first["msg"]).removeprefix("Value error, ").split(" or instance of ")[0]
     if first["type"] == "extra_forbidden":
         message = "unknown key" + _allowed_keys_hint(first["loc"], prefix)
     elif first["type"] == "missing":
@@ -700,12 +953,12 @@ def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
     elif first["type"] == "union_tag_not_found":
         key = str((first.get("ctx") or {}).get("discriminator", "")).strip("'")
         message = f"missing '{key}'" + (f"; give one of: {_TAG_CHOICES[key]}" if key in _TAG_CHOICES else "")
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
-    parts = ([prefix] if prefix else []) + [str(p) for p in loc[:-1]]
+    parts = ([prefix] if prefix else []) + list(loc[:-1])
     model: type[BaseModel] | None = StudySpec
     for part in parts:
         if part in _DATASET_CLASSES:
@@ -714,16 +967,16 @@ def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
         if part in _DISTRIBUTION_CLASSES:
             model = _DISTRIBUTION_CLASSES[part]
             continue
-        if model is None:  # a key of a mapping such as ``search``; a union tag follows
+        # A key of a mapping such as ``search`` (a union tag follows), a list index or a union tag.
+        if model is None or isinstance(part, int) or _is_union_tag(part):
             continue
         field = model.model_fields.get(part)
         if field is None:
             return ""
-        candidates = [
-            a for a in (get_args(field.annotation) or (field.annotation,))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        model = candidates[0] if len(candidates) == 1 else None
+        # The section a field holds, through ``X | None`` and lists of X (a list of sweep grids).
+        leaves = [get_args(a)[0] if get_origin(a) is list else a for a in _leaf_types(field.annotation)]
+        candidates = {a for a in leaves if isinstance(a, type) and issubclass(a, BaseModel)}
+        model = candidates.pop() if len(candidates) == 1 else None
     if model is None:
         return ""
     return "; allowed keys: " + ", ".join(model.model_fields)
@@ -795,7 +1048,7 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
             f"spec file not found: {path} (give the path of a YAML study spec, e.g. studies/quickstart.yaml)"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -806,6 +1059,28 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
     if isinstance(data, Mapping) and overrides:
         data = {**data, **overrides}
     return parse_spec(data, source=str(path))
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:  # an unhashable key: the base loader says so
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key '{key}' (first at line {first}); keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def builtin_spec_path(name: str = "quickstart") -> Path:

@@ -250,6 +250,24 @@ def test_bad_storage_url(workdir: Path, spec_file: Callable[..., Path]) -> None:
     assert_nothing_written(workdir, "tiny.yaml")
 
 
+def test_empty_storage_url(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    # Without a check, '' on the command line meant the default storage, and in the spec a
+    # "folder does not exist" error about the default's folder.
+    spec = spec_file()
+    flag = "--storage is empty; give a storage URL such as sqlite:///path/to/study.db, or leave --storage out"
+    assert_user_error(invoke("study", "run", str(spec), "--storage", ""), flag)
+    assert_user_error(invoke("study", "list", "--storage", " "), flag)
+    assert_user_error(invoke("study", "show", "tiny", "--storage", ""), flag)
+    assert_user_error(invoke("report", "build", "tiny", "--storage", ""), flag)
+    in_spec = spec_file(storage="")
+    assert_user_error(
+        invoke("study", "run", str(in_spec)),
+        f"{in_spec}: storage: the storage URL is empty; give one such as sqlite:///path/to/study.db, "
+        "or leave 'storage' out",
+    )
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
 def test_unknown_study_name(workdir: Path, spec_file: Callable[..., Path]) -> None:
     assert_user_error(invoke("study", "show", "nosuch"), "no study named 'nosuch' under reports/")
     assert_user_error(invoke("report", "build", "nosuch"), "no study named 'nosuch' under reports/")
@@ -296,6 +314,14 @@ def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]
     assert result.exit_code == 2
     assert "Invalid value for '--n-trials'" in result.stderr
     assert "Traceback" not in result.output
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf"])
+def test_timeout_must_be_finite(workdir: Path, spec_file: Callable[..., Path], timeout: str) -> None:
+    spec = spec_file()
+    result = invoke("study", "run", str(spec), "--timeout", timeout)
+    assert_user_error(result, f"--timeout must be a finite number of seconds, got {timeout}; e.g. --timeout 600")
     assert_nothing_written(workdir, "tiny.yaml")
 
 

@@ -224,6 +224,47 @@ def test_wrong_type_names_field(data: dict[str, Any], field: str, hint: str) -> 
     assert hint in message
 
 
+@pytest.mark.parametrize(
+    ("data", "field", "kind"),
+    [
+        ({"model": {"width": True}}, "model.width", "an integer"),
+        ({"model": {"depth": False}}, "model.depth", "an integer"),
+        ({"training": {"epochs": True}}, "training.epochs", "an integer"),
+        ({"training": {"batch_size": True}}, "training.batch_size", "an integer"),
+        ({"training": {"lr": True}}, "training.lr", "a number"),
+        ({"training": {"grad_clip": {"threshold": True}}}, "training.grad_clip.threshold", "a number"),
+        ({"dataset": {"name": "digits", "train_size": True}}, "dataset.train_size", "a number"),
+        ({"cv": {"folds": True}}, "cv.folds", "an integer"),
+        ({"budget": {"timeout": True}}, "budget.timeout", "a number"),
+        ({"seed": True}, "seed", "an integer"),
+        ({"search": {"width": {"type": "int", "low": True, "high": 8}}}, "search.width.low", "an integer"),
+        ({"sweep": {"width": [4, 8], "repeats": True}}, "sweep.repeats", "an integer"),
+    ],
+)
+def test_a_boolean_is_not_a_number(data: dict[str, Any], field: str, kind: str) -> None:
+    # pydantic alone reads true as 1: width 1, one epoch, lr 1.0.
+    message = spec_error(spec(**data))
+    assert f"s.yaml: {field}" in message
+    assert f"expected {kind}, got " in message
+
+
+def test_a_boolean_is_not_a_number_in_a_list_a_search_or_a_sweep() -> None:
+    message = spec_error(spec(model={"depth": 2, "width": [True, 4]}))
+    assert "model.width: expected an integer or a list of them" in message
+    assert "search.epochs: value True is invalid: training.epochs: expected an integer, got true" in spec_error(
+        spec(search={"epochs": [True, 2]})
+    )
+    assert "sweep.seed: seed: expected an integer, got true" in spec_error(spec(sweep={"seed": [True, 2]}))
+    base = parse_spec(spec())
+    with pytest.raises(ValueError, match=r"model\.width: expected an integer, got true"):
+        with_params(base, {"width": True})
+    with pytest.raises(ValueError, match="seed: Input should be a valid integer"):
+        with_params(base, {"seed": 1.5})
+    # Booleans stay booleans where a field takes them, shorthands included.
+    loaded = parse_spec(spec(model={"batch_norm": True}, training={"early_stopping": True}))
+    assert loaded.model.batch_norm and loaded.training.early_stopping is not None
+
+
 def test_missing_name_is_reported() -> None:
     assert "name: required key is missing" in spec_error({"seed": 1})
 
@@ -303,6 +344,27 @@ def test_search_range_endpoints_are_validated_against_the_field() -> None:
     assert "search.activation: value 'swish' is invalid" in message
 
 
+@pytest.mark.parametrize(
+    ("key", "dist", "fix"),
+    [
+        ("width", {"type": "float", "low": 4, "high": 16}, "use type: int"),
+        ("model.depth", {"type": "float", "low": 1, "high": 3, "step": 1}, "use type: int"),
+        ("epochs", {"type": "log", "low": 1, "high": 8}, "use type: int (with log: true for a log scale)"),
+        ("batch_size", {"type": "float", "low": 16, "high": 64}, "use type: int"),
+    ],
+)
+def test_a_float_distribution_over_an_integer_field(key: str, dist: dict[str, Any], fix: str) -> None:
+    # Its endpoints are whole numbers, but every trial would draw a float the field refuses.
+    field = resolve_field(parse_spec(spec()), key)
+    message = spec_error(spec(search={key: dist}))
+    assert message.endswith(f"search.{key}: {'.'.join(field)} takes whole numbers, not a float distribution; {fix}")
+
+
+def test_a_float_distribution_over_a_field_that_takes_floats() -> None:
+    loaded = parse_spec(spec(search={"train_size": {"type": "float", "low": 0.2, "high": 0.8}}))
+    assert isinstance(loaded.search["train_size"], FloatDistribution)
+
+
 def test_batch_norm_needs_batches_of_two_samples_fixed_searched_or_swept() -> None:
     # One sample per batch has no batch statistics: torch's BatchNorm1d refuses it in
     # training, and the stacked engine would train on zeros.
@@ -323,6 +385,80 @@ def test_search_on_unsearchable_or_unknown_field(key: str) -> None:
     message = spec_error(spec(search={key: [1, 2]}))
     assert f"'{key}' is not a searchable field" in message
     assert "choose one of: " in message and "lr" in message and "width" in message
+
+
+def test_one_field_under_two_names() -> None:
+    searched = spec(search={"lr": [0.1, 0.01], "training.lr": {"type": "log", "low": 0.001, "high": 0.1}})
+    assert spec_error(searched).endswith("search.training.lr and search.lr name the same field training.lr; keep one")
+    swept = spec(sweep={"model.width": [4, 8], "width": [16, 32]})
+    assert spec_error(swept).endswith("sweep.width and sweep.model.width name the same field model.width; keep one")
+    grids = spec(sweep=[{"lr": [0.1], "width": [4]}, {"model.width": [8], "training.lr": [0.2]}])
+    assert spec_error(grids).endswith("sweep: two grids sweep the same axes; merge them into one grid")
+
+
+@pytest.mark.parametrize(
+    ("axis", "values", "repeat"),
+    [
+        ("width", [4, 8, 4], "4 is listed twice"),
+        ("width", [4, 4.0], "4 and 4.0 are the same value"),
+        ("batch_norm", [True, 1], "true and 1 are the same value"),
+        ("train_size", [100, 100.0], "100 and 100.0 are the same value"),
+    ],
+)
+def test_a_sweep_axis_that_repeats_a_value_once_validated(axis: str, values: list[Any], repeat: str) -> None:
+    # Each would run one cell twice.
+    message = spec_error(spec(sweep={axis: values}))
+    assert message == f"s.yaml: sweep.{axis}: sweep axis '{axis}' repeats a value: {repeat}; keep one"
+
+
+def test_a_categorical_search_that_repeats_a_choice() -> None:
+    message = spec_error(spec(search={"activation": ["relu", "tanh", "relu"]}))
+    assert message.endswith("search.activation: the choices repeat a value: 'relu' is listed twice; keep one")
+    message = spec_error(spec(search={"width": [4, 8, 4.0]}))
+    assert message.endswith("search.width: the choices repeat a value: 4 and 4.0 are the same value; keep one")
+    assert parse_spec(spec(search={"batch_norm": [True, False]})).search["batch_norm"]
+
+
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ({"width": [4, 4]}, "sweep.width: sweep axis 'width' repeats a value: 4 is listed twice; keep one"),
+        ({}, "sweep: a sweep has one or two axes, got none; give one such as width: [4, 16, 64]"),
+        ({"width": []}, "sweep.width: the axis lists no values; give at least one"),
+        ({"width": [4], "depth": [1], "lr": [0.1]}, "sweep: a sweep has one or two axes, got 3; give a list of grids"),
+        ({"width": [4, 8], "repeats": 0}, "sweep.repeats: Input should be greater than or equal to 1"),
+        ({"axes": {"width": [4]}, "colour": 1}, "sweep.colour: unknown key; allowed keys: axes, repeats"),
+        ({"width": 4}, "sweep.width: expected a list of values, got 4; write [4] for one value"),
+        ({"axes": {"width": 4}}, "sweep.width: expected a list of values, got 4"),
+        ({"early_stopping": [True, {}]}, "sweep.early_stopping: a sweep value is a number, a string, true/false"),
+        ([{"lr": [0.1]}, {"width": 4}], "sweep.1.width: expected a list of values, got 4"),
+        ([{"lr": [0.1]}, {"width": [4, 4.0]}], "sweep.1.width: sweep axis 'width' repeats a value: 4 and 4.0"),
+        ([{"lr": [0.1]}, {"axes": {"width": [4]}, "colour": 1}], "sweep.1.colour: unknown key; allowed keys: axes"),
+        (5, "sweep: give a mapping of axes to lists of values, or a list of such grids"),
+    ],
+)
+def test_sweep_errors_name_the_axis_in_the_spec_s_own_terms(sweep: Any, expected: str) -> None:
+    # pydantic alone says 'sweep.SweepSpec.axes: ... (and 1 more problem)': the class name of one
+    # branch of the sweep's union, and the other branch (a list of grids) counted as a problem.
+    message = spec_error(spec(sweep=sweep))
+    assert message.startswith(f"s.yaml: {expected}")
+    assert "Spec" not in message and "more problem" not in message
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"model": {"width": "wide"}}, "model.width: Input should be a valid integer, unable to parse string"),
+        ({"model": {"depth": 2, "width": [8, "wide"]}}, "model.width.1: Input should be a valid integer"),
+        ({"training": {"stack_trials": "many"}}, "training.stack_trials: Input should be a valid integer"),
+        ({"search": {"lr": [[0.1]]}}, "search.lr.choices.0: Input should be a valid boolean, a valid integer, a valid"),
+        ({"training": {"grad_clip": "hard"}}, "training.grad_clip: Input should be a valid dictionary"),
+    ],
+)
+def test_a_value_that_fits_no_branch_of_a_union_is_one_problem(data: dict[str, Any], expected: str) -> None:
+    message = spec_error(spec(**data))
+    assert message.startswith(f"s.yaml: {expected}")
+    assert "more problem" not in message and "Spec" not in message
 
 
 def test_dataset_without_a_name_says_which_names_exist() -> None:
@@ -404,6 +540,31 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     assert 4 <= line <= 5
 
 
+@pytest.mark.parametrize(
+    ("text", "where", "key", "first"),
+    [
+        ("name: a\ndataset: {name: digits}\nname: b\n", "line 3, column 1", "name", 1),
+        ("name: a\nmodel:\n  width: 4\n  depth: 1\n  width: 8\n", "line 5, column 3", "width", 3),
+        ("name: a\nmodel: {width: 4, width: 8}\n", "line 2, column 19", "width", 2),
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path: Path, text: str, where: str, key: str, first: int) -> None:
+    # Plain YAML keeps the last value and drops the other without a word.
+    path = tmp_path / "twice.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message == f"{path}: invalid YAML at {where}: duplicate key '{key}' (first at line {first}); keep one"
+
+
+def test_a_merged_key_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("name: a\nmodel:\n  <<: {width: 4, depth: 2}\n  width: 8\n", encoding="utf-8")
+    loaded = load_spec(path)
+    assert (loaded.model.width, loaded.model.depth) == (8, 2)
+
+
 def test_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe\x00\x81name")
@@ -422,3 +583,6 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_error_reports_the_first_problem_and_counts_the_rest() -> None:
     message = spec_error(spec(training={"epochs": 0, "lr": -1, "batch_size": 0}))
     assert message.endswith("(and 2 more problems)")
+    # Two problems, each a value that fits neither branch of its field's union.
+    message = spec_error(spec(model={"width": "wide"}, training={"stack_trials": "many"}))
+    assert message.startswith("s.yaml: model.width: ") and message.endswith(" (and 1 more problem)")
