@@ -90,6 +90,10 @@ def _bool_for_number(annotation: Any, value: Any) -> str | None:
     return None
 
 
+#: The widest hidden layer a spec may ask for (784 inputs x 65,536 units: 51M weights a model).
+MAX_WIDTH = 65_536
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -128,8 +132,9 @@ class ModelSpec(_Section):
     @classmethod
     def _positive_width(cls, width: int | list[int]) -> int | list[int]:
         widths = width if isinstance(width, list) else [width]
-        if any(w < 1 for w in widths):
-            raise ValueError("every width must be >= 1")
+        if any(not 1 <= w <= MAX_WIDTH for w in widths):
+            # A width of 10^12 passed and failed to allocate inside the first trial.
+            raise ValueError(f"every width must be from 1 to {MAX_WIDTH}")
         return width
 
     @model_validator(mode="after")
