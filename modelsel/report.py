@@ -281,6 +281,11 @@ def draft_report(study: optuna.Study) -> ReportDraft:
     return ReportDraft(frame, sections, files)
 
 
+#: Figure files whose names depend on the trials or axes a build shows: one left by an
+#: earlier build of the same folder is removed.
+_NUMBERED_FIGURES = ("training_curves_trial*.png", "validation_curve_*.png", "learning_curve_*.png")
+
+
 def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDraft | None = None) -> Path:
     """Write ``trials.csv`` and a self-contained ``report.html`` for a study.
 
@@ -307,6 +312,10 @@ def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDr
     output.mkdir(parents=True, exist_ok=True)
     for name, content in draft.files.items():
         (output / name).write_bytes(content)
+    for pattern in _NUMBERED_FIGURES:  # an earlier build's, for another best trial or axis
+        for stale in output.glob(pattern):
+            if stale.name not in draft.files:
+                stale.unlink()
     sections = [summary_section(study, draft.frame), *draft.sections]
     spec = stored_spec(study)
     environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())

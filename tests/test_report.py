@@ -123,6 +123,19 @@ def test_report_rebuilt_twice_gives_the_same_table(stored: tuple[str, Path]) -> 
     assert (first.parent / "trials.csv").read_text() == (second.parent / "trials.csv").read_text()
 
 
+def test_a_rebuild_leaves_no_figure_of_an_earlier_build(stored: tuple[str, Path]) -> None:
+    # An earlier build's training curves of another best trial stayed beside the new ones.
+    url, folder = stored
+    out = folder / "rebuilt"
+    out.mkdir()
+    for name in ("training_curves_trial99.png", "validation_curve_old.png", "notes.png", "study.db"):
+        (out / name).write_bytes(b"earlier")
+    build_report(optuna.load_study(study_name="tiny", storage=url), output_dir=out)
+    names = {p.name for p in out.iterdir()}
+    assert not {"training_curves_trial99.png", "validation_curve_old.png"} & names
+    assert {"notes.png", "study.db", "trials.csv", "report.html"} <= names  # not the report's own: kept
+
+
 def test_report_of_a_study_without_trials(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/e.db")
     path = build_report(study, output_dir=tmp_path / "out")
