@@ -453,7 +453,9 @@ def _describe(row: pd.Series, error: str) -> str:
 def axis_findings(frame: pd.DataFrame, axes: Sequence[str], data_axes: Sequence[str]) -> list[str]:
     """One plain-language sentence (or a few) per swept axis."""
     summary = cell_summary(frame, axes)
-    done = summary[summary.get("val_error", pd.Series(dtype=float)).notna()] if "val_error" in summary else summary
+    if "val_error" not in summary:  # no trial finished (e.g. every one diverged)
+        return ["No cell has finished yet."]
+    done = summary[summary["val_error"].notna()]
     if done.empty:
         return ["No cell has finished yet."]
     error = str(frame["error"].dropna().iloc[0]) if "error" in frame and frame["error"].notna().any() else "error"

@@ -171,6 +171,18 @@ def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> No
     assert comparable(rebuilt) == comparable(outcome.report_path)
 
 
+def test_a_sweep_whose_every_trial_diverged_still_gets_its_report(tmp_path: Path) -> None:
+    # The findings read a column that only finished trials give, and the run ended in a KeyError.
+    data = tiny_spec_data(name="blowup", sweep={"lr": [1e5, 1e7]})
+    data["model"] = {"depth": 2, "width": 16}
+    data["training"] = {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "lr": 0.1}
+    outcome = run_study(parse_spec(data), output_dir=tmp_path, progress=False)
+    assert (outcome.n_complete, outcome.n_pruned) == (0, 2)
+    assert outcome.report_path is not None
+    assert "No cell has finished yet." in outcome.report_path.read_text(encoding="utf-8")
+    assert pd.read_csv(tmp_path / "blowup" / "sweep.csv")["regime"].tolist() == ["diverged", "diverged"]
+
+
 def test_image_cases_tiny_model_underfits_huge_model_on_few_samples_overfits(tmp_path: Path) -> None:
     spec = parse_spec(
         {
