@@ -31,6 +31,7 @@ from modelsel.diagnostics import GradientStats, mean_weight_stats
 from modelsel.models import mlp_param_count
 from modelsel.regimes import baseline_error, classify, numbers_from_attrs
 from modelsel.spec import (
+    SWEEP_SEED_PARAM,
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 #: Per-epoch value reported to Optuna for each objective that can be pruned on.
 _CURVE_OF_OBJECTIVE = {"val_accuracy": "val_metric", "val_loss": "val_loss"}
-SWEEP_SEED_PARAM = "seed"
 
 #: ``training.stack_trials: auto`` on the CPU stacks the trials of a sweep or grid (up to
 #: 8) when every cell's model takes at most this many FLOPs per member and step (see

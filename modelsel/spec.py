@@ -90,6 +90,9 @@ def _bool_for_number(annotation: Any, value: Any) -> str | None:
     return None
 
 
+#: The trial parameter of a sweep's repeats (``sweep.repeats`` > 1): the seed of each.
+SWEEP_SEED_PARAM = "seed"
+
 #: The widest hidden layer a spec may ask for (784 inputs x 65,536 units: 51M weights a model).
 MAX_WIDTH = 65_536
 

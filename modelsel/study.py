@@ -15,7 +15,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from modelsel import __version__
 from modelsel.errors import SpecError, UserError
 from modelsel.spec import (
     OBJECTIVE_DIRECTIONS,
+    SWEEP_SEED_PARAM,
     StudySpec,
     resolve_field,
     trial_fold_epochs_cap,
@@ -749,10 +750,26 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     if not complete:
         return None
     if len(study.directions) == 1:
+        if any(SWEEP_SEED_PARAM in t.params for t in complete):
+            return _best_cell_trial(complete, study.direction)
         return study.best_trial
     front = study.best_trials
     sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
     return min(front, key=lambda t: sign * t.values[0])
+
+
+def _best_cell_trial(complete: Sequence[FrozenTrial], direction: optuna.study.StudyDirection) -> FrozenTrial:
+    """For a sweep with repeats (a ``seed`` parameter): the first seed's trial of the cell
+    whose value, averaged over its completed seeds, is best. The best single seed of any
+    cell would select by the luck of a seed (and, for data drawn from the seed, compare
+    trials on different data)."""
+    cells: dict[str, list[FrozenTrial]] = {}
+    for trial in complete:
+        cell = {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM}
+        cells.setdefault(json.dumps(cell, sort_keys=True, default=str), []).append(trial)
+    sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
+    best = min(cells.values(), key=lambda trials: sign * statistics.fmean(float(t.values[0]) for t in trials))
+    return min(best, key=lambda t: (t.params.get(SWEEP_SEED_PARAM, 0), t.number))
 
 
 @dataclass

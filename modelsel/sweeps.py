@@ -222,7 +222,7 @@ def cell_summary(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
         first = group.iloc[0]
         row: dict[str, Any] = {a: first[a] for a in axes}
         finished = done.loc[done.index.intersection(group.index)]
-        row["seeds"] = len(group)
+        row["seeds"] = len(finished)  # those the means pool (a pruned or diverged seed is not one)
         if not finished.empty:
             folds_val = [v for lst in finished["fold_val_errors"] for v in lst]
             folds_train = [v for lst in finished["fold_train_errors"] for v in lst]
@@ -407,14 +407,20 @@ def plot_weights(study: optuna.Study, frame: pd.DataFrame, axes: Sequence[str]) 
     return fig
 
 
-def selected_trials(frame: pd.DataFrame) -> list[tuple[int, str]]:
-    """Trials whose training curves the report shows: the best cell, the most underfit
-    (highest training error), the most overfit (largest gap) and a diverged one."""
+def selected_trials(frame: pd.DataFrame, axes: Sequence[str]) -> list[tuple[int, str]]:
+    """Trials whose training curves the report shows: the best cell (its first finished
+    seed), the most underfit (highest training error), the most overfit (largest gap)
+    and a diverged one."""
     done = frame[frame["val_error"].notna()] if "val_error" in frame else frame.iloc[0:0]
     picks: list[tuple[int, str]] = []
     if not done.empty:
-        best = done.iloc[int(np.argmin(done["val_error"].to_numpy(dtype=float)))]
-        picks.append((int(best["trial"]), "best cell"))
+        # The cell with the lowest validation error averaged over its seeds, as sweep.csv's
+        # best_cell and the regime map's star; not the single best seed of any cell.
+        cells = done.groupby([done[a].map(value_key) for a in axes], sort=False)["val_error"].mean()
+        best_key = cells.idxmin()
+        best_key = best_key if isinstance(best_key, tuple) else (best_key,)
+        in_best = done[[tuple(value_key(r[a]) for a in axes) == best_key for _, r in done.iterrows()]]
+        picks.append((int(in_best.iloc[0]["trial"]), "best cell"))
         for regime, column in (("underfit", "train_error"), ("overfit", "gap")):
             group = done[done["sweep_regime"] == regime]
             if not group.empty:
@@ -597,7 +603,7 @@ def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, by
         "spans repeats). Weight decay shrinks ‖W‖²; L1 drives weights to zero.",
     )
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for number, why in selected_trials(frame):
+    for number, why in selected_trials(frame, axes):
         trial = trials[number]
         cell = ", ".join(f"{a}={_fmt(trial.params.get(a))}" for a in axes)
         figure = plot_training_curves(trial, title=f"Training curves, {why}: {cell} (trial {number})")

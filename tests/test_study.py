@@ -301,6 +301,21 @@ def test_outcome_summarizes_the_best_trial(fast_tmp: Path) -> None:
     assert (shown.cv_mean, shown.test) == (outcome.cv_mean, outcome.test)
 
 
+def test_a_sweep_with_repeats_selects_the_best_cell_not_the_luckiest_seed() -> None:
+    # Width 64's first seed is the best single trial, but width 16 is better over both seeds.
+    study = optuna.create_study(direction="maximize")
+    distributions = {
+        "width": optuna.distributions.CategoricalDistribution([16, 64]),
+        "seed": optuna.distributions.CategoricalDistribution([0, 1]),
+    }
+    for width, seed, value in [(64, 0, 0.95), (64, 1, 0.80), (16, 1, 0.91), (16, 0, 0.90)]:
+        study.add_trial(
+            optuna.trial.create_trial(params={"width": width, "seed": seed}, distributions=distributions, value=value)
+        )
+    selected = best_trial(study)
+    assert selected is not None and selected.params == {"width": 16, "seed": 0}  # that cell's first seed
+
+
 def test_multi_objective_selects_the_pareto_trial_best_on_the_first_objective(fast_tmp: Path) -> None:
     url = f"sqlite:///{fast_tmp}/s.db"
     spec = tiny(objectives=["val_accuracy", "n_params"], sampler="nsga2", budget={"n_trials": 3})

@@ -21,7 +21,7 @@ from modelsel.cli import main
 from modelsel.report import build_report, draft_report
 from modelsel.spec import load_spec, parse_spec
 from modelsel.study import FINISHED_STATES, _open_study, _optimize, preflight, run_study
-from modelsel.sweeps import map_specs, sweep_frame
+from modelsel.sweeps import cell_summary, map_specs, selected_trials, sweep_frame
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +169,26 @@ def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> No
         return re.sub(r"\nstorage: .*\n", "\n", text)
 
     assert comparable(rebuilt) == comparable(outcome.report_path)
+
+
+def test_the_best_cell_is_averaged_over_seeds_and_a_pruned_seed_is_not_counted() -> None:
+    # Width 64's first seed is the best single trial; width 16 is better over its seeds.
+    frame = pd.DataFrame(
+        {
+            "width": [16, 16, 64, 64, 256],
+            "seed": [0, 1, 0, 1, 0],
+            "trial": [3, 1, 0, 2, 4],
+            "val_error": [0.10, 0.09, 0.05, 0.20, None],
+            "train_error": [0.05, 0.05, 0.01, 0.01, None],
+            "gap": [0.05, 0.04, 0.04, 0.19, None],
+            "sweep_regime": ["good", "good", "good", "overfit", "diverged"],
+        }
+    )
+    assert selected_trials(frame, ["width"])[0] == (3, "best cell")  # width 16, its first seed
+    frame["fold_val_errors"] = [[v] for v in frame["val_error"]]
+    frame["fold_train_errors"] = [[v] for v in frame["train_error"]]
+    frame["regime"], frame["best_cell"] = frame["sweep_regime"], False
+    assert cell_summary(frame, ["width"])["seeds"].tolist() == [2, 2, 0]
 
 
 def test_a_sweep_whose_every_trial_diverged_still_gets_its_report(tmp_path: Path) -> None:
