@@ -59,7 +59,12 @@ def fold_indices(dataset: Dataset, cv: CVSpec, *, seed: int) -> list[tuple[np.nd
 
 def _standardizer(X: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     mean = X.mean(dim=0, keepdim=True)
-    std = X.std(dim=0, keepdim=True).clamp_min(1e-8)
+    std = X.std(dim=0, keepdim=True)
+    # A column constant in the training rows keeps its scale, as scikit-learn's
+    # StandardScaler does: divided by ~0, its values in validation or test rows reached
+    # 1e7 and more (a rare one-hot level, a digits pixel that is blank in one fold).
+    constant = std < 10 * torch.finfo(std.dtype).eps
+    std = torch.where(constant, torch.ones_like(std), std)
     return lambda Z: (Z - mean) / std
 
 

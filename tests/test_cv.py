@@ -180,6 +180,19 @@ def test_constant_feature_does_not_divide_by_zero() -> None:
         assert torch.isfinite(fold.X_train).all() and torch.isfinite(fold.X_val).all()  # type: ignore[arg-type]
 
 
+def test_a_feature_constant_in_the_training_rows_keeps_its_scale() -> None:
+    # Blank in the training rows, set in one validation row (a rare one-hot level): it
+    # used to be divided by 1e-8.
+    dataset = make_dataset(imbalanced_labels(), standardize=True)
+    splits = fold_indices(dataset, CVSpec(folds=3), seed=0)
+    _, val_rows = splits[0]
+    dataset.X_train[:, 0] = 0.0
+    dataset.X_train[val_rows[0], 0] = 1.0
+    fold = make_fold_data(dataset, splits, device=torch.device("cpu"))[0]
+    assert fold.X_train[:, 0].abs().max() == 0.0  # type: ignore[index]
+    assert sorted(set(fold.X_val[:, 0].tolist())) == [0.0, 1.0]  # type: ignore[index]
+
+
 # ------------------------------------------------------------- aggregation
 
 
