@@ -601,13 +601,16 @@ def _generate_polynomial(max_degree: int, n_train: int, n_test: int, noise: floa
     n = n_train + n_test
     x = rng.normal(size=n)
     eps = rng.normal(scale=noise, size=n) if noise > 0 else np.zeros(n)
-    powers = np.arange(max_degree)
+    # The target is always the cubic: with max_degree below 4 only the features stop
+    # short of it (its higher terms used to vanish from y as well, another problem).
+    n_terms = max(max_degree, len(POLYNOMIAL_TRUE_WEIGHTS))
+    powers = np.arange(n_terms)
     factorials = np.array([math.factorial(int(i)) for i in powers], dtype=np.float64)
     features = np.power(x[:, None], powers[None, :]) / factorials[None, :]
-    weights = np.zeros(max_degree)
-    k = min(max_degree, len(POLYNOMIAL_TRUE_WEIGHTS))
-    weights[:k] = POLYNOMIAL_TRUE_WEIGHTS[:k]
+    weights = np.zeros(n_terms)
+    weights[: len(POLYNOMIAL_TRUE_WEIGHTS)] = POLYNOMIAL_TRUE_WEIGHTS
     y = features @ weights + eps
+    features, powers = features[:, :max_degree], powers[:max_degree]
     return Dataset(
         name="polynomial",
         task="regression",

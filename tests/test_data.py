@@ -362,6 +362,17 @@ def test_polynomial_noise_free_and_seeded() -> None:
     assert not torch.equal(other.X_train, ds.X_train)
 
 
+@pytest.mark.parametrize("max_degree", [2, 3, 4, 20])
+def test_the_polynomial_target_is_the_cubic_whatever_max_degree(max_degree: int) -> None:
+    # With max_degree below 4 the cubic terms used to vanish from y, not only from X.
+    ds = load_dataset(PolynomialSpec(name="polynomial", noise=0.0, max_degree=max_degree), seed=2)
+    assert ds.X_train.shape[1] == max_degree
+    x = ds.X_train[:, 1].double()
+    clean = 5 + 1.2 * x - 3.4 * x**2 / 2 + 5.6 * x**3 / 6
+    assert torch.allclose(ds.y_train.double(), clean, rtol=1e-5, atol=1e-5)
+    assert ds.feature_names == tuple(f"x^{i}/{i}!" for i in range(max_degree))
+
+
 def test_polynomial_degree_selects_first_columns() -> None:
     full = load_dataset(PolynomialSpec(name="polynomial"), seed=0)
     for degree, n_columns in ((0, 1), (1, 2), (3, 4), (19, 20), (None, 20)):
