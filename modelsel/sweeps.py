@@ -698,6 +698,12 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
         n_pruned=sum(o.n_pruned for o in outcomes),
         n_failed=sum(o.n_failed for o in outcomes),
         n_trained_this_run=sum(o.n_trained_this_run for o in outcomes),
+        fold_epochs=sum(o.fold_epochs for o in outcomes),  # each map's own cap, summed
+        fold_epochs_budget=(
+            None
+            if any(o.fold_epochs_budget is None for o in outcomes)
+            else sum(o.fold_epochs_budget or 0 for o in outcomes)
+        ),
     )
     if options.get("build_report", True):
         from modelsel.storage import open_storage

@@ -143,6 +143,7 @@ def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> No
     assert [s.name for s in map_specs(spec)] == ["maps-width-x-weight_decay", "maps-width-x-train_size"]
     outcome = run_study(spec, output_dir=tmp_path, progress=False)
     assert outcome.n_complete == 8 and outcome.n_trained_this_run == 8
+    assert outcome.fold_epochs == 8 * 2 * 2  # both maps' trials (2 epochs x 2 folds each), not one map's
     url = f"sqlite:///{(tmp_path / 'maps' / 'study.db').resolve()}"
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(url))
     assert names == ["maps-width-x-train_size", "maps-width-x-weight_decay"]
