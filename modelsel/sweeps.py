@@ -183,7 +183,7 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
     if frame.empty:
         return frame
     grids = spec["sweep"]["axes"]
-    positions = {a: {value_key(v): i for i, v in enumerate(grids.get(a, []))} for a in axes}
+    positions = {a: {value_key(v): i for i, v in enumerate(_axis_order(grids.get(a, [])))} for a in axes}
     frame["_order"] = frame.apply(
         lambda r: tuple(positions[a].get(value_key(r[a]), len(positions[a])) for a in axes), axis=1
     )
@@ -206,6 +206,14 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
             best[data] = key
     frame["best_cell"] = [best.get(tuple(d)) == tuple(c) for c, d in zip(cell_keys, data_keys, strict=True)]
     return frame
+
+
+def _axis_order(values: Sequence[Any]) -> list[Any]:
+    """An axis's values in the order the report shows them: ascending when they are all
+    numbers (the findings' "below" and "above" and the curves' x axis read that way),
+    else as the spec lists them (activations, booleans, a null)."""
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return sorted(values) if numeric else list(values)
 
 
 def csv_frame(frame: pd.DataFrame) -> pd.DataFrame:

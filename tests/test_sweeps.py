@@ -192,6 +192,17 @@ def test_the_best_cell_is_averaged_over_seeds_and_a_pruned_seed_is_not_counted()
     assert cell_summary(frame, ["width"])["seeds"].tolist() == [2, 2, 0]
 
 
+def test_a_numeric_axis_is_shown_in_ascending_order(tmp_path: Path) -> None:
+    # Listed as [0.01, 0.001, 0], the findings called 0.001 "below" a best cell at 0.01.
+    sweep = {"weight_decay": [0.01, 0.001, 0], "activation": ["tanh", "relu"]}
+    spec = parse_spec(tiny_spec_data(name="order", sweep=sweep))
+    outcome = run_study(spec, output_dir=tmp_path, progress=False, build_report=False)
+    study = optuna.load_study(study_name="order", storage=outcome.storage_url)
+    frame = sweep_frame(study)
+    assert frame["weight_decay"].drop_duplicates().tolist() == [0, 0.001, 0.01]
+    assert frame["activation"].drop_duplicates().tolist() == ["tanh", "relu"]  # as listed: not numbers
+
+
 def test_a_sweep_whose_every_trial_diverged_still_gets_its_report(tmp_path: Path) -> None:
     # The findings read a column that only finished trials give, and the run ended in a KeyError.
     data = tiny_spec_data(name="blowup", sweep={"lr": [1e5, 1e7]})
