@@ -358,6 +358,9 @@ def plot_regime_map(summary: pd.DataFrame, axes: Sequence[str], error: str) -> p
         annot_kws={"fontsize": 8},
         ax=ax,
     )
+    # seaborn leaves cells without a value (diverged, pruned, not run) unlabelled.
+    for i, j in zip(*np.nonzero(~np.isfinite(grid)), strict=True):
+        ax.text(j + 0.5, i + 0.5, notes[i, j], ha="center", va="center", fontsize=8, color="dimgray")
     ax.set_ylabel(rows_axis)
     ax.set_xlabel(cols_axis)
     return fig

@@ -21,7 +21,7 @@ from modelsel.cli import main
 from modelsel.report import build_report, draft_report
 from modelsel.spec import load_spec, parse_spec
 from modelsel.study import FINISHED_STATES, _open_study, _optimize, preflight, run_study
-from modelsel.sweeps import cell_summary, map_specs, selected_trials, sweep_frame
+from modelsel.sweeps import cell_summary, map_specs, plot_regime_map, selected_trials, sweep_frame
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -201,6 +201,27 @@ def test_a_numeric_axis_is_shown_in_ascending_order(tmp_path: Path) -> None:
     frame = sweep_frame(study)
     assert frame["weight_decay"].drop_duplicates().tolist() == [0, 0.001, 0.01]
     assert frame["activation"].drop_duplicates().tolist() == ["tanh", "relu"]  # as listed: not numbers
+
+
+def test_the_regime_map_labels_cells_without_a_value() -> None:
+    # seaborn draws no annotation on a NaN cell: diverged cells were left blank.
+    import matplotlib.pyplot as plt
+
+    summary = pd.DataFrame(
+        {
+            "width": [8, 8, 16, 16],
+            "lr": [0.01, 1e5, 0.01, 1e5],
+            "val_error": [0.1, None, 0.08, None],
+            "sweep_regime": ["good", "diverged", "good", "diverged"],
+            "best_cell": [False, False, True, False],
+        }
+    )
+    figure = plot_regime_map(summary, ["width", "lr"], "error")
+    assert figure is not None
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    plt.close(figure)
+    assert texts.count("diverged") == 2
+    assert "0.08 ★\ngood" in texts
 
 
 def test_a_sweep_whose_every_trial_diverged_still_gets_its_report(tmp_path: Path) -> None:
