@@ -136,6 +136,14 @@ def test_a_rebuild_leaves_no_figure_of_an_earlier_build(stored: tuple[str, Path]
     assert {"notes.png", "study.db", "trials.csv", "report.html"} <= names  # not the report's own: kept
 
 
+def test_a_column_without_values_is_blank_not_none(tmp_path: Path) -> None:
+    # No trial was pruned: pruned_at_epoch is None throughout, and the table printed "None".
+    spec = parse_spec(tiny_spec_data(budget={"n_trials": 1}))
+    outcome = run_study(spec, storage=f"sqlite:///{tmp_path}/s.db", output_dir=tmp_path, progress=False)
+    assert outcome.report_path is not None
+    assert "<td>None</td>" not in outcome.report_path.read_text(encoding="utf-8")
+
+
 def test_report_of_a_study_without_trials(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/e.db")
     path = build_report(study, output_dir=tmp_path / "out")
