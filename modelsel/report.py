@@ -185,8 +185,9 @@ def plot_training_curves(trial: FrozenTrial, *, title: str | None = None) -> Fig
 def _format_table(frame: pd.DataFrame) -> str:
     # na_rep covers NaN; a column of Nones (object dtype) would print "None".
     frame = frame.copy()
-    for column in frame.select_dtypes(include="object").columns:
-        frame[column] = frame[column].map(lambda v: "" if v is None else v)
+    for column in frame.columns:
+        if frame[column].dtype == "object":
+            frame[column] = frame[column].map(lambda v: "" if v is None else v)
     return frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, classes="data")
 
 
