@@ -280,8 +280,15 @@ def plot_validation_curve(summary: pd.DataFrame, axis: str, axes: Sequence[str],
         return None
     others = [a for a in axes if a != axis]
     panels = [(None, summary)] if not others else list(summary.groupby(summary[others[0]].map(value_key), sort=False))
-    panels = panels[:8]
-    fig, axs = plt.subplots(1, len(panels), figsize=(min(4.2 * len(panels), 16), 3.6), sharey=True, squeeze=False)
+    # Every panel, four to a row (the first eight only used to be drawn, silently).
+    columns = min(len(panels), 4)
+    rows = math.ceil(len(panels) / columns)
+    fig, grid = plt.subplots(
+        rows, columns, figsize=(min(4.2 * columns, 16), 3.6 * rows), sharey=True, squeeze=False
+    )
+    for spare in grid.flat[len(panels) :]:
+        spare.set_visible(False)
+    axs = [list(grid.flat[: len(panels)])]
     values_all = list(summary["val_error"].dropna()) + list(summary["train_error"].dropna())
     log = error != "error" and _log_scale(values_all)  # error rates stay linear
     seen: set[str] = set()
@@ -315,7 +322,8 @@ def plot_validation_curve(summary: pd.DataFrame, axis: str, axes: Sequence[str],
             ax.set_title(f"{others[0]}={_fmt(panel[others[0]].iloc[0])}", fontsize=9)
         if log:
             ax.set_yscale("log")
-    axs[0][0].set_ylabel(error)
+    for row in grid:
+        row[0].set_ylabel(error)
     handles, _ = axs[0][0].get_legend_handles_labels()
     axs[0][-1].legend(handles=handles + _regime_legend(axs[0][-1], sorted(seen)), fontsize=7, loc="best")
     sns.despine(fig)

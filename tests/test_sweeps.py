@@ -21,7 +21,14 @@ from modelsel.cli import main
 from modelsel.report import build_report, draft_report
 from modelsel.spec import load_spec, parse_spec
 from modelsel.study import FINISHED_STATES, _open_study, _optimize, preflight, run_study
-from modelsel.sweeps import cell_summary, map_specs, plot_regime_map, selected_trials, sweep_frame
+from modelsel.sweeps import (
+    cell_summary,
+    map_specs,
+    plot_regime_map,
+    plot_validation_curve,
+    selected_trials,
+    sweep_frame,
+)
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -222,6 +229,26 @@ def test_the_regime_map_labels_cells_without_a_value() -> None:
     plt.close(figure)
     assert texts.count("diverged") == 2
     assert "0.08 ★\ngood" in texts
+
+
+def test_the_validation_curve_draws_a_panel_for_every_value_of_the_other_axis() -> None:
+    # Only the first eight were drawn, and nothing said so.
+    import matplotlib.pyplot as plt
+
+    widths = [2**i for i in range(1, 11)]
+    summary = pd.DataFrame(
+        [
+            {"width": w, "weight_decay": d, "val_error": 0.1, "val_error_std": 0.01, "train_error": 0.05,
+             "train_error_std": 0.01, "sweep_regime": "good"}
+            for w in widths
+            for d in (0.0, 0.001)
+        ]
+    )  # fmt: skip
+    figure = plot_validation_curve(summary, "weight_decay", ["width", "weight_decay"], "error")
+    assert figure is not None
+    titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
+    plt.close(figure)
+    assert titles == [f"width={w}" for w in widths]
 
 
 def test_a_sweep_whose_every_trial_diverged_still_gets_its_report(tmp_path: Path) -> None:
