@@ -183,8 +183,10 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
         primary = outcome.objectives[0]
         label = f"val {outcome.metric_name}" if primary == "val_accuracy" else primary.replace("_", " ")
         fold_text = f"{folds}-fold " if folds else ""
-        if outcome.cv_mean is not None:
+        if outcome.cv_mean is not None and primary in ("val_accuracy", "val_loss"):
             click.echo(f"CV {label}: {outcome.cv_mean:.4f} ± {outcome.cv_std or 0:.4f} ({fold_text}mean ± std)")
+        elif outcome.cv_mean is not None:  # fit_seconds, n_params: a number of the trial, not of each fold
+            click.echo(f"{label.capitalize()}: {outcome.cv_mean:.4g}")
         test = outcome.test
         if test and test.get("trial_number") == outcome.best_trial_number:
             when = " while the last trials ran" if test.get("retrained_during_search") else ""

@@ -903,8 +903,8 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
             outcome.cv_mean, outcome.cv_std = attrs.get("val_metric_mean"), attrs.get("val_metric_std")
         elif primary == "val_loss":
             outcome.cv_mean, outcome.cv_std = attrs.get("val_loss_mean"), attrs.get("val_loss_std")
-        else:
-            outcome.cv_mean, outcome.cv_std = selected.values[0], 0.0
+        else:  # fit_seconds or n_params: one number of the trial, not a mean over folds
+            outcome.cv_mean, outcome.cv_std = selected.values[0], None
     return outcome
 
 

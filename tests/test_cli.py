@@ -308,6 +308,17 @@ def test_a_report_folder_that_cannot_be_written_fails_before_training(
     assert files_under(workdir) == before
 
 
+def test_a_first_objective_that_is_not_a_fold_mean_is_printed_without_a_fold_std(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    # "CV fit seconds: 0.0362 ± 0.0000 (2-fold mean ± std)" was one number with a made-up ± 0.
+    spec = spec_file(objectives=["fit_seconds", "val_accuracy"], sampler="nsga2", budget={"n_trials": 2})
+    result = invoke("study", "run", str(spec), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^Fit seconds: \d", result.output, flags=re.MULTILINE), result.output
+    assert "CV fit seconds" not in result.output
+
+
 def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]) -> None:
     spec = spec_file()
     result = invoke("study", "run", str(spec), "--n-trials", "0")
