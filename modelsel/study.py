@@ -401,28 +401,38 @@ def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | Non
 
 
 def requeue_failed_cells(study: optuna.Study) -> int:
-    """Enqueue once more each grid cell whose trials all failed; return how many.
+    """Queue once more each grid cell whose trials all failed; return how many.
 
     A trial stopped by Ctrl-C is stored as failed, and Optuna's GridSampler counts a
     failed trial's cell as visited: the cell would never be trained, and a later run
-    would train a finished one again. The enqueued trials take their cells' values
-    before the sampler hands out the cells it has not visited.
+    would train a finished one again. Each such cell is added back as a waiting trial
+    with its parameters and its cell (``grid_id``, as Optuna's ``RetryFailedTrialCallback``
+    does), which the next trials take before the sampler hands out unvisited cells.
+    Trials left running by a process that was killed are failed first (heartbeat).
     """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
     def cell(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         return tuple(sorted((name, repr(value)) for name, value in params.items()))
 
     trials = study.get_trials(deepcopy=False)
-    covered = {
-        cell(t.system_attrs.get("fixed_params", t.params))
-        for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    }
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    covered = {cell(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.state in live}
     requeued = 0
     for trial in trials:
         key = cell(trial.params)
         if trial.state == TrialState.FAIL and trial.params and key not in covered:
-            study.enqueue_trial(dict(trial.params))
+            system_attrs = {k: v for k, v in trial.system_attrs.items() if k in ("grid_id", "search_space")}
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.WAITING,
+                    params=dict(trial.params),
+                    distributions=dict(trial.distributions),
+                    system_attrs={**system_attrs, "failed_trial": trial.number},
+                )
+            )
             covered.add(key)
             requeued += 1
     return requeued
@@ -537,15 +547,25 @@ def _optimize(
         return 0
     # n_trials bounds this process's own attempts; MaxTrialsCallback stops at the shared total.
     n_trials = None if remaining is None else remaining * 3 + 10
+    started = time.monotonic()
     with unfinished_trials_failed():
-        study.optimize(
-            objective,
-            n_trials=n_trials,
-            timeout=timeout,
-            callbacks=callbacks,
-            gc_after_trial=False,
-            catch=(),
-        )
+        while True:
+            left_s = None if timeout is None else timeout - (time.monotonic() - started)
+            study.optimize(
+                objective,
+                n_trials=n_trials,
+                timeout=left_s,
+                callbacks=callbacks,
+                gc_after_trial=False,
+                catch=(),
+            )
+            # GridSampler stops a study once every cell was visited, a failed one too:
+            # cells queued again (requeue_failed_cells) may still be waiting then.
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            out_of_time = left_s is not None and timeout is not None and time.monotonic() - started >= timeout
+            out_of_budget = (target is not None or capped) and budget_left(study) <= 0
+            if not waiting or out_of_time or out_of_budget:
+                break
     return len(ran)
 
 

@@ -91,23 +91,35 @@ def test_a_resumed_run_stores_its_budget_and_description(fast_tmp: Path) -> None
     assert (stored["budget"]["n_trials"], stored["description"]) == (2, "the second run's words")
 
 
-def test_a_sweep_cell_stopped_by_ctrl_c_is_trained_when_the_sweep_is_resumed(fast_tmp: Path) -> None:
+@pytest.mark.parametrize(
+    ("widths", "finished_first", "stopped"),
+    [
+        ([4, 8, 12, 16], 2, 1),  # the stopped cell and one never started are left
+        ([4, 8, 12], 1, 1),  # one cell left beside the stopped one (GridSampler's last-cell check)
+        ([4, 8, 12, 16], 2, 2),  # every cell started: GridSampler stops the study after each trial
+    ],
+)
+def test_a_sweep_cell_stopped_by_ctrl_c_is_trained_when_the_sweep_is_resumed(
+    fast_tmp: Path, widths: list[int], finished_first: int, stopped: int
+) -> None:
     # Optuna's GridSampler counts a failed trial's cell as visited: the cell was never
     # trained, and a later run trained a finished cell twice.
     url = f"sqlite:///{fast_tmp}/s.db"
-    sweep = {"width": [4, 8], "lr": [0.01, 0.1]}
-    capped = tiny(search=None, sampler=None, sweep=sweep, budget={"fold_epochs": 8})  # 2 trials of 2 x 2
-    run(capped, url, fast_tmp)
-    study = optuna.load_study(study_name="tiny", storage=url, sampler=make_sampler(capped))
-    stopped = study.ask()  # the next cell, as Ctrl-C leaves it
-    cell = {axis: stopped.suggest_categorical(axis, values) for axis, values in sweep.items()}
-    study.tell(stopped, state=TrialState.FAIL)
-    run(tiny(search=None, sampler=None, sweep=sweep), url, fast_tmp)
-    cells = sorted((t.params["width"], t.params["lr"]) for t in finished(url))
-    assert cells == [(4, 0.01), (4, 0.1), (8, 0.01), (8, 0.1)]
-    assert (cell["width"], cell["lr"]) in cells
+    sweep = tiny(search=None, sampler=None, sweep={"width": widths}, training={"epochs": 2, "stack_trials": 1})
+    run(sweep, url, fast_tmp, n_trials=finished_first)
+    study = optuna.load_study(study_name="tiny", storage=url, sampler=make_sampler(sweep))
+    for _ in range(stopped):  # the next cells, as Ctrl-C leaves them
+        study.sampler = make_sampler(sweep)
+        trial = study.ask()
+        trial.suggest_categorical("width", widths)
+        study.sampler = optuna.samplers.RandomSampler()  # GridSampler would stop a study outside optimize
+        study.tell(trial, state=TrialState.FAIL)
+    outcome = run(sweep, url, fast_tmp)
+    assert outcome.n_trained_this_run == len(widths) - finished_first
+    assert sorted(t.params["width"] for t in finished(url)) == widths
+    assert not optuna.load_study(study_name="tiny", storage=url).get_trials(states=(TrialState.WAITING,))
     # A finished sweep trains nothing more.
-    assert run(tiny(search=None, sampler=None, sweep=sweep), url, fast_tmp).n_trained_this_run == 0
+    assert run(sweep, url, fast_tmp).n_trained_this_run == 0
 
 
 def test_a_run_counts_only_the_trials_it_ran(fast_tmp: Path) -> None:
