@@ -412,11 +412,21 @@ class StudyObjective:
         callbacks: list[Callback] = [gradient_stats]
         if len(self.objectives) == 1 and self.objectives[0] in _CURVE_OF_OBJECTIVE:
             callbacks.append(PruningCallback(trial, self.objectives[0], epochs=trial_spec.training.epochs))
+        folds = self._fold_data(trial_spec, dataset)
+        smallest = min(f.n_train for f in folds)
+        if trial_spec.model.batch_norm and trial_spec.model.depth > 0 and smallest < 2:
+            # train_models refuses it; here it is this configuration's problem, not the run's.
+            reason = (
+                "invalid configuration: model.batch_norm needs 2 training samples per fold or more; "
+                f"a fold has {smallest}"
+            )
+            trial.set_user_attr("fail_reason", reason)
+            raise optuna.TrialPruned(reason)
         return _PreparedTrial(
             trial=trial,
             spec=trial_spec,
             dataset=dataset,
-            folds=self._fold_data(trial_spec, dataset),
+            folds=folds,
             baseline=baseline,
             n_params=n_params,
             gradient_stats=gradient_stats,

@@ -320,6 +320,26 @@ def test_a_diverging_trial_is_pruned_with_a_reason_and_the_study_goes_on(fast_tm
     assert outcome.test is not None and math.isfinite(outcome.test["test_loss"])
 
 
+def test_batch_norm_on_folds_of_one_sample_is_pruned_with_a_reason() -> None:
+    # 2 training samples in 2 folds: train_models refuses batch norm there, which ended the run.
+    spec = parse_spec(
+        {
+            "name": "tiny-bn",
+            "dataset": {"name": "polynomial", "train_size": 2, "n_test": 10},
+            "model": {"depth": 1, "width": 4, "batch_norm": True},
+            "training": {"epochs": 1, "batch_size": 8},
+            "cv": {"folds": 2},
+        }
+    )
+    study = optuna.create_study()
+    study.optimize(StudyObjective(spec, load_dataset=_load, objectives=["val_loss"], device=CPU), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs["fail_reason"] == (
+        "invalid configuration: model.batch_norm needs 2 training samples per fold or more; a fold has 1"
+    )
+
+
 def test_an_invalid_combination_of_values_is_pruned_with_a_reason() -> None:
     # degree 10 needs max_degree >= 11: valid alone, invalid together with max_degree 5.
     spec = parse_spec(
