@@ -127,7 +127,8 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
             "cmaes": samplers.CmaEsSampler,
             "nsga2": samplers.NSGAIISampler,
         }
-        return factory[name](seed=spec.seed + seed_offset, **options)
+        # Optuna takes seeds below 2**32; a long-resumed study's offset may pass it.
+        return factory[name](seed=(spec.seed + seed_offset) % 2**32, **options)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"sampler.options: {exc}") from None
 
@@ -140,18 +141,10 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
     through a throwaway in-memory study, sampling the search space and reporting a step.
     """
     sampler, pruner = make_sampler(spec), make_pruner(spec)
+    space = _search_space(spec)
     if spec.sweep is not None or spec.sampler.name == "grid":
-        return
-    from modelsel.spec import FloatDistribution, IntDistribution
-
-    space: dict[str, optuna.distributions.BaseDistribution] = {}
-    for key, dist in spec.search.items():
-        if isinstance(dist, IntDistribution):
-            space[key] = optuna.distributions.IntDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
-        elif isinstance(dist, FloatDistribution):
-            space[key] = optuna.distributions.FloatDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
-        else:
-            space[key] = optuna.distributions.CategoricalDistribution(dist.choices)
+        # A grid's sampler needs no probe (its cells were checked as values); its pruner does.
+        sampler, space = optuna.samplers.RandomSampler(seed=0), {}
     n_objectives = len(spec.objectives or ["default"])
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings concern the probe's trials
@@ -173,6 +166,21 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
                 probe.tell(trial, [value] * n_objectives)
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _search_space(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The spec's search space as Optuna distributions."""
+    from modelsel.spec import FloatDistribution, IntDistribution
+
+    space: dict[str, optuna.distributions.BaseDistribution] = {}
+    for key, dist in spec.search.items():
+        if isinstance(dist, IntDistribution):
+            space[key] = optuna.distributions.IntDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
+        elif isinstance(dist, FloatDistribution):
+            space[key] = optuna.distributions.FloatDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            space[key] = optuna.distributions.CategoricalDistribution(dist.choices)
+    return space
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

@@ -137,6 +137,12 @@ def test_a_run_counts_only_the_trials_it_ran(fast_tmp: Path) -> None:
     assert len(study.trials) == 4
 
 
+def test_a_long_resumed_study_seeds_its_sampler_below_2_to_the_32() -> None:
+    # seed + 104729 x stored trials passed Optuna's limit after ~41,000 trials.
+    sampler = make_sampler(tiny(seed=2**31 - 1), seed_offset=104_729 * 50_000)
+    assert isinstance(sampler, optuna.samplers.RandomSampler)
+
+
 def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
     url = f"sqlite:///{fast_tmp}/s.db"
     outcome = run(tiny(budget={"n_trials": 2}), url, fast_tmp)
@@ -387,6 +393,12 @@ def test_a_bad_storage_url_fails_before_anything_is_written(fast_tmp: Path) -> N
         {"sampler": {"name": "tpe", "options": {"n_startup_trials": "x"}}},
         {"pruner": {"name": "hyperband", "options": {"max_resource": 0}}},
         {"pruner": {"name": "hyperband", "options": {"reduction_factor": 1}}},
+        # ... in a grid search too, whose sampler is not probed.
+        {
+            "pruner": {"name": "hyperband", "options": {"reduction_factor": 1}},
+            "sampler": "grid",
+            "search": {"lr": [0.1, 0.01]},
+        },
     ],
 )
 def test_bad_sampler_or_pruner_options_fail_before_anything_is_written(
