@@ -63,7 +63,10 @@ def _standardizer(X: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     # A column constant in the training rows keeps its scale, as scikit-learn's
     # StandardScaler does: divided by ~0, its values in validation or test rows reached
     # 1e7 and more (a rare one-hot level, a digits pixel that is blank in one fold).
-    constant = std < 10 * torch.finfo(std.dtype).eps
+    # Constant means a variance within rounding of zero (sklearn's _is_constant_feature).
+    n, eps = X.shape[0], torch.finfo(torch.float64).eps
+    var, mean64 = X.double().var(dim=0, keepdim=True, correction=0), mean.double()
+    constant = var <= n * eps * var + (n * mean64 * eps) ** 2
     std = torch.where(constant, torch.ones_like(std), std)
     return lambda Z: (Z - mean) / std
 

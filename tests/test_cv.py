@@ -191,6 +191,10 @@ def test_a_feature_constant_in_the_training_rows_keeps_its_scale() -> None:
     fold = make_fold_data(dataset, splits, device=torch.device("cpu"))[0]
     assert fold.X_train[:, 0].abs().max() == 0.0  # type: ignore[index]
     assert sorted(set(fold.X_val[:, 0].tolist())) == [0.0, 1.0]  # type: ignore[index]
+    # A column that varies, however little, is scaled as ever (as sklearn's StandardScaler does).
+    dataset.X_train[:, 1] = 1e-7 * torch.randn(dataset.X_train.shape[0], generator=torch.Generator().manual_seed(0))
+    fold = make_fold_data(dataset, splits, device=torch.device("cpu"))[0]
+    assert float(fold.X_train[:, 1].std()) == pytest.approx(1.0, rel=1e-3)  # type: ignore[index]
 
 
 # ------------------------------------------------------------- aggregation
