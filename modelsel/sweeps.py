@@ -212,8 +212,26 @@ def _axis_order(values: Sequence[Any]) -> list[Any]:
     """An axis's values in the order the report shows them: ascending when they are all
     numbers (the findings' "below" and "above" and the curves' x axis read that way),
     else as the spec lists them (activations, booleans, a null)."""
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    return sorted(values) if numeric else list(values)
+    numbers = [_as_number(v) for v in values]
+    if any(n is None for n in numbers):
+        return list(values)
+    order = sorted(range(len(values)), key=lambda i: numbers[i] or 0.0)
+    return [values[i] for i in order]
+
+
+def _as_number(value: Any) -> float | None:
+    """A grid value as a number: ints and floats, and strings such as '1e-3' (PyYAML reads
+    an exponent without a dot as a string); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -590,7 +608,7 @@ def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, by
         "the best. Every row is in sweep.csv."
     )
     summary = cell_summary(frame, axes)
-    shown = summary.drop(columns=["seeds"] if (summary["seeds"] == 1).all() else [])
+    shown = summary.drop(columns=["seeds"] if (summary["seeds"] <= 1).all() else [])  # one seed a cell
     findings.tables.append(_format_table(shown))
 
     def add(fig: plt.Figure | None, title: str, filename: str, caption: str = "") -> None:

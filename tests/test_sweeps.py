@@ -201,12 +201,12 @@ def test_the_best_cell_is_averaged_over_seeds_and_a_pruned_seed_is_not_counted()
 
 def test_a_numeric_axis_is_shown_in_ascending_order(tmp_path: Path) -> None:
     # Listed as [0.01, 0.001, 0], the findings called 0.001 "below" a best cell at 0.01.
-    sweep = {"weight_decay": [0.01, 0.001, 0], "activation": ["tanh", "relu"]}
+    sweep = {"weight_decay": [0.01, "1e-3", 0], "activation": ["tanh", "relu"]}  # PyYAML's "1e-3" is a string
     spec = parse_spec(tiny_spec_data(name="order", sweep=sweep))
     outcome = run_study(spec, output_dir=tmp_path, progress=False, build_report=False)
     study = optuna.load_study(study_name="order", storage=outcome.storage_url)
     frame = sweep_frame(study)
-    assert frame["weight_decay"].drop_duplicates().tolist() == [0, 0.001, 0.01]
+    assert frame["weight_decay"].drop_duplicates().tolist() == [0, "1e-3", 0.01]
     assert frame["activation"].drop_duplicates().tolist() == ["tanh", "relu"]  # as listed: not numbers
 
 
