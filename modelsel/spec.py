@@ -779,6 +779,10 @@ def _check_grids(spec: StudySpec) -> None:
     wheres = [f"sweep.{i}" if isinstance(spec.sweep, list) else "sweep" for i in range(len(grids))]
     for grid, where in zip(grids, wheres, strict=True):
         _one_key_per_field(spec, list(grid.axes), where=where)
+        seeded = [a for a in grid.axes if resolve_field(spec, a) == ("study", "seed")]
+        if seeded and grid.repeats > 1:
+            # The repeats' seeds would silently replace the listed ones.
+            raise ValueError(f"{where}.{seeded[0]} and {where}.repeats both set the seeds; keep one")
     if len({frozenset(resolve_field(spec, a) for a in g.axes) for g in grids}) != len(grids):
         raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
     for grid, where in zip(grids, wheres, strict=True):

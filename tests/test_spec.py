@@ -367,6 +367,12 @@ def test_a_float_distribution_over_a_field_that_takes_floats() -> None:
     assert isinstance(loaded.search["train_size"], FloatDistribution)
 
 
+def test_a_swept_seed_and_repeats_cannot_both_set_the_seeds() -> None:
+    message = spec_error(spec(sweep={"width": [4], "seed": [10, 20], "repeats": 3}))
+    assert message == "s.yaml: sweep.seed and sweep.repeats both set the seeds; keep one"
+    assert parse_spec(spec(sweep={"width": [4], "seed": [10, 20]})).sweep is not None
+
+
 def test_batch_norm_needs_batches_of_two_samples_fixed_searched_or_swept() -> None:
     # One sample per batch has no batch statistics: torch's BatchNorm1d refuses it in
     # training, and the stacked engine would train on zeros.
