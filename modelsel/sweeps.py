@@ -453,8 +453,11 @@ def selected_trials(frame: pd.DataFrame, axes: Sequence[str]) -> list[tuple[int,
     if not done.empty:
         # The cell with the lowest validation error averaged over its seeds, as sweep.csv's
         # best_cell and the regime map's star; not the single best seed of any cell.
-        cells = done.groupby([done[a].map(value_key) for a in axes], sort=False)["val_error"].mean()
-        best_key = cells.idxmin()
+        # Ties go to the cell of the earliest trial, as the study's selection breaks them.
+        cells = done.groupby([done[a].map(value_key) for a in axes], sort=False).agg(
+            val_error=("val_error", "mean"), first_trial=("trial", "min")
+        )
+        best_key = cells.sort_values(["val_error", "first_trial"]).index[0]
         best_key = best_key if isinstance(best_key, tuple) else (best_key,)
         in_best = done[[tuple(value_key(r[a]) for a in axes) == best_key for _, r in done.iterrows()]]
         picks.append((int(in_best.iloc[0]["trial"]), "best cell"))

@@ -193,6 +193,9 @@ def test_the_best_cell_is_averaged_over_seeds_and_a_pruned_seed_is_not_counted()
         }
     )
     assert selected_trials(frame, ["width"])[0] == (3, "best cell")  # width 16, its first seed
+    # A tie goes to the cell of the earliest trial (width 64 holds trial 0), as best_trial's does.
+    tied = frame.assign(val_error=[0.125, 0.0625, 0.03125, 0.15625, None])  # exact means: 0.09375 each
+    assert selected_trials(tied, ["width"])[0] == (0, "best cell")
     frame["fold_val_errors"] = [[v] for v in frame["val_error"]]
     frame["fold_train_errors"] = [[v] for v in frame["train_error"]]
     frame["regime"], frame["best_cell"] = frame["sweep_regime"], False
