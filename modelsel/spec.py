@@ -90,6 +90,22 @@ def _bool_for_number(annotation: Any, value: Any) -> str | None:
     return None
 
 
+def value_key(value: Any) -> str:
+    """A comparable text key for a grid value (numpy scalars and 0 vs 0.0 agree)."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, str)):
+        value = value.item()
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(float(value))
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def params_key(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A comparable key for a trial's parameters (a grid cell; with the seed, a trial of it)."""
+    return tuple(sorted((name, value_key(value)) for name, value in params.items()))
+
+
 #: The trial parameter of a sweep's repeats (``sweep.repeats`` > 1): the seed of each.
 SWEEP_SEED_PARAM = "seed"
 

@@ -15,7 +15,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from modelsel.spec import (
     OBJECTIVE_DIRECTIONS,
     SWEEP_SEED_PARAM,
     StudySpec,
+    params_key,
     resolve_field,
     trial_fold_epochs_cap,
     with_params,
@@ -422,15 +423,12 @@ def requeue_failed_cells(study: optuna.Study) -> int:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
 
-    def cell(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-        return tuple(sorted((name, repr(value)) for name, value in params.items()))
-
     trials = study.get_trials(deepcopy=False)
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    covered = {cell(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.state in live}
+    covered = {params_key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.state in live}
     requeued = 0
     for trial in trials:
-        key = cell(trial.params)
+        key = params_key(trial.params)
         if trial.state == TrialState.FAIL and trial.params and key not in covered:
             system_attrs = {k: v for k, v in trial.system_attrs.items() if k in ("grid_id", "search_space")}
             study.add_trial(
@@ -791,10 +789,10 @@ def _best_cell_trial(complete: Sequence[FrozenTrial], direction: optuna.study.St
     whose value, averaged over its completed seeds, is best. The best single seed of any
     cell would select by the luck of a seed (and, for data drawn from the seed, compare
     trials on different data)."""
-    cells: dict[str, list[FrozenTrial]] = {}
+    cells: dict[tuple[tuple[str, str], ...], list[FrozenTrial]] = {}
     for trial in complete:
         cell = {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM}
-        cells.setdefault(json.dumps(cell, sort_keys=True, default=str), []).append(trial)
+        cells.setdefault(params_key(cell), []).append(trial)
     sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
     best = min(cells.values(), key=lambda trials: sign * statistics.fmean(float(t.values[0]) for t in trials))
     return min(best, key=lambda t: (t.params.get(SWEEP_SEED_PARAM, 0), t.number))

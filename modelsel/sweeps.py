@@ -50,7 +50,7 @@ from modelsel.regimes import (
     error_name,
     numbers_from_attrs,
 )
-from modelsel.spec import RegimeSpec, StudySpec
+from modelsel.spec import RegimeSpec, StudySpec, value_key
 
 if TYPE_CHECKING:
     from modelsel.report import Section
@@ -63,17 +63,6 @@ _MODEL_LIKE_DATA_FIELDS = {"degree"}
 
 
 # ------------------------------------------------------------------------- spec
-
-
-def value_key(value: Any) -> str:
-    """A comparable text key for a grid value (numpy scalars and 0 vs 0.0 agree)."""
-    if hasattr(value, "item") and not isinstance(value, (list, tuple, str)):
-        value = value.item()
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        return repr(float(value))
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 def sweep_info(study: optuna.Study) -> tuple[list[str], list[str], RegimeSpec, dict[str, Any]] | None:
