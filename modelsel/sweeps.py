@@ -295,11 +295,11 @@ def plot_validation_curve(summary: pd.DataFrame, axis: str, axes: Sequence[str],
     )
     for spare in grid.flat[len(panels) :]:
         spare.set_visible(False)
-    axs = [list(grid.flat[: len(panels)])]
+    axs = list(grid.flat[: len(panels)])
     values_all = list(summary["val_error"].dropna()) + list(summary["train_error"].dropna())
     log = error != "error" and _log_scale(values_all)  # error rates stay linear
     seen: set[str] = set()
-    for ax, (_, panel) in zip(axs[0], panels, strict=False):
+    for ax, (_, panel) in zip(axs, panels, strict=True):
         xs = list(range(len(panel)))
         labels = [_fmt(v) for v in panel[axis]]
         for x, regime in zip(xs, panel["sweep_regime"], strict=True):
@@ -331,8 +331,8 @@ def plot_validation_curve(summary: pd.DataFrame, axis: str, axes: Sequence[str],
             ax.set_yscale("log")
     for row in grid:
         row[0].set_ylabel(error)
-    handles, _ = axs[0][0].get_legend_handles_labels()
-    axs[0][-1].legend(handles=handles + _regime_legend(axs[0][-1], sorted(seen)), fontsize=7, loc="best")
+    handles, _ = axs[0].get_legend_handles_labels()
+    axs[-1].legend(handles=handles + _regime_legend(axs[-1], sorted(seen)), fontsize=7, loc="best")
     sns.despine(fig)
     fig.tight_layout()
     return fig
@@ -443,13 +443,12 @@ def selected_trials(frame: pd.DataFrame, axes: Sequence[str]) -> list[tuple[int,
         # The cell with the lowest validation error averaged over its seeds, as sweep.csv's
         # best_cell and the regime map's star; not the single best seed of any cell.
         # Ties go to the cell of the earliest trial, as the study's selection breaks them.
+        # The frame is in seed order within a cell, so "first" is the first finished seed.
         cells = done.groupby([done[a].map(value_key) for a in axes], sort=False).agg(
-            val_error=("val_error", "mean"), first_trial=("trial", "min")
+            val_error=("val_error", "mean"), first_trial=("trial", "min"), shown=("trial", "first")
         )
-        best_key = cells.sort_values(["val_error", "first_trial"]).index[0]
-        best_key = best_key if isinstance(best_key, tuple) else (best_key,)
-        in_best = done[[tuple(value_key(r[a]) for a in axes) == best_key for _, r in done.iterrows()]]
-        picks.append((int(in_best.iloc[0]["trial"]), "best cell"))
+        best = cells.sort_values(["val_error", "first_trial"]).iloc[0]
+        picks.append((int(best["shown"]), "best cell"))
         for regime, column in (("underfit", "train_error"), ("overfit", "gap")):
             group = done[done["sweep_regime"] == regime]
             if not group.empty:
@@ -645,9 +644,9 @@ def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, by
 # ------------------------------------------------------------- several grids
 
 
-def map_name(spec: StudySpec, axes: Sequence[str]) -> str:
-    """Study name of one grid of a multi-grid sweep: ``<name>-<axis>-x-<axis>``."""
-    return f"{spec.name}-{'-x-'.join(a.replace('.', '_') for a in axes)}"
+def map_name(name: str, axes: Sequence[str]) -> str:
+    """Study name of one grid of the multi-grid sweep ``name``: ``<name>-<axis>-x-<axis>``."""
+    return f"{name}-{'-x-'.join(a.replace('.', '_') for a in axes)}"
 
 
 def map_specs(spec: StudySpec) -> list[StudySpec]:
@@ -655,7 +654,7 @@ def map_specs(spec: StudySpec) -> list[StudySpec]:
     if not isinstance(spec.sweep, list):
         return [spec]
     return [
-        spec.model_copy(update={"name": map_name(spec, list(grid.axes)), "sweep": grid})
+        spec.model_copy(update={"name": map_name(spec.name, list(grid.axes)), "sweep": grid})
         for grid in spec.sweep
     ]
 
@@ -687,7 +686,7 @@ def stored_maps(storage_url: str, name: str) -> tuple[StudySpec, list[optuna.Stu
         sweep = data.get("sweep")
         if not (isinstance(axes, list) and isinstance(sweep, dict) and isinstance(sweep.get("axes"), dict)):
             continue
-        if summary.study_name != f"{name}-{'-x-'.join(str(a).replace('.', '_') for a in axes)}":
+        if summary.study_name != map_name(name, [str(a) for a in axes]):
             continue
         studies.append(study)
         grids.append({**sweep, "axes": {axis: sweep["axes"][axis] for axis in axes}})
