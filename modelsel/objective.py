@@ -414,7 +414,7 @@ class StudyObjective:
             callbacks.append(PruningCallback(trial, self.objectives[0], epochs=trial_spec.training.epochs))
         folds = self._fold_data(trial_spec, dataset)
         smallest = min(f.n_train for f in folds)
-        if trial_spec.model.batch_norm and trial_spec.model.depth > 0 and smallest < 2:
+        if trial_spec.model.normalizes_batches and smallest < 2:
             # train_models refuses it; here it is this configuration's problem, not the run's.
             reason = (
                 "invalid configuration: model.batch_norm needs 2 training samples per fold or more; "

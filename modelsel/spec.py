@@ -171,6 +171,12 @@ class ModelSpec(_Section):
             return tuple(self.width)
         return (self.width,) * self.depth
 
+    @property
+    def normalizes_batches(self) -> bool:
+        """Whether the model has batch norm (only hidden layers have it): it then trains on
+        batches of 2 samples or more."""
+        return self.batch_norm and self.depth > 0
+
 
 # ------------------------------------------------------------------------ training
 
@@ -758,7 +764,7 @@ def _validated_seed(value: Any) -> int:
 def batch_norm_batch_problem(model: ModelSpec, training: TrainingSpec) -> str | None:
     """Why ``model`` cannot train with ``training``'s batches (batch norm normalizes each
     unit over a batch, so it needs two samples or more), or None."""
-    if model.batch_norm and model.depth > 0 and training.batch_size < 2:
+    if model.normalizes_batches and training.batch_size < 2:
         return (
             f"model.batch_norm needs batches of 2 samples or more (training.batch_size is "
             f"{training.batch_size}); raise batch_size or set batch_norm: false"

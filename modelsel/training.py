@@ -398,7 +398,7 @@ def train_models(
     problem = batch_norm_batch_problem(model_spec, training)
     if problem:
         raise ValueError(problem)
-    if model_spec.batch_norm and model_spec.depth > 0:
+    if model_spec.normalizes_batches:
         for index, data in enumerate(members):
             if data.n_train < 2:
                 raise ValueError(
