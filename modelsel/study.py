@@ -553,14 +553,13 @@ def _optimize(
         return 0
     # n_trials bounds this process's own attempts; MaxTrialsCallback stops at the shared total.
     n_trials = None if remaining is None else remaining * 3 + 10
-    started = time.monotonic()
+    deadline = None if timeout is None else time.monotonic() + timeout
     with unfinished_trials_failed():
         while True:
-            left_s = None if timeout is None else timeout - (time.monotonic() - started)
             study.optimize(
                 objective,
                 n_trials=n_trials,
-                timeout=left_s,
+                timeout=None if deadline is None else deadline - time.monotonic(),
                 callbacks=callbacks,
                 gc_after_trial=False,
                 catch=(),
@@ -568,7 +567,7 @@ def _optimize(
             # GridSampler stops a study once every cell was visited, a failed one too:
             # cells queued again (requeue_failed_cells) may still be waiting then.
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            out_of_time = left_s is not None and timeout is not None and time.monotonic() - started >= timeout
+            out_of_time = deadline is not None and time.monotonic() >= deadline
             out_of_budget = (target is not None or capped) and budget_left(study) <= 0
             if not waiting or out_of_time or out_of_budget:
                 break
