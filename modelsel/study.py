@@ -141,11 +141,13 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
     (TPE's ``n_startup_trials: 'x'``, Hyperband's ``max_resource: 0``): so two trials go
     through a throwaway in-memory study, sampling the search space and reporting a step.
     """
-    sampler, pruner = make_sampler(spec), make_pruner(spec)
-    space = _search_space(spec)
+    pruner = make_pruner(spec)
     if spec.sweep is not None or spec.sampler.name == "grid":
         # A grid's sampler needs no probe (its cells were checked as values); its pruner does.
-        sampler, space = optuna.samplers.RandomSampler(seed=0), {}
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=0)
+        space: dict[str, optuna.distributions.BaseDistribution] = {}
+    else:
+        sampler, space = make_sampler(spec), _search_space(spec)
     n_objectives = len(spec.objectives or ["default"])
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings concern the probe's trials
@@ -647,7 +649,6 @@ def run_study(
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"device": device})})
     storage_url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     storage_kind(storage_url)
-    check_sampler_and_pruner(spec)  # before anything is written
     early_refit: EarlyRefit | None = None
     draft: ReportDraft | None = None
     with _worker_pool(spec, workers, storage_url) as pool:
@@ -664,6 +665,9 @@ def run_study(
                 "budget: give n_trials, timeout or fold_epochs (or --n-trials/--timeout/--fold-epochs), "
                 "or the study never ends"
             )
+        # Here, not before the pool: the check may import the training stack (a grid's cells,
+        # the fold-paired pruner), which the spawned workers import meanwhile.
+        check_sampler_and_pruner(spec)
         task = preflight(spec)
         is_default_storage = storage is None and spec.storage is None
         study = _open_study(spec, storage_url, create_parent=is_default_storage, task=task)
