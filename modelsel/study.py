@@ -76,6 +76,9 @@ class StudyOutcome:
     best_trial_number: int | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     best_values: list[float] = field(default_factory=list)
+    #: The first objective's value the selection ranked the selected trial by: its own
+    #: value, or for a sweep with repeats its cell's mean over the completed seeds.
+    selection_value: float | None = None
     cv_mean: float | None = None
     cv_std: float | None = None
     metric_name: str = "accuracy"
@@ -787,18 +790,37 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return min(front, key=lambda t: sign * t.values[0])
 
 
+def _cells(complete: Sequence[FrozenTrial]) -> dict[tuple[tuple[str, str], ...], list[FrozenTrial]]:
+    """Completed trials grouped by sweep cell (their parameters but the ``seed`` repeat)."""
+    cells: dict[tuple[tuple[str, str], ...], list[FrozenTrial]] = {}
+    for trial in complete:
+        cell = {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM}
+        cells.setdefault(params_key(cell), []).append(trial)
+    return cells
+
+
+def _cell_mean(trials: Sequence[FrozenTrial]) -> float:
+    return statistics.fmean(float(t.values[0]) for t in trials)
+
+
 def _best_cell_trial(complete: Sequence[FrozenTrial], direction: optuna.study.StudyDirection) -> FrozenTrial:
     """For a sweep with repeats (a ``seed`` parameter): the first seed's trial of the cell
     whose value, averaged over its completed seeds, is best. The best single seed of any
     cell would select by the luck of a seed (and, for data drawn from the seed, compare
     trials on different data)."""
-    cells: dict[tuple[tuple[str, str], ...], list[FrozenTrial]] = {}
-    for trial in complete:
-        cell = {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM}
-        cells.setdefault(params_key(cell), []).append(trial)
     sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
-    best = min(cells.values(), key=lambda trials: sign * statistics.fmean(float(t.values[0]) for t in trials))
+    best = min(_cells(complete).values(), key=lambda trials: sign * _cell_mean(trials))
     return min(best, key=lambda t: (t.params.get(SWEEP_SEED_PARAM, 0), t.number))
+
+
+def selection_value(study: optuna.Study, selected: FrozenTrial) -> float:
+    """The first objective's value :func:`best_trial` ranked ``selected`` by: the mean of
+    its cell's completed seeds for a sweep with repeats, else the trial's own value."""
+    if SWEEP_SEED_PARAM not in selected.params:
+        return float(selected.values[0])
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    cell = {k: v for k, v in selected.params.items() if k != SWEEP_SEED_PARAM}
+    return _cell_mean(_cells(complete)[params_key(cell)])
 
 
 @dataclass
@@ -925,6 +947,7 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         outcome.best_trial_number = selected.number
         outcome.best_params = dict(selected.params)
         outcome.best_values = list(selected.values)
+        outcome.selection_value = selection_value(study, selected)
         primary = objectives[0]
         attrs = selected.user_attrs
         outcome.metric_name = attrs.get("metric_name", "accuracy")

@@ -745,11 +745,12 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
 def _best_outcome(outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
     from modelsel.spec import OBJECTIVE_DIRECTIONS
 
-    scored = [o for o in outcomes if o.best_values]
+    scored = [(o.selection_value, o) for o in outcomes if o.selection_value is not None]
     if not scored:
         return outcomes[0]
-    sign = -1 if OBJECTIVE_DIRECTIONS.get(scored[0].objectives[0]) == "maximize" else 1
-    return min(scored, key=lambda o: sign * o.best_values[0])
+    sign = -1 if OBJECTIVE_DIRECTIONS.get(outcomes[0].objectives[0]) == "maximize" else 1
+    # Each map's selected cell as its own selection ranked it (a cell's mean over its seeds).
+    return min(scored, key=lambda pair: sign * pair[0])[1]
 
 
 def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, output_dir: str | Path) -> Path:
