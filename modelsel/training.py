@@ -340,6 +340,46 @@ class _Member:
         self.best_state: dict[str, torch.Tensor] | None = None
 
 
+def check_members(members: Sequence[FoldData], *, task: Task) -> None:
+    """Check that the members' tensors are what the models take.
+
+    Raises
+    ------
+    ValueError
+        Naming the member, the tensor and the fix: inputs must be 2-D float32 with
+        the same number of columns in every member, targets 1-D, one per input row,
+        int64 class indices for classification and float32 for regression.
+    """
+    if not members:
+        raise ValueError("train_models needs at least one member")
+    target_dtype = torch.int64 if task == "classification" else torch.float32
+    fix = {torch.float32: ".float()", torch.int64: ".long()"}
+    first_inputs = members[0].training_rows()[0]
+    n_inputs = int(first_inputs.shape[1]) if first_inputs.dim() == 2 else -1
+    for index, data in enumerate(members):
+        X, y, _ = data.training_rows()
+        pairs = [("training", X, y)]
+        if data.X_val is not None and data.y_val is not None:
+            pairs.append(("validation", data.X_val, data.y_val))
+        for split, inputs, targets in pairs:
+            where = f"member {index}'s {split}"
+            if inputs.dtype != torch.float32:
+                raise ValueError(f"{where} inputs are {inputs.dtype}; the models take float32 (convert with .float())")
+            if inputs.dim() != 2 or inputs.shape[1] != n_inputs:
+                wanted = f"[rows, {n_inputs}] like member 0's" if n_inputs > 0 else "[rows, features]"
+                raise ValueError(f"{where} inputs have shape {tuple(inputs.shape)}; they need {wanted}")
+            if targets.dtype != target_dtype:
+                raise ValueError(
+                    f"{where} targets are {targets.dtype}; {task} needs {target_dtype} "
+                    f"(convert with {fix[target_dtype]})"
+                )
+            if targets.dim() != 1 or targets.shape[0] != inputs.shape[0]:
+                raise ValueError(
+                    f"{where} targets have shape {tuple(targets.shape)}; they need one value per input row "
+                    f"([{inputs.shape[0]}])"
+                )
+
+
 def train_models(
     members: Sequence[FoldData],
     *,
@@ -391,10 +431,13 @@ def train_models(
     Diverged
         When a member's training loss becomes NaN or infinite.
     ValueError
-        When batch norm would see a batch of one sample (``batch_size`` 1, or a member
-        with one training sample).
+        When a member's tensors are not what the models take (2-D float32 inputs with
+        one width for all members; int64 class indices or float32 targets, one per
+        row), or batch norm would see a batch of one sample (``batch_size`` 1, or a
+        member with one training sample).
     """
     device = torch.device(device)
+    check_members(members, task=task)
     problem = batch_norm_batch_problem(model_spec, training)
     if problem:
         raise ValueError(problem)

@@ -248,6 +248,47 @@ def test_batch_norm_refuses_batches_of_one_sample() -> None:
     assert linear.history.epochs_run == 5
 
 
+def test_tensors_the_models_cannot_take_are_refused_by_name() -> None:
+    X, y = blobs(32)
+    classification = "classification"
+    cases = [
+        (
+            [FoldData(X_train=X.double(), y_train=y)],
+            classification,
+            r"member 0's training inputs are torch.float64; .*\.float\(\)",
+        ),
+        (
+            [FoldData(X_train=X, y_train=y.int())],
+            classification,
+            r"member 0's training targets are torch.int32; classification needs torch.int64 \(convert with \.long",
+        ),
+        (
+            [FoldData(X_train=X, y_train=y, X_val=X, y_val=y.float())],
+            classification,
+            "member 0's validation targets are torch.float32",
+        ),
+        (
+            [FoldData(X_train=X, y_train=y), FoldData(X_train=X[:, :3], y_train=y)],
+            classification,
+            r"member 1's training inputs have shape \(32, 3\); they need \[rows, 4\]",
+        ),
+        (
+            [FoldData(X_train=X[0], y_train=y)],
+            classification,
+            r"member 0's training inputs have shape \(4,\); they need \[rows, features",
+        ),
+        ([], classification, "at least one member"),
+        (
+            [FoldData(X_train=X, y_train=y.float()[:, None])],
+            "regression",
+            r"member 0's training targets have shape \(32, 1\); they need one value per input row",
+        ),
+    ]
+    for members, task, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fit(members, task=task)
+
+
 # -------------------------------------------------------------- reproducibility
 
 
