@@ -108,6 +108,17 @@ def warm_up() -> None:
     figure_to_base64(fig)
 
 
+def _objective_label(objective: str) -> str:
+    """What an objective's values are, for an axis label."""
+    if objective.startswith("val_"):
+        return f"CV {objective} (fold mean)"
+    if objective == "fit_seconds":
+        return "fit_seconds (all folds' training)"
+    if objective == "n_params":
+        return "n_params (model parameters)"
+    return objective
+
+
 def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
     """Optimization history: each finished trial's first objective and the best so far."""
     objectives = study.user_attrs.get("objectives") or ["value_0"]
@@ -124,7 +135,7 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
     if not pruned.empty:
         ax.scatter(pruned["trial"], [best.iloc[0]] * len(pruned), marker="x", color="grey", label="pruned")
     ax.set_xlabel("trial")
-    ax.set_ylabel(f"CV {primary} (fold mean)")
+    ax.set_ylabel(_objective_label(primary))
     ax.legend(loc="best", fontsize=8)
     sns.despine(fig)
     return Figure("Optimization history", figure_to_base64(fig), "Pruned trials are marked on the first value.")

@@ -6,6 +6,7 @@ import base64
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -162,3 +163,32 @@ def test_warm_up_leaves_no_figure_open() -> None:
     before = set(plt.get_fignums())
     warm_up()
     assert set(plt.get_fignums()) == before
+
+
+@pytest.mark.parametrize(
+    ("objective", "label"),
+    [("val_accuracy", "CV val_accuracy (fold mean)"), ("fit_seconds", "fit_seconds (all folds' training)")],
+)
+def test_the_history_plot_says_what_its_values_are(
+    objective: str, label: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.pyplot as plt
+
+    import modelsel.report as report
+
+    direction = "maximize" if objective == "val_accuracy" else "minimize"
+    study = optuna.create_study(direction=direction)
+    study.set_user_attr("objectives", [objective])
+    for value in (0.5, 0.7):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    labels: list[str] = []
+
+    def capture(fig: Any) -> str:
+        labels.append(fig.axes[0].get_ylabel())
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "figure_to_base64", capture)
+    frame = pd.DataFrame({"trial": [0, 1], "state": ["complete"] * 2, objective: [0.5, 0.7]})
+    assert report.plot_history(study, frame) is not None
+    assert labels == [label]
