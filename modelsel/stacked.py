@@ -423,7 +423,7 @@ class StackedTrainer:
         self.batch_size = first.training.batch_size
         self.full_train_metrics = first.training.train_metrics == "full"
         self.classification = task == "classification"
-        self.batch_norm = first.model.batch_norm
+        self.batch_norm = first.model.normalizes_batches  # a linear model (depth 0) has no batch-norm layer
         self.n_inputs = first.data.n_inputs
         # Members seed the global RNG for their initial weights; the caller's RNG state stays as it was.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -454,7 +454,7 @@ class StackedTrainer:
         model = build_mlp(job.model, n_inputs=self.n_inputs, n_outputs=n_outputs).to(self.device)
         n = job.data.n_train
         generator = torch.Generator().manual_seed(member_seed(job.seed + 1, job.index))
-        stop = stop_index(n, self.batch_size, batch_norm=job.model.batch_norm)
+        stop = stop_index(n, self.batch_size, batch_norm=job.model.normalizes_batches)
         return _MemberState(position, job, model, n, stop, generator)
 
     @staticmethod

@@ -155,6 +155,16 @@ def test_stacked_matches_sequential(feature: str) -> None:
     )
 
 
+def test_batch_norm_asked_of_a_linear_model_changes_neither_engine() -> None:
+    # depth 0 has no batch-norm layer, so a last batch of one sample (17 = 2 x 8 + 1)
+    # is trained on, not dropped as a batch-norm model must drop it.
+    members = folds((17, 33, 36))
+    training = {"optimizer": "sgd", "lr": 0.5}
+    plain = run(members, "sequential", model={"depth": 0}, training=training)
+    for engine in ("sequential", "stacked"):
+        assert_same_training(plain, run(members, engine, model={"depth": 0, "batch_norm": True}, training=training))
+
+
 def test_xavier_uniform_and_regression_match() -> None:
     model = {"depth": 1, "width": 16, "init": "xavier_uniform"}
     members = folds(task="regression")
