@@ -430,11 +430,14 @@ def requeue_failed_cells(study: optuna.Study) -> int:
 
     trials = study.get_trials(deepcopy=False)
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    covered = {params_key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.state in live}
+    covered = {_grid_cell(t) for t in trials if t.state in live}
     requeued = 0
     for trial in trials:
-        key = params_key(trial.params)
-        if trial.state == TrialState.FAIL and trial.params and key not in covered:
+        cell = _grid_cell(trial)
+        # A trial asked to be stacked beside another holds its cell (grid_id) before it
+        # suggests a parameter: stopped then, it fails without any, and the sampler's
+        # grid_id gives the waiting trial its parameters.
+        if trial.state == TrialState.FAIL and (trial.params or "grid_id" in trial.system_attrs) and cell not in covered:
             system_attrs = {k: v for k, v in trial.system_attrs.items() if k in ("grid_id", "search_space")}
             study.add_trial(
                 optuna.trial.create_trial(
@@ -444,9 +447,17 @@ def requeue_failed_cells(study: optuna.Study) -> int:
                     system_attrs={**system_attrs, "failed_trial": trial.number},
                 )
             )
-            covered.add(key)
+            covered.add(cell)
             requeued += 1
     return requeued
+
+
+def _grid_cell(trial: FrozenTrial) -> tuple[str, Any]:
+    """The grid cell a trial trains: GridSampler's ``grid_id``, else its parameters
+    (a trial enqueued with fixed parameters has no grid_id)."""
+    if "grid_id" in trial.system_attrs:
+        return ("grid_id", trial.system_attrs["grid_id"])
+    return ("params", params_key(trial.params or trial.system_attrs.get("fixed_params", {})))
 
 
 def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task: str) -> optuna.Study:

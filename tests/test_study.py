@@ -92,15 +92,18 @@ def test_a_resumed_run_stores_its_budget_and_description(fast_tmp: Path) -> None
 
 
 @pytest.mark.parametrize(
-    ("widths", "finished_first", "stopped"),
+    ("widths", "finished_first", "stopped", "suggested"),
     [
-        ([4, 8, 12, 16], 2, 1),  # the stopped cell and one never started are left
-        ([4, 8, 12], 1, 1),  # one cell left beside the stopped one (GridSampler's last-cell check)
-        ([4, 8, 12, 16], 2, 2),  # every cell started: GridSampler stops the study after each trial
+        ([4, 8, 12, 16], 2, 1, True),  # the stopped cell and one never started are left
+        ([4, 8, 12], 1, 1, True),  # one cell left beside the stopped one (GridSampler's last-cell check)
+        ([4, 8, 12, 16], 2, 2, True),  # every cell started: GridSampler stops the study after each trial
+        # Trials asked to be stacked beside a leader hold their cell (grid_id) before they
+        # suggest anything; stopped then, they fail without parameters.
+        ([4, 8, 12, 16, 20], 1, 3, False),
     ],
 )
 def test_a_sweep_cell_stopped_by_ctrl_c_is_trained_when_the_sweep_is_resumed(
-    fast_tmp: Path, widths: list[int], finished_first: int, stopped: int
+    fast_tmp: Path, widths: list[int], finished_first: int, stopped: int, suggested: bool
 ) -> None:
     # Optuna's GridSampler counts a failed trial's cell as visited: the cell was never
     # trained, and a later run trained a finished cell twice.
@@ -111,7 +114,8 @@ def test_a_sweep_cell_stopped_by_ctrl_c_is_trained_when_the_sweep_is_resumed(
     for _ in range(stopped):  # the next cells, as Ctrl-C leaves them
         study.sampler = make_sampler(sweep)
         trial = study.ask()
-        trial.suggest_categorical("width", widths)
+        if suggested:
+            trial.suggest_categorical("width", widths)
         study.sampler = optuna.samplers.RandomSampler()  # GridSampler would stop a study outside optimize
         study.tell(trial, state=TrialState.FAIL)
     outcome = run(sweep, url, fast_tmp)
