@@ -460,6 +460,11 @@ def _grid_cell(trial: FrozenTrial) -> tuple[str, Any]:
     return ("params", params_key(trial.params or trial.system_attrs.get("fixed_params", {})))
 
 
+#: How long a run waits for the description of a study that another process has just
+#: created (it writes it right after the study's row), before it takes the study over.
+_NEW_STUDY_WAIT_S = 3.0
+
+
 def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task: str) -> optuna.Study:
     storage = open_storage(storage_url, create_parent=create_parent)
     objectives = spec.resolved_objectives(task)  # type: ignore[arg-type]
@@ -469,8 +474,10 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
         existing = optuna.load_study(study_name=spec.name, storage=storage)
     except KeyError:
         existing = None
+    if existing is not None and "spec" not in existing.user_attrs:
+        existing = _undescribed_study(existing, spec, storage, storage_url, directions)
     if existing is not None:
-        stored = json.loads(existing.user_attrs.get("spec", "{}"))
+        stored = json.loads(existing.user_attrs["spec"])
         for key in _RUN_ONLY_TRAINING_KEYS:  # fingerprints stored before device was run-only
             stored.get("training", {}).pop(key, None)
         changed = _differences(stored, fingerprint)
@@ -494,6 +501,44 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
         pruner=make_pruner(spec),
         load_if_exists=True,
     )
+    _describe_study(study, spec, fingerprint, objectives, task)
+    return study
+
+
+def _undescribed_study(
+    study: optuna.Study,
+    spec: StudySpec,
+    storage: optuna.storages.BaseStorage,
+    storage_url: str,
+    directions: list[optuna.study.StudyDirection],
+) -> optuna.Study | None:
+    """A stored study without modelsel's description of what it measures: one another
+    process has just created (its description follows within moments: wait for it),
+    or one whose creator stopped before it wrote it (no trials: None, take it over).
+
+    Raises
+    ------
+    UserError
+        When it has trials (a study not made by modelsel), or other directions.
+    """
+    deadline = time.monotonic() + _NEW_STUDY_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        if "spec" in study.user_attrs:
+            return study
+    if study.get_trials(deepcopy=False) or study.directions != directions:
+        raise UserError(
+            f"study '{spec.name}' in {display_url(storage_url)} was not created by modelsel "
+            "(it has no stored spec); rename the study or use another --storage"
+        )
+    return None  # created by a run stopped at once: made again below, as new
+
+
+def _describe_study(
+    study: optuna.Study, spec: StudySpec, fingerprint: dict[str, Any], objectives: list[str], task: str
+) -> None:
+    """Store what a new study measures: enough to check a resume, and to rebuild its report."""
     study.set_user_attr("spec", json.dumps(fingerprint, sort_keys=True))
     study.set_user_attr("spec_full", spec.to_json())
     if spec.sweep_list():
@@ -502,7 +547,6 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     study.set_user_attr("task", task)
     study.set_user_attr("modelsel_version", __version__)
     study.set_user_attr("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return study
 
 
 def study_objective(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,61 @@ def test_a_sweep_cell_stopped_by_ctrl_c_is_trained_when_the_sweep_is_resumed(
     assert not optuna.load_study(study_name="tiny", storage=url).get_trials(states=(TrialState.WAITING,))
     # A finished sweep trains nothing more.
     assert run(sweep, url, fast_tmp).n_trained_this_run == 0
+
+
+def test_a_study_whose_creator_stopped_before_describing_it_is_taken_over(
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C between Optuna's create_study and modelsel's description of the study left
+    # a study every later run refused as "created from a different spec".
+    import modelsel.study as study_module
+
+    monkeypatch.setattr(study_module, "_NEW_STUDY_WAIT_S", 0.2)
+    url = f"sqlite:///{fast_tmp}/s.db"
+    optuna.create_study(study_name="tiny", storage=url, direction="maximize")
+    outcome = run(tiny(budget={"n_trials": 1}), url, fast_tmp)
+    assert outcome.n_complete == 1
+    assert "spec" in optuna.load_study(study_name="tiny", storage=url).user_attrs
+    # A study with trials but no description was not made by modelsel: refused, untouched.
+    other = optuna.create_study(study_name="other", storage=url, direction="maximize")
+    other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    with pytest.raises(UserError, match=r"study .other. in .* was not created by modelsel"):
+        run(tiny(name="other"), url, fast_tmp)
+    assert len(optuna.load_study(study_name="other", storage=url).trials) == 1
+
+
+@pytest.mark.parametrize("same_spec", [True, False])
+def test_a_run_waits_for_the_description_of_a_study_another_process_just_created(
+    fast_tmp: Path, same_spec: bool
+) -> None:
+    # Another process has created the study and writes what it measures a moment later:
+    # this run must compare its spec with that one, not take the study over.
+    import threading
+
+    import modelsel.study as study_module
+
+    url = f"sqlite:///{fast_tmp}/s.db"
+    spec = tiny(budget={"n_trials": 1})
+    theirs = spec if same_spec else tiny(budget={"n_trials": 1}, model={"depth": 2, "width": 4})
+    created = optuna.create_study(study_name="tiny", storage=url, direction="maximize")
+
+    def describe_a_moment_later() -> None:
+        time.sleep(0.5)
+        objectives = ["val_accuracy"]
+        study_module._describe_study(
+            created, theirs, study_module.spec_fingerprint(theirs), objectives, "classification"
+        )
+
+    other = threading.Thread(target=describe_a_moment_later)
+    other.start()
+    try:
+        if same_spec:
+            assert run(spec, url, fast_tmp).n_complete == 1
+        else:
+            with pytest.raises(UserError, match="was created from a different spec"):
+                run(spec, url, fast_tmp)
+    finally:
+        other.join()
 
 
 def test_a_run_counts_only_the_trials_it_ran(fast_tmp: Path) -> None:
