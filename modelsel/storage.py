@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from modelsel.errors import StorageError, UserError, exception_chain
 
@@ -59,6 +59,11 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:).*@", r"\1***@", url)
 
 
+#: Seconds to wait for a database server to complete a connection (the URL's own
+#: ``?connect_timeout=`` wins).
+SERVER_CONNECT_TIMEOUT_S = 10
+
+
 def storage_kind(url: str) -> str:
     """``sqlite``, ``postgresql``, ``mysql`` or ``journal``.
 
@@ -78,11 +83,16 @@ def storage_kind(url: str) -> str:
         if scheme == "sqlite" and url.removeprefix("sqlite:///").split("?")[0] in ("", ":memory:"):
             # Gone with its connection: the run, its workers and the report need a file.
             raise StorageError(f"storage URL '{url}' names no file; use sqlite:///path/to/study.db")
+        if scheme == "postgres":  # SQLAlchemy knows the dialect only as postgresql
+            raise StorageError(
+                f"storage URL '{redact(url)}' uses the scheme postgres://, which SQLAlchemy does not know; "
+                "write postgresql:// instead"
+            )
         if scheme != "sqlite" and urlsplit(url).netloc.count("@") > 1:
             raise StorageError(
                 f"storage URL '{redact(url)}' has '@' in its user name or password; write each such '@' as %40"
             )
-        return "postgresql" if scheme == "postgres" else scheme
+        return scheme
     raise StorageError(f"storage URL '{redact(url)}' is not supported; {_HINT}")
 
 
@@ -351,6 +361,10 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         engine_kwargs["connect_args"] = {"timeout": _SQLITE_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True
+        if "connect_timeout" not in parse_qs(urlsplit(url).query):
+            # libpq and the MySQL drivers would wait for ever on a server that accepts the
+            # connection and never answers.
+            engine_kwargs["connect_args"] = {"connect_timeout": SERVER_CONNECT_TIMEOUT_S}
     heartbeat_kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120} if heartbeat else {}
     try:
         storage = _rdb_storage(url, engine_kwargs, heartbeat_kwargs)

@@ -54,7 +54,6 @@ def one_line_error(exc: pytest.ExceptionInfo[BaseException]) -> str:
         ("sqlite:////abs/path/study.db", "sqlite"),
         ("postgresql://user@host/db", "postgresql"),
         ("postgresql+psycopg://user:pw@127.0.0.1:5432/db", "postgresql"),
-        ("postgres://user@host/db", "postgresql"),
         ("mysql+pymysql://user@host/db", "mysql"),
         ("journal:study.log", "journal"),
         ("journal:///abs/study.log", "journal"),
@@ -198,6 +197,29 @@ def test_unreachable_postgres_is_one_line_with_the_password_hidden() -> None:
     assert message.startswith("cannot open storage 'postgresql+psycopg://alice:***@127.0.0.1:")
     assert "check the URL and that the server runs" in message
     assert "s3cret" not in message
+
+
+def test_the_postgres_scheme_is_refused_with_its_fix() -> None:
+    with pytest.raises(StorageError) as info:
+        storage_kind("postgres://alice:s3cret@host/db")
+    message = one_line_error(info)
+    assert "postgres://, which SQLAlchemy does not know; write postgresql:// instead" in message
+    assert "s3cret" not in message
+
+
+def test_a_postgres_server_that_never_answers_is_one_line_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import modelsel.storage as storage_module
+
+    monkeypatch.setattr(storage_module, "SERVER_CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"postgresql+psycopg://alice@127.0.0.1:{silent.getsockname()[1]}/studies"
+        with pytest.raises(StorageError) as info:
+            open_storage(url)
+    assert one_line_error(info).startswith("cannot open storage 'postgresql+psycopg://alice@127.0.0.1:")
 
 
 def test_unreachable_postgres_via_the_cli_exits_2() -> None:
