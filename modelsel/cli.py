@@ -19,51 +19,73 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from modelsel import __version__
-from modelsel.errors import UserError, exception_chain
+from modelsel.errors import RunError, UserError, exception_chain
 from modelsel.signals import interrupt_on
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _user_errors(func: F) -> F:
-    """Print a UserError as one line and exit 2; Ctrl-C says how to resume."""
+    """Print a UserError as one line and exit 2, a RunError and exit 1; Ctrl-C and
+    SIGTERM stop the run as Ctrl-C does and say how to resume."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _ctrl_c_watch() as ctrl_c:
+        with _stop_watch() as stops:
             try:
                 return func(*args, **kwargs)
             except UserError as exc:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(2)
+            except RunError as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(1)
             except KeyboardInterrupt:
-                _interrupted()
+                _interrupted(stops)
             except Exception as exc:
                 # Ctrl-C that lands inside a library's own code can surface as another error:
                 # raised while handling it (Optuna's trial loop, UnboundLocalError), or after a
                 # library caught it and then failed to clean up (Optuna could not store the
                 # interrupted trial as failed: "database is locked", then AssertionError).
-                if ctrl_c.is_set() or _raised_while_interrupted(exc):
-                    _interrupted()
+                if stops.is_set() or _raised_while_interrupted(exc):
+                    _interrupted(stops)
                 raise
 
     return wrapper  # type: ignore[return-value]
 
 
+class _Stops:
+    """Which stop signals arrived: Ctrl-C (SIGINT) and SIGTERM."""
+
+    def __init__(self) -> None:
+        self.ctrl_c = threading.Event()
+        self.terminated = threading.Event()
+
+    def is_set(self) -> bool:
+        return self.ctrl_c.is_set() or self.terminated.is_set()
+
+
 @contextlib.contextmanager
-def _ctrl_c_watch() -> Iterator[threading.Event]:
-    """Within the block, Ctrl-C raises KeyboardInterrupt as usual and also sets the event;
-    one that a finalizer swallowed is delivered again (:func:`modelsel.signals.interrupt_on`)."""
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield threading.Event()  # SIGINT ignored or handled by the embedding program: leave it alone
-        return
-    with interrupt_on(signal.SIGINT) as received:
-        yield received
+def _stop_watch() -> Iterator[_Stops]:
+    """Within the block, Ctrl-C and SIGTERM raise KeyboardInterrupt and are recorded; one
+    that a finalizer swallowed is delivered again (:func:`modelsel.signals.interrupt_on`).
+    A signal the embedding program handles (or ignores) is left alone. SIGTERM thus
+    stops a run as Ctrl-C does: the running trials are stored as failed and the
+    ``--workers`` processes are stopped, none left training on its own."""
+    stops = _Stops()
+    with contextlib.ExitStack() as stack:
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                stops.ctrl_c = stack.enter_context(interrupt_on(signal.SIGINT))
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                stops.terminated = stack.enter_context(interrupt_on(signal.SIGTERM))
+        yield stops
 
 
-def _interrupted() -> NoReturn:
+def _interrupted(stops: _Stops) -> NoReturn:
+    if stops.terminated.is_set():
+        click.echo("terminated: finished trials are kept; run the same command again to resume", err=True)
+        sys.exit(128 + signal.SIGTERM)
     click.echo("interrupted: finished trials are kept; run the same command again to resume", err=True)
     sys.exit(130)
 

@@ -1,4 +1,4 @@
-"""Errors that reach the user as one line and exit code 2."""
+"""Errors that reach the user as one line: bad input (exit code 2), and runs stopped by a failure (exit code 1)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ class DataError(UserError):
 
 class StorageError(UserError):
     """A storage URL that is malformed or cannot be reached."""
+
+
+class RunError(Exception):
+    """A run stopped by a failure that is not bad input (a worker process died).
+
+    The message is a single line; the CLI prints it as ``error: <message>`` and exits
+    with code 1. Finished trials are kept, and running the command again resumes.
+    """
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:

@@ -65,10 +65,14 @@ The work after the search
     as the other worker's last trial lasts.
 
 Interrupts and errors
-    Ctrl-C reaches the calling process; it stops claiming trials, terminates the other
-    workers (their running trials are stored as failed) and re-raises, so the CLI says
-    how to resume. A worker that fails sends one line (worker, exception type, message);
-    the run stops and raises :class:`WorkerError` with it.
+    Ctrl-C (or SIGTERM) reaches the calling process; it stops claiming trials,
+    terminates the other workers (their running trials are stored as failed) and
+    re-raises, so the CLI says how to resume. A worker that fails, or is terminated
+    from outside, sends one line (worker, exception type, message); a worker that is
+    killed sends nothing, and the calling process sees its exit before its next trial.
+    Either way the run starts no more trials, stores the trial the worker left running
+    as failed, and raises :class:`WorkerError` (exit code 1), so that it never ends as
+    a success short of its budget.
 """
 
 from __future__ import annotations
@@ -83,11 +87,11 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from modelsel.errors import UserError
+from modelsel.errors import RunError
 from modelsel.signals import interrupt_on
 from modelsel.spec import StudySpec, parse_spec
 
@@ -105,8 +109,8 @@ _SEED_STRIDE = 7919
 _POLL_S = 0.25
 
 
-class WorkerError(UserError):
-    """A worker process failed; the message is its one-line error."""
+class WorkerError(RunError):
+    """A worker process failed or was killed; the message is one line (exit code 1)."""
 
 
 def worker_sampler(spec: StudySpec, worker: int, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -156,6 +160,9 @@ class _Shared:
         self.caller_refitting = context.Value("b", 0)
         self.draft_claimed = context.Value("b", 0)
         self.results = context.Queue()
+        #: The trial number each worker is training (-1: none), for failing the trial of
+        #: a worker that was killed.
+        self.running = context.Array("q", [-1] * workers)
 
     def set_slots(self, slots: int | None) -> None:
         with self.slots.get_lock():
@@ -290,15 +297,31 @@ def trial_loop(
     deadline: float | None,
     shared: _Shared,
     on_trial: Any = None,
+    worker: int = 0,
+    others: Sequence[Any] = (),
 ) -> int:
-    """Run trials one at a time while slots, time and the budget (trials, fold-epochs) last; return how many."""
+    """Run trials one at a time while slots, time and the budget (trials, fold-epochs) last; return how many.
+
+    ``worker`` is this process's index; ``others`` are processes whose death (a non-zero
+    exit, e.g. killed) stops the run: this loop starts no trial after it.
+    """
     from modelsel.storage import unfinished_trials_failed
     from modelsel.study import FINISHED_STATES, study_objective, trials_within_fold_epochs
 
     # Workers claim budget slots one trial at a time, so each trains its trials alone:
     # training.stack_trials (a run-only setting) applies to one process.
     alone = spec.model_copy(update={"training": spec.training.model_copy(update={"stack_trials": 1})})
-    objective = study_objective(study, alone, device=device)
+    train = study_objective(study, alone, device=device)
+
+    def objective(trial: optuna.Trial) -> Any:
+        tracked = worker < len(shared.running)
+        if tracked:
+            shared.running[worker] = trial.number
+        try:
+            return train(trial)
+        finally:
+            if tracked:
+                shared.running[worker] = -1
 
     def finished(study: optuna.Study, trial: FrozenTrial) -> None:
         shared.finished_one()
@@ -315,6 +338,9 @@ def trial_loop(
                 break  # another invocation on the same storage filled the budget
             # Under budget.fold_epochs every running trial holds room for its longest run, so
             # that workers starting at once cannot overspend the cap between them.
+            if any(p.exitcode not in (None, 0) for p in others):
+                shared.stop.set()  # a worker was killed: _wait reports it
+                break
             if capped and not shared.reserve(lambda running: (trials_within_fold_epochs(study, spec) or 0) > running):
                 break
             try:
@@ -389,11 +415,20 @@ def worker_main(index: int, spec_json: str, shared: _Shared, storage_url: str | 
     with interrupt_on(signal.SIGTERM) as terminated:
         try:
             _work(index, spec_json, shared, storage_url)
-        except KeyboardInterrupt:
-            return
         except BaseException as exc:
-            if terminated.is_set():
-                return  # an error while stopping (Optuna could not store the trial): stopped all the same
+            if terminated.is_set() and not shared.stop.is_set():
+                # Not the calling process stopping the run (it sets stop first): the run
+                # must not end as a success without this worker's trials.
+                shared.errors.put(
+                    f"worker {index} was terminated (SIGTERM); its running trial is stored as failed; "
+                    "run the same command again to finish the study"
+                )
+                shared.stop.set()
+                raise SystemExit(1) from None
+            if terminated.is_set() or isinstance(exc, KeyboardInterrupt):
+                # Stopped by the calling process; an error while stopping (Optuna could not
+                # store the trial) is stopped all the same.
+                return
             # Report every failure as one line to the calling process.
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             shared.errors.put(f"worker {index}: {type(exc).__name__}{': ' + text if text else ''}")
@@ -424,7 +459,9 @@ def _work(index: int, spec_json: str, shared: _Shared, storage_url: str | None) 
         pruner=make_pruner(spec),
     )
     device = torch.device(orders.device_type)
-    trial_loop(study, spec, device=device, target=orders.target, deadline=orders.deadline, shared=shared)
+    trial_loop(
+        study, spec, device=device, target=orders.target, deadline=orders.deadline, shared=shared, worker=index
+    )
     result = after_search_work(study, spec, device=device, shared=shared, report=orders.report)
     if result is not None:
         # Pickled here, not by the queue: torch's queue pickler would send the tensors as
@@ -519,7 +556,14 @@ def run_parallel(
         study.sampler = worker_sampler(spec, 0, seed_offset=seed_offset)
         with torch_threads(threads):
             trial_loop(
-                study, spec, device=device, target=target, deadline=deadline, shared=shared, on_trial=show_best
+                study,
+                spec,
+                device=device,
+                target=target,
+                deadline=deadline,
+                shared=shared,
+                on_trial=show_best,
+                others=processes,
             )
             early_refit = refit_while_others_search(study, spec, device=device, shared=shared, caller=True)
         if while_waiting is not None and any(p.is_alive() for p in processes):
@@ -529,6 +573,7 @@ def run_parallel(
         pool.report_draft = received.report_draft
     except BaseException:
         pool.close()
+        _fail_trials_of_stopped_workers(study, shared)
         raise
     finally:
         study.sampler = sampler
@@ -537,6 +582,19 @@ def run_parallel(
         bar.n = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
         bar.refresh()
     return int(shared.done.value)
+
+
+def _fail_trials_of_stopped_workers(study: optuna.Study, shared: _Shared) -> list[int]:
+    """Store as failed the trials the (now stopped) workers left running: a killed worker
+    cannot (a terminated one already has). Returns their numbers."""
+    from modelsel.storage import fail_running_trial
+
+    failed = []
+    for worker in range(1, len(shared.running)):
+        number = int(shared.running[worker])
+        if number >= 0 and fail_running_trial(study, number):
+            failed.append(number)
+    return failed
 
 
 def _refresh_bar(bar: Any, initial: int, shared: _Shared, stop: threading.Event) -> None:
@@ -609,7 +667,10 @@ def _wait(
         raise WorkerError(message)
     if failed:
         i, code = failed[0]
-        raise WorkerError(f"worker {i} exited with code {code} (killed? out of memory?)")
+        raise WorkerError(
+            f"worker {i} exited with code {code} (killed? out of memory?); "
+            "run the same command again to finish the study"
+        )
     while _receive(received, shared):
         pass
     return received

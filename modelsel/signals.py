@@ -38,7 +38,13 @@ def interrupt_on(signum: int) -> Iterator[threading.Event]:
         raise KeyboardInterrupt
 
     def on_unraisable(unraisable: Any) -> None:
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        # Only this block's own signal is sent again: with blocks nested for several
+        # signals, the hook of the block whose signal arrived resends it.
+        if (
+            received.is_set()
+            and unraisable.exc_type is not None
+            and issubclass(unraisable.exc_type, KeyboardInterrupt)
+        ):
             # From another thread, a moment later: raised here, it would only be swallowed again.
             again = threading.Timer(RESEND_DELAY_S, os.kill, args=(os.getpid(), signum))
             again.daemon = True

@@ -251,6 +251,22 @@ def fail_unfinished_trials() -> list[int]:
     return [trial_id for storage in list(_STORAGES) for trial_id in storage.fail_unfinished()]
 
 
+def fail_running_trial(study: Any, number: int) -> bool:
+    """Store trial ``number`` of ``study`` as failed if it is still running (its process
+    was killed); whether it was. Best effort: False on any storage error."""
+    from optuna.trial import TrialState
+
+    try:
+        storage = study._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        if storage.get_trial(trial_id).state != TrialState.RUNNING:
+            return False
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except Exception:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def unfinished_trials_failed() -> Iterator[None]:
     """Within the block, an exception first stores the trials this thread started and

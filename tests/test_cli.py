@@ -476,6 +476,73 @@ def test_ctrl_c_during_a_two_worker_run_exits_130_cleanly(tmp_path: Path) -> Non
     assert "Traceback" not in stderr  # a trial that Ctrl-C stopped is one line, in either process
 
 
+def spawned_workers(parent: int) -> list[int]:
+    """Process ids of the ``--workers`` processes a run has spawned (not its resource tracker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+@pytest.mark.parametrize(
+    ("target", "signum", "code", "message"),
+    [
+        ("parent", "SIGTERM", 143, "terminated: finished trials are kept; run the same command again to resume"),
+        ("worker", "SIGTERM", 1, "error: worker 1 was terminated (SIGTERM); its running trial is stored as failed"),
+        ("worker", "SIGKILL", 1, "error: worker 1 exited with code -9 (killed? out of memory?)"),
+    ],
+)
+def test_a_two_worker_run_stopped_by_a_signal_stops_whole_and_says_so(
+    tmp_path: Path, target: str, signum: str, code: int, message: str
+) -> None:
+    """SIGTERM to the calling process stops the run as Ctrl-C does, leaving no worker
+    training on its own; a worker terminated or killed from outside stops the run with
+    exit code 1 (not a success short of its budget), and its trial is not left running."""
+    import signal
+    import sqlite3
+
+    import yaml
+
+    data = tiny_spec_data(name="signalled", budget={"n_trials": 200})
+    data["training"] = {**data["training"], "epochs": 30}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    process = subprocess.Popen(
+        [*modelsel_command(), "study", "run", "spec.yaml", "--workers", "2", "--quiet"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    db = tmp_path / "reports" / "signalled" / "study.db"
+    deadline = time.monotonic() + 120
+    while finished_trials_read_only(db) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    if process.poll() is not None:
+        pytest.fail(f"the run ended before the signal (exit {process.returncode}): {process.communicate()[1][-3000:]}")
+    workers = spawned_workers(process.pid)
+    assert len(workers) == 1, workers
+    os.kill(process.pid if target == "parent" else workers[0], getattr(signal, signum))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert message in stderr
+    assert "Traceback" not in stderr and "leaked semaphore" not in stderr
+    finished_at_exit = finished_trials_read_only(db)
+    time.sleep(3)  # a worker left behind would go on adding trials
+    assert finished_trials_read_only(db) == finished_at_exit
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+        (running,) = connection.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()
+    assert running == 0
+
+
 def test_reading_a_stored_study_does_not_load_the_training_stack() -> None:
     """`study show`, `study list` and `report build` only read storage: no torch, no scikit-learn splitters."""
     code = (
