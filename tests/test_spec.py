@@ -594,3 +594,11 @@ def test_error_reports_the_first_problem_and_counts_the_rest() -> None:
     # Two problems, each a value that fits neither branch of its field's union.
     message = spec_error(spec(model={"width": "wide"}, training={"stack_trials": "many"}))
     assert message.startswith("s.yaml: model.width: ") and message.endswith(" (and 1 more problem)")
+
+
+def test_the_readme_spec_shows_the_defaults() -> None:
+    # The README's annotated spec is read as the defaults: every value it shows must be one.
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Study specs", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    data = yaml.safe_load(block)
+    assert parse_spec(data) == parse_spec({"name": data["name"], "search": data["search"]})
