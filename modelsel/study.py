@@ -710,23 +710,9 @@ def run_study(
     early_refit: EarlyRefit | None = None
     draft: ReportDraft | None = None
     with _worker_pool(spec, workers, storage_url) as pool:
-        from modelsel.training import resolve_device
-
-        try:
-            torch_device = resolve_device(spec.training.device)
-        except RuntimeError as exc:
-            raise UserError(f"{exc}; use --device cpu") from None
-        target = study_budget(spec, n_trials)
-        timeout = timeout if timeout is not None else spec.budget.timeout
-        if target is None and timeout is None and spec.budget.fold_epochs is None:
-            raise SpecError(
-                "budget: give n_trials, timeout or fold_epochs (or --n-trials/--timeout/--fold-epochs), "
-                "or the study never ends"
-            )
-        # Here, not before the pool: the check may import the training stack (a grid's cells,
-        # the fold-paired pruner), which the spawned workers import meanwhile.
-        check_sampler_and_pruner(spec)
-        task = preflight(spec)
+        # Here, not before the pool: the checks import the training stack, which the
+        # spawned workers import meanwhile.
+        torch_device, target, timeout, task = check_run(spec, n_trials=n_trials, timeout=timeout)
         is_default_storage = storage is None and spec.storage is None
         study = _open_study(spec, storage_url, create_parent=is_default_storage, task=task)
 
@@ -751,6 +737,40 @@ def run_study(
         report_dir = Path(output_dir) / spec.name
         outcome.report_path = write_report(study, output_dir=report_dir, draft=draft)
     return outcome
+
+
+def check_run(
+    spec: StudySpec, *, n_trials: int | None = None, timeout: float | None = None
+) -> tuple[torch.device, int | None, float | None, str]:
+    """Every check of a run before it writes anything: the device, the budget, the
+    sampler and pruner options, and the data.
+
+    Returns
+    -------
+    tuple
+        The device, the trial target, the timeout (``budget.timeout`` when omitted)
+        and the dataset's task.
+
+    Raises
+    ------
+    UserError
+        For any bad input, with one line naming it.
+    """
+    from modelsel.training import resolve_device
+
+    try:
+        torch_device = resolve_device(spec.training.device)
+    except RuntimeError as exc:
+        raise UserError(f"{exc}; use --device cpu") from None
+    target = study_budget(spec, n_trials)
+    timeout = timeout if timeout is not None else spec.budget.timeout
+    if target is None and timeout is None and spec.budget.fold_epochs is None:
+        raise SpecError(
+            "budget: give n_trials, timeout or fold_epochs (or --n-trials/--timeout/--fold-epochs), "
+            "or the study never ends"
+        )
+    check_sampler_and_pruner(spec)
+    return torch_device, target, timeout, preflight(spec)
 
 
 def _warm_up_report() -> None:

@@ -696,6 +696,11 @@ def stored_maps(storage_url: str, name: str) -> tuple[StudySpec, list[optuna.Stu
     return parse_spec({**base, "name": name, "sweep": grids}, source=f"the stored spec of '{name}'"), studies
 
 
+#: The timeout a grid gets once the run's time is spent: it starts no trial, and still
+#: selects, tests and reports what the grid's study holds.
+_NO_TIME_LEFT_S = 1e-6
+
+
 def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Path, **options: Any) -> StudyOutcome:
     """Run every grid of a multi-grid sweep as its own resumable study in one storage.
 
@@ -704,20 +709,33 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
     map's findings and plots to ``<output_dir>/<name>/report.html``. The returned
     outcome sums the counts and carries the map whose selected trial scores best.
     """
+    import time
+
     from modelsel.storage import default_storage_url, local_path
-    from modelsel.study import preflight, run_study
+    from modelsel.study import check_run, run_study
 
     children = map_specs(spec)
-    for child in children:
-        preflight(child)  # bad input in any grid: fail before anything is written
+    device = options.get("device")
+    timeout = options.pop("timeout", None)
+    timeout = timeout if timeout is not None else spec.budget.timeout
+    for child in children:  # bad input in any grid: fail before anything is written
+        training = child.training if device is None else child.training.model_copy(update={"device": device})
+        check_run(child.model_copy(update={"training": training}), n_trials=options.get("n_trials"), timeout=timeout)
     url = storage or spec.storage or default_storage_url(output_dir, spec.name)
     path = local_path(url)
     if storage is None and spec.storage is None and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    outcomes = [
-        run_study(child.model_copy(update={"storage": url}), storage=url, output_dir=output_dir, **options)
-        for child in children
-    ]
+    # The timeout is the seconds of this run, shared by its grids; the other budgets
+    # (n_trials, fold_epochs) are each grid's study's own.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    outcomes = []
+    for child in children:
+        left = None if deadline is None else max(deadline - time.monotonic(), _NO_TIME_LEFT_S)
+        outcomes.append(
+            run_study(
+                child.model_copy(update={"storage": url}), storage=url, output_dir=output_dir, timeout=left, **options
+            )
+        )
     chosen = _best_outcome(outcomes)
     combined = replace(
         chosen,

@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,21 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import files_under
 from optuna.trial import TrialState
 
 from modelsel.cli import main
+from modelsel.errors import UserError
 from modelsel.report import build_report, draft_report
 from modelsel.spec import load_spec, parse_spec
-from modelsel.study import FINISHED_STATES, _open_study, _optimize, preflight, run_study, summarize
+from modelsel.study import FINISHED_STATES, StudyOutcome, _open_study, _optimize, preflight, run_study, summarize
 from modelsel.sweeps import (
     _best_outcome,
     cell_summary,
     map_specs,
     plot_regime_map,
     plot_validation_curve,
+    run_sweep_maps,
     selected_trials,
     sweep_frame,
 )
@@ -167,6 +171,41 @@ def test_a_multi_grid_sweep_names_the_map_whose_best_cell_is_best_over_its_seeds
     assert outcomes[1].selection_value == pytest.approx(0.90)
     assert _best_outcome(outcomes).study_name == "steady"
     assert _best_outcome(outcomes[::-1]).study_name == "steady"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"pruner": {"name": "median", "options": {"foo": 1}}},
+        {"pruner": {"name": "hyperband", "options": {"max_resource": 0}}},
+    ],
+)
+def test_bad_input_to_a_list_of_grids_writes_nothing(tmp_path: Path, bad: dict[str, Any]) -> None:
+    data = tiny_spec_data(name="maps")
+    data["sweep"] = [{"width": [2, 8]}, {"train_size": [60, 160]}]
+    data.update(bad)
+    with pytest.raises(UserError):
+        run_study(parse_spec(data), output_dir=tmp_path / "reports", progress=False)
+    assert files_under(tmp_path) == []
+
+
+def test_the_grids_of_a_list_share_the_timeout_of_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelsel.study
+
+    given: list[float] = []
+
+    def a_grid_that_searches_half_a_second(spec: Any, **options: Any) -> StudyOutcome:
+        given.append(options["timeout"])
+        time.sleep(0.5)
+        return StudyOutcome(spec.name, "sqlite://", ["val_accuracy"], 0, 0, 0)
+
+    monkeypatch.setattr(modelsel.study, "run_study", a_grid_that_searches_half_a_second)
+    data = tiny_spec_data(name="maps")
+    data["sweep"] = [{"width": [2, 8]}, {"train_size": [60, 160]}, {"lr": [0.01, 0.1]}]
+    run_sweep_maps(parse_spec(data), storage=None, output_dir=tmp_path, timeout=0.8, build_report=False)
+    assert given[0] == pytest.approx(0.8, abs=0.05)
+    assert 0 < given[1] <= 0.3  # what the first grid left
+    assert 0 < given[2] < 1e-3  # none left: the grid starts no trial, and still reports what it holds
 
 
 def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> None:
