@@ -257,7 +257,13 @@ def list_command(storage: str | None, output_dir: Path) -> None:
         click.echo(f"No studies under {output_dir}/ (run 'modelsel study run' or pass --storage).")
         return
     for url in urls:
-        opened = open_storage(url, heartbeat=False, must_exist=True)
+        try:
+            opened = open_storage(url, heartbeat=False, must_exist=True)
+        except UserError as exc:
+            if storage:
+                raise
+            click.echo(f"skipped: {exc}", err=True)  # one bad file under OUTPUT hides no other study
+            continue
         summaries = optuna.get_all_study_summaries(opened, include_best_trial=False)
         for summary in sorted(summaries, key=lambda s: s.study_name):
             click.echo(f"{summary.study_name}\t{summary.n_trials} trials\t{display_url(url)}")
@@ -273,8 +279,9 @@ def _locate(name: str, storage: str | None, output_dir: Path) -> str:
     candidates = [default] if Path(default.removeprefix("sqlite:///")).exists() else []
     candidates += [u for u in find_default_storages(output_dir) if u not in candidates]
     for url in candidates:
-        if name in study_names(url):
-            return url
+        with contextlib.suppress(UserError):  # a file under OUTPUT that holds no studies
+            if name in study_names(url):
+                return url
     raise UserError(f"no study named '{name}' under {output_dir}/; pass --storage URL or --output DIR")
 
 
@@ -287,8 +294,18 @@ def show_command(name: str, storage: str | None, output_dir: Path) -> None:
     """Print a stored study's summary."""
     from modelsel.study import load_study, summarize
 
-    url = _locate(name, storage, output_dir)
-    outcome = summarize(load_study(name, url), url)
+    try:
+        url = _locate(name, storage, output_dir)
+        outcome = summarize(load_study(name, url), url)
+    except UserError:
+        maps = _stored_maps(name, storage, output_dir)  # the maps of a multi-grid sweep
+        if maps is None:
+            raise
+        from modelsel.storage import default_storage_url
+        from modelsel.sweeps import combine_map_outcomes
+
+        url = storage or default_storage_url(output_dir, name)
+        outcome = combine_map_outcomes(name, [summarize(study, url) for study in maps[1]])
     report = output_dir / name / "report.html"
     outcome.report_path = report if report.exists() else None
     _print_outcome(outcome)

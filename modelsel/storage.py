@@ -331,6 +331,19 @@ def import_storage_libraries(url: str) -> None:
             importlib.import_module(module)
 
 
+def _check_sqlite_study_file(url: str, path: Path) -> None:
+    """Raise StorageError unless ``path`` is a SQLite file holding Optuna's tables; reads only."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"storage URL '{url}': {path} is not a study storage ({exc}); check the path") from None
+    if "studies" not in tables:
+        raise StorageError(f"storage URL '{url}': {path} holds no Optuna studies; check the path")
+
+
 def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = True, must_exist: bool = False) -> Any:
     """Open an Optuna storage, turning connection problems into one-line errors.
 
@@ -359,6 +372,8 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
     path = local_path(url)
     if must_exist and path is not None and not path.is_file():
         raise StorageError(f"storage URL '{url}': no study storage at {path}; check the path")
+    if must_exist and kind == "sqlite" and path is not None:
+        _check_sqlite_study_file(url, path)  # opening would write Optuna's tables into it
     if path is not None and create_parent:
         path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "journal":

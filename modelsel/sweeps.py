@@ -736,10 +736,23 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
                 child.model_copy(update={"storage": url}), storage=url, output_dir=output_dir, timeout=left, **options
             )
         )
+    combined = combine_map_outcomes(spec.name, outcomes)
+    if options.get("build_report", True):
+        from modelsel.storage import open_storage
+
+        storage = open_storage(url, heartbeat=False)
+        studies = [optuna.load_study(study_name=o.study_name, storage=storage) for o in outcomes]
+        combined.report_path = build_maps_report(spec, studies, output_dir=Path(output_dir) / spec.name)
+    return combined
+
+
+def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
+    """One outcome for a multi-grid sweep ``name``: the counts of every map summed, and
+    the selection and test score of the map whose selected cell scores best."""
     chosen = _best_outcome(outcomes)
-    combined = replace(
+    return replace(
         chosen,
-        study_name=f"{spec.name} [{len(outcomes)} maps; best: {chosen.study_name}]",
+        study_name=f"{name} [{len(outcomes)} maps; best: {chosen.study_name}]",
         n_complete=sum(o.n_complete for o in outcomes),
         n_pruned=sum(o.n_pruned for o in outcomes),
         n_failed=sum(o.n_failed for o in outcomes),
@@ -751,13 +764,6 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
             else sum(o.fold_epochs_budget or 0 for o in outcomes)
         ),
     )
-    if options.get("build_report", True):
-        from modelsel.storage import open_storage
-
-        storage = open_storage(url, heartbeat=False)
-        studies = [optuna.load_study(study_name=o.study_name, storage=storage) for o in outcomes]
-        combined.report_path = build_maps_report(spec, studies, output_dir=Path(output_dir) / spec.name)
-    return combined
 
 
 def _best_outcome(outcomes: Sequence[StudyOutcome]) -> StudyOutcome:

@@ -180,6 +180,28 @@ def test_study_list_without_studies(workdir: Path) -> None:
     assert files_under(workdir) == []
 
 
+def test_a_file_under_reports_that_holds_no_study_is_skipped_and_left_as_it_is(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    assert invoke("study", "run", str(spec_file(budget={"n_trials": 1}))).exit_code == 0
+    (workdir / "reports" / "junk").mkdir()
+    (workdir / "reports" / "junk" / "study.db").write_text("hello", encoding="utf-8")
+    (workdir / "reports" / "empty").mkdir()
+    (workdir / "reports" / "empty" / "study.db").touch()
+    listed = invoke("study", "list")
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.startswith("tiny\t1 trials\t")
+    assert "reports/junk/study.db is not a study storage (file is not a database)" in listed.stderr
+    assert "reports/empty/study.db holds no Optuna studies" in listed.stderr
+    assert (workdir / "reports" / "empty" / "study.db").stat().st_size == 0  # nothing written into it
+    assert invoke("study", "show", "tiny").exit_code == 0
+    # Named explicitly, such a file is an error.
+    assert_user_error(
+        invoke("study", "list", "--storage", f"sqlite:///{workdir}/reports/empty/study.db"), "holds no Optuna studies"
+    )
+    assert (workdir / "reports" / "empty" / "study.db").stat().st_size == 0
+
+
 # ------------------------------------------------------------------- bad input
 
 

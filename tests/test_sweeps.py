@@ -242,6 +242,11 @@ def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> No
         return re.sub(r"\nstorage: .*\n", "\n", text)
 
     assert comparable(rebuilt) == comparable(outcome.report_path)
+    # `study show` names the sweep as `study run` printed it, the maps' counts summed.
+    shown = CliRunner().invoke(main, ["study", "show", "maps", "--output", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    assert f"maps [2 maps; best: {outcome.study_name.split('best: ')[1]}" in shown.output
+    assert "8 trials finished (8 complete" in shown.output
 
 
 def test_the_best_cell_is_averaged_over_seeds_and_a_pruned_seed_is_not_counted() -> None:
