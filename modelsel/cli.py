@@ -101,6 +101,12 @@ _storage_option = click.option(
     help="Optuna storage URL (sqlite:///file.db, postgresql://..., journal:file.log). "
     "Default: the spec's, else OUTPUT/<study>/study.db.",
 )
+_stored_option = click.option(
+    "--storage",
+    metavar="URL",
+    help="Optuna storage URL (sqlite:///file.db, postgresql://..., journal:file.log). "
+    "Default: the studies under OUTPUT (OUTPUT/*/study.db and OUTPUT/*/study.log).",
+)
 _output_option = click.option(
     "--output",
     "output_dir",
@@ -243,7 +249,7 @@ def _storages(storage: str | None, output_dir: Path) -> list[str]:
 
 
 @study.command("list")
-@_storage_option
+@_stored_option
 @_output_option
 @_user_errors
 def list_command(storage: str | None, output_dir: Path) -> None:
@@ -287,7 +293,7 @@ def _locate(name: str, storage: str | None, output_dir: Path) -> str:
 
 @study.command("show")
 @click.argument("name")
-@_storage_option
+@_stored_option
 @_output_option
 @_user_errors
 def show_command(name: str, storage: str | None, output_dir: Path) -> None:
@@ -318,7 +324,7 @@ def report() -> None:
 
 @report.command("build")
 @click.argument("name")
-@_storage_option
+@_stored_option
 @_output_option
 @_user_errors
 def build_command(name: str, storage: str | None, output_dir: Path) -> None:

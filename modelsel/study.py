@@ -238,14 +238,16 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 def study_budget(spec: StudySpec, n_trials: int | None = None) -> int | None:
     """Total finished trials the study should reach: a sweep's grid size (or fewer, with
-    an explicit ``n_trials``, e.g. ``--n-trials``), else the budget."""
-    if spec.sweep is not None:
-        from modelsel.objective import sweep_grid
+    an explicit ``n_trials``, e.g. ``--n-trials``), else the budget; a ``sampler: grid``
+    search's budget stops at its number of cells (more trials would train cells again)."""
+    if spec.sweep is not None or spec.sampler.name == "grid":
+        from modelsel.objective import study_grid
 
         cells = 1
-        for values in sweep_grid(spec).values():
+        for values in study_grid(spec).values():
             cells *= len(values)
-        return cells if n_trials is None else min(cells, n_trials)
+        asked = n_trials if spec.sweep is not None or n_trials is not None else spec.budget.n_trials
+        return cells if asked is None else min(cells, asked)
     return n_trials if n_trials is not None else spec.budget.n_trials
 
 

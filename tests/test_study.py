@@ -240,6 +240,22 @@ def test_a_fold_epoch_budget_caps_the_compute_and_tops_up_on_resume(fast_tmp: Pa
     assert both.n_trained_this_run == 1 and both.n_complete == 6
 
 
+def test_a_grid_search_trains_each_cell_once_whatever_its_trial_budget(fast_tmp: Path) -> None:
+    # With n_trials above the cells, the trials stacked beside the first were handed
+    # cells again by GridSampler, and a later run trained repeats up to n_trials.
+    url = f"sqlite:///{fast_tmp}/s.db"
+    spec = tiny(
+        training={"epochs": 2, "stack_trials": 8},
+        search={"width": [2, 4, 8]},
+        sampler="grid",
+        pruner="none",
+        budget={"n_trials": 10},
+    )
+    assert run(spec, url, fast_tmp).n_trained_this_run == 3
+    assert run(spec, url, fast_tmp).n_trained_this_run == 0
+    assert sorted(t.params["width"] for t in finished(url)) == [2, 4, 8]
+
+
 def test_a_pruned_trial_counts_the_epochs_it_trained_against_a_fold_epoch_budget(fast_tmp: Path) -> None:
     url = f"sqlite:///{fast_tmp}/s.db"
     spec = tiny(
