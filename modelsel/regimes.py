@@ -407,3 +407,45 @@ def classify_in_context(cells: Sequence[Cell], thresholds: RegimeSpec | None = N
         v if v is not None else Verdict(c.own.regime, c.own.reason, dict(c.own.evidence))
         for v, c in zip(verdicts, cells, strict=True)
     ]
+
+
+#: How many times smaller (vanishing) or larger (exploding) than the output layer's the
+#: first layer's gradient norm must be for :func:`gradient_flow` to say so.
+GRADIENT_FLOW_RATIO = 1e3
+
+
+def gradient_flow(
+    grad_norms: Mapping[str, Sequence[float | str]], *, ratio: float = GRADIENT_FLOW_RATIO
+) -> tuple[str, float] | None:
+    """Label how a trial's gradient reached its first layer, from its stored gradient norms.
+
+    Parameters
+    ----------
+    grad_norms
+        Per linear layer (``hidden1`` … ``output``), the fold-mean L2 norm of the weight
+        gradient at the first batch of each epoch (the trial attribute ``grad_norms``).
+    ratio
+        The factor between the first and the output layer's norms (first epoch) beyond
+        which the gradient counts as vanishing or exploding.
+
+    Returns
+    -------
+    tuple of (str, float), or None
+        ``("vanishing" | "healthy" | "exploding", first / output)``; ``exploding`` with an
+        infinite ratio when a norm is not finite; None for a model without hidden
+        layers, or with no gradient at the output layer.
+    """
+    first_layer, output = grad_norms.get("hidden1"), grad_norms.get("output")
+    if not first_layer or not output:
+        return None
+    first, last = float(first_layer[0]), float(output[0])
+    if not (math.isfinite(first) and math.isfinite(last)):
+        return "exploding", math.inf
+    if last == 0.0:
+        return None
+    flow = first / last
+    if flow < 1.0 / ratio:
+        return "vanishing", flow
+    if flow > ratio:
+        return "exploding", flow
+    return "healthy", flow

@@ -24,9 +24,11 @@ import optuna
 import pandas as pd
 import seaborn as sns
 from jinja2 import Environment, PackageLoader, select_autoescape
+from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from modelsel import __version__
+from modelsel.regimes import GRADIENT_FLOW_RATIO, gradient_flow
 
 _SUMMARY_ATTRS = (
     "val_metric_mean",
@@ -79,10 +81,13 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update({name: value for name, value in zip(objectives, values, strict=False)})
         for key in _SUMMARY_ATTRS:
             row[key] = trial.user_attrs.get(key)
+        flow = gradient_flow(trial.user_attrs.get("grad_norms") or {})
+        row["gradient_flow"], row["grad_ratio"] = flow if flow is not None else (None, None)
         row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None
         rows.append(row)
     if not rows:  # keep the columns, so that a study without trials still reports
-        return pd.DataFrame(columns=["trial", "state", *objectives, *_SUMMARY_ATTRS, "duration_s"])
+        columns = ["trial", "state", *objectives, *_SUMMARY_ATTRS, "gradient_flow", "grad_ratio", "duration_s"]
+        return pd.DataFrame(columns=columns)
     return pd.DataFrame(rows)
 
 
@@ -290,11 +295,56 @@ def draft_report(study: optuna.Study) -> ReportDraft:
         if curves is not None:
             search.figures.append(curves)
     sections.append(search)
+    flow = gradient_flow_section(study, frame, selected=None if selected is None else selected.number)
+    if flow is not None:
+        sections.append(flow)
     table = Section("Trials", paragraphs=["Also written as trials.csv next to this report."], scroll_tables=True)
     shown = frame.drop(columns=[c for c in ("fail_reason",) if c in frame], errors="ignore")
     table.tables.append(_format_table(shown))
     sections.append(table)
     return ReportDraft(frame, sections, files)
+
+
+def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected: int | None) -> Section | None:
+    """Counts of vanishing, healthy and exploding gradients (:func:`modelsel.regimes.gradient_flow`)
+    and the first epoch's gradient norm of each layer for the selected trial and the
+    trials furthest either way; None when no trial has hidden layers and gradients."""
+    labelled = frame[frame["gradient_flow"].notna()] if "gradient_flow" in frame else frame.iloc[0:0]
+    if labelled.empty:
+        return None
+    counts = labelled["gradient_flow"].value_counts()
+    ratio = f"{GRADIENT_FLOW_RATIO:g}"
+    text = (
+        f"At the first batch of the first epoch (fold mean), a first layer whose weight gradient is more than "
+        f"{ratio}× smaller than the output layer's is labelled vanishing (it barely learns: deep sigmoid or tanh "
+        f"nets, small initial weights), more than {ratio}× larger exploding. Of {len(labelled)} trials: "
+        + ", ".join(f"{int(counts.get(label, 0))} {label}" for label in ("vanishing", "healthy", "exploding"))
+        + ". trials.csv has each trial's label (gradient_flow) and first/output ratio (grad_ratio)."
+    )
+    section = Section("Gradient flow", paragraphs=[text])
+    by_ratio = labelled.sort_values("grad_ratio", kind="stable")["trial"].astype(int).tolist()
+    picks = {by_ratio[0]: "smallest ratio"}
+    picks.setdefault(by_ratio[-1], "largest ratio")
+    if selected is not None and selected in set(labelled["trial"]):
+        picks = {selected: "selected", **{n: why for n, why in picks.items() if n != selected}}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for number, why in picks.items():
+        norms = trials[number].user_attrs["grad_norms"]
+        # From the input: hidden1, hidden2, ..., output (nets of different depths share the left end).
+        hidden = sorted((k for k in norms if k != "output"), key=lambda k: int(k.removeprefix("hidden")))
+        layers = [*hidden, "output"]
+        values = [float(norms[layer][0]) for layer in layers]
+        flow = labelled.loc[labelled["trial"] == number, "gradient_flow"].iloc[0]
+        ax.plot(range(1, len(layers) + 1), values, marker="o", label=f"trial {number} ({why}, {flow})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_yscale("log")
+    ax.set_xlabel("linear layer from the input (each line ends at its output layer)")
+    ax.set_ylabel("weight-gradient norm, epoch 1")
+    ax.legend(loc="best", fontsize=8)
+    sns.despine(fig)
+    section.figures.append(Figure("Gradient norm per layer", figure_to_base64(fig)))
+    return section
 
 
 #: Figure files whose names depend on the trials or axes a build shows: one left by an

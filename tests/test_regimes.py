@@ -17,6 +17,7 @@ from modelsel.regimes import (
     capacity_side,
     classify,
     classify_in_context,
+    gradient_flow,
     numbers_from_attrs,
 )
 from modelsel.spec import RegimeSpec, parse_spec
@@ -331,3 +332,14 @@ def test_sweep_may_list_several_grids() -> None:
         parse_spec({"name": "maps", "sweep": []})
     with pytest.raises(SpecError, match="sweep"):
         parse_spec({"name": "maps", "sweep": [{"width": [4], "dropuot": [0.1]}]})
+
+
+def test_gradient_flow_compares_the_first_layer_with_the_output_layer() -> None:
+    assert gradient_flow({"hidden1": [1e-7, 0.5], "hidden2": [1e-4], "output": [0.5]}) == ("vanishing", 2e-7)
+    assert gradient_flow({"hidden1": [0.2], "output": [0.5]}) == ("healthy", 0.4)
+    assert gradient_flow({"hidden1": [600.0], "output": [0.5]}) == ("exploding", 1200.0)
+    assert gradient_flow({"hidden1": [600.0], "output": [0.5]}, ratio=1e4) == ("healthy", 1200.0)
+    assert gradient_flow({"hidden1": ["nan"], "output": [0.5]}) == ("exploding", math.inf)  # as stored
+    assert gradient_flow({"output": [0.5]}) is None  # a linear model has no first hidden layer
+    assert gradient_flow({"hidden1": [0.0], "output": [0.0]}) is None
+    assert gradient_flow({}) is None

@@ -192,3 +192,20 @@ def test_the_history_plot_says_what_its_values_are(
     frame = pd.DataFrame({"trial": [0, 1], "state": ["complete"] * 2, objective: [0.5, 0.7]})
     assert report.plot_history(study, frame) is not None
     assert labels == [label]
+
+
+def test_the_report_shows_where_gradients_vanish(tmp_path: Path) -> None:
+    # D2L's picture: 8 sigmoid layers starve the first of gradient; 8 ReLU layers do not.
+    sweep = {"activation": ["sigmoid", "relu"], "depth": [1, 8]}
+    data = tiny_spec_data(name="flow", search=None, sampler=None, sweep=sweep)
+    data["model"] = {"width": 16}
+    data["training"] = {**data["training"], "epochs": 2}
+    outcome = run_study(parse_spec(data), output_dir=tmp_path, progress=False)
+    frame = pd.read_csv(tmp_path / "flow" / "trials.csv").set_index(["param_activation", "param_depth"])
+    assert frame.loc[("sigmoid", 8), "gradient_flow"] == "vanishing"
+    assert frame.loc[("sigmoid", 8), "grad_ratio"] < 1e-3
+    assert frame.loc[("relu", 8), "gradient_flow"] == "healthy"
+    assert outcome.report_path is not None
+    html = outcome.report_path.read_text(encoding="utf-8")
+    assert "Of 4 trials: 1 vanishing, 3 healthy, 0 exploding." in html
+    assert "Gradient norm per layer" in html
