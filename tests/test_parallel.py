@@ -147,7 +147,7 @@ def test_the_last_worker_out_drafts_the_report_while_the_calling_process_retrain
     assert worker.exitcode == 0 and received.early_refit is None
     draft = received.report_draft
     assert draft is not None
-    assert [section.title for section in draft.sections] == ["Search", "Trials"]
+    assert [section.title for section in draft.sections] == ["Search", "Gradient flow", "Trials"]
     assert len(draft.frame) == 2 and b"trial,state" in draft.files["trials.csv"]
 
 
