@@ -256,7 +256,7 @@ def list_command(storage: str | None, output_dir: Path) -> None:
     """List stored studies (in --storage, else every study under OUTPUT)."""
     import optuna
 
-    from modelsel.storage import display_url, open_storage
+    from modelsel.storage import NoStudyStorage, display_url, open_storage
 
     urls = _storages(storage, output_dir)
     if not urls:
@@ -265,10 +265,10 @@ def list_command(storage: str | None, output_dir: Path) -> None:
     for url in urls:
         try:
             opened = open_storage(url, heartbeat=False, must_exist=True)
-        except UserError as exc:
+        except NoStudyStorage as exc:
             if storage:
                 raise
-            click.echo(f"skipped: {exc}", err=True)  # one bad file under OUTPUT hides no other study
+            click.echo(f"skipped: {exc}", err=True)  # one stray file under OUTPUT hides no other study
             continue
         summaries = optuna.get_all_study_summaries(opened, include_best_trial=False)
         for summary in sorted(summaries, key=lambda s: s.study_name):
@@ -276,7 +276,7 @@ def list_command(storage: str | None, output_dir: Path) -> None:
 
 
 def _locate(name: str, storage: str | None, output_dir: Path) -> str:
-    from modelsel.storage import default_storage_url, find_default_storages, study_names
+    from modelsel.storage import NoStudyStorage, default_storage_url, find_default_storages, study_names
 
     _check_storage_flag(storage)
     if storage:
@@ -285,7 +285,7 @@ def _locate(name: str, storage: str | None, output_dir: Path) -> str:
     candidates = [default] if Path(default.removeprefix("sqlite:///")).exists() else []
     candidates += [u for u in find_default_storages(output_dir) if u not in candidates]
     for url in candidates:
-        with contextlib.suppress(UserError):  # a file under OUTPUT that holds no studies
+        with contextlib.suppress(NoStudyStorage):  # a stray file under OUTPUT
             if name in study_names(url):
                 return url
     raise UserError(f"no study named '{name}' under {output_dir}/; pass --storage URL or --output DIR")

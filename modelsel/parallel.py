@@ -545,7 +545,9 @@ def run_parallel(
         WorkerOrders(storage_url, target, deadline, device.type, threads, report, seed_offset), slots
     )
     refreshing = threading.Event()
-    refresher = threading.Thread(target=_refresh_bar, args=(bar, finished_before, shared, refreshing), daemon=True)
+    refresher = threading.Thread(
+        target=_refresh_bar, args=(bar, finished_before, shared, refreshing, processes), daemon=True
+    )
     refresher.start()
     sampler = study.sampler
 
@@ -597,9 +599,15 @@ def _fail_trials_of_stopped_workers(study: optuna.Study, shared: _Shared) -> lis
     return failed
 
 
-def _refresh_bar(bar: Any, initial: int, shared: _Shared, stop: threading.Event) -> None:
+def _refresh_bar(
+    bar: Any, initial: int, shared: _Shared, stop: threading.Event, processes: Sequence[Any] = ()
+) -> None:
+    """Show the finished trials; and stop the run (no worker claims another trial) as soon
+    as a worker has died, not only once this process's trial ends."""
     shown = -1
     while not stop.wait(_POLL_S):
+        if any(p.exitcode not in (None, 0) for p in processes):
+            shared.stop.set()
         done = int(shared.done.value)
         if done != shown:
             shown = done

@@ -1,6 +1,6 @@
-"""Signals that stop a run: Ctrl-C (SIGINT) in the calling process, SIGTERM in ``--workers`` processes.
+"""Signals that stop a run: Ctrl-C (SIGINT) and SIGTERM in the calling process, SIGTERM in ``--workers`` processes.
 
-Both become a KeyboardInterrupt, which unwinds the trial in training so that Optuna stores
+Each becomes a KeyboardInterrupt, which unwinds the trial in training so that Optuna stores
 it as failed and every finished trial stays. Python swallows an exception raised while a
 finalizer runs (a weakref callback of SQLAlchemy's ORM, a ``__del__``: "Exception ignored
 in ..."), so a signal that lands there would be lost and the run would go on;

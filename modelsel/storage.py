@@ -62,6 +62,17 @@ def redact(url: str) -> str:
 #: Seconds to wait for a database server to complete a connection (the URL's own
 #: ``?connect_timeout=`` wins).
 SERVER_CONNECT_TIMEOUT_S = 10
+#: What each database driver calls that wait (SQLAlchemy's default driver for a bare
+#: ``postgresql://`` is psycopg, for ``mysql://`` mysqlclient). Other drivers keep their own.
+_CONNECT_TIMEOUT_KEYWORDS = {
+    "postgresql": "connect_timeout",
+    "postgresql+psycopg": "connect_timeout",
+    "postgresql+psycopg2": "connect_timeout",
+    "postgresql+pg8000": "timeout",
+    "mysql": "connect_timeout",
+    "mysql+mysqldb": "connect_timeout",
+    "mysql+pymysql": "connect_timeout",
+}
 
 
 def storage_kind(url: str) -> str:
@@ -331,17 +342,25 @@ def import_storage_libraries(url: str) -> None:
             importlib.import_module(module)
 
 
+class NoStudyStorage(StorageError):
+    """A file where a study storage was expected that holds none (not SQLite, or no Optuna tables)."""
+
+
 def _check_sqlite_study_file(url: str, path: Path) -> None:
-    """Raise StorageError unless ``path`` is a SQLite file holding Optuna's tables; reads only."""
+    """Raise NoStudyStorage unless ``path`` is a SQLite file holding Optuna's tables (a
+    StorageError when it cannot be read at all); reads only."""
     import sqlite3
 
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as connection:
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
-        raise StorageError(f"storage URL '{url}': {path} is not a study storage ({exc}); check the path") from None
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB":
+            message = f"storage URL '{url}': {path} is not a study storage ({exc}); check the path"
+            raise NoStudyStorage(message) from None
+        raise StorageError(f"cannot open storage '{url}': {exc}; check that {path} can be read") from None
     if "studies" not in tables:
-        raise StorageError(f"storage URL '{url}': {path} holds no Optuna studies; check the path")
+        raise NoStudyStorage(f"storage URL '{url}': {path} holds no Optuna studies; check the path")
 
 
 def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = True, must_exist: bool = False) -> Any:
@@ -392,10 +411,11 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         engine_kwargs["connect_args"] = {"timeout": _SQLITE_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True
-        if "connect_timeout" not in parse_qs(urlsplit(url).query):
+        keyword = _CONNECT_TIMEOUT_KEYWORDS.get(urlsplit(url).scheme)
+        if keyword is not None and keyword not in parse_qs(urlsplit(url).query):
             # libpq and the MySQL drivers would wait for ever on a server that accepts the
             # connection and never answers.
-            engine_kwargs["connect_args"] = {"connect_timeout": SERVER_CONNECT_TIMEOUT_S}
+            engine_kwargs["connect_args"] = {keyword: SERVER_CONNECT_TIMEOUT_S}
     heartbeat_kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120} if heartbeat else {}
     try:
         storage = _rdb_storage(url, engine_kwargs, heartbeat_kwargs)

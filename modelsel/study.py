@@ -322,7 +322,7 @@ class _InterruptedTrialLog(logging.Filter):
         number = match.group(1)
         if _logs_an_interrupt(record):
             self.interrupted.add(number)
-            record.msg, record.args = f"Trial {number} stopped by Ctrl-C.", ()
+            record.msg, record.args = f"Trial {number} stopped by Ctrl-C or SIGTERM.", ()
             record.exc_info, record.exc_text = None, None
             return True
         return not (number in self.interrupted and message.endswith("failed with value None."))
@@ -892,8 +892,9 @@ def _best_cell_trial(complete: Sequence[FrozenTrial], direction: optuna.study.St
 
 def selection_value(study: optuna.Study, selected: FrozenTrial) -> float:
     """The first objective's value :func:`best_trial` ranked ``selected`` by: the mean of
-    its cell's completed seeds for a sweep with repeats, else the trial's own value."""
-    if SWEEP_SEED_PARAM not in selected.params:
+    its cell's completed seeds for a one-objective sweep with repeats, else the trial's
+    own value (several objectives select from the trials' own values)."""
+    if SWEEP_SEED_PARAM not in selected.params or len(study.directions) > 1:
         return float(selected.values[0])
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     cell = {k: v for k, v in selected.params.items() if k != SWEEP_SEED_PARAM}

@@ -202,6 +202,22 @@ def test_a_file_under_reports_that_holds_no_study_is_skipped_and_left_as_it_is(
     assert (workdir / "reports" / "empty" / "study.db").stat().st_size == 0
 
 
+def test_a_study_storage_that_cannot_be_read_is_an_error_not_skipped(
+    workdir: Path, spec_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # E.g. a WAL-mode study on a read-only file system: a study is there, so `study list`
+    # must not report it as a stray file and exit 0 with nothing listed.
+    import sqlite3
+
+    assert invoke("study", "run", str(spec_file(budget={"n_trials": 1}))).exit_code == 0
+
+    def unreadable(*args: object, **kwargs: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite3, "connect", unreadable)
+    assert_user_error(invoke("study", "list"), "cannot open storage", "unable to open database file")
+
+
 # ------------------------------------------------------------------- bad input
 
 

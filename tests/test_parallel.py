@@ -23,6 +23,7 @@ from modelsel.parallel import (
     WorkerOrders,
     _draft,
     _prepare_before_orders,
+    _refresh_bar,
     _Shared,
     _wait,
     _worker_process,
@@ -347,3 +348,41 @@ def test_the_worker_loop_leaves_no_trial_running_when_storing_its_failure_is_ref
         trial_loop(study, spec, device=torch.device("cpu"), target=2, deadline=None, shared=shared)
     assert locked_failure_writes, "storing the interrupted trial as failed was refused"
     assert [t.state for t in optuna.load_study(study_name="loop", storage=url).trials] == [TrialState.FAIL]
+
+
+def test_a_worker_that_dies_stops_the_run_at_once() -> None:
+    # Every worker checks the stop flag before it claims a trial; the calling process sets
+    # it as soon as a worker has died, not only when its own trial ends.
+    import threading
+
+    shared = _Shared(multiprocessing.get_context("spawn"), 10, workers=3)
+    alive, killed = _StandInWorker(), _StandInWorker()
+    done = threading.Event()
+    watcher = threading.Thread(target=_refresh_bar, args=(tqdm_stand_in(), 0, shared, done, [alive, killed]))
+    watcher.start()
+    try:
+        time.sleep(0.6)
+        assert not shared.stop.is_set()  # running workers, and one that ended normally, stop nothing
+        alive.exit()
+        time.sleep(0.6)
+        assert not shared.stop.is_set()
+        killed.exitcode = -9
+        deadline = time.monotonic() + 5
+        while not shared.stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert shared.stop.is_set() and not shared.claim()
+    finally:
+        done.set()
+        watcher.join()
+
+
+def tqdm_stand_in() -> object:
+    """A progress bar that shows nothing."""
+
+    class Bar:
+        n = 0
+
+        def refresh(self) -> None:
+            pass
+
+    return Bar()

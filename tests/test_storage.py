@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -220,6 +221,33 @@ def test_a_postgres_server_that_never_answers_is_one_line_not_a_hang(monkeypatch
         with pytest.raises(StorageError) as info:
             open_storage(url)
     assert one_line_error(info).startswith("cannot open storage 'postgresql+psycopg://alice@127.0.0.1:")
+
+
+@pytest.mark.parametrize(
+    ("url", "connect_args"),
+    [
+        ("postgresql://alice@db/studies", {"connect_timeout": 10}),
+        ("postgresql+psycopg://alice@db/studies", {"connect_timeout": 10}),
+        ("postgresql+pg8000://alice@db/studies", {"timeout": 10}),  # pg8000 has no connect_timeout
+        ("postgresql://alice@db/studies?connect_timeout=3", None),  # the URL's own wins
+        ("mysql+mysqlconnector://alice@db/studies", None),  # a driver whose keyword is not known
+    ],
+)
+def test_each_server_driver_gets_its_own_connect_timeout(
+    url: str, connect_args: dict[str, int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelsel.storage as storage_module
+
+    given: list[dict[str, Any]] = []
+
+    def capture(url: str, engine_kwargs: dict[str, Any], heartbeat_kwargs: dict[str, Any]) -> Any:
+        given.append(engine_kwargs)
+        raise RuntimeError("not connecting in this test")
+
+    monkeypatch.setattr(storage_module, "_rdb_storage", capture)
+    with pytest.raises(StorageError):
+        open_storage(url)
+    assert given[0].get("connect_args") == connect_args
 
 
 def test_unreachable_postgres_via_the_cli_exits_2() -> None:

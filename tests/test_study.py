@@ -561,7 +561,7 @@ def test_a_trial_stopped_by_ctrl_c_is_logged_as_one_line_without_its_traceback()
     finally:
         optuna_logger.removeHandler(records)
     lines = [(r.getMessage(), r.exc_info is not None) for r in records.records if r.levelno >= logging.WARNING]
-    assert lines[0] == ("Trial 0 stopped by Ctrl-C.", False)
+    assert lines[0] == ("Trial 0 stopped by Ctrl-C or SIGTERM.", False)
     assert lines[1][0].startswith("Trial 1 failed with parameters: {} because of the following error: ValueError")
     assert lines[1][1] is True
     assert lines[2][0] == "Trial 1 failed with value None."

@@ -208,6 +208,22 @@ def test_the_grids_of_a_list_share_the_timeout_of_the_run(tmp_path: Path, monkey
     assert 0 < given[2] < 1e-3  # none left: the grid starts no trial, and still reports what it holds
 
 
+def test_a_multi_objective_sweep_map_is_ranked_by_the_value_its_selection_used() -> None:
+    # Several objectives select the Pareto trial best on its own first value, not a cell mean.
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("objectives", ["val_accuracy", "n_params"])
+    distributions = {
+        "width": optuna.distributions.CategoricalDistribution([2, 8]),
+        "seed": optuna.distributions.CategoricalDistribution([0, 1]),
+    }
+    for (width, seed), values in {(8, 0): [0.95, 80], (8, 1): [0.55, 80], (2, 0): [0.8, 20], (2, 1): [0.8, 20]}.items():
+        params = {"width": width, "seed": seed}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=values))
+    outcome = summarize(study, "memory")
+    assert outcome.best_params == {"width": 8, "seed": 0}
+    assert outcome.selection_value == 0.95
+
+
 def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> None:
     data = tiny_spec_data(name="maps")
     data["sweep"] = [{"width": [2, 8], "weight_decay": [0, 0.01]}, {"width": [2, 8], "train_size": [60, 160]}]
