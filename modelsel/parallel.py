@@ -313,17 +313,18 @@ def trial_loop(
     alone = spec.model_copy(update={"training": spec.training.model_copy(update={"stack_trials": 1})})
     train = study_objective(study, alone, device=device)
 
+    tracked = worker < len(shared.running)
+
     def objective(trial: optuna.Trial) -> Any:
-        tracked = worker < len(shared.running)
+        # Noted until the trial is stored as finished (the callback below), so that a
+        # worker killed while Optuna stores its result leaves no trial running either.
         if tracked:
             shared.running[worker] = trial.number
-        try:
-            return train(trial)
-        finally:
-            if tracked:
-                shared.running[worker] = -1
+        return train(trial)
 
     def finished(study: optuna.Study, trial: FrozenTrial) -> None:
+        if tracked:
+            shared.running[worker] = -1
         shared.finished_one()
         if on_trial is not None:
             on_trial(study, trial)
