@@ -855,50 +855,42 @@ def _best_value_text(study: optuna.Study) -> str:
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The selected trial: the best one, or for several objectives the Pareto-optimal
     trial that is best on the first objective."""
+    selection = _selection(study)
+    return None if selection is None else selection[0]
+
+
+def _selection(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
+    """The selected trial (:func:`best_trial`) and the first objective's value it was
+    ranked by: its cell's mean over the completed seeds for a one-objective sweep with
+    repeats, else its own value."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
     if len(study.directions) == 1:
         if any(SWEEP_SEED_PARAM in t.params for t in complete):
             return _best_cell_trial(complete, study.direction)
-        return study.best_trial
-    front = study.best_trials
+        best = study.best_trial
+        return best, float(best.values[0])
     sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-    return min(front, key=lambda t: sign * t.values[0])
+    chosen = min(study.best_trials, key=lambda t: sign * t.values[0])
+    return chosen, float(chosen.values[0])
 
 
-def _cells(complete: Sequence[FrozenTrial]) -> dict[tuple[tuple[str, str], ...], list[FrozenTrial]]:
-    """Completed trials grouped by sweep cell (their parameters but the ``seed`` repeat)."""
+def _best_cell_trial(
+    complete: Sequence[FrozenTrial], direction: optuna.study.StudyDirection
+) -> tuple[FrozenTrial, float]:
+    """For a sweep with repeats (a ``seed`` parameter): the first seed's trial of the cell
+    whose value, averaged over its completed seeds, is best, and that mean. The best
+    single seed of any cell would select by the luck of a seed (and, for data drawn from
+    the seed, compare trials on different data)."""
     cells: dict[tuple[tuple[str, str], ...], list[FrozenTrial]] = {}
     for trial in complete:
         cell = {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM}
         cells.setdefault(params_key(cell), []).append(trial)
-    return cells
-
-
-def _cell_mean(trials: Sequence[FrozenTrial]) -> float:
-    return statistics.fmean(float(t.values[0]) for t in trials)
-
-
-def _best_cell_trial(complete: Sequence[FrozenTrial], direction: optuna.study.StudyDirection) -> FrozenTrial:
-    """For a sweep with repeats (a ``seed`` parameter): the first seed's trial of the cell
-    whose value, averaged over its completed seeds, is best. The best single seed of any
-    cell would select by the luck of a seed (and, for data drawn from the seed, compare
-    trials on different data)."""
+    means = {key: statistics.fmean(float(t.values[0]) for t in trials) for key, trials in cells.items()}
     sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
-    best = min(_cells(complete).values(), key=lambda trials: sign * _cell_mean(trials))
-    return min(best, key=lambda t: (t.params.get(SWEEP_SEED_PARAM, 0), t.number))
-
-
-def selection_value(study: optuna.Study, selected: FrozenTrial) -> float:
-    """The first objective's value :func:`best_trial` ranked ``selected`` by: the mean of
-    its cell's completed seeds for a one-objective sweep with repeats, else the trial's
-    own value (several objectives select from the trials' own values)."""
-    if SWEEP_SEED_PARAM not in selected.params or len(study.directions) > 1:
-        return float(selected.values[0])
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    cell = {k: v for k, v in selected.params.items() if k != SWEEP_SEED_PARAM}
-    return _cell_mean(_cells(complete)[params_key(cell)])
+    best = min(cells, key=lambda key: sign * means[key])
+    return min(cells[best], key=lambda t: (t.params.get(SWEEP_SEED_PARAM, 0), t.number)), means[best]
 
 
 @dataclass
@@ -1020,12 +1012,12 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         test=study.user_attrs.get("test_result"),
     )
     outcome.fold_epochs, outcome.fold_epochs_budget = stored_fold_epochs(study)
-    selected = best_trial(study)
-    if selected is not None:
+    selection = _selection(study)
+    if selection is not None:
+        selected, outcome.selection_value = selection
         outcome.best_trial_number = selected.number
         outcome.best_params = dict(selected.params)
         outcome.best_values = list(selected.values)
-        outcome.selection_value = selection_value(study, selected)
         primary = objectives[0]
         attrs = selected.user_attrs
         outcome.metric_name = attrs.get("metric_name", "accuracy")
