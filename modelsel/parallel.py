@@ -69,7 +69,7 @@ Interrupts and errors
     terminates the other workers (their running trials are stored as failed) and
     re-raises, so the CLI says how to resume. A worker that fails, or is terminated
     from outside, sends one line (worker, exception type, message); a worker that is
-    killed sends nothing, and the calling process sees its exit before its next trial.
+    killed sends nothing, and the calling process's watcher thread sees its exit.
     Either way the run starts no more trials, stores the trial the worker left running
     as failed, and raises :class:`WorkerError` (exit code 1), so that it never ends as
     a success short of its budget.
@@ -298,12 +298,11 @@ def trial_loop(
     shared: _Shared,
     on_trial: Any = None,
     worker: int = 0,
-    others: Sequence[Any] = (),
 ) -> int:
     """Run trials one at a time while slots, time and the budget (trials, fold-epochs) last; return how many.
 
-    ``worker`` is this process's index; ``others`` are processes whose death (a non-zero
-    exit, e.g. killed) stops the run: this loop starts no trial after it.
+    ``worker`` is this process's index, under which it notes the trial it trains (for
+    failing the trial of a worker that is killed: :func:`_fail_trials_of_stopped_workers`).
     """
     from modelsel.storage import unfinished_trials_failed
     from modelsel.study import FINISHED_STATES, study_objective, trials_within_fold_epochs
@@ -339,9 +338,6 @@ def trial_loop(
                 break  # another invocation on the same storage filled the budget
             # Under budget.fold_epochs every running trial holds room for its longest run, so
             # that workers starting at once cannot overspend the cap between them.
-            if any(p.exitcode not in (None, 0) for p in others):
-                shared.stop.set()  # a worker was killed: _wait reports it
-                break
             if capped and not shared.reserve(lambda running: (trials_within_fold_epochs(study, spec) or 0) > running):
                 break
             try:
@@ -566,7 +562,6 @@ def run_parallel(
                 deadline=deadline,
                 shared=shared,
                 on_trial=show_best,
-                others=processes,
             )
             early_refit = refit_while_others_search(study, spec, device=device, shared=shared, caller=True)
         if while_waiting is not None and any(p.is_alive() for p in processes):
@@ -603,8 +598,8 @@ def _fail_trials_of_stopped_workers(study: optuna.Study, shared: _Shared) -> lis
 def _refresh_bar(
     bar: Any, initial: int, shared: _Shared, stop: threading.Event, processes: Sequence[Any] = ()
 ) -> None:
-    """Show the finished trials; and stop the run (no worker claims another trial) as soon
-    as a worker has died, not only once this process's trial ends."""
+    """Show the finished trials; and stop the run as soon as a worker has died (a non-zero
+    exit: killed), so that no worker, this process included, claims another trial."""
     shown = -1
     while not stop.wait(_POLL_S):
         if any(p.exitcode not in (None, 0) for p in processes):
