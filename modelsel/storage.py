@@ -221,14 +221,12 @@ class _OwnTrials:
 
     def fail_unfinished(self) -> list[int]:
         """Store this thread's unfinished trials that are still RUNNING as failed; return their ids."""
-        from optuna.trial import TrialState
 
         failed: list[int] = []
         own = self._own()
         for trial_id in sorted(own):
             try:
-                if self.get_trial(trial_id).state == TrialState.RUNNING:  # type: ignore[attr-defined]
-                    self.set_trial_state_values(trial_id, TrialState.FAIL)
+                if _fail_if_running(self, trial_id):
                     failed.append(trial_id)
                 else:  # finished elsewhere meanwhile (another process's heartbeat check)
                     own.discard(trial_id)
@@ -265,16 +263,20 @@ def fail_unfinished_trials() -> list[int]:
 def fail_running_trial(study: Any, number: int) -> bool:
     """Store trial ``number`` of ``study`` as failed if it is still running (its process
     was killed); whether it was. Best effort: False on any storage error."""
-    from optuna.trial import TrialState
-
     try:
         storage = study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-        if storage.get_trial(trial_id).state != TrialState.RUNNING:
-            return False
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        return _fail_if_running(storage, storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
     except Exception:
         return False
+
+
+def _fail_if_running(storage: Any, trial_id: int) -> bool:
+    """Store trial ``trial_id`` as failed if it is still RUNNING; whether it was."""
+    from optuna.trial import TrialState
+
+    if storage.get_trial(trial_id).state != TrialState.RUNNING:
+        return False
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
     return True
 
 
