@@ -307,11 +307,10 @@ def show_command(name: str, storage: str | None, output_dir: Path) -> None:
         maps = _stored_maps(name, storage, output_dir)  # the maps of a multi-grid sweep
         if maps is None:
             raise
-        from modelsel.storage import default_storage_url
         from modelsel.sweeps import combine_map_outcomes
 
-        url = storage or default_storage_url(output_dir, name)
-        outcome = combine_map_outcomes(name, [summarize(study, url) for study in maps[1]])
+        url, _, studies = maps
+        outcome = combine_map_outcomes(name, [summarize(study, url) for study in studies])
     report = output_dir / name / "report.html"
     outcome.report_path = report if report.exists() else None
     _print_outcome(outcome)
@@ -342,16 +341,17 @@ def build_command(name: str, storage: str | None, output_dir: Path) -> None:
         from modelsel.sweeps import build_maps_report
 
         check_output_folder(output_dir / name)
-        click.echo(f"Report: {build_maps_report(*maps, output_dir=output_dir / name)}")
+        _, spec, studies = maps
+        click.echo(f"Report: {build_maps_report(spec, studies, output_dir=output_dir / name)}")
         return
     check_output_folder(output_dir / name)
     path = build_report(study, output_dir=output_dir / name)
     click.echo(f"Report: {path}")
 
 
-def _stored_maps(name: str, storage: str | None, output_dir: Path) -> tuple[Any, list[Any]] | None:
-    """A multi-grid sweep ``name`` (its spec and map studies) in ``storage``, else in its
-    default storage ``OUTPUT/<name>/study.db``; None when there is none."""
+def _stored_maps(name: str, storage: str | None, output_dir: Path) -> tuple[str, Any, list[Any]] | None:
+    """A multi-grid sweep ``name`` (its storage URL, spec and map studies) in ``storage``,
+    else in its default storage ``OUTPUT/<name>/study.db``; None when there is none."""
     from modelsel.storage import default_storage_url, local_path
     from modelsel.sweeps import stored_maps
 
@@ -359,7 +359,8 @@ def _stored_maps(name: str, storage: str | None, output_dir: Path) -> tuple[Any,
     path = local_path(url)
     if path is not None and not path.is_file():
         return None
-    return stored_maps(url, name)
+    found = stored_maps(url, name)
+    return None if found is None else (url, *found)
 
 
 def entry_point() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import statistics
 import time
@@ -240,15 +241,15 @@ def study_budget(spec: StudySpec, n_trials: int | None = None) -> int | None:
     """Total finished trials the study should reach: a sweep's grid size (or fewer, with
     an explicit ``n_trials``, e.g. ``--n-trials``), else the budget; a ``sampler: grid``
     search's budget stops at its number of cells (more trials would train cells again)."""
-    if spec.sweep is not None or spec.sampler.name == "grid":
-        from modelsel.objective import study_grid
+    asked = n_trials if n_trials is not None else spec.budget.n_trials
+    if spec.sweep is not None:
+        asked = n_trials  # a sweep's budget is its grid: budget.n_trials is not used
+    elif spec.sampler.name != "grid":
+        return asked
+    from modelsel.objective import study_grid
 
-        cells = 1
-        for values in study_grid(spec).values():
-            cells *= len(values)
-        asked = n_trials if spec.sweep is not None or n_trials is not None else spec.budget.n_trials
-        return cells if asked is None else min(cells, asked)
-    return n_trials if n_trials is not None else spec.budget.n_trials
+    cells = math.prod(len(values) for values in study_grid(spec).values())
+    return cells if asked is None else min(cells, asked)
 
 
 def spec_fingerprint(spec: StudySpec) -> dict[str, Any]:
