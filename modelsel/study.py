@@ -145,13 +145,12 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
     (TPE's ``n_startup_trials: 'x'``, Hyperband's ``max_resource: 0``): so two trials go
     through a throwaway in-memory study, sampling the search space and reporting a step.
     """
+    from modelsel.objective import suggest_params
+
     pruner = make_pruner(spec)
-    if spec.sweep is not None or spec.sampler.name == "grid":
-        # A grid's sampler needs no probe (its cells were checked as values); its pruner does.
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=0)
-        space: dict[str, optuna.distributions.BaseDistribution] = {}
-    else:
-        sampler, space = make_sampler(spec), _search_space(spec)
+    grid = spec.sweep is not None or spec.sampler.name == "grid"
+    # A grid's sampler needs no probe (its cells were checked as values); its pruner does.
+    sampler = optuna.samplers.RandomSampler(seed=0) if grid else make_sampler(spec)
     n_objectives = len(spec.objectives or ["default"])
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings concern the probe's trials
@@ -161,7 +160,9 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
             probe = optuna.create_study(sampler=sampler, pruner=pruner, directions=["minimize"] * n_objectives)
             for value in (0.5, 0.25):
                 try:
-                    trial = probe.ask(fixed_distributions=space)
+                    trial = probe.ask()
+                    if not grid:
+                        suggest_params(trial, spec)
                 except Exception as exc:  # whatever a misconfigured sampler raises
                     raise SpecError(f"sampler.options: {exc}") from None
                 if n_objectives == 1 and spec.pruner.name not in ("none", "fold_paired"):
@@ -173,21 +174,6 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
                 probe.tell(trial, [value] * n_objectives)
     finally:
         optuna.logging.set_verbosity(verbosity)
-
-
-def _search_space(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The spec's search space as Optuna distributions."""
-    from modelsel.spec import FloatDistribution, IntDistribution
-
-    space: dict[str, optuna.distributions.BaseDistribution] = {}
-    for key, dist in spec.search.items():
-        if isinstance(dist, IntDistribution):
-            space[key] = optuna.distributions.IntDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
-        elif isinstance(dist, FloatDistribution):
-            space[key] = optuna.distributions.FloatDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
-        else:
-            space[key] = optuna.distributions.CategoricalDistribution(dist.choices)
-    return space
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
