@@ -533,11 +533,12 @@ def run_parallel(
     from modelsel.training import torch_threads
 
     processes, shared = pool.processes, pool.shared
-    finished_before = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    stored = study.get_trials(deepcopy=False)
+    finished_before = sum(t.state in FINISHED_STATES for t in stored)
     slots = None if target is None else max(target - finished_before, 0)
     deadline = None if timeout is None else time.time() + timeout
     threads = pool.threads(device)
-    seed_offset = resume_seed_offset(study)
+    seed_offset = resume_seed_offset(len(stored))
     pool.release(
         WorkerOrders(storage_url, target, deadline, device.type, threads, report, seed_offset), slots
     )

@@ -100,11 +100,11 @@ class StudyOutcome:
 _RESUME_SEED_STRIDE = 104_729
 
 
-def resume_seed_offset(study: optuna.Study) -> int:
-    """What a run adds to the spec's seed for its sampler: 0 for a new study, else a step
-    per trial already stored, so that each resume draws configurations of its own (and
-    the same ones again for the same stored trials)."""
-    return _RESUME_SEED_STRIDE * len(study.get_trials(deepcopy=False))
+def resume_seed_offset(stored_trials: int) -> int:
+    """What a run adds to the spec's seed for its sampler, given how many trials the study
+    already stores: 0 for a new study, else a step per trial, so that each resume draws
+    configurations of its own (and the same ones again for the same stored trials)."""
+    return _RESUME_SEED_STRIDE * stored_trials
 
 
 def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -478,7 +478,10 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
             )
         if spec.sweep is not None or spec.sampler.name == "grid":
             requeue_failed_cells(existing)
-        existing.sampler = make_sampler(spec, seed_offset=resume_seed_offset(existing))
+            existing.sampler = make_sampler(spec)  # a grid keeps its cell order: no resume offset
+        else:
+            offset = resume_seed_offset(len(existing.get_trials(deepcopy=False)))
+            existing.sampler = make_sampler(spec, seed_offset=offset)
         existing.pruner = make_pruner(spec)
         existing.set_user_attr("spec_full", spec.to_json())  # the budget and description may change
         return existing
