@@ -777,8 +777,9 @@ def _field_name(section: str, field: str) -> str:
     return field if section == "study" else f"{section}.{field}"
 
 
-def _one_key_per_field(spec: StudySpec, keys: list[str], *, where: str) -> None:
-    """Refuse two of ``keys`` that name one field (``lr`` and ``training.lr``), or an unknown key."""
+def _one_key_per_field(spec: StudySpec, keys: list[str], *, where: str) -> dict[tuple[str, str], str]:
+    """Refuse two of ``keys`` that name one field (``lr`` and ``training.lr``), or an unknown
+    key; return each field (section, name) with the key that names it."""
     seen: dict[tuple[str, str], str] = {}
     for key in keys:
         try:
@@ -790,6 +791,7 @@ def _one_key_per_field(spec: StudySpec, keys: list[str], *, where: str) -> None:
                 f"{where}.{key} and {where}.{seen[resolved]} name the same field {_field_name(*resolved)}; keep one"
             )
         seen[resolved] = key
+    return seen
 
 
 def _check_grids(spec: StudySpec) -> None:
@@ -799,13 +801,15 @@ def _check_grids(spec: StudySpec) -> None:
     if not grids:
         raise ValueError("sweep: list at least one grid, or leave 'sweep' out")
     wheres = [f"sweep.{i}" if isinstance(spec.sweep, list) else "sweep" for i in range(len(grids))]
+    fields = []
     for grid, where in zip(grids, wheres, strict=True):
-        _one_key_per_field(spec, list(grid.axes), where=where)
-        seeded = [a for a in grid.axes if resolve_field(spec, a) == ("study", "seed")]
-        if seeded and grid.repeats > 1:
+        axes = _one_key_per_field(spec, list(grid.axes), where=where)
+        seeded = axes.get(("study", "seed"))
+        if seeded is not None and grid.repeats > 1:
             # The repeats' seeds would silently replace the listed ones.
-            raise ValueError(f"{where}.{seeded[0]} and {where}.repeats both set the seeds; keep one")
-    if len({frozenset(resolve_field(spec, a) for a in g.axes) for g in grids}) != len(grids):
+            raise ValueError(f"{where}.{seeded} and {where}.repeats both set the seeds; keep one")
+        fields.append(frozenset(axes))
+    if len(set(fields)) != len(grids):
         raise ValueError("sweep: two grids sweep the same axes; merge them into one grid")
     for grid, where in zip(grids, wheres, strict=True):
         for axis, values in grid.axes.items():
