@@ -216,7 +216,12 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
         elif outcome.cv_mean is not None:  # fit_seconds, n_params: a number of the trial, not of each fold
             click.echo(f"{label.capitalize()}: {outcome.cv_mean:.4g}")
         test = outcome.test
-        if test and test.get("trial_number") == outcome.best_trial_number:
+        if test and test.get("trial_number") == outcome.best_trial_number and "retrain_diverged" in test:
+            click.echo(
+                f"Held-out test: not scored. Retraining the selected configuration on the whole training split "
+                f"diverged at {test['retrain_diverged']} (lower the learning rate, or clip gradients, and run again)"
+            )
+        elif test and test.get("trial_number") == outcome.best_trial_number:
             when = " while the last trials ran" if test.get("retrained_during_search") else ""
             click.echo(
                 f"Held-out test {test['metric_name']}: {test['test_metric']:.4f}, loss {test['test_loss']:.4f} "

@@ -239,7 +239,10 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
         ("regime", attrs.get("regime", "")),
     ]
     test = study.user_attrs.get("test_result")
-    if test and test.get("trial_number") == selected.number:
+    if test and test.get("trial_number") == selected.number and "retrain_diverged" in test:
+        why = f"not scored: the retrain on the whole training split diverged at {test['retrain_diverged']}"
+        rows.append(("held-out test", why))
+    elif test and test.get("trial_number") == selected.number:
         rows += [
             (f"held-out test {test['metric_name']}", _num(test["test_metric"])),
             ("held-out test loss", _num(test["test_loss"])),

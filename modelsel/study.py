@@ -962,13 +962,28 @@ def select_and_test(
     if pending is None:
         return outcome
     from modelsel.cv import fit_final, score_on_test
-    from modelsel.training import torch_threads
+    from modelsel.training import Diverged, torch_threads
 
     selected, trial_spec, epochs = pending
     dataset = _load_dataset_for(trial_spec)
     reused = early_refit if early_refit is not None and early_refit.fits(selected, epochs) else None
     with torch_threads(threads) if threads is not None else contextlib.nullcontext():
-        member = reused.member if reused is not None else fit_final(trial_spec, dataset, epochs=epochs, device=device)
+        try:
+            if reused is not None:
+                member = reused.member
+            else:
+                member = fit_final(trial_spec, dataset, epochs=epochs, device=device)
+        except Diverged as diverged:
+            # Stored like a score, so that a rerun reports it instead of retraining into it again;
+            # the test split is not touched.
+            outcome.test = {
+                "trial_number": selected.number,
+                "params": selected.params,
+                "epochs": epochs,
+                "retrain_diverged": f"epoch {diverged.epoch + 1}: {diverged.reason}",
+            }
+            study.set_user_attr("test_result", outcome.test)
+            return outcome
         score = score_on_test(member, dataset, device=device)
     outcome.test = {
         "trial_number": selected.number,

@@ -357,6 +357,28 @@ def test_a_first_objective_that_is_not_a_fold_mean_is_printed_without_a_fold_std
     assert "CV fit seconds" not in result.output
 
 
+def test_a_retrain_that_diverges_is_reported_and_the_run_and_its_rerun_finish(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    # lr 1e5 leaves the folds at a huge but finite loss; the retrain on the whole split reaches NaN.
+    # This used to end the run with a Diverged traceback before the report, on every rerun.
+    spec = spec_file(
+        dataset={"name": "digits"},
+        model={"depth": 2, "width": 42},
+        training={"epochs": 3, "optimizer": "sgd", "lr": 1.0e5},
+        search={"activation": ["relu"]},
+        cv={"folds": 3},
+        budget={"n_trials": 1},
+    )
+    for _ in range(2):
+        result = invoke("study", "run", str(spec), "--quiet")
+        assert result.exit_code == 0, result.output
+        assert "Held-out test: not scored. Retraining the selected configuration" in result.output
+        assert "diverged at epoch 1: training loss is nan" in result.output
+    html = (workdir / "reports" / "tiny" / "report.html").read_text(encoding="utf-8")
+    assert "not scored: the retrain on the whole training split diverged" in html
+
+
 def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]) -> None:
     spec = spec_file()
     result = invoke("study", "run", str(spec), "--n-trials", "0")
