@@ -120,6 +120,8 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
     samplers = optuna.samplers
     options = dict(spec.sampler.options)
     name = "grid" if spec.sweep is not None else spec.sampler.name
+    if "seed" in options:
+        raise SpecError("sampler.options.seed: the sampler is seeded from the spec's seed; set the top-level seed")
     try:
         if name == "grid":
             from modelsel.objective import study_grid
@@ -138,12 +140,19 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
         raise SpecError(f"sampler.options: {exc}") from None
 
 
+#: The most trials :func:`check_sampler_and_pruner` sends through its probe study.
+_PROBE_MAX_TRIALS = 64
+
+
 def check_sampler_and_pruner(spec: StudySpec) -> None:
     """Raise a one-line :class:`SpecError` when ``spec``'s sampler or pruner options are bad.
 
     Some options pass the constructors and fail only when a trial is sampled or judged
-    (TPE's ``n_startup_trials: 'x'``, Hyperband's ``max_resource: 0``): so two trials go
-    through a throwaway in-memory study, sampling the search space and reporting a step.
+    (TPE's ``n_startup_trials: 'x'``, Hyperband's ``max_resource: 0``), and a model-based
+    sampler's own options (TPE's ``gamma``, CMA-ES's ``popsize`` or ``x0``) only once its
+    random start-up trials are done: so trials go through a throwaway in-memory study,
+    sampling the search space and reporting a step, until one past the start-up
+    (at most :data:`_PROBE_MAX_TRIALS`).
     """
     from modelsel.objective import suggest_params
 
@@ -158,22 +167,32 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             probe = optuna.create_study(sampler=sampler, pruner=pruner, directions=["minimize"] * n_objectives)
-            for value in (0.5, 0.25):
+            startup = getattr(sampler, "_n_startup_trials", 0)
+            n_probe = min(_PROBE_MAX_TRIALS, startup + 2) if isinstance(startup, int) else 2
+            for i in range(max(2, n_probe)):
+                value = 1.0 / (i + 2)  # distinct values, so that a model-based sampler can rank them
                 try:
                     trial = probe.ask()
                     if not grid:
                         suggest_params(trial, spec)
                 except Exception as exc:  # whatever a misconfigured sampler raises
-                    raise SpecError(f"sampler.options: {exc}") from None
+                    raise SpecError(_options_error("sampler", sampler, exc)) from None
                 if n_objectives == 1 and spec.pruner.name not in ("none", "fold_paired"):
                     try:
                         trial.report(value, 1)
                         trial.should_prune()
                     except Exception as exc:  # whatever a misconfigured pruner raises
-                        raise SpecError(f"pruner.options: {exc}") from None
+                        raise SpecError(_options_error("pruner", pruner, exc)) from None
                 probe.tell(trial, [value] * n_objectives)
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _options_error(field: str, used: object, exc: Exception) -> str:
+    """One line for options that an Optuna sampler or pruner accepted but then failed with."""
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    name = type(used).__name__
+    return f"{field}.options: optuna's {name} fails with them ({what}); check each against the arguments of {name}"
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

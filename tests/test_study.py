@@ -468,6 +468,12 @@ def test_a_bad_storage_url_fails_before_anything_is_written(fast_tmp: Path) -> N
         # These pass the constructors and used to fail inside the first trial, with a traceback.
         {"sampler": {"name": "tpe", "options": {"n_startup_trials": "x"}}},
         {"pruner": {"name": "hyperband", "options": {"max_resource": 0}}},
+        # ... or only once the sampler's random start-up trials are done, with a traceback
+        # after trials were stored.
+        {"sampler": {"name": "tpe", "options": {"gamma": 5}}},
+        {"sampler": {"name": "tpe", "options": {"n_startup_trials": 2, "n_ei_candidates": 0}}},
+        {"sampler": {"name": "cmaes", "options": {"n_startup_trials": 2, "popsize": -3}}},
+        {"sampler": {"name": "tpe", "options": {"seed": 5}}},
         {"pruner": {"name": "hyperband", "options": {"reduction_factor": 1}}},
         # ... in a grid search too, whose sampler is not probed.
         {
