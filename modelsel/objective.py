@@ -151,13 +151,15 @@ class PruningCallback(Callback):
         self.stores_fold_values = isinstance(trial.study.pruner, FoldPairedPruner)
 
     def on_epoch_end(self, epoch: int, histories: Sequence[History]) -> None:
-        if (epoch + 1) % self.every and epoch != self.last_epoch:
+        # The trial's last epoch: the spec's last, or the one after which every fold has stopped early.
+        last = epoch == self.last_epoch or all(h.stopped_early for h in histories)
+        if (epoch + 1) % self.every and not last:
             return
         per_fold = fold_values_at(histories, self.curve, epoch)
         value = statistics.fmean(per_fold)
         self.trial.report(value, epoch + 1)
         # Pruning after the last epoch would discard a finished result and save nothing.
-        if not self.can_prune or epoch == self.last_epoch:
+        if not self.can_prune or last:
             return
         if self.stores_fold_values and len(per_fold) == len(histories):
             self.trial.set_user_attr(

@@ -204,6 +204,25 @@ def test_pruned_trials_record_the_epoch_and_partial_curves(fast_tmp: Path) -> No
         assert "pruned_at_epoch" not in trial.user_attrs
 
 
+class _PruneFromTheSecondEpoch(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return (trial.last_step or 0) >= 2
+
+
+def test_a_trial_whose_folds_have_all_stopped_early_is_not_pruned_after_its_last_epoch() -> None:
+    # min_delta 100: every fold stops after its second epoch, the trial's last. Pruning it
+    # there threw away a finished result (stored as pruned, no fold curves, not selectable).
+    spec = parse_spec(
+        tiny_spec_data(training={"epochs": 6, "batch_size": 32, "early_stopping": {"patience": 1, "min_delta": 100}})
+    )
+    study = optuna.create_study(direction="maximize", pruner=_PruneFromTheSecondEpoch())
+    study.optimize(StudyObjective(spec, load_dataset=_load, objectives=["val_accuracy"], device=CPU), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert list(trial.intermediate_values) == [1, 2]
+    assert trial.user_attrs["fold_epochs"] == 2 * spec.cv.folds
+
+
 def _paired_verdicts(
     pruner: FoldPairedPruner, direction: str, cases: list[list[float]], *, step: int = 1
 ) -> list[bool]:
