@@ -604,6 +604,12 @@ class StudySpec(_Section):
             raise ValueError(
                 "pruning works with one objective only; set 'pruner: none' or list one objective"
             )
+        if objectives and objectives[0] in ("fit_seconds", "n_params") and self.pruner.name != "none":
+            # Neither is known before a trial ends, so no curve could be reported to the pruner.
+            raise ValueError(
+                f"pruning needs a validation objective; {objectives[0]} has no per-epoch curve: "
+                "set 'pruner: none' or use val_loss or val_accuracy"
+            )
         task = self.task
         if task == "regression" and "val_accuracy" in objectives:
             raise ValueError("val_accuracy needs a classification dataset; use val_loss")

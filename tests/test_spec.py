@@ -497,6 +497,14 @@ def test_multi_objective_with_a_pruner() -> None:
     parse_spec(spec(objectives=["val_accuracy", "n_params"]))  # without a pruner it is fine
 
 
+@pytest.mark.parametrize("objective", ["n_params", "fit_seconds"])
+def test_a_pruner_with_an_objective_that_has_no_curve(objective: str) -> None:
+    # It was accepted and never pruned: the trials report no curve for these objectives.
+    message = spec_error(spec(objectives=[objective], pruner="median"))
+    assert f"{objective} has no per-epoch curve" in message and "pruner: none" in message
+    parse_spec(spec(objectives=[objective]))
+
+
 def test_val_accuracy_on_a_regression_dataset() -> None:
     message = spec_error(spec(dataset={"name": "polynomial"}, objectives=["val_accuracy"]))
     assert "val_accuracy needs a classification dataset; use val_loss" in message
