@@ -696,8 +696,7 @@ def run_study(
     UserError
         Bad spec values, data, storage or options; nothing is written in that case.
     """
-    if workers < 1:
-        raise UserError("--workers must be at least 1")
+    _check_run_options(n_trials=n_trials, timeout=timeout, workers=workers)
     if build_report:
         check_output_folder(Path(output_dir) / spec.name)
     if isinstance(spec.sweep, list):
@@ -748,6 +747,22 @@ def run_study(
         report_dir = Path(output_dir) / spec.name
         outcome.report_path = write_report(study, output_dir=report_dir, draft=draft)
     return outcome
+
+
+def _check_run_options(*, n_trials: int | None, timeout: float | None, workers: int) -> None:
+    """Refuse run options the command line's types would have refused (for Python callers)."""
+
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if n_trials is not None and not (whole(n_trials) and n_trials >= 1):
+        raise UserError(f"n_trials (--n-trials) must be a whole number of at least 1, got {n_trials!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+    ):
+        raise UserError(f"timeout (--timeout) must be a finite number of seconds above 0, got {timeout!r}")
+    if not (whole(workers) and workers >= 1):
+        raise UserError(f"--workers must be at least 1, got {workers!r}")
 
 
 def check_run(

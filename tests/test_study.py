@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -521,6 +522,24 @@ def test_a_budget_is_required() -> None:
 def test_workers_must_be_positive(fast_tmp: Path) -> None:
     with pytest.raises(UserError, match="--workers must be at least 1"):
         run_study(tiny(), output_dir=fast_tmp, workers=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # These created the study and trained nothing (0, -5) or ran 3 trials (2.5), without an error.
+        ({"n_trials": 0}, "n_trials (--n-trials) must be a whole number of at least 1, got 0"),
+        ({"n_trials": 2.5}, "n_trials (--n-trials) must be a whole number of at least 1, got 2.5"),
+        ({"timeout": -5}, "timeout (--timeout) must be a finite number of seconds above 0, got -5"),
+        ({"timeout": float("nan")}, "timeout (--timeout) must be a finite number of seconds above 0, got nan"),
+    ],
+)
+def test_run_options_from_python_are_checked_before_anything_is_written(
+    fast_tmp: Path, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_study(tiny(), output_dir=fast_tmp / "reports", progress=False, **options)
+    assert files_under(fast_tmp) == []
 
 
 def test_bad_sampler_and_pruner_options_are_spec_errors() -> None:
