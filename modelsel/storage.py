@@ -87,7 +87,12 @@ def storage_kind(url: str) -> str:
         if not url.removeprefix("journal:").removeprefix("//"):
             raise StorageError(f"storage URL '{url}' names no file; {_HINT}")
         return "journal"
-    scheme = urlsplit(url).scheme.split("+")[0]
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port is what finds a malformed host)
+    except ValueError as exc:  # e.g. an unclosed '[' of an IPv6 host, or a port that is no number
+        raise StorageError(f"storage URL '{redact(url)}' is malformed ({exc}); {_HINT}") from None
+    scheme = parts.scheme.split("+")[0]
     if scheme in ("sqlite", "postgresql", "postgres", "mysql"):
         if scheme == "sqlite" and not url.startswith("sqlite:///"):
             raise StorageError(f"storage URL '{redact(url)}' is malformed; {_HINT}")
@@ -130,13 +135,22 @@ def check_storage_url(url: str, *, create_parent: bool = False) -> None:
         otherwise a missing folder is an error.
     """
     path = local_path(url)
-    if path is not None and not path.parent.exists() and not create_parent:
+    if path is None:
+        return
+    try:
+        _check_storage_path(url, path, create_parent=create_parent)
+    except OSError as exc:  # a name too long, a folder that cannot be read
+        raise StorageError(f"storage URL '{url}': cannot use {path} ({exc.strerror}); choose another path") from None
+
+
+def _check_storage_path(url: str, path: Path, *, create_parent: bool) -> None:
+    if not path.parent.exists() and not create_parent:
         raise StorageError(
             f"storage URL '{url}': folder {path.parent} does not exist; create it or choose another path"
         )
-    if path is not None and path.exists() and path.is_dir():
+    if path.exists() and path.is_dir():
         raise StorageError(f"storage URL '{url}' points at a folder; name a file, e.g. {path / 'study.db'}")
-    if path is not None and storage_kind(url) == "journal" and path.is_file():
+    if storage_kind(url) == "journal" and path.is_file():
         with path.open("rb") as file:
             first_line = file.readline(65536).strip()
         try:
@@ -145,7 +159,7 @@ def check_storage_url(url: str, *, create_parent: bool = False) -> None:
             record = None
         if not (isinstance(record, dict) and "op_code" in record):
             # Optuna would append its records to the file before failing to read it.
-            raise StorageError(
+            raise NoStudyStorage(
                 f"storage URL '{url}': {path} is not an Optuna journal file; name a new file or a journal"
             )
 
@@ -405,6 +419,11 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
             raise StorageError(
                 f"storage URL '{url}': cannot write {path} ({exc.strerror}); choose another path"
             ) from None
+        except Exception as exc:  # Optuna replays every record on opening: one it cannot read
+            raise StorageError(
+                f"storage URL '{url}': {path} holds a record that is not Optuna's ({type(exc).__name__}); "
+                "name a new file, or restore the journal from a backup"
+            ) from None
         _STORAGES.add(journal)
         return journal
     engine_kwargs: dict[str, Any] = {}
@@ -426,14 +445,32 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         _ENGINES.add(storage.engine)
         _STORAGES.add(storage)
         return storage
-    except ModuleNotFoundError as exc:
-        extra = " (pip install 'modelsel[postgres]')" if kind == "postgresql" else ""
-        raise StorageError(f"storage URL '{redact(url)}' needs the driver '{exc.name}'{extra}") from None
     except Exception as exc:  # SQLAlchemy raises many kinds; all mean "cannot use this storage"
+        missing = _missing_module(exc)
+        if missing is not None:
+            extra = " (pip install 'modelsel[postgres]')" if kind == "postgresql" else ""
+            raise StorageError(f"storage URL '{redact(url)}' needs the driver '{missing}'{extra}") from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if kind == "sqlite":
+            raise StorageError(
+                f"cannot open storage '{url}': {first_line[:300]}; name a new file or an Optuna SQLite study file"
+            ) from None
         raise StorageError(
             f"cannot open storage '{redact(url)}': {first_line[:300]}; check the URL and that the server runs"
         ) from None
+
+
+def _missing_module(exc: BaseException) -> str | None:
+    """The module a failed import named, where ``exc`` or what it wraps is one (Optuna
+    re-raises a missing database driver as its own ImportError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ModuleNotFoundError) and current.name:
+            return current.name
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_kwargs: dict[str, Any]) -> Any:

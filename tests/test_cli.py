@@ -188,11 +188,14 @@ def test_a_file_under_reports_that_holds_no_study_is_skipped_and_left_as_it_is(
     (workdir / "reports" / "junk" / "study.db").write_text("hello", encoding="utf-8")
     (workdir / "reports" / "empty").mkdir()
     (workdir / "reports" / "empty" / "study.db").touch()
+    (workdir / "reports" / "notes").mkdir()
+    (workdir / "reports" / "notes" / "study.log").write_text("not a journal\n", encoding="utf-8")
     listed = invoke("study", "list")
     assert listed.exit_code == 0, listed.output
     assert listed.stdout.startswith("tiny\t1 trials\t")
     assert "reports/junk/study.db is not a study storage (file is not a database)" in listed.stderr
     assert "reports/empty/study.db holds no Optuna studies" in listed.stderr
+    assert "reports/notes/study.log is not an Optuna journal file" in listed.stderr  # was exit 2 after the list
     assert (workdir / "reports" / "empty" / "study.db").stat().st_size == 0  # nothing written into it
     assert invoke("study", "show", "tiny").exit_code == 0
     # Named explicitly, such a file is an error.

@@ -72,6 +72,9 @@ def test_storage_kind(url: str, kind: str) -> None:
         ("", "is not supported"),
         ("sqlite://study.db", "is malformed"),
         ("journal:", "names no file"),
+        # These raised ValueError tracebacks from urlsplit.
+        ("postgresql://[bad/db", "is malformed (Invalid IPv6 URL)"),
+        ("postgresql://u@host:abc/db", "is malformed (Port could not be cast to integer value"),
     ],
 )
 def test_bad_storage_urls(url: str, problem: str) -> None:
@@ -107,6 +110,42 @@ def test_a_file_that_is_not_a_journal_is_refused_untouched(tmp_path: Path) -> No
     empty = tmp_path / "empty.log"
     empty.touch()
     check_storage_url(f"journal:{empty}")  # a new journal may start as an empty file
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ('{"op_code": 99}\n', "AssertionError"),
+        # A last line that does not parse is taken as a record being written; one before it is not.
+        (
+            '{"op_code": 0, "worker_id": "a", "study_name": "s", "directions": [1]}\nGARBAGE\n{"op_code": 0}\n',
+            "JSONDecodeError",
+        ),
+    ],
+)
+def test_a_journal_with_records_optuna_cannot_read_is_one_line(tmp_path: Path, content: str, error: str) -> None:
+    journal = tmp_path / "study.log"
+    journal.write_text(content, encoding="utf-8")
+    with pytest.raises(StorageError) as info:
+        open_storage(f"journal:{journal}")
+    assert f"holds a record that is not Optuna's ({error}); name a new file" in one_line_error(info)
+    assert journal.read_text(encoding="utf-8") == content
+
+
+def test_a_storage_path_the_system_refuses_is_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/{'a' * 300}.db"
+    with pytest.raises(StorageError, match=r"cannot use .* \(File name too long\); choose another path"):
+        check_storage_url(url)
+
+
+def test_a_file_that_is_not_sqlite_is_named_as_such(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.db"
+    notes.write_text("not a database\n", encoding="utf-8")
+    with pytest.raises(StorageError) as info:
+        open_storage(f"sqlite:///{notes}")
+    message = one_line_error(info)
+    assert "file is not a database; name a new file or an Optuna SQLite study file" in message
+    assert "server" not in message
 
 
 def test_a_journal_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
