@@ -38,6 +38,7 @@ import functools
 import gzip
 import math
 import os
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -552,7 +553,7 @@ def _read_idx(path: Path, *, ndim: int) -> torch.Tensor:
                 array = np.frombuffer(handle.read(), dtype=np.uint8).copy()
             else:
                 array = np.fromfile(handle, dtype=np.uint8)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib: corrupt compressed data in a .gz file
         raise DataError(f"cannot read {path}: {_one_line(exc)}; {fix}") from None
     expected = math.prod(shape)
     if len(shape) != ndim or array.size != expected:

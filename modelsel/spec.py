@@ -1087,6 +1087,8 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
         The file is missing, not YAML, or not a valid spec.
     """
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path} is a folder, not a spec file; give the path of a YAML study spec in it")
     if not path.is_file():
         raise SpecError(
             f"spec file not found: {path} (give the path of a YAML study spec, e.g. studies/quickstart.yaml)"
@@ -1100,6 +1102,8 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
         raise SpecError(f"{path}: invalid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file; a study spec is YAML text") from None
+    except OSError as exc:  # e.g. no permission to read it
+        raise SpecError(f"cannot read spec file {path} ({exc.strerror}); check its permissions") from None
     if isinstance(data, Mapping) and overrides:
         data = {**data, **overrides}
     return parse_spec(data, source=str(path))

@@ -216,6 +216,20 @@ def test_fashion_mnist_truncated_file(tmp_path: Path) -> None:
     assert str(path) in message and "truncated or corrupt" in message and "download" in message
 
 
+def test_fashion_mnist_corrupt_compressed_data(tmp_path: Path) -> None:
+    # Damaged deflate data raised zlib.error, which was not caught: a traceback.
+    _fake_fashion(tmp_path, compress=True)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    # Compressible images, so that the flipped bytes hit deflate codes, not stored blocks.
+    _write_idx(raw / "train-images-idx3-ubyte", (np.arange(30 * 784) % 7).reshape(30, 28, 28), compress=True)
+    path = raw / "train-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[20:60] = bytes(b ^ 0xFF for b in data[20:60])
+    path.write_bytes(bytes(data))
+    message = raises_data_error(fashion(tmp_path))
+    assert f"cannot read {path}" in message and "download" in message
+
+
 def test_fashion_mnist_not_an_idx_file(tmp_path: Path) -> None:
     _fake_fashion(tmp_path, compress=False)
     path = tmp_path / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -585,6 +586,24 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe\x00\x81name")
     with pytest.raises(SpecError, match="not a UTF-8 text file"):
+        load_spec(path)
+
+
+def test_a_folder_given_as_the_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=f"^{re.escape(str(tmp_path))} is a folder, not a spec file; give the path"):
+        load_spec(tmp_path)
+
+
+def test_a_spec_file_that_cannot_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Root reads any file, so the refusal is simulated: it was a PermissionError traceback.
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: x\n", encoding="utf-8")
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(SpecError, match=r"cannot read spec file .*spec\.yaml \(Permission denied\); check its"):
         load_spec(path)
 
 
