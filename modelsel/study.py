@@ -39,6 +39,7 @@ from modelsel.storage import (
     check_output_folder,
     default_storage_url,
     display_url,
+    local_path,
     open_storage,
     storage_kind,
     unfinished_trials_failed,
@@ -485,16 +486,7 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     if existing is not None and "spec" not in existing.user_attrs:
         existing = _undescribed_study(existing, spec, storage, storage_url, directions)
     if existing is not None:
-        stored = json.loads(existing.user_attrs["spec"])
-        for key in _RUN_ONLY_TRAINING_KEYS:  # fingerprints stored before device was run-only
-            stored.get("training", {}).pop(key, None)
-        changed = _differences(stored, fingerprint)
-        if changed:
-            raise UserError(
-                f"study '{spec.name}' in {display_url(storage_url)} was created from a different spec "
-                f"(differs in: {', '.join(changed[:5])}); rename the study, use another --storage, "
-                "or delete the old database"
-            )
+        _check_stored_spec(existing, spec, storage_url, fingerprint)
         if spec.sweep is not None or spec.sampler.name == "grid":
             requeue_failed_cells(existing)
             existing.sampler = make_sampler(spec)  # a grid keeps its cell order: no resume offset
@@ -514,6 +506,36 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     )
     _describe_study(study, spec, fingerprint, objectives, task)
     return study
+
+
+def _check_stored_spec(study: optuna.Study, spec: StudySpec, storage_url: str, fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume a study created from a spec that trains or measures differently."""
+    stored = json.loads(study.user_attrs["spec"])
+    for key in _RUN_ONLY_TRAINING_KEYS:  # fingerprints stored before device was run-only
+        stored.get("training", {}).pop(key, None)
+    changed = _differences(stored, fingerprint)
+    if changed:
+        raise UserError(
+            f"study '{spec.name}' in {display_url(storage_url)} was created from a different spec "
+            f"(differs in: {', '.join(changed[:5])}); rename the study, use another --storage, "
+            "or delete the old database"
+        )
+
+
+def check_resumable(specs: Sequence[StudySpec], storage_url: str) -> None:
+    """Raise :class:`UserError` when a study of ``specs`` is stored at ``storage_url`` from a
+    different spec (a multi-grid sweep checks every grid before it runs any); reads only,
+    and opens nothing when a file storage does not exist yet."""
+    path = local_path(storage_url)
+    if path is not None and not path.is_file():
+        return
+    storage = open_storage(storage_url, heartbeat=False)
+    stored = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    for spec in specs:
+        if spec.name in stored:
+            study = optuna.load_study(study_name=spec.name, storage=storage)
+            if "spec" in study.user_attrs:
+                _check_stored_spec(study, spec, storage_url, spec_fingerprint(spec))
 
 
 def _undescribed_study(

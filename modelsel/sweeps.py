@@ -712,7 +712,7 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
     import time
 
     from modelsel.storage import default_storage_url, local_path
-    from modelsel.study import check_run, run_study
+    from modelsel.study import check_resumable, check_run, run_study
 
     children = map_specs(spec)
     device = options.get("device")
@@ -722,6 +722,7 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
         training = child.training if device is None else child.training.model_copy(update={"device": device})
         check_run(child.model_copy(update={"training": training}), n_trials=options.get("n_trials"), timeout=timeout)
     url = storage or spec.storage or default_storage_url(output_dir, spec.name)
+    check_resumable(children, url)  # a changed grid fails before any other grid trains
     path = local_path(url)
     if storage is None and spec.storage is None and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

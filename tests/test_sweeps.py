@@ -189,6 +189,21 @@ def test_bad_input_to_a_list_of_grids_writes_nothing(tmp_path: Path, bad: dict[s
     assert files_under(tmp_path) == []
 
 
+def test_a_changed_later_grid_fails_before_an_earlier_grid_trains(fast_tmp: Path) -> None:
+    # The stored-spec check ran per grid: the first grid trained its remaining cells and
+    # rewrote its report before the second grid's change was refused.
+    data = tiny_spec_data(name="maps")
+    data.pop("budget", None)
+    data["sweep"] = [{"width": [2, 8]}, {"lr": [0.01, 0.1]}]
+    reports = fast_tmp / "reports"
+    run_study(parse_spec(data), output_dir=reports, n_trials=1, progress=False, build_report=False)
+    data["sweep"][1] = {"lr": [0.01, 0.2]}
+    with pytest.raises(UserError, match=r"study 'maps-lr' .* was created from a different spec \(differs in: sweep"):
+        run_study(parse_spec(data), output_dir=reports, progress=False, build_report=False)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{reports}/maps/study.db")
+    assert len(optuna.load_study(study_name="maps-width", storage=storage).trials) == 1
+
+
 def test_the_grids_of_a_list_share_the_timeout_of_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import modelsel.study
 
