@@ -207,10 +207,14 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
         click.echo("No trial completed, so nothing was selected.")
     else:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.best_params.items()) or "(fixed configuration)"
-        click.echo(f"Best trial #{outcome.best_trial_number}: {params}")
+        seeds = outcome.cell_seeds
+        cell = f" (the sweep cell of {seeds} seeds; its first seed's trial)" if seeds > 1 else ""
+        click.echo(f"Best trial #{outcome.best_trial_number}{cell}: {params}")
         primary = outcome.objectives[0]
         label = f"val {outcome.metric_name}" if primary == "val_accuracy" else primary.replace("_", " ")
         fold_text = f"{folds}-fold " if folds else ""
+        if seeds > 1:
+            fold_text = f"{seeds} seeds x {fold_text}"
         if outcome.cv_mean is not None and primary in ("val_accuracy", "val_loss"):
             click.echo(f"CV {label}: {outcome.cv_mean:.4f} ± {outcome.cv_std or 0:.4f} ({fold_text}mean ± std)")
         elif outcome.cv_mean is not None:  # fit_seconds, n_params: a number of the trial, not of each fold

@@ -140,6 +140,7 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
     if not pruned.empty:
         ax.scatter(pruned["trial"], [best.iloc[0]] * len(pruned), marker="x", color="grey", label="pruned")
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers, not -0.04 ... 0.04
     ax.set_ylabel(_objective_label(primary))
     ax.legend(loc="best", fontsize=8)
     sns.despine(fig)
@@ -148,15 +149,20 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
 
 def plot_importance(study: optuna.Study) -> Figure | None:
     """Parameter importances (Optuna's default evaluator) of the first objective; None when not computable."""
+    from modelsel.spec import SWEEP_SEED_PARAM
+
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = {k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1}
+    varied.discard(SWEEP_SEED_PARAM)  # a sweep's repeat seed is noise, not a hyperparameter
     if len(complete) < 3 or not varied:
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the evaluator warns on small studies; the plot says enough
             importances = optuna.importance.get_param_importances(
-                study, target=(lambda t: t.values[0]) if len(study.directions) > 1 else None
+                study,
+                params=sorted(varied),
+                target=(lambda t: t.values[0]) if len(study.directions) > 1 else None,
             )
     except (RuntimeError, ValueError, ZeroDivisionError):
         return None
@@ -190,6 +196,7 @@ def plot_training_curves(trial: FrozenTrial, *, title: str | None = None) -> Fig
     fig, ax = plt.subplots(figsize=(6, 3.4))
     sns.lineplot(data=data, x="epoch", y="loss", hue="split", errorbar=("pi", 100), ax=ax)
     ax.set_yscale("log" if data["loss"].min() > 0 else "linear")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     sns.despine(fig)
     return Figure(
         title or f"Training curves of trial {trial.number}",
@@ -209,7 +216,8 @@ def _format_table(frame: pd.DataFrame) -> str:
 
 def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     """Counts, the selected trial, its CV score and the held-out test score."""
-    from modelsel.study import best_trial, stored_fold_epochs
+    from modelsel.spec import SWEEP_SEED_PARAM
+    from modelsel.study import best_trial, cell_score, cell_trials, stored_fold_epochs
 
     section = Section("Summary")
     objectives = study.user_attrs.get("objectives") or ["value"]
@@ -217,24 +225,33 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     spent, cap = stored_fold_epochs(study)
     of_cap = f" of a budget of {cap}" if cap else ""
     compute = f" They trained {spent} fold-epochs (epochs × folds){of_cap}." if spent else ""
+    diverged = 0
+    if "fail_reason" in frame:
+        reasons = frame.loc[frame["state"] == "pruned", "fail_reason"]
+        diverged = int(reasons.map(lambda r: isinstance(r, str) and r.startswith("diverged")).sum())
+    of_them = f" ({diverged} of them diverged)" if diverged else ""
     section.paragraphs.append(
-        f"{len(frame)} trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+        f"{len(frame)} trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned{of_them}, "
         f"{counts.get('fail', 0)} failed.{compute} Objective{'s' if len(objectives) > 1 else ''}: "
         + ", ".join(f"{o} ({d.name.lower()})" for o, d in zip(objectives, study.directions, strict=False))
         + "."
     )
     selected = best_trial(study)
     if selected is None:
-        section.paragraphs.append("No trial has completed yet.")
+        section.paragraphs.append("No trial completed, so nothing was selected and the test split was not scored.")
         return section
     attrs = selected.user_attrs
     metric = attrs.get("metric_name", "accuracy")
-    rows = [
+    # A sweep cell with repeats is selected by its mean over seeds, and so is it scored here.
+    cell = cell_trials(study, selected) if len(study.directions) == 1 else [selected]
+    pooled = f" over {len(cell)} seeds × folds" if len(cell) > 1 else ""
+    rows: list[tuple[str, Any]] = [
         ("selected trial", selected.number),
-        *[(f"param {k}", _fmt(v)) for k, v in selected.params.items()],
-        (f"CV val {metric} (mean ± std)", _pm(attrs.get("val_metric_mean"), attrs.get("val_metric_std"))),
-        ("CV val loss (mean ± std)", _pm(attrs.get("val_loss_mean"), attrs.get("val_loss_std"))),
-        (f"CV train {metric} (mean)", _num(attrs.get("train_metric_mean"))),
+        *([("trials of the selected cell", ", ".join(str(t.number) for t in cell))] if len(cell) > 1 else []),
+        *[(f"param {k}", _fmt(v)) for k, v in selected.params.items() if k != SWEEP_SEED_PARAM or len(cell) == 1],
+        (f"CV val {metric} (mean ± std{pooled})", _pm(*cell_score(cell, "val_metric"))),
+        (f"CV val loss (mean ± std{pooled})", _pm(*cell_score(cell, "val_loss"))),
+        (f"CV train {metric} (mean{pooled})", _num(cell_score(cell, "train_metric")[0])),
         ("parameters", attrs.get("n_params")),
         ("regime", attrs.get("regime", "")),
     ]
@@ -297,13 +314,13 @@ def draft_report(study: optuna.Study) -> ReportDraft:
         curves = plot_training_curves(selected, title=f"Training curves of the selected trial ({selected.number})")
         if curves is not None:
             search.figures.append(curves)
-    sections.append(search)
+    if search.figures:
+        sections.append(search)
     flow = gradient_flow_section(study, frame, selected=None if selected is None else selected.number)
     if flow is not None:
         sections.append(flow)
     table = Section("Trials", paragraphs=["Also written as trials.csv next to this report."], scroll_tables=True)
-    shown = frame.drop(columns=[c for c in ("fail_reason",) if c in frame], errors="ignore")
-    table.tables.append(_format_table(shown))
+    table.tables.append(_format_table(frame))
     sections.append(table)
     return ReportDraft(frame, sections, files)
 

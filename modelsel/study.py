@@ -90,6 +90,9 @@ class StudyOutcome:
     fold_epochs: int = 0
     #: ``budget.fold_epochs`` of the spec the study's latest run stored (None: none).
     fold_epochs_budget: int | None = None
+    #: Completed seeds of the selected sweep cell whose folds ``cv_mean``/``cv_std`` pool
+    #: (1 but for a sweep with repeats; ``best_params`` then leaves out the seed).
+    cell_seeds: int = 1
 
     @property
     def dashboard_command(self) -> str:
@@ -922,6 +925,32 @@ def _selection(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
     return chosen, float(chosen.values[0])
 
 
+def cell_trials(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
+    """The completed trials of ``trial``'s sweep cell: every seed of a sweep with repeats,
+    in seed order; ``[trial]`` for a trial without a sweep seed."""
+    if SWEEP_SEED_PARAM not in trial.params:
+        return [trial]
+    cell = params_key({k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM})
+    same = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if params_key({k: v for k, v in t.params.items() if k != SWEEP_SEED_PARAM}) == cell
+    ]
+    return sorted(same, key=lambda t: (t.params.get(SWEEP_SEED_PARAM, 0), t.number)) or [trial]
+
+
+def cell_score(trials: Sequence[FrozenTrial], curve: str) -> tuple[float | None, float | None]:
+    """Mean and sample std of the fold values ``fold_<curve>`` (``val_metric``, ``val_loss``)
+    pooled over ``trials`` (the seeds of a cell); one trial's own stored mean and std."""
+    if len(trials) == 1:
+        attrs = trials[0].user_attrs
+        return attrs.get(f"{curve}_mean"), attrs.get(f"{curve}_std")
+    values = [float(v) for t in trials for v in t.user_attrs.get(f"fold_{curve}") or []]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _best_cell_trial(
     complete: Sequence[FrozenTrial], direction: optuna.study.StudyDirection
 ) -> tuple[FrozenTrial, float]:
@@ -1077,15 +1106,20 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
     if selection is not None:
         selected, outcome.selection_value = selection
         outcome.best_trial_number = selected.number
-        outcome.best_params = dict(selected.params)
+        # A sweep cell with repeats is selected (one objective) by its mean over seeds: so is
+        # it named and scored. Several objectives select one trial, seed and all.
+        by_cell = len(study.directions) == 1
+        outcome.best_params = {k: v for k, v in selected.params.items() if k != SWEEP_SEED_PARAM or not by_cell}
         outcome.best_values = list(selected.values)
         primary = objectives[0]
         attrs = selected.user_attrs
         outcome.metric_name = attrs.get("metric_name", "accuracy")
+        cell = cell_trials(study, selected) if by_cell else [selected]
+        outcome.cell_seeds = len(cell)
         if primary == "val_accuracy":
-            outcome.cv_mean, outcome.cv_std = attrs.get("val_metric_mean"), attrs.get("val_metric_std")
+            outcome.cv_mean, outcome.cv_std = cell_score(cell, "val_metric")
         elif primary == "val_loss":
-            outcome.cv_mean, outcome.cv_std = attrs.get("val_loss_mean"), attrs.get("val_loss_std")
+            outcome.cv_mean, outcome.cv_std = cell_score(cell, "val_loss")
         else:  # fit_seconds or n_params: one number of the trial, not a mean over folds
             outcome.cv_mean, outcome.cv_std = selected.values[0], None
     return outcome

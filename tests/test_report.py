@@ -148,7 +148,9 @@ def test_a_column_without_values_is_blank_not_none(tmp_path: Path) -> None:
 def test_report_of_a_study_without_trials(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/e.db")
     path = build_report(study, output_dir=tmp_path / "out")
-    assert "No trial has completed yet." in path.read_text(encoding="utf-8")
+    html = path.read_text(encoding="utf-8")
+    assert "No trial completed, so nothing was selected and the test split was not scored." in html
+    assert ">Search<" not in html  # a heading with nothing under it
     assert trials_frame(study).empty
     assert pd.read_csv(tmp_path / "out" / "trials.csv").columns[:2].tolist() == ["trial", "state"]
 
@@ -209,3 +211,16 @@ def test_the_report_shows_where_gradients_vanish(tmp_path: Path) -> None:
     html = outcome.report_path.read_text(encoding="utf-8")
     assert "Of 4 trials: 1 vanishing, 3 healthy, 0 exploding." in html
     assert "Gradient norm per layer" in html
+
+
+def test_a_study_whose_every_trial_diverged_says_so(fast_tmp: Path) -> None:
+    spec = parse_spec(
+        tiny_spec_data(training={"epochs": 2, "optimizer": "sgd", "lr": 1.0e12}, search=None, budget={"n_trials": 2})
+    )
+    outcome = run_study(spec, storage=f"sqlite:///{fast_tmp}/s.db", output_dir=fast_tmp, progress=False)
+    assert outcome.report_path is not None and outcome.n_pruned == 2
+    html = outcome.report_path.read_text(encoding="utf-8")
+    assert "2 trials: 0 complete, 2 pruned (2 of them diverged), 0 failed." in html
+    assert "No trial completed, so nothing was selected" in html
+    assert ">Search<" not in html
+    assert html.count("diverged: fold") == 2  # each trial's reason, in the trials table

@@ -7,7 +7,9 @@ import contextlib
 import json
 import re
 import sqlite3
+import statistics
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from optuna.trial import TrialState
 
 from modelsel.cli import main
 from modelsel.errors import UserError
-from modelsel.report import build_report, draft_report
+from modelsel.report import build_report, draft_report, summary_section, trials_frame
 from modelsel.spec import load_spec, parse_spec
 from modelsel.study import FINISHED_STATES, StudyOutcome, _open_study, _optimize, preflight, run_study, summarize
 from modelsel.sweeps import (
@@ -160,17 +162,50 @@ def test_a_multi_grid_sweep_names_the_map_whose_best_cell_is_best_over_its_seeds
         }
         for (width, seed), value in values.items():
             params = {"width": width, "seed": seed}
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
+            folds = {"fold_val_metric": [value - 0.01, value + 0.01], "metric_name": "accuracy"}
+            study.add_trial(
+                optuna.trial.create_trial(params=params, distributions=distributions, value=value, user_attrs=folds)
+            )
         return study
 
     lucky = stored("lucky", {(2, 0): 0.80, (2, 1): 0.70, (8, 0): 0.93, (8, 1): 0.79})
     steady = stored("steady", {(2, 0): 0.89, (2, 1): 0.91, (8, 0): 0.70, (8, 1): 0.72})
     outcomes = [summarize(lucky, "memory"), summarize(steady, "memory")]
-    assert outcomes[0].best_params == {"width": 8, "seed": 0}
+    assert outcomes[0].best_params == {"width": 8}  # the cell, not one seed of it
     assert outcomes[0].selection_value == pytest.approx(0.86)
+    # Selected by the cell's mean over seeds, scored by it too: not seed 0's 0.93 ± 0.014.
+    assert outcomes[0].cell_seeds == 2
+    assert outcomes[0].cv_mean == pytest.approx(0.86)
+    assert outcomes[0].cv_std == pytest.approx(statistics.stdev([0.92, 0.94, 0.78, 0.80]))
+    summary = summary_section(lucky, trials_frame(lucky)).tables[0]
+    assert "CV val accuracy (mean ± std over 2 seeds × folds)" in summary and "0.8600 ± 0.0816" in summary
+    assert "param seed" not in summary
     assert outcomes[1].selection_value == pytest.approx(0.90)
     assert _best_outcome(outcomes).study_name == "steady"
     assert _best_outcome(outcomes[::-1]).study_name == "steady"
+
+
+def test_parameter_importance_leaves_out_the_repeat_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The seed of a sweep's repeats ranked as the second most important "hyperparameter".
+    from modelsel.report import plot_importance
+
+    study = optuna.create_study(direction="maximize")
+    distributions = {
+        "width": optuna.distributions.CategoricalDistribution([2, 8]),
+        "seed": optuna.distributions.CategoricalDistribution([0, 1]),
+    }
+    for (width, seed), value in {(2, 0): 0.8, (2, 1): 0.7, (8, 0): 0.9, (8, 1): 0.85}.items():
+        params = {"width": width, "seed": seed}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
+    asked: list[Any] = []
+
+    def importances(study: optuna.Study, *, params: Any = None, **options: Any) -> dict[str, float]:
+        asked.append(params)
+        return {"width": 1.0}
+
+    monkeypatch.setattr(optuna, "importance", types.SimpleNamespace(get_param_importances=importances))
+    assert plot_importance(study) is not None
+    assert asked == [["width"]]
 
 
 @pytest.mark.parametrize(
