@@ -171,8 +171,13 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    for axis in axes:
+        if any(row[axis] is None for row in rows):
+            # pandas would turn a null grid value into NaN, shown as "nan" and ordered last.
+            frame[axis] = pd.Series([row[axis] for row in rows], dtype=object)
     grids = spec["sweep"]["axes"]
     positions = {a: {value_key(v): i for i, v in enumerate(_axis_order(grids.get(a, [])))} for a in axes}
+    frame.attrs[AXIS_ORDER] = {a: list(positions[a]) for a in axes}  # the plots' order of each axis
     frame["_order"] = frame.apply(
         lambda r: tuple(positions[a].get(value_key(r[a]), len(positions[a])) for a in axes), axis=1
     )
@@ -195,6 +200,19 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
             best[data] = key
     frame["best_cell"] = [best.get(tuple(d)) == tuple(c) for c, d in zip(cell_keys, data_keys, strict=True)]
     return frame
+
+
+#: ``DataFrame.attrs`` key of a sweep frame (and its cell summary): each axis's value keys
+#: in the grid's order (:func:`_axis_order`), whatever cells have run.
+AXIS_ORDER = "axis_order"
+
+
+def _in_grid_order(frame: pd.DataFrame, axis: str) -> dict[str, Any]:
+    """``value_key -> value`` of the axis values in ``frame``, in the grid's order (a
+    partly run sweep's rows would give them in the order their cells happen to appear)."""
+    labels = dict(zip(frame[axis].map(value_key), frame[axis], strict=True))
+    position = {key: i for i, key in enumerate(frame.attrs.get(AXIS_ORDER, {}).get(axis, []))}
+    return dict(sorted(labels.items(), key=lambda item: position.get(item[0], len(position))))
 
 
 def _axis_order(values: Sequence[Any]) -> list[Any]:
@@ -252,7 +270,17 @@ def cell_summary(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
         row["sweep_regime"] = _majority(group["sweep_regime"])
         row["best_cell"] = bool(group["best_cell"].any())
         rows.append(row)
-    return pd.DataFrame(rows)
+    columns = [*axes, "seeds", *_CELL_NUMBERS, "regime", "sweep_regime", "best_cell"]
+    # A fixed column order (a pruned first cell has no numbers); the axis order passes on.
+    summary = pd.DataFrame(rows).reindex(columns=[c for c in columns if any(c in r for r in rows)])
+    for axis in axes:
+        if any(r[axis] is None for r in rows):  # a null grid value, not NaN (see sweep_frame)
+            summary[axis] = pd.Series([r[axis] for r in rows], dtype=object)
+    summary.attrs = dict(frame.attrs)
+    return summary
+
+
+_CELL_NUMBERS = ("train_error", "train_error_std", "val_error", "val_error_std", "gap")
 
 
 def _majority(values: pd.Series) -> Any:
@@ -286,7 +314,16 @@ def plot_validation_curve(summary: pd.DataFrame, axis: str, axes: Sequence[str],
     if summary.empty or "val_error" not in summary:
         return None
     others = [a for a in axes if a != axis]
+    along = list(_in_grid_order(summary, axis))
     panels = [(None, summary)] if not others else list(summary.groupby(summary[others[0]].map(value_key), sort=False))
+    if others:
+        order = list(_in_grid_order(summary, others[0]))
+        panels.sort(key=lambda item: order.index(str(item[0])))
+    # Each panel's points in the grid's order along the axis.
+    panels = [
+        (key, panel.iloc[sorted(range(len(panel)), key=lambda i: along.index(value_key(panel[axis].iloc[i])))])
+        for key, panel in panels
+    ]
     # Every panel, four to a row (the first eight only used to be drawn, silently).
     columns = min(len(panels), 4)
     rows = math.ceil(len(panels) / columns)
@@ -343,8 +380,8 @@ def plot_regime_map(summary: pd.DataFrame, axes: Sequence[str], error: str) -> p
     if len(axes) != 2 or summary.empty or "val_error" not in summary:
         return None
     rows_axis, cols_axis = axes
-    row_labels = dict(zip(summary[rows_axis].map(value_key), summary[rows_axis], strict=True))
-    col_labels = dict(zip(summary[cols_axis].map(value_key), summary[cols_axis], strict=True))
+    row_labels = _in_grid_order(summary, rows_axis)
+    col_labels = _in_grid_order(summary, cols_axis)
     row_values, col_values = list(row_labels), list(col_labels)
     grid = np.full((len(row_values), len(col_values)), np.nan)
     notes = np.full(grid.shape, "", dtype=object)
@@ -352,7 +389,8 @@ def plot_regime_map(summary: pd.DataFrame, axes: Sequence[str], error: str) -> p
         i, j = row_values.index(value_key(r[rows_axis])), col_values.index(value_key(r[cols_axis]))
         value = r.get("val_error")
         grid[i, j] = value if isinstance(value, (int, float)) else np.nan
-        regime = r.get("sweep_regime") or "—"
+        regime = r.get("sweep_regime")
+        regime = regime if isinstance(regime, str) else "—"  # pruned or not run (NaN, not None, in pandas)
         star = " ★" if r.get("best_cell") else ""
         numeric = isinstance(value, (int, float)) and math.isfinite(value)
         notes[i, j] = f"{value:.3g}{star}\n{regime}" if numeric else regime
@@ -390,7 +428,7 @@ def plot_weights(study: optuna.Study, frame: pd.DataFrame, axes: Sequence[str]) 
     axis = reg_axes[0]
     others = [a for a in axes if a != axis]
     trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    labels = dict(zip(frame[axis].map(value_key), frame[axis], strict=True))
+    labels = _in_grid_order(frame, axis)
     order = list(labels)
     rows = []
     for _, r in frame.iterrows():

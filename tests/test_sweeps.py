@@ -370,6 +370,56 @@ def test_the_regime_map_labels_cells_without_a_value() -> None:
     assert "0.08 ★\ngood" in texts
 
 
+def test_the_plots_of_a_partly_run_sweep_keep_the_grid_order_and_mark_pruned_cells() -> None:
+    # The cells that ran, in the order a partly run sweep stores them: weight_decay read
+    # 0.001, 0, 0.01 on the plots, and a pruned cell (regime NaN in pandas) said "nan".
+    import matplotlib.pyplot as plt
+
+    from modelsel.sweeps import AXIS_ORDER
+
+    frame = pd.DataFrame(
+        {
+            "trial": [0, 1, 2],
+            "width": [2, 16, 16],
+            "weight_decay": [0.001, 0.0, 0.01],
+            "val_error": [0.3, 0.2, float("nan")],
+            "val_error_std": [0.01, 0.01, float("nan")],
+            "train_error": [0.25, 0.1, float("nan")],
+            "train_error_std": [0.01, 0.01, float("nan")],
+            "gap": [0.05, 0.1, float("nan")],
+            "regime": ["underfit", "good", float("nan")],
+            "sweep_regime": ["underfit", "good", float("nan")],
+            "best_cell": [False, True, False],
+            "fold_val_errors": [[0.3], [0.2], []],
+            "fold_train_errors": [[0.25], [0.1], []],
+        }
+    )
+    frame.attrs[AXIS_ORDER] = {"width": ["2.0", "16.0"], "weight_decay": ["0.0", "0.001", "0.01"]}
+    summary = cell_summary(frame, ["width", "weight_decay"])
+    figure = plot_regime_map(summary, ["width", "weight_decay"], "error")
+    assert figure is not None
+    ticks = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    plt.close(figure)
+    assert ticks == ["0", "0.001", "0.01"]
+    assert "—" in texts and "nan" not in texts
+    curve = plot_validation_curve(summary, "weight_decay", ["width", "weight_decay"], "error")
+    assert curve is not None
+    labels = [[t.get_text() for t in ax.get_xticklabels()] for ax in curve.axes if ax.get_visible()]
+    plt.close(curve)
+    assert labels == [["0.001"], ["0", "0.01"]]
+
+
+def test_a_null_grid_value_is_shown_as_none_in_the_spec_order(tmp_path: Path) -> None:
+    spec = parse_spec(tiny_spec_data(name="nul", sweep={"grad_clip": [None, 0.5], "width": [2, 4]}))
+    run_study(spec, storage=f"sqlite:///{tmp_path}/s.db", output_dir=tmp_path, progress=False, build_report=False)
+    study = optuna.load_study(study_name="nul", storage=f"sqlite:///{tmp_path}/s.db")
+    frame = sweep_frame(study)
+    assert frame["grad_clip"].tolist() == [None, None, 0.5, 0.5]  # not NaN, and first as listed
+    summary = cell_summary(frame, ["grad_clip", "width"])
+    assert summary["grad_clip"].tolist() == [None, None, 0.5, 0.5]
+
+
 def test_the_validation_curve_draws_a_panel_for_every_value_of_the_other_axis() -> None:
     # Only the first eight were drawn, and nothing said so.
     import matplotlib.pyplot as plt
