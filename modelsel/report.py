@@ -70,7 +70,10 @@ class Section:
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, parameters, objective values, fold mean/std, timings."""
+    from modelsel.study import stored_spec, trial_fold_epochs
+
     objectives = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
+    folds = int((stored_spec(study).get("cv") or {}).get("folds", 5))
     rows = []
     for trial in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name.lower()}
@@ -81,6 +84,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update({name: value for name, value in zip(objectives, values, strict=False)})
         for key in _SUMMARY_ATTRS:
             row[key] = trial.user_attrs.get(key)
+        if trial.state == TrialState.FAIL:
+            # Stopped mid-training (Ctrl-C, SIGTERM, a killed worker): counted as the summary counts it.
+            row["fold_epochs"] = trial_fold_epochs(trial, folds)
+            row["fail_reason"] = row["fail_reason"] or "stopped before it finished (interrupted, or its process ended)"
         flow = gradient_flow(trial.user_attrs.get("grad_norms") or {})
         row["gradient_flow"], row["grad_ratio"] = flow if flow is not None else (None, None)
         row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None

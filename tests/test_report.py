@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,3 +225,15 @@ def test_a_study_whose_every_trial_diverged_says_so(fast_tmp: Path) -> None:
     assert "No trial completed, so nothing was selected" in html
     assert ">Search<" not in html
     assert html.count("diverged: fold") == 2  # each trial's reason, in the trials table
+
+
+def test_a_trial_stopped_mid_training_shows_its_fold_epochs_and_why_it_failed() -> None:
+    # trials.csv left both blank, while the summary counted the trial's epochs: the two disagreed.
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("spec_full", json.dumps({"cv": {"folds": 3}}))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, intermediate_values={1: 0.5, 2: 0.6}))
+    study.add_trial(optuna.trial.create_trial(value=0.7, user_attrs={"fold_epochs": 9}))
+    frame = trials_frame(study)
+    assert frame["fold_epochs"].tolist() == [6, 9]
+    assert frame.loc[0, "fail_reason"] == "stopped before it finished (interrupted, or its process ended)"
+    assert pd.isna(frame.loc[1, "fail_reason"]) or frame.loc[1, "fail_reason"] is None
