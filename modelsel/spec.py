@@ -846,6 +846,15 @@ def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
             raise ValueError(f"search.{key}: a log int distribution takes no step")
         if isinstance(dist, FloatDistribution) and dist.log and dist.step is not None:
             raise ValueError(f"search.{key}: a log float distribution takes no step")
+        if dist.step is not None:
+            steps = (dist.high - dist.low) / dist.step
+            if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+                # Optuna would warn and quietly search up to the last step below high instead.
+                below = dist.low + math.floor(steps) * dist.step
+                raise ValueError(
+                    f"search.{key}: high - low ({_number(dist.high - dist.low)}) is not a multiple of step "
+                    f"{_number(dist.step)}; use high: {_number(below)} or high: {_number(below + dist.step)}"
+                )
         endpoints = [dist.low, dist.high]
     _check_values(
         spec,
@@ -855,6 +864,11 @@ def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
         invalid="value {value} is invalid: {problem}",
         repeats="the choices repeat a value" if isinstance(dist, CategoricalDistribution) else None,
     )
+
+
+def _number(value: float) -> str:
+    """A search-space number as a spec would write it (no float noise such as 0.30000000000000004)."""
+    return f"{value:.10g}"
 
 
 def _check_values(

@@ -216,6 +216,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     options = dict(spec.pruner.options)
     try:
         if spec.pruner.name == "none":
+            if options:  # they would be ignored without a word
+                raise ValueError("the pruner 'none' takes no options; remove them, or name a pruner")
             return pruners.NopPruner()
         if spec.pruner.name == "median":
             options.setdefault("n_startup_trials", 5)
@@ -241,6 +243,9 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             value = options[resource]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"{resource} is {value}; give a number of epochs of 1 or more")
+        low, high = options["min_resource"], options["max_resource"]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) and low > high:
+            raise ValueError(f"min_resource ({low}) is above max_resource ({high}); lower min_resource")
         return pruners.HyperbandPruner(**options)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"pruner.options: {exc}") from None

@@ -498,6 +498,20 @@ def test_multi_objective_with_a_pruner() -> None:
     parse_spec(spec(objectives=["val_accuracy", "n_params"]))  # without a pruner it is fine
 
 
+@pytest.mark.parametrize(
+    ("distribution", "message"),
+    [
+        ({"type": "int", "low": 4, "high": 10, "step": 4}, "(6) is not a multiple of step 4; use high: 8 or"),
+        ({"type": "float", "low": 0, "high": 0.25, "step": 0.1}, "(0.25) is not a multiple of step 0.1; use high: 0.2"),
+    ],
+)
+def test_a_step_that_does_not_divide_the_range(distribution: dict[str, Any], message: str) -> None:
+    # Optuna warned and quietly searched another range ([4, 8] for 4..10 step 4).
+    key = "width" if distribution["type"] == "int" else "dropout"
+    assert message in spec_error(spec(search={key: distribution}))
+    parse_spec(spec(search={key: {**distribution, "high": 8 if key == "width" else 0.3}}))
+
+
 @pytest.mark.parametrize("objective", ["n_params", "fit_seconds"])
 def test_a_pruner_with_an_objective_that_has_no_curve(objective: str) -> None:
     # It was accepted and never pruned: the trials report no curve for these objectives.

@@ -476,6 +476,9 @@ def test_a_bad_storage_url_fails_before_anything_is_written(fast_tmp: Path) -> N
         {"sampler": {"name": "cmaes", "options": {"n_startup_trials": 2, "popsize": -3}}},
         {"sampler": {"name": "tpe", "options": {"seed": 5}}},
         {"pruner": {"name": "hyperband", "options": {"reduction_factor": 1}}},
+        # These were accepted: the options were ignored, or Hyperband ran with min above max.
+        {"pruner": {"name": "none", "options": {"n_startup_trials": 3}}},
+        {"pruner": {"name": "hyperband", "options": {"min_resource": 5, "max_resource": 2}}},
         # ... in a grid search too, whose sampler is not probed.
         {
             "pruner": {"name": "hyperband", "options": {"reduction_factor": 1}},
