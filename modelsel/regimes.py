@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 
 REGIMES = ("underfit", "good", "overfit", "diverged")
 
+#: A last-epoch training loss above this many times ``max(1, baseline error)`` is a
+#: blow-up, labelled diverged even when it stays finite (Adam at a huge learning rate ends
+#: near 1e13 with a first epoch that already held the blow-up). A trivial classifier's
+#: cross-entropy is at most ln(classes), a regressor's MSE the baseline itself. A module
+#: constant, not a ``regimes`` field: a new field would change every stored spec.
+BLOWUP_LOSS_FACTOR = 1e3
+
 #: How a larger value of a model/training field changes capacity: +1 more, -1 less.
 CAPACITY_DIRECTION: dict[str, int] = {
     "width": 1,
@@ -169,8 +176,9 @@ def classify(numbers: TrialNumbers, thresholds: RegimeSpec | None = None) -> Ver
 
     In order, the first that holds:
 
-    1. ``diverged``: a non-finite error or loss, or the last epoch's training loss
-       above ``diverge_ratio`` × the first epoch's;
+    1. ``diverged``: a non-finite error or loss, the last epoch's training loss above
+       ``diverge_ratio`` × the first epoch's, or above :data:`BLOWUP_LOSS_FACTOR` ×
+       ``max(1, baseline error)``;
     2. ``underfit``: training error ≥ ``underfit_error`` × baseline error;
     3. ``overfit``: gap (val − train error) ≥ ``overfit_gap`` × baseline error, or the
        validation loss ended ≥ ``val_rise`` above its minimum while the training loss
@@ -195,6 +203,15 @@ def classify(numbers: TrialNumbers, thresholds: RegimeSpec | None = None) -> Ver
             return Verdict(
                 "diverged",
                 f"training loss ended at {last:.4g}, above its first-epoch value {first:.4g}",
+                evidence,
+            )
+    if train_curve:
+        ceiling = BLOWUP_LOSS_FACTOR * max(1.0, numbers.baseline_error or 0.0)
+        if train_curve[-1] > ceiling:
+            return Verdict(
+                "diverged",
+                f"training loss ended at {train_curve[-1]:.4g}, above {ceiling:.4g} "
+                f"({BLOWUP_LOSS_FACTOR:g} × the larger of 1 and the baseline error): it blew up",
                 evidence,
             )
     baseline = numbers.baseline_error

@@ -85,6 +85,16 @@ def test_diverged_on_non_finite_or_rising_training_loss() -> None:
     assert "above its first-epoch value" in rising.reason
 
 
+def test_a_finite_blow_up_is_diverged_even_when_the_first_epoch_held_it() -> None:
+    # Adam at lr 1e6: the first epoch's running loss already held the blow-up, so the
+    # loss "fell" from 2.6e13 to 1.4e13, and the trial was labelled underfit.
+    blown = classify(numbers(0.9, 0.9, train_loss_curve=[2.6e13, 1.4e13]))
+    assert blown.regime == "diverged"
+    assert "it blew up" in blown.reason
+    # A poor but sane fit is not: chance-level cross-entropy is about ln(10) = 2.3.
+    assert classify(numbers(0.9, 0.9, train_loss_curve=[2.4, 2.3])).regime == "underfit"
+
+
 def test_precedence_diverged_then_underfit_then_overfit() -> None:
     both = numbers(0.4, 0.6)  # high training error and a large gap
     assert classify(both).regime == "underfit"
