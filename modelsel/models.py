@@ -46,7 +46,9 @@ class HiddenBlock(nn.Module):
         residual: bool,
     ) -> None:
         super().__init__()
-        self.linear = nn.Linear(n_in, n_out)
+        # Batch norm subtracts each unit's batch mean: a bias before it would be a parameter
+        # with a true gradient of exactly zero, which Adam turns into steps from rounding noise.
+        self.linear = nn.Linear(n_in, n_out, bias=not batch_norm)
         self.norm: nn.Module = nn.BatchNorm1d(n_out) if batch_norm else nn.Identity()
         self.activation = _ACTIVATIONS[activation]()
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -139,7 +141,8 @@ def _init_linear(layer: nn.Linear, init: str, activation: str) -> None:
         nn.init.kaiming_normal_(layer.weight, nonlinearity=_KAIMING_NONLINEARITY[activation])
     else:
         raise ValueError(f"unknown init '{init}'")
-    nn.init.zeros_(layer.bias)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
 
 
 def build_mlp(spec: ModelSpec, *, n_inputs: int, n_outputs: int) -> MLP:
@@ -177,7 +180,7 @@ def count_params(model: nn.Module) -> int:
 def mlp_param_count(spec: ModelSpec, *, n_inputs: int, n_outputs: int) -> int:
     """Parameter count of the MLP ``spec`` describes, without building it."""
     widths = (n_inputs, *spec.hidden_widths())
-    total = sum(a * b + b for a, b in itertools.pairwise(widths))
-    if spec.batch_norm:
-        total += 2 * sum(widths[1:])
+    total = sum(a * b for a, b in itertools.pairwise(widths))
+    # Each hidden unit has a bias, or with batch norm (whose shift replaces it) a scale and a shift.
+    total += (2 if spec.batch_norm else 1) * sum(widths[1:])
     return total + widths[-1] * n_outputs + n_outputs

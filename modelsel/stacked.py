@@ -166,9 +166,9 @@ class _StackedLinear(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
-        bias: torch.Tensor,
+        bias: torch.Tensor | None,
         grad_weight: torch.Tensor,
-        grad_bias: torch.Tensor,
+        grad_bias: torch.Tensor | None,
         update: _FusedSGD | None = None,
     ) -> torch.Tensor:
         if update is None:
@@ -192,12 +192,14 @@ class _StackedLinear(torch.autograd.Function):
         grad_weight, grad_bias = ctx.grad_buffers
         if grad_out.dtype == grad_weight.dtype:
             _stacked_product(None, grad_out.mT, x, out=grad_weight)
-            torch.sum(grad_out, dim=1, keepdim=True, out=grad_bias)
+            if grad_bias is not None:
+                torch.sum(grad_out, dim=1, keepdim=True, out=grad_bias)
         else:
             # Under autocast the forward ran in low precision: so do these products, and
             # the float32 gradient buffers take their results.
             grad_weight.copy_(torch.bmm(grad_out.mT, x.to(grad_out.dtype)))
-            grad_bias.copy_(grad_out.sum(dim=1, keepdim=True))
+            if grad_bias is not None:
+                grad_bias.copy_(grad_out.sum(dim=1, keepdim=True))
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         return _stacked_product(None, grad_out, weight.to(grad_out.dtype)), None, None, None, None, None
@@ -217,7 +219,8 @@ class _StackedLinear(torch.autograd.Function):
         elif update.decay is not None:
             beta = update.decay
         _stacked_accumulate_(weight, scaled.mT, x, beta=beta, alpha=alpha)
-        bias.add_(scaled.sum(dim=1, keepdim=True), alpha=alpha)
+        if bias is not None:  # a layer before batch norm has none
+            bias.add_(scaled.sum(dim=1, keepdim=True), alpha=alpha)
         return grad_input, None, None, None, None, None
 
 
@@ -526,7 +529,9 @@ class StackedTrainer:
         n_blocks = len(self.residual)
         names = [f"blocks.{b}.linear" for b in range(n_blocks)] + ["output"]
         self.layers = [
-            (views[f"{n}.weight"], views[f"{n}.bias"], grads[f"{n}.weight"], grads[f"{n}.bias"]) for n in names
+            # A layer before batch norm has no bias (see HiddenBlock).
+            (views[f"{n}.weight"], views.get(f"{n}.bias"), grads[f"{n}.weight"], grads.get(f"{n}.bias"))
+            for n in names
         ]
         self.norms = (
             [(views[f"blocks.{b}.norm.weight"], views[f"blocks.{b}.norm.bias"]) for b in range(n_blocks)]

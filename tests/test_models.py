@@ -84,10 +84,14 @@ def test_mlp_param_count_equals_the_built_model(fields: dict[str, object]) -> No
     assert count_params(model) == sum(p.numel() for p in model.parameters())
 
 
-def test_batch_norm_adds_two_parameters_per_hidden_unit() -> None:
+def test_batch_norm_replaces_each_hidden_bias_by_a_scale_and_a_shift() -> None:
+    # The linear layer before a batch norm has no bias: the norm's shift does its job.
     plain = mlp_param_count(model_spec(depth=2, width=[8, 4]), n_inputs=5, n_outputs=2)
     normed = mlp_param_count(model_spec(depth=2, width=[8, 4], batch_norm=True), n_inputs=5, n_outputs=2)
-    assert normed - plain == 2 * (8 + 4)
+    assert normed - plain == 8 + 4
+    built = build_mlp(model_spec(depth=2, width=[8, 4], batch_norm=True), n_inputs=5, n_outputs=2)
+    assert built.n_params == normed
+    assert all(block.linear.bias is None for block in built.blocks)
 
 
 _ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

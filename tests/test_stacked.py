@@ -202,9 +202,12 @@ def test_deep_batch_norm_with_a_member_sitting_out_steps_does_not_diverge() -> N
     # masked loss sum read as a divergence. Twelve batch-norm layers amplify float32
     # rounding: with two members of 48 rows, none sitting out, the weights differ by up
     # to 3.4e-4 too, hence the looser tolerance.
+    # Batches of 16 (the 16-row member sits out two of three steps): at batches of 8,
+    # twelve layers of batch statistics amplify rounding chaotically (a 1e-2 difference for
+    # one seed in six, with or without the biases that batch norm makes redundant).
     members = folds((16, 48), task="regression")
     model = {"depth": 12, "width": 16, "batch_norm": True}
-    training = {"optimizer": "momentum", "lr": 0.001, "epochs": 1}
+    training = {"optimizer": "momentum", "lr": 0.001, "epochs": 1, "batch_size": 16}
     assert_same_training(
         run(members, "sequential", model=model, training=training, task="regression"),
         run(members, "stacked", model=model, training=training, task="regression"),
@@ -213,21 +216,16 @@ def test_deep_batch_norm_with_a_member_sitting_out_steps_does_not_diverge() -> N
     )
 
 
-def test_batch_norm_with_adam_matches_in_what_is_determined() -> None:
-    # The bias before a batch norm gets a gradient that is pure rounding noise, which
-    # Adam normalises into full-size steps: it (and the running mean that follows it)
-    # differ between any two implementations. Everything else must match.
+def test_batch_norm_with_adam_matches() -> None:
+    # A linear layer before batch norm had a bias whose true gradient is exactly zero: its
+    # gradient was rounding noise, which Adam normalised into full-size steps, so it (and
+    # the running mean after it) differed between the engines by ~0.06. It has no bias now.
     members = folds()
-    model = {"depth": 1, "width": 16, "batch_norm": True}
+    model = {"depth": 2, "width": 16, "batch_norm": True}
     training = {"optimizer": "adam", "lr": 0.01}
     sequential = run(members, "sequential", model=model, training=training)
-    stacked = run(members, "stacked", model=model, training=training)
-    for a, b in zip(sequential, stacked, strict=True):
-        torch.testing.assert_close(b.history.train_loss, a.history.train_loss, rtol=1e-4, atol=1e-5)
-        sa, sb = a.model.state_dict(), b.model.state_dict()
-        for key in ("blocks.0.linear.weight", "blocks.0.norm.weight", "blocks.0.norm.bias", "output.weight"):
-            torch.testing.assert_close(sb[key], sa[key], rtol=1e-4, atol=1e-5)
-        assert torch.equal(sa["blocks.0.norm.num_batches_tracked"], sb["blocks.0.norm.num_batches_tracked"])
+    assert "blocks.0.linear.bias" not in sequential[0].model.state_dict()
+    assert_same_training(sequential, run(members, "stacked", model=model, training=training))
 
 
 def test_early_stopping_per_member() -> None:
