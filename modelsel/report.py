@@ -273,6 +273,9 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
             ("retrained for epochs", test["epochs"]),
             ("test samples", test.get("n_test")),
         ]
+        if test.get("earlier_trials"):
+            earlier = ", ".join(str(n) for n in test["earlier_trials"])
+            rows.append(("test split also scored for", f"trials {earlier} (selected by earlier runs)"))
     section.tables.append(_format_table(pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})))
     return section
 

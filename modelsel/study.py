@@ -1041,7 +1041,9 @@ def select_and_test(
     """Retrain the selected configuration on the whole training split and score the test split.
 
     The test split is touched once per selected trial: the score is stored as the study
-    user attribute ``test_result`` and reused while the selection does not change.
+    user attribute ``test_result`` and reused while the selection does not change. A later
+    run that selects another trial scores it, and lists the trials scored before in the
+    result's ``earlier_trials`` (choosing among test scores would tune to the test split).
     ``early_refit`` (see :class:`EarlyRefit`) is scored instead of retraining when it is
     the selected trial's retrain. ``threads`` fixes the intra-op threads of the retrain
     and the test (``--workers`` runs retrain with the workers' threads wherever the
@@ -1075,6 +1077,11 @@ def select_and_test(
             study.set_user_attr("test_result", outcome.test)
             return outcome
         score = score_on_test(member, dataset, device=device)
+    # A resumed search may select another trial: its score is new, and the ones before are named.
+    stored = study.user_attrs.get("test_result") or {}
+    earlier = [n for n in stored.get("earlier_trials", []) if n != selected.number]
+    if "test_metric" in stored and stored.get("trial_number") != selected.number:
+        earlier.append(stored["trial_number"])
     outcome.test = {
         "trial_number": selected.number,
         "params": selected.params,
@@ -1087,6 +1094,7 @@ def select_and_test(
         "fit_seconds": score.fit_seconds,
         "n_test": int(dataset.X_test.shape[0]),
         "retrained_during_search": reused is not None,
+        "earlier_trials": earlier,
     }
     study.set_user_attr("test_result", outcome.test)
     return outcome

@@ -664,3 +664,22 @@ def test_a_trial_that_ctrl_c_stops_before_its_objective_runs_is_not_left_running
         run(tiny(budget={"n_trials": 3}), url, fast_tmp)
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_a_later_run_that_selects_another_trial_names_the_trials_tested_before(fast_tmp: Path) -> None:
+    # The README said the test split is scored once; a resumed search that changes the
+    # selection scores again, and nothing said so.
+    url = f"sqlite:///{fast_tmp}/s.db"
+    first = run_study(tiny(budget={"n_trials": 1}), storage=url, output_dir=fast_tmp, progress=False)
+    assert first.test is not None and first.test["earlier_trials"] == []
+    study = optuna.load_study(study_name="tiny", storage=url)
+    (trial,) = study.trials
+    study.add_trial(
+        optuna.trial.create_trial(params={"width": 8, "lr": 0.05}, distributions=trial.distributions, value=1.0)
+    )
+    second = run_study(tiny(budget={"n_trials": 2}), storage=url, output_dir=fast_tmp, progress=False)
+    assert second.best_trial_number == 1
+    assert second.test is not None and second.test["trial_number"] == 1
+    assert second.test["earlier_trials"] == [0]
+    assert second.report_path is not None
+    assert "test split also scored for" in second.report_path.read_text(encoding="utf-8")
