@@ -300,19 +300,52 @@ def preflight(spec: StudySpec) -> str:
     if task == "regression" and "val_accuracy" in objectives:
         raise SpecError("objectives: val_accuracy needs a classification dataset; use val_loss")
     fold_indices(dataset, spec.cv, seed=spec.seed)
-    variants: list[dict[str, Any]] = []
+    variants: list[tuple[str, dict[str, Any]]] = []
     for grid in spec.sweep_list():
         for axis, values in grid.axes.items():
             if resolve_field(spec, axis)[0] == "dataset":
-                variants += [{axis: v} for v in values]
+                variants += [("sweep", {axis: v}) for v in values]
     for key, dist in spec.search.items():
         if resolve_field(spec, key)[0] == "dataset":
             ends = list(getattr(dist, "choices", None) or [dist.low, dist.high])  # type: ignore[union-attr]
-            variants += [{key: v} for v in ends]
-    for params in variants:
-        variant = with_params(spec, params)
-        fold_indices(_load_dataset_for(variant), variant.cv, seed=variant.seed)
+            variants += [("search", {key: v}) for v in ends]
+    for section, params in variants:
+        try:
+            variant = with_params(spec, params)
+            fold_indices(_load_dataset_for(variant), variant.cv, seed=variant.seed)
+        except UserError as exc:  # name the searched or swept value the problem comes with
+            ((key, value),) = params.items()
+            raise type(exc)(f"{section}.{key} value {value!r}: {exc}") from None
+    _check_grid_cells(spec)
     return task
+
+
+#: At most this many cells of a grid are built by :func:`_check_grid_cells`.
+_GRID_CHECK_MAX_CELLS = 1024
+
+
+def _check_grid_cells(spec: StudySpec) -> None:
+    """Refuse a grid (a sweep, or ``sampler: grid``) none of whose cells is a valid
+    configuration: each would be pruned as invalid, and the run would report a finished,
+    empty study. A grid with some valid cells runs; the others are pruned with the reason."""
+    import itertools
+
+    from modelsel.objective import study_grid
+
+    if spec.sweep is None and spec.sampler.name != "grid":
+        return
+    grid = study_grid(spec)
+    if math.prod(len(v) for v in grid.values()) > _GRID_CHECK_MAX_CELLS:
+        return  # too many to build here: the run prunes the invalid ones
+    keys = list(grid)
+    first_problem: str | None = None
+    for values in itertools.product(*(grid[k] for k in keys)):
+        try:
+            with_params(spec, dict(zip(keys, values, strict=True)))
+            return
+        except ValueError as exc:
+            first_problem = first_problem or str(exc)
+    raise SpecError(f"no cell of the grid is a valid configuration ({first_problem}); change the grid's values")
 
 
 class _InterruptedTrialLog(logging.Filter):

@@ -26,6 +26,7 @@ from modelsel.study import (
     load_study,
     make_pruner,
     make_sampler,
+    preflight,
     quiet_interrupted_trial_logs,
     retrain_epochs,
     run_study,
@@ -683,3 +684,26 @@ def test_a_later_run_that_selects_another_trial_names_the_trials_tested_before(f
     assert second.test["earlier_trials"] == [0]
     assert second.report_path is not None
     assert "test split also scored for" in second.report_path.read_text(encoding="utf-8")
+
+
+def test_a_grid_without_a_valid_cell_fails_before_anything_is_written(fast_tmp: Path) -> None:
+    # Each cell was pruned as invalid, and the run exited 0 with an empty study and report.
+    spec = tiny(search=None, sampler=None, sweep={"batch_norm": [True], "batch_size": [1]})
+    with pytest.raises(SpecError, match=r"no cell of the grid is a valid configuration \(model\.batch_norm needs"):
+        run_study(spec, output_dir=fast_tmp / "reports", progress=False)
+    assert files_under(fast_tmp) == []
+    # One valid cell is enough: the invalid ones are pruned with their reason.
+    run_study(
+        tiny(search=None, sampler=None, sweep={"batch_norm": [True], "batch_size": [1, 16]}),
+        output_dir=fast_tmp / "reports",
+        progress=False,
+        build_report=False,
+    )
+
+
+def test_a_searched_data_value_that_breaks_the_split_is_named() -> None:
+    # The message spoke of dataset.train_size, which the spec did not set to that value.
+    data = tiny_spec_data(dataset={**tiny_spec_data()["dataset"], "train_size": 100})
+    data["search"] = {"train_size": [3, 60]}
+    with pytest.raises(UserError, match=r"^search\.train_size value 3: cv\.folds is 2 but a class has only"):
+        preflight(parse_spec(data))
