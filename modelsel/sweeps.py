@@ -781,7 +781,9 @@ def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Pa
 
         storage = open_storage(url, heartbeat=False)
         studies = [optuna.load_study(study_name=o.study_name, storage=storage) for o in outcomes]
-        combined.report_path = build_maps_report(spec, studies, output_dir=Path(output_dir) / spec.name)
+        # With the storage it used, as `report build` shows it from the maps' stored specs.
+        shown = spec.model_copy(update={"storage": url})
+        combined.report_path = build_maps_report(shown, studies, output_dir=Path(output_dir) / spec.name)
     return combined
 
 
@@ -854,6 +856,7 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
         spec_yaml=yaml.safe_dump(json.loads(spec.to_json()), sort_keys=False),
         generated=time.strftime("%Y-%m-%d %H:%M"),
         version=__version__,
+        devices=sorted({str(t.user_attrs["device"]) for s in studies for t in s.trials if "device" in t.user_attrs}),
     )
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
