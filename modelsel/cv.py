@@ -90,6 +90,12 @@ def make_fold_data(
         train_index = torch.as_tensor(train_idx, device=device)
         val_index = torch.as_tensor(val_idx, device=device)
         X_va, y_va = X.index_select(0, val_index), y.index_select(0, val_index)
+        if dataset.one_hot_columns:
+            # A category level that no training row of this fold has is unknown to the fold's
+            # model: zero it, as the encoder (fit on the training split) does on the test split.
+            columns = torch.as_tensor(dataset.one_hot_columns, device=device)
+            seen = X.index_select(0, train_index).index_select(1, columns).amax(dim=0) > 0
+            X_va[:, columns] = X_va.index_select(1, columns) * seen
         if dataset.standardize:
             # Standardized rows are no longer rows of X: the fold gets its own copy.
             X_tr = X.index_select(0, train_index)

@@ -146,6 +146,10 @@ class Dataset:
     standardize
         Whether cross-validation should standardize the features with statistics of
         the training folds.
+    one_hot_columns
+        Indices of the one-hot columns of categorical features (CSV). Their encoder saw
+        the whole training split; cross-validation zeroes, in a validation fold, the
+        levels its training fold lacks, as the encoder does for the test split.
     """
 
     name: str
@@ -158,6 +162,7 @@ class Dataset:
     feature_names: tuple[str, ...]
     class_names: tuple[str, ...] | None
     standardize: bool
+    one_hot_columns: tuple[int, ...] = ()
 
     @property
     def n_features(self) -> int:
@@ -783,6 +788,7 @@ def _decode_csv(
         feature_names=feature_names,
         class_names=class_names,
         standardize=_STANDARDIZE_DEFAULT["csv"],
+        one_hot_columns=tuple(range(len(numeric), len(feature_names))),
     )
 
 

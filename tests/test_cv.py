@@ -293,3 +293,31 @@ def test_fit_and_test_standardizes_the_test_split_with_training_statistics() -> 
     half = raw.X_train[:40] + 100.0
     shifted = make_dataset(labels, seed=2, standardize=True, X_test=half, y_test=labels[:40].clone())
     assert fit_and_test(tiny_study(), shifted).test_loss > 2 * score.test_loss
+
+
+def test_a_category_level_missing_from_a_training_fold_is_zero_in_its_validation_fold(tmp_path: Any) -> None:
+    # The encoder saw the whole training split, so a level only a validation fold has got
+    # a column whose weights its model never trained; the test split zeroes unseen levels.
+    import pandas as pd
+
+    from modelsel.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=60), "c": ["a", "b"] * 30, "y": rng.integers(0, 2, 60)})
+    frame.loc[5, "c"] = "rare"
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    spec = parse_spec(
+        {
+            "name": "x",
+            "dataset": {"name": "csv", "path": str(tmp_path / "t.csv"), "target": "y", "task": "classification"},
+            "cv": {"folds": 3},
+        }
+    )
+    dataset = load_dataset(spec.dataset, seed=0)
+    rare = dataset.feature_names.index("c_rare")
+    assert dataset.X_train[:, rare].sum() == 1  # the row is in the training split
+    folds = make_fold_data(dataset, fold_indices(dataset, spec.cv, seed=0), device=torch.device("cpu"))
+    # The fold that validates on the rare row has no "rare" in training: its column is
+    # constant (all zero before standardizing), as in every other validation fold.
+    for fold in folds:
+        assert torch.unique(fold.X_val[:, rare]).numel() == 1
