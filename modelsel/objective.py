@@ -142,8 +142,17 @@ class PruningCallback(Callback):
     storage write (the full per-epoch curves are stored with the trial anyway).
     """
 
-    def __init__(self, trial: optuna.Trial, objective: str, *, epochs: int, max_reports: int = 100) -> None:
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        objective: str,
+        *,
+        epochs: int,
+        max_reports: int = 100,
+        gradient_stats: GradientStats | None = None,
+    ) -> None:
         self.trial = trial
+        self.gradient_stats = gradient_stats  # stored with a pruned trial too: known from the first batch
         self.curve = _CURVE_OF_OBJECTIVE.get(objective, "val_loss")
         self.every = max(1, math.ceil(epochs / max_reports))
         self.last_epoch = epochs - 1
@@ -169,6 +178,8 @@ class PruningCallback(Callback):
             self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
             self.trial.set_user_attr("fold_epochs", sum(h.epochs_run for h in histories))
             self.trial.set_user_attr("curves", rounded(_partial_curves(histories)))
+            if self.gradient_stats is not None:
+                self.trial.set_user_attr("grad_norms", rounded(self.gradient_stats.fold_mean()))
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (fold-mean {self.curve} {value:.4g})")
 
 
@@ -413,7 +424,11 @@ class StudyObjective:
         gradient_stats = GradientStats()
         callbacks: list[Callback] = [gradient_stats]
         if len(self.objectives) == 1 and self.objectives[0] in _CURVE_OF_OBJECTIVE:
-            callbacks.append(PruningCallback(trial, self.objectives[0], epochs=trial_spec.training.epochs))
+            callbacks.append(
+                PruningCallback(
+                    trial, self.objectives[0], epochs=trial_spec.training.epochs, gradient_stats=gradient_stats
+                )
+            )
         folds = self._fold_data(trial_spec, dataset)
         smallest = min(f.n_train for f in folds)
         if trial_spec.model.normalizes_batches and smallest < 2:

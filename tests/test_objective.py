@@ -200,6 +200,8 @@ def test_pruned_trials_record_the_epoch_and_partial_curves(fast_tmp: Path) -> No
         assert len(trial.user_attrs["curves"]["val_metric"]) == epoch
         assert trial.user_attrs["fold_epochs"] == epoch * spec.cv.folds
         assert "fold_val_metric" not in trial.user_attrs
+        # Known from the first batch: the gradient-flow section counts pruned trials too.
+        assert set(trial.user_attrs["grad_norms"]) == set(study.trials[0].user_attrs["grad_norms"])
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         assert "pruned_at_epoch" not in trial.user_attrs
 
