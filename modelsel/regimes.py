@@ -31,12 +31,14 @@ if TYPE_CHECKING:
 
 REGIMES = ("underfit", "good", "overfit", "diverged")
 
-#: A last-epoch training loss above this many times ``max(1, baseline error)`` is a
-#: blow-up, labelled diverged even when it stays finite (Adam at a huge learning rate ends
-#: near 1e13 with a first epoch that already held the blow-up). A trivial classifier's
-#: cross-entropy is at most ln(classes), a regressor's MSE the baseline itself. A module
+#: A classifier whose last-epoch training cross-entropy is above this has blown up, and
+#: is labelled diverged even when the loss stays finite (Adam at a huge learning rate ends
+#: near 1e13, with a first epoch that already held the blow-up). A trivial classifier's
+#: cross-entropy is at most ln(classes), about 7 for 1000 classes. Regression has no such
+#: scale: an untrained net's MSE is about mean(y)² + var(y), large for targets far from
+#: zero (kelvins, years), so there only the ratio to the first epoch applies. A module
 #: constant, not a ``regimes`` field: a new field would change every stored spec.
-BLOWUP_LOSS_FACTOR = 1e3
+BLOWUP_CROSS_ENTROPY = 1e3
 
 #: How a larger value of a model/training field changes capacity: +1 more, -1 less.
 CAPACITY_DIRECTION: dict[str, int] = {
@@ -67,6 +69,8 @@ class TrialNumbers:
     final_epoch: int | None = None
     fold_train_errors: Sequence[float] = ()
     fold_val_errors: Sequence[float] = ()
+    #: Whether the losses are cross-entropies (the errors error rates), else MSEs.
+    classification: bool = True
 
     @property
     def gap(self) -> float:
@@ -135,6 +139,7 @@ def numbers_from_attrs(attrs: Mapping[str, Any]) -> TrialNumbers | None:
         final_epoch=final_epoch,
         fold_train_errors=fold_train,
         fold_val_errors=fold_val,
+        classification=classification,
     )
 
 
@@ -177,8 +182,8 @@ def classify(numbers: TrialNumbers, thresholds: RegimeSpec | None = None) -> Ver
     In order, the first that holds:
 
     1. ``diverged``: a non-finite error or loss, the last epoch's training loss above
-       ``diverge_ratio`` × the first epoch's, or above :data:`BLOWUP_LOSS_FACTOR` ×
-       ``max(1, baseline error)``;
+       ``diverge_ratio`` × the first epoch's, or (classification) a cross-entropy above
+       :data:`BLOWUP_CROSS_ENTROPY`;
     2. ``underfit``: training error ≥ ``underfit_error`` × baseline error;
     3. ``overfit``: gap (val − train error) ≥ ``overfit_gap`` × baseline error, or the
        validation loss ended ≥ ``val_rise`` above its minimum while the training loss
@@ -205,15 +210,13 @@ def classify(numbers: TrialNumbers, thresholds: RegimeSpec | None = None) -> Ver
                 f"training loss ended at {last:.4g}, above its first-epoch value {first:.4g}",
                 evidence,
             )
-    if train_curve:
-        ceiling = BLOWUP_LOSS_FACTOR * max(1.0, numbers.baseline_error or 0.0)
-        if train_curve[-1] > ceiling:
-            return Verdict(
-                "diverged",
-                f"training loss ended at {train_curve[-1]:.4g}, above {ceiling:.4g} "
-                f"({BLOWUP_LOSS_FACTOR:g} × the larger of 1 and the baseline error): it blew up",
-                evidence,
-            )
+    if numbers.classification and train_curve and train_curve[-1] > BLOWUP_CROSS_ENTROPY:
+        return Verdict(
+            "diverged",
+            f"training cross-entropy ended at {train_curve[-1]:.4g}, above {BLOWUP_CROSS_ENTROPY:g} "
+            "(a trivial classifier's is at most ln(classes)): it blew up",
+            evidence,
+        )
     baseline = numbers.baseline_error
     if baseline:
         train_share = numbers.train_error / baseline

@@ -93,6 +93,14 @@ def test_a_finite_blow_up_is_diverged_even_when_the_first_epoch_held_it() -> Non
     assert "it blew up" in blown.reason
     # A poor but sane fit is not: chance-level cross-entropy is about ln(10) = 2.3.
     assert classify(numbers(0.9, 0.9, train_loss_curve=[2.4, 2.3])).regime == "underfit"
+    # Nor is a slow regressor of targets far from zero (kelvins: an MSE near mean² ~ 9e4
+    # that falls), whose baseline (the variance) is 1.4.
+    slow = TrialNumbers(
+        train_error=8.97e4, val_error=8.98e4, baseline_error=1.4,
+        train_loss_curve=[89836.0, 89808.3, 89780.8], val_loss_curve=[89800.0, 89790.0, 89780.0],
+        classification=False,
+    )
+    assert classify(slow).regime == "underfit"
 
 
 def test_precedence_diverged_then_underfit_then_overfit() -> None:
