@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from modelsel.errors import StorageError, UserError, exception_chain
 
@@ -87,12 +87,10 @@ def storage_kind(url: str) -> str:
         if not url.removeprefix("journal:").removeprefix("//"):
             raise StorageError(f"storage URL '{url}' names no file; {_HINT}")
         return "journal"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (parsing the port is what finds a malformed host)
-    except ValueError as exc:  # e.g. an unclosed '[' of an IPv6 host, or a port that is no number
-        raise StorageError(f"storage URL '{redact(url)}' is malformed ({exc}); {_HINT}") from None
-    scheme = parts.scheme.split("+")[0]
+    # Read by hand, not with urlsplit: a password may hold '#', '?', '/' or brackets, which
+    # SQLAlchemy accepts and urlsplit misreads (or raises on); SQLAlchemy judges the rest.
+    full_scheme, _ = _scheme_and_netloc(url)
+    scheme = full_scheme.split("+")[0]
     if scheme in ("sqlite", "postgresql", "postgres", "mysql"):
         if scheme == "sqlite" and not url.startswith("sqlite:///"):
             raise StorageError(f"storage URL '{redact(url)}' is malformed; {_HINT}")
@@ -104,12 +102,27 @@ def storage_kind(url: str) -> str:
                 f"storage URL '{redact(url)}' uses the scheme postgres://, which SQLAlchemy does not know; "
                 "write postgresql:// instead"
             )
-        if scheme != "sqlite" and urlsplit(url).netloc.count("@") > 1:
+        if scheme != "sqlite" and _scheme_and_netloc(url)[1].count("@") > 1:
             raise StorageError(
                 f"storage URL '{redact(url)}' has '@' in its user name or password; write each such '@' as %40"
             )
         return scheme
     raise StorageError(f"storage URL '{redact(url)}' is not supported; {_HINT}")
+
+
+def _scheme_and_netloc(url: str) -> tuple[str, str]:
+    """The scheme (with its driver, e.g. ``postgresql+psycopg``) and the part between
+    ``://`` and the database path, as SQLAlchemy reads them: the host is after the last
+    ``@``, so a password may hold any character but ``@``."""
+    match = _URL_START.match(url)
+    if match is None:
+        return "", ""
+    return match["scheme"].lower(), match["netloc"]
+
+
+#: The start of a database URL as SQLAlchemy's ``make_url`` reads it: user, then an
+#: optional password up to the first '@', then the host up to the path or the query.
+_URL_START = re.compile(r"(?P<scheme>[\w+]+)://(?P<netloc>(?:[^:/]*(?::[^@]*)?@)?[^/?]*)")
 
 
 def local_path(url: str) -> Path | None:
@@ -432,8 +445,10 @@ def open_storage(url: str, *, create_parent: bool = False, heartbeat: bool = Tru
         engine_kwargs["connect_args"] = {"timeout": _SQLITE_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True
-        keyword = _CONNECT_TIMEOUT_KEYWORDS.get(urlsplit(url).scheme)
-        if keyword is not None and keyword not in parse_qs(urlsplit(url).query):
+        scheme, netloc = _scheme_and_netloc(url)
+        keyword = _CONNECT_TIMEOUT_KEYWORDS.get(scheme)
+        query = url.partition("://")[2][len(netloc) :].partition("?")[2]
+        if keyword is not None and keyword not in parse_qs(query):
             # libpq and the MySQL drivers would wait for ever on a server that accepts the
             # connection and never answers.
             engine_kwargs["connect_args"] = {keyword: SERVER_CONNECT_TIMEOUT_S}
