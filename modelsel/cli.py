@@ -232,12 +232,12 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
                 f"({test.get('n_test', '?')} samples; retrained on the whole training split{when}, "
                 f"{test['epochs']} epochs)"
             )
-            if test.get("earlier_trials"):
-                earlier = ", ".join(f"#{n}" for n in test["earlier_trials"])
-                click.echo(
-                    f"The test split was also scored for {earlier}, selected by an earlier run of this study; "
-                    "report this score, not the best of them"
-                )
+        if test and test.get("trial_number") == outcome.best_trial_number and test.get("earlier_trials"):
+            earlier = ", ".join(f"#{n}" for n in test["earlier_trials"])
+            click.echo(
+                f"The test split was also scored for {earlier}, selected by an earlier run of this study; "
+                "report the selected trial's score, not the best of them"
+            )
     click.echo(f"Storage: {outcome.storage_url}")
     click.echo(f"Dashboard: {outcome.dashboard_command}")
     if outcome.report_path is not None:

@@ -250,12 +250,13 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     attrs = selected.user_attrs
     metric = attrs.get("metric_name", "accuracy")
     # A sweep cell with repeats is selected by its mean over seeds, and so is it scored here.
-    cell = cell_trials(study, selected) if len(study.directions) == 1 else [selected]
+    by_cell = len(study.directions) == 1  # as summarize: a cell is named without its seed
+    cell = cell_trials(study, selected) if by_cell else [selected]
     pooled = f" over {len(cell)} seeds × folds" if len(cell) > 1 else ""
     rows: list[tuple[str, Any]] = [
         ("selected trial", selected.number),
         *([("trials of the selected cell", ", ".join(str(t.number) for t in cell))] if len(cell) > 1 else []),
-        *[(f"param {k}", _fmt(v)) for k, v in selected.params.items() if k != SWEEP_SEED_PARAM or len(cell) == 1],
+        *[(f"param {k}", _fmt(v)) for k, v in selected.params.items() if k != SWEEP_SEED_PARAM or not by_cell],
         (f"CV val {metric} (mean ± std{pooled})", _pm(*cell_score(cell, "val_metric"))),
         (f"CV val loss (mean ± std{pooled})", _pm(*cell_score(cell, "val_loss"))),
         (f"CV train {metric} (mean{pooled})", _num(cell_score(cell, "train_metric")[0])),
@@ -273,9 +274,10 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
             ("retrained for epochs", test["epochs"]),
             ("test samples", test.get("n_test")),
         ]
-        if test.get("earlier_trials"):
-            earlier = ", ".join(str(n) for n in test["earlier_trials"])
-            rows.append(("test split also scored for", f"trials {earlier} (selected by earlier runs)"))
+
+    if test and test.get("trial_number") == selected.number and test.get("earlier_trials"):
+        earlier = ", ".join(str(n) for n in test["earlier_trials"])
+        rows.append(("test split also scored for", f"trials {earlier} (selected by earlier runs)"))
     section.tables.append(_format_table(pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})))
     return section
 
@@ -419,7 +421,7 @@ def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDr
         study_name=study.study_name,
         description=spec.get("description", ""),
         sections=sections,
-        spec_yaml=_spec_text(spec),
+        spec_yaml=spec_yaml_text(spec),
         generated=time.strftime("%Y-%m-%d %H:%M"),
         version=__version__,
         devices=sorted({str(t.user_attrs["device"]) for t in study.trials if "device" in t.user_attrs}),
@@ -431,7 +433,14 @@ def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDr
     return path
 
 
-def _spec_text(spec: dict[str, Any]) -> str:
+def spec_yaml_text(spec: dict[str, Any]) -> str:
+    """The spec as YAML for the report, the storage URL's password hidden."""
     import yaml
 
-    return yaml.safe_dump(spec, sort_keys=False) if spec else ""
+    from modelsel.storage import redact
+
+    if not spec:
+        return ""
+    if isinstance(spec.get("storage"), str):
+        spec = {**spec, "storage": redact(spec["storage"])}
+    return yaml.safe_dump(spec, sort_keys=False)

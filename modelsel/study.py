@@ -180,22 +180,24 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
                     if not grid:
                         suggest_params(trial, spec)
                 except Exception as exc:  # whatever a misconfigured sampler raises
-                    raise SpecError(_options_error("sampler", sampler, exc)) from None
+                    raise SpecError(_options_error("sampler", sampler, exc, options=spec.sampler.options)) from None
                 if n_objectives == 1 and spec.pruner.name not in ("none", "fold_paired"):
                     try:
                         trial.report(value, 1)
                         trial.should_prune()
                     except Exception as exc:  # whatever a misconfigured pruner raises
-                        raise SpecError(_options_error("pruner", pruner, exc)) from None
+                        raise SpecError(_options_error("pruner", pruner, exc, options=spec.pruner.options)) from None
                 probe.tell(trial, [value] * n_objectives)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
-def _options_error(field: str, used: object, exc: Exception) -> str:
-    """One line for options that an Optuna sampler or pruner accepted but then failed with."""
+def _options_error(field: str, used: object, exc: Exception, *, options: dict[str, Any]) -> str:
+    """One line for an Optuna sampler or pruner that accepted its options, then failed."""
     what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     name = type(used).__name__
+    if not options:  # nothing to blame but the choice itself (e.g. CMA-ES with two objectives)
+        return f"{field}: optuna's {name} cannot run this study ({what}); choose another {field}"
     return f"{field}.options: optuna's {name} fails with them ({what}); check each against the arguments of {name}"
 
 
@@ -1090,6 +1092,12 @@ def select_and_test(
     from modelsel.training import Diverged, torch_threads
 
     selected, trial_spec, epochs = pending
+    # A resumed search may select another trial: its score is new, and the ones scored
+    # before are named (a diverged retrain, which scores nothing, passes the list on).
+    stored = study.user_attrs.get("test_result") or {}
+    earlier = [n for n in stored.get("earlier_trials", []) if n != selected.number]
+    if "test_metric" in stored and stored.get("trial_number") != selected.number:
+        earlier.append(stored["trial_number"])
     dataset = _load_dataset_for(trial_spec)
     reused = early_refit if early_refit is not None and early_refit.fits(selected, epochs) else None
     with torch_threads(threads) if threads is not None else contextlib.nullcontext():
@@ -1106,15 +1114,11 @@ def select_and_test(
                 "params": selected.params,
                 "epochs": epochs,
                 "retrain_diverged": f"epoch {diverged.epoch + 1}: {diverged.reason}",
+                "earlier_trials": earlier,
             }
             study.set_user_attr("test_result", outcome.test)
             return outcome
         score = score_on_test(member, dataset, device=device)
-    # A resumed search may select another trial: its score is new, and the ones before are named.
-    stored = study.user_attrs.get("test_result") or {}
-    earlier = [n for n in stored.get("earlier_trials", []) if n != selected.number]
-    if "test_metric" in stored and stored.get("trial_number") != selected.number:
-        earlier.append(stored["trial_number"])
     outcome.test = {
         "trial_number": selected.number,
         "params": selected.params,

@@ -825,7 +825,7 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from modelsel import __version__
-    from modelsel.report import Section, summary_section, trials_frame
+    from modelsel.report import Section, spec_yaml_text, summary_section, trials_frame
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -847,13 +847,11 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
             section.title = f"{study.study_name}: {section.title.lower()}"
             sections.append(section)
     environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
-    import yaml
-
     html = environment.get_template("report.html").render(
         study_name=spec.name,
         description=spec.description,
         sections=sections,
-        spec_yaml=yaml.safe_dump(json.loads(spec.to_json()), sort_keys=False),
+        spec_yaml=spec_yaml_text(json.loads(spec.to_json())),
         generated=time.strftime("%Y-%m-%d %H:%M"),
         version=__version__,
         devices=sorted({str(t.user_attrs["device"]) for s in studies for t in s.trials if "device" in t.user_attrs}),

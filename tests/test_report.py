@@ -237,3 +237,11 @@ def test_a_trial_stopped_mid_training_shows_its_fold_epochs_and_why_it_failed() 
     assert frame["fold_epochs"].tolist() == [6, 9]
     assert frame.loc[0, "fail_reason"] == "stopped before it finished (interrupted, or its process ended)"
     assert pd.isna(frame.loc[1, "fail_reason"]) or frame.loc[1, "fail_reason"] is None
+
+
+def test_the_report_hides_the_storage_password(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="pw", storage=f"sqlite:///{tmp_path}/s.db")
+    study.set_user_attr("spec_full", json.dumps({"name": "pw", "storage": "postgresql://u:secret@db.example/optuna"}))
+    html = build_report(study, output_dir=tmp_path / "out").read_text(encoding="utf-8")
+    assert "secret" not in html
+    assert "postgresql://u:***@db.example/optuna" in html

@@ -22,6 +22,7 @@ from modelsel.study import (
     _open_study,
     _optimize,
     best_trial,
+    check_run,
     fold_epochs_spent,
     load_study,
     make_pruner,
@@ -497,6 +498,14 @@ def test_bad_sampler_or_pruner_options_fail_before_anything_is_written(
     assert files_under(fast_tmp) == []
 
 
+def test_a_sampler_that_cannot_run_the_study_is_blamed_not_its_options() -> None:
+    # The message said "sampler.options" when no option was given.
+    spec = tiny(objectives=["val_accuracy", "n_params"], sampler="cmaes")
+    message = r"^sampler: optuna's CmaEsSampler cannot run this study \(ValueError: .*multi-objective"
+    with pytest.raises(SpecError, match=message):
+        check_run(spec)
+
+
 def test_the_default_storage_and_report_go_under_the_output_folder(fast_tmp: Path) -> None:
     outcome = run_study(tiny(budget={"n_trials": 1}), output_dir=fast_tmp / "reports", progress=False)
     folder = fast_tmp / "reports" / "tiny"
@@ -685,6 +694,15 @@ def test_a_later_run_that_selects_another_trial_names_the_trials_tested_before(f
     assert second.test["earlier_trials"] == [0]
     assert second.report_path is not None
     assert "test split also scored for" in second.report_path.read_text(encoding="utf-8")
+    # A selection whose retrain diverges scores nothing, and passes the list on.
+    wide = {"width": trial.distributions["width"], "lr": optuna.distributions.FloatDistribution(1e-3, 1e31, log=True)}
+    study.add_trial(optuna.trial.create_trial(params={"width": 8, "lr": 1e30}, distributions=wide, value=1.0 + 1e-9))
+    third = run_study(tiny(budget={"n_trials": 3}), storage=url, output_dir=fast_tmp, progress=False)
+    assert third.test is not None and "retrain_diverged" in third.test
+    assert third.test["earlier_trials"] == [0, 1]
+    study.add_trial(optuna.trial.create_trial(params={"width": 8, "lr": 0.02}, distributions=wide, value=1.0 + 2e-9))
+    fourth = run_study(tiny(budget={"n_trials": 4}), storage=url, output_dir=fast_tmp, progress=False)
+    assert fourth.test is not None and fourth.test["earlier_trials"] == [0, 1]
 
 
 def test_a_grid_without_a_valid_cell_fails_before_anything_is_written(fast_tmp: Path) -> None:
