@@ -11,6 +11,7 @@ import io
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,10 @@ class Section:
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, parameters, objective values, fold mean/std, timings."""
-    from modelsel.study import stored_spec, trial_fold_epochs
+    from modelsel.study import stored_folds, stored_spec, trial_fold_epochs
 
     objectives = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
-    folds = int((stored_spec(study).get("cv") or {}).get("folds", 5))
+    folds = stored_folds(stored_spec(study))
     rows = []
     for trial in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name.lower()}
@@ -223,8 +224,7 @@ def _format_table(frame: pd.DataFrame) -> str:
 
 def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     """Counts, the selected trial, its CV score and the held-out test score."""
-    from modelsel.spec import SWEEP_SEED_PARAM
-    from modelsel.study import best_trial, cell_score, cell_trials, stored_fold_epochs
+    from modelsel.study import best_trial, cell_score, cell_trials, selected_params, stored_fold_epochs
 
     section = Section("Summary")
     objectives = study.user_attrs.get("objectives") or ["value"]
@@ -250,13 +250,12 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     attrs = selected.user_attrs
     metric = attrs.get("metric_name", "accuracy")
     # A sweep cell with repeats is selected by its mean over seeds, and so is it scored here.
-    by_cell = len(study.directions) == 1  # as summarize: a cell is named without its seed
-    cell = cell_trials(study, selected) if by_cell else [selected]
+    cell = cell_trials(study, selected)
     pooled = f" over {len(cell)} seeds × folds" if len(cell) > 1 else ""
     rows: list[tuple[str, Any]] = [
         ("selected trial", selected.number),
         *([("trials of the selected cell", ", ".join(str(t.number) for t in cell))] if len(cell) > 1 else []),
-        *[(f"param {k}", _fmt(v)) for k, v in selected.params.items() if k != SWEEP_SEED_PARAM or not by_cell],
+        *[(f"param {k}", _fmt(v)) for k, v in selected_params(study, selected).items()],
         (f"CV val {metric} (mean ± std{pooled})", _pm(*cell_score(cell, "val_metric"))),
         (f"CV val loss (mean ± std{pooled})", _pm(*cell_score(cell, "val_loss"))),
         (f"CV train {metric} (mean{pooled})", _num(cell_score(cell, "train_metric")[0])),
@@ -424,13 +423,18 @@ def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDr
         spec_yaml=spec_yaml_text(spec),
         generated=time.strftime("%Y-%m-%d %H:%M"),
         version=__version__,
-        devices=sorted({str(t.user_attrs["device"]) for t in study.trials if "device" in t.user_attrs}),
+        devices=trained_on([study]),
     )
     path = output / "report.html"
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def trained_on(studies: Sequence[optuna.Study]) -> list[str]:
+    """The devices the studies' trials trained on, for the report's header."""
+    return sorted({str(t.user_attrs["device"]) for s in studies for t in s.trials if "device" in t.user_attrs})
 
 
 def spec_yaml_text(spec: dict[str, Any]) -> str:

@@ -450,8 +450,12 @@ def stored_fold_epochs(study: optuna.Study) -> tuple[int, int | None]:
     """Fold-epochs a stored study's trials trained, and the ``budget.fold_epochs`` of its
     stored spec (None: none), from the storage alone."""
     spec = stored_spec(study)
-    folds = int((spec.get("cv") or {}).get("folds", 5))
-    return fold_epochs_spent(study, folds), (spec.get("budget") or {}).get("fold_epochs")
+    return fold_epochs_spent(study, stored_folds(spec)), (spec.get("budget") or {}).get("fold_epochs")
+
+
+def stored_folds(spec: dict[str, Any]) -> int:
+    """``cv.folds`` of a stored spec (:func:`stored_spec`; the default 5 when it has none)."""
+    return int((spec.get("cv") or {}).get("folds", 5))
 
 
 def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | None:
@@ -529,7 +533,7 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     if existing is not None and "spec" not in existing.user_attrs:
         existing = _undescribed_study(existing, spec, storage, storage_url, directions)
     if existing is not None:
-        _check_stored_spec(existing, spec, storage_url, fingerprint)
+        _check_stored_spec(existing.user_attrs, spec, storage_url, fingerprint)
         if spec.sweep is not None or spec.sampler.name == "grid":
             requeue_failed_cells(existing)
             existing.sampler = make_sampler(spec)  # a grid keeps its cell order: no resume offset
@@ -551,9 +555,12 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     return study
 
 
-def _check_stored_spec(study: optuna.Study, spec: StudySpec, storage_url: str, fingerprint: dict[str, Any]) -> None:
-    """Refuse to resume a study created from a spec that trains or measures differently."""
-    stored = json.loads(study.user_attrs["spec"])
+def _check_stored_spec(
+    user_attrs: dict[str, Any], spec: StudySpec, storage_url: str, fingerprint: dict[str, Any]
+) -> None:
+    """Refuse to resume a study (its ``user_attrs``) created from a spec that trains or
+    measures differently."""
+    stored = json.loads(user_attrs["spec"])
     for key in _RUN_ONLY_TRAINING_KEYS:  # fingerprints stored before device was run-only
         stored.get("training", {}).pop(key, None)
     changed = _differences(stored, fingerprint)
@@ -573,12 +580,11 @@ def check_resumable(specs: Sequence[StudySpec], storage_url: str) -> None:
     if path is not None and not path.is_file():
         return
     storage = open_storage(storage_url, heartbeat=False)
-    stored = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    # The summaries carry each study's user attributes: no study needs loading.
+    stored = {s.study_name: s.user_attrs for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     for spec in specs:
-        if spec.name in stored:
-            study = optuna.load_study(study_name=spec.name, storage=storage)
-            if "spec" in study.user_attrs:
-                _check_stored_spec(study, spec, storage_url, spec_fingerprint(spec))
+        if "spec" in stored.get(spec.name, {}):
+            _check_stored_spec(stored[spec.name], spec, storage_url, spec_fingerprint(spec))
 
 
 def _undescribed_study(
@@ -965,18 +971,31 @@ def _selection(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
     return chosen, float(chosen.values[0])
 
 
+def _cell_key(trial: FrozenTrial) -> tuple[tuple[str, str], ...]:
+    """A trial's sweep cell: its parameters but the ``seed`` of a repeat."""
+    return params_key({k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM})
+
+
+def _seed_order(trial: FrozenTrial) -> tuple[Any, int]:
+    return trial.params.get(SWEEP_SEED_PARAM, 0), trial.number
+
+
 def cell_trials(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
-    """The completed trials of ``trial``'s sweep cell: every seed of a sweep with repeats,
-    in seed order; ``[trial]`` for a trial without a sweep seed."""
-    if SWEEP_SEED_PARAM not in trial.params:
+    """The completed trials that the selection of ``trial`` stands for, in seed order:
+    every seed of its cell in a one-objective sweep with repeats (selected by their mean),
+    else ``[trial]`` (several objectives select one trial, seed and all)."""
+    if SWEEP_SEED_PARAM not in trial.params or len(study.directions) > 1:
         return [trial]
-    cell = params_key({k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM})
-    same = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if params_key({k: v for k, v in t.params.items() if k != SWEEP_SEED_PARAM}) == cell
-    ]
-    return sorted(same, key=lambda t: (t.params.get(SWEEP_SEED_PARAM, 0), t.number)) or [trial]
+    cell = _cell_key(trial)
+    same = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _cell_key(t) == cell]
+    return sorted(same, key=_seed_order) or [trial]
+
+
+def selected_params(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters that name the selection of ``trial``: without the repeat ``seed``
+    where a one-objective sweep selects cells (:func:`cell_trials`)."""
+    by_cell = len(study.directions) == 1
+    return {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM or not by_cell}
 
 
 def cell_score(trials: Sequence[FrozenTrial], curve: str) -> tuple[float | None, float | None]:
@@ -1000,12 +1019,11 @@ def _best_cell_trial(
     the seed, compare trials on different data)."""
     cells: dict[tuple[tuple[str, str], ...], list[FrozenTrial]] = {}
     for trial in complete:
-        cell = {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM}
-        cells.setdefault(params_key(cell), []).append(trial)
+        cells.setdefault(_cell_key(trial), []).append(trial)
     means = {key: statistics.fmean(float(t.values[0]) for t in trials) for key, trials in cells.items()}
     sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
     best = min(cells, key=lambda key: sign * means[key])
-    return min(cells[best], key=lambda t: (t.params.get(SWEEP_SEED_PARAM, 0), t.number)), means[best]
+    return min(cells[best], key=_seed_order), means[best]
 
 
 @dataclass
@@ -1157,14 +1175,13 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         selected, outcome.selection_value = selection
         outcome.best_trial_number = selected.number
         # A sweep cell with repeats is selected (one objective) by its mean over seeds: so is
-        # it named and scored. Several objectives select one trial, seed and all.
-        by_cell = len(study.directions) == 1
-        outcome.best_params = {k: v for k, v in selected.params.items() if k != SWEEP_SEED_PARAM or not by_cell}
+        # it named and scored.
+        cell = cell_trials(study, selected)
+        outcome.best_params = selected_params(study, selected)
         outcome.best_values = list(selected.values)
         primary = objectives[0]
         attrs = selected.user_attrs
         outcome.metric_name = attrs.get("metric_name", "accuracy")
-        cell = cell_trials(study, selected) if by_cell else [selected]
         outcome.cell_seeds = len(cell)
         if primary == "val_accuracy":
             outcome.cv_mean, outcome.cv_std = cell_score(cell, "val_metric")

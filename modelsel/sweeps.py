@@ -171,10 +171,7 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    for axis in axes:
-        if any(row[axis] is None for row in rows):
-            # pandas would turn a null grid value into NaN, shown as "nan" and ordered last.
-            frame[axis] = pd.Series([row[axis] for row in rows], dtype=object)
+    _keep_nulls(frame, rows, axes)
     grids = spec["sweep"]["axes"]
     positions = {a: {value_key(v): i for i, v in enumerate(_axis_order(grids.get(a, [])))} for a in axes}
     frame.attrs[AXIS_ORDER] = {a: list(positions[a]) for a in axes}  # the plots' order of each axis
@@ -200,6 +197,14 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
             best[data] = key
     frame["best_cell"] = [best.get(tuple(d)) == tuple(c) for c, d in zip(cell_keys, data_keys, strict=True)]
     return frame
+
+
+def _keep_nulls(frame: pd.DataFrame, rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> None:
+    """Put back a null grid value that pandas turned into NaN (shown as "nan", ordered
+    last) in the axis columns of ``frame``, built from ``rows``."""
+    for axis in axes:
+        if any(row[axis] is None for row in rows):
+            frame[axis] = pd.Series([row[axis] for row in rows], dtype=object)
 
 
 #: ``DataFrame.attrs`` key of a sweep frame (and its cell summary): each axis's value keys
@@ -273,9 +278,7 @@ def cell_summary(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
     columns = [*axes, "seeds", *_CELL_NUMBERS, "regime", "sweep_regime", "best_cell"]
     # A fixed column order (a pruned first cell has no numbers); the axis order passes on.
     summary = pd.DataFrame(rows).reindex(columns=[c for c in columns if any(c in r for r in rows)])
-    for axis in axes:
-        if any(r[axis] is None for r in rows):  # a null grid value, not NaN (see sweep_frame)
-            summary[axis] = pd.Series([r[axis] for r in rows], dtype=object)
+    _keep_nulls(summary, rows, axes)
     summary.attrs = dict(frame.attrs)
     return summary
 
@@ -825,7 +828,7 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from modelsel import __version__
-    from modelsel.report import Section, spec_yaml_text, summary_section, trials_frame
+    from modelsel.report import Section, spec_yaml_text, summary_section, trained_on, trials_frame
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -854,7 +857,7 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
         spec_yaml=spec_yaml_text(json.loads(spec.to_json())),
         generated=time.strftime("%Y-%m-%d %H:%M"),
         version=__version__,
-        devices=sorted({str(t.user_attrs["device"]) for s in studies for t in s.trials if "device" in t.user_attrs}),
+        devices=trained_on(studies),
     )
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
