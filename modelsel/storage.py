@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -49,8 +50,16 @@ def check_output_folder(folder: str | Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"report folder {path}: {existing} is not a folder; pass --output DIR with a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"report folder {path}: {existing} is not writable; pass --output DIR with a writable folder")
+    # Creating a file is the only honest probe: as root, os.access says yes to /proc and
+    # to folders on some read-only mounts.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(
+            f"report folder {path}: cannot write in {existing} ({reason}); pass --output DIR with a writable folder"
+        ) from None
 
 
 def redact(url: str) -> str:

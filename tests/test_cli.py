@@ -349,6 +349,17 @@ def test_a_report_folder_that_cannot_be_written_fails_before_training(
     assert files_under(workdir) == before
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_report_folder_on_a_filesystem_that_takes_no_files_fails_before_training(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    # As root, os.access said /proc was writable: the run trained and then failed writing.
+    spec = spec_file(budget={"n_trials": 1})
+    run = invoke("study", "run", str(spec), "--output", "/proc/modelsel-reports", "--storage", "sqlite:///s.db")
+    assert_user_error(run, "report folder /proc/modelsel-reports/tiny: cannot write in /proc (", "pass --output DIR")
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
 def test_a_first_objective_that_is_not_a_fold_mean_is_printed_without_a_fold_std(
     workdir: Path, spec_file: Callable[..., Path]
 ) -> None:
