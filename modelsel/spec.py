@@ -1113,6 +1113,8 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "cannot parse"
+        if isinstance(exc, _KeyNotTextError):  # valid YAML, but not a spec
+            raise SpecError(f"{path}{where}: {problem}") from None
         raise SpecError(f"{path}: invalid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file; a study spec is YAML text") from None
@@ -1123,8 +1125,13 @@ def load_spec(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
     return parse_spec(data, source=str(path))
 
 
+class _KeyNotTextError(yaml.constructor.ConstructorError):
+    """A mapping key that YAML reads as a boolean, number, date or null."""
+
+
 class _SpecLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)
+    and a key that YAML reads as something other than text (every spec key is a name)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_lines: dict[Any, int] = {}
@@ -1132,6 +1139,18 @@ class _SpecLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may be overridden
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str) and isinstance(key_node, yaml.ScalarNode):
+                # YAML reads ``true``, ``null`` or ``2`` as a boolean, null or number, which
+                # no spec key is; pydantic would name it by a coerced value (``1``).
+                text = key_node.value or "null"
+                kind = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
+                    type(key), f"a {type(key).__name__}"
+                )
+                raise _KeyNotTextError(
+                    problem=f"YAML reads the key {text} as {kind}, and every spec key is a name; "
+                    f"quote it ('{text}') if it is meant as one",
+                    problem_mark=key_node.start_mark,
+                )
             try:
                 first = first_lines.get(key)
             except TypeError:  # an unhashable key: the base loader says so

@@ -596,6 +596,29 @@ def test_a_merged_key_may_be_overridden(tmp_path: Path) -> None:
     assert (loaded.model.width, loaded.model.depth) == (8, 2)
 
 
+@pytest.mark.parametrize(
+    ("text", "where", "key", "kind"),
+    [
+        ("name: a\ndataset: {name: digits}\nsweep: {true: [1, 2]}\n", "line 3, column 9", "true", "a boolean"),
+        ("name: a\nmodel:\n  2: 3\n", "line 3, column 3", "2", "a number"),
+        ("name: a\nmodel:\n  ~: 3\n", "line 3, column 3", "~", "null"),
+        ("name: a\nsampler: {name: tpe, options: {2026-01-01: 1}}\n", "line 2, column 32", "2026-01-01", "a date"),
+    ],
+)
+def test_a_key_that_yaml_reads_as_a_value_is_named_as_written(
+    tmp_path: Path, text: str, where: str, key: str, kind: str
+) -> None:
+    # pydantic named ``true`` by its coerced value: "sweep.1: Input should be a valid string".
+    path = tmp_path / "keys.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == (
+        f"{path} at {where}: YAML reads the key {key} as {kind}, and every spec key is a name; "
+        f"quote it ('{key}') if it is meant as one"
+    )
+
+
 def test_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe\x00\x81name")
