@@ -230,7 +230,7 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
             click.echo(
                 f"Held-out test {test['metric_name']}: {test['test_metric']:.4f}, loss {test['test_loss']:.4f} "
                 f"({test.get('n_test', '?')} samples; retrained on the whole training split{when}, "
-                f"{test['epochs']} epochs)"
+                f"{test['epochs']} epoch{'' if test['epochs'] == 1 else 's'})"
             )
         if test and test.get("trial_number") == outcome.best_trial_number and test.get("earlier_trials"):
             earlier = ", ".join(f"#{n}" for n in test["earlier_trials"])

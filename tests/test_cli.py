@@ -90,6 +90,13 @@ def test_version() -> None:
 # ------------------------------------------------------------------- end to end
 
 
+def test_a_one_epoch_retrain_is_printed_in_the_singular(workdir: Path, spec_file: Callable[..., Path]) -> None:
+    spec = spec_file(training={"epochs": 1, "batch_size": 32, "lr": 0.01}, budget={"n_trials": 1})
+    result = invoke("study", "run", str(spec), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "; retrained on the whole training split, 1 epoch)\n" in result.stdout, result.stdout
+
+
 @pytest.mark.slow
 def test_study_run_end_to_end_then_resume_list_show_and_report(
     workdir: Path, spec_file: Callable[..., Path]
