@@ -100,7 +100,6 @@ class MLP(nn.Module):
             for index, (n_in, n_out) in enumerate(itertools.pairwise(widths))
         )
         self.output = nn.Linear(widths[-1], n_outputs)
-        self.activation_name = activation
         if init != "default":
             for block in self.blocks:
                 assert isinstance(block, HiddenBlock)

@@ -73,16 +73,16 @@ _CURVE_OF_OBJECTIVE = {"val_accuracy": "val_metric", "val_loss": "val_loss"}
 STACK_TRIALS_MAX_STEP_FLOPS = 16_000_000
 
 
-def rounded(value: Any, digits: int = 6) -> Any:
+def rounded(value: Any, *, digits: int = 6) -> Any:
     """Round floats (also inside lists/dicts) to ``digits`` significant digits for storage."""
     if isinstance(value, float):
         if not math.isfinite(value) or value == 0.0:
             return value if math.isfinite(value) else str(value)
         return float(f"{value:.{digits}g}")
     if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
+        return {k: rounded(v, digits=digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [rounded(v, digits) for v in value]
+        return [rounded(v, digits=digits) for v in value]
     return value
 
 
@@ -106,7 +106,7 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
         else:
             assert dist.step is not None
             count = math.floor((dist.high - dist.low) / dist.step + 1e-9) + 1
-            grid[key] = [rounded(dist.low + i * dist.step, 12) for i in range(count)]
+            grid[key] = [rounded(dist.low + i * dist.step, digits=12) for i in range(count)]
     return grid
 
 
@@ -470,7 +470,7 @@ class StudyObjective:
         numbers = numbers_from_attrs({**record, "baseline_error": prepared.baseline})
         if numbers is not None:
             # The label from the trial's own numbers; a sweep's report relabels with its neighbours.
-            verdict = classify(numbers, self.spec.regimes)
+            verdict = classify(numbers, thresholds=self.spec.regimes)
             record.update(regime=verdict.regime, regime_reason=verdict.reason, regime_evidence=verdict.evidence)
         for key, value in rounded(record).items():
             prepared.trial.set_user_attr(key, value)

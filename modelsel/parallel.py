@@ -511,13 +511,13 @@ def _worker_process(index: int, spec_json: str, shared: _Shared, storage_url: st
 def run_parallel(
     study: optuna.Study,
     spec: StudySpec,
+    *,
     storage_url: str,
     target: int | None,
     timeout: float | None,
     device: torch.device,
     pool: WorkerPool,
     bar: Any,
-    *,
     while_waiting: Callable[[], object] | None = None,
     report: bool = False,
 ) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from modelsel.spec import RegimeSpec
+from modelsel.spec import RegimeSpec, params_key, value_key
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +176,7 @@ def curve_shape(numbers: TrialNumbers) -> dict[str, Any]:
     }
 
 
-def classify(numbers: TrialNumbers, thresholds: RegimeSpec | None = None) -> Verdict:
+def classify(numbers: TrialNumbers, *, thresholds: RegimeSpec | None = None) -> Verdict:
     """Label one trial from its own numbers.
 
     In order, the first that holds:
@@ -269,16 +269,8 @@ class Cell:
 
     @property
     def cell_key(self) -> tuple[Any, ...]:
-        return tuple((k, _key(v)) for k, v in sorted(self.axes.items()))
-
-
-def _key(value: Any) -> str:
-    # Grid values compare by value: 0 and 0.0 (or a numpy scalar) are the same cell.
-    if hasattr(value, "item") and not isinstance(value, (list, tuple, str)):
-        value = value.item()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(float(value))
-    return repr(value)
+        """The cell's grid values as a comparable key (0 and 0.0, or a numpy scalar, agree)."""
+        return params_key(self.axes)
 
 
 def _capacity_value(value: Any) -> float | None:
@@ -297,7 +289,7 @@ def capacity_side(axes: Mapping[str, Any], best: Mapping[str, Any]) -> tuple[int
     signs: set[int] = set()
     differing: list[str] = []
     for axis, value in axes.items():
-        if _key(value) == _key(best.get(axis)):
+        if value_key(value) == value_key(best.get(axis)):
             continue
         differing.append(axis)
         field_name = axis.rpartition(".")[2]
@@ -318,7 +310,7 @@ def _paired_difference(rows: Sequence[Cell], best_rows: Sequence[Cell]) -> tuple
     """
     diffs: list[float] = []
     for row in rows:
-        partner = next((b for b in best_rows if _key(b.seed) == _key(row.seed)), None)
+        partner = next((b for b in best_rows if value_key(b.seed) == value_key(row.seed)), None)
         mine = list(row.numbers.fold_val_errors)
         if partner is None or not mine or len(partner.numbers.fold_val_errors) != len(mine):
             diffs = []
@@ -337,7 +329,7 @@ def _fmt_axes(axes: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in axes.items())
 
 
-def classify_in_context(cells: Sequence[Cell], thresholds: RegimeSpec | None = None) -> list[Verdict]:
+def classify_in_context(cells: Sequence[Cell], *, thresholds: RegimeSpec | None = None) -> list[Verdict]:
     """Relabel the cells of a sweep using their neighbours (same order as ``cells``).
 
     Within the cells trained on the same data, the best cell (lowest validation error,
@@ -358,7 +350,7 @@ def classify_in_context(cells: Sequence[Cell], thresholds: RegimeSpec | None = N
     verdicts: list[Verdict | None] = [None] * len(cells)
     slices: dict[tuple[Any, ...], list[int]] = {}
     for index, cell in enumerate(cells):
-        slices.setdefault(tuple(_key(k) for k in cell.data_key), []).append(index)
+        slices.setdefault(tuple(value_key(k) for k in cell.data_key), []).append(index)
     for members in slices.values():
         by_cell: dict[tuple[Any, ...], list[int]] = {}
         for index in members:

@@ -356,6 +356,8 @@ DATASET_TASKS: dict[str, Task] = {
 
 
 class IntDistribution(_Section):
+    """A searched integer: ``low``..``high`` inclusive, on a log scale or in steps of ``step``."""
+
     type: Literal["int"]
     low: int
     high: int
@@ -364,6 +366,8 @@ class IntDistribution(_Section):
 
 
 class FloatDistribution(_Section):
+    """A searched float: ``low``..``high``, on a log scale or in steps of ``step``."""
+
     type: Literal["float"]
     low: float
     high: float
@@ -372,6 +376,8 @@ class FloatDistribution(_Section):
 
 
 class CategoricalDistribution(_Section):
+    """A searched choice among ``choices``."""
+
     type: Literal["categorical"]
     choices: list[Scalar] = Field(min_length=1)
 
@@ -443,22 +449,30 @@ def _sweep_form(value: Any) -> str | None:
 
 
 class CVSpec(_Section):
+    """The cross-validation split of the training data (scikit-learn's (Stratified)KFold)."""
+
     folds: int = Field(5, ge=2, le=100)
     stratified: bool | None = Field(None, description="default: stratified for classification")
     shuffle: bool = True
 
 
 class SamplerSpec(_Section):
+    """An Optuna sampler by name, with its constructor's options (seeded from the spec's seed)."""
+
     name: SamplerName = "tpe"
     options: dict[str, Any] = Field(default_factory=dict)
 
 
 class PrunerSpec(_Section):
+    """An Optuna pruner (or modelsel's ``fold_paired``) by name, with its constructor's options."""
+
     name: PrunerName = "none"
     options: dict[str, Any] = Field(default_factory=dict)
 
 
 class BudgetSpec(_Section):
+    """When a run stops: finished trials, seconds, or fold-epochs trained (whichever comes first)."""
+
     n_trials: int | None = Field(20, ge=1, description="total finished trials (complete + pruned)")
     timeout: float | None = Field(None, gt=0.0, description="seconds for this run")
     fold_epochs: int | None = Field(
@@ -627,10 +641,6 @@ class StudySpec(_Section):
         if self.objectives:
             return list(self.objectives)
         return ["val_accuracy" if task == "classification" else "val_loss"]
-
-    @property
-    def is_sweep(self) -> bool:
-        return self.sweep is not None
 
     def sweep_list(self) -> list[SweepSpec]:
         """The sweep's grids: none, one, or several (a list of grids runs one study per grid)."""

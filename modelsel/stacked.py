@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -525,7 +525,6 @@ class StackedTrainer:
             grads[slot.name] = grad.view(shape)
             views[slot.name] = leaf
         self.views = views
-        self.grad_views = grads
         n_blocks = len(self.residual)
         names = [f"blocks.{b}.linear" for b in range(n_blocks)] + ["output"]
         self.layers = [
@@ -1193,6 +1192,3 @@ def train_stacked(
     )
     return trainer.train()
 
-
-#: Factory signature, for type checkers of callers that inject a trainer.
-TrainerFactory = Callable[..., list[StackResult]]

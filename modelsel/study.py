@@ -77,6 +77,7 @@ class StudyOutcome:
     n_trained_this_run: int = 0
     best_trial_number: int | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
+    #: The selected trial's objective values, in the spec's order of objectives.
     best_values: list[float] = field(default_factory=list)
     #: The first objective's value the selection ranked the selected trial by: its own
     #: value, or for a sweep with repeats its cell's mean over the completed seeds.
@@ -253,7 +254,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         raise SpecError(f"pruner.options: {exc}") from None
 
 
-def study_budget(spec: StudySpec, n_trials: int | None = None) -> int | None:
+def study_budget(spec: StudySpec, *, n_trials: int | None = None) -> int | None:
     """Total finished trials the study should reach: a sweep's grid size (or fewer, with
     an explicit ``n_trials``, e.g. ``--n-trials``), else the budget; a ``sampler: grid``
     search's budget stops at its number of cells (more trials would train cells again)."""
@@ -859,7 +860,7 @@ def check_run(
         torch_device = resolve_device(spec.training.device)
     except RuntimeError as exc:
         raise UserError(f"{exc}; use --device cpu") from None
-    target = study_budget(spec, n_trials)
+    target = study_budget(spec, n_trials=n_trials)
     timeout = timeout if timeout is not None else spec.budget.timeout
     if target is None and timeout is None and spec.budget.fold_epochs is None:
         raise SpecError(
@@ -925,12 +926,12 @@ def _search(
         return run_parallel(
             study,
             spec,
-            storage_url,
-            target,
-            timeout,
-            device,
-            pool,
-            bar,
+            storage_url=storage_url,
+            target=target,
+            timeout=timeout,
+            device=device,
+            pool=pool,
+            bar=bar,
             while_waiting=while_waiting,
             report=report,
         )

@@ -129,7 +129,7 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
         row["error"] = error_name(attrs.get("metric_name", "accuracy"))
         numbers = numbers_from_attrs(attrs) if trial.state == TrialState.COMPLETE else None
         if numbers is not None:
-            own = classify(numbers, thresholds)
+            own = classify(numbers, thresholds=thresholds)
             row.update(
                 train_error=numbers.train_error,
                 train_error_std=_std(numbers.fold_train_errors),
@@ -164,7 +164,7 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
                 sweep_reason=attrs.get("regime_reason") or attrs.get("fail_reason"),
             )
         rows.append(row)
-    for index, verdict in zip(cell_rows, classify_in_context(cells, thresholds), strict=True):
+    for index, verdict in zip(cell_rows, classify_in_context(cells, thresholds=thresholds), strict=True):
         rows[index]["sweep_regime"] = verdict.regime
         rows[index]["sweep_reason"] = verdict.reason
         rows[index]["excess_from"] = verdict.evidence.get("excess_from")
@@ -311,7 +311,9 @@ def _regime_legend(ax: plt.Axes, regimes: Sequence[str]) -> list[Patch]:
     return [Patch(facecolor=REGIME_COLORS[r], alpha=0.25, label=r) for r in REGIMES if r in regimes]
 
 
-def plot_validation_curve(summary: pd.DataFrame, axis: str, axes: Sequence[str], error: str) -> plt.Figure | None:
+def plot_validation_curve(
+    summary: pd.DataFrame, axis: str, *, axes: Sequence[str], error: str
+) -> plt.Figure | None:
     """Train and validation error against one axis (mean ± fold std), best value marked,
     background shaded by each cell's sweep regime; one panel per value of the other axis."""
     if summary.empty or "val_error" not in summary:
@@ -652,7 +654,7 @@ def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, by
     for axis in axes:
         is_learning = axis.rpartition(".")[2] == "train_size"
         add(
-            plot_validation_curve(summary, axis, axes, error),
+            plot_validation_curve(summary, axis, axes=axes, error=error),
             ("Learning curve" if is_learning else "Validation curve") + f": {axis}",
             f"{'learning' if is_learning else 'validation'}_curve_{axis.replace('.', '_')}.png",
             f"Train and validation {error} (fold mean ± std over folds and repeats); ★ marks the lowest "

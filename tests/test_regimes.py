@@ -111,9 +111,10 @@ def test_precedence_diverged_then_underfit_then_overfit() -> None:
 
 def test_thresholds_are_options() -> None:
     assert classify(numbers(0.3, 0.31)).regime == "underfit"
-    assert classify(numbers(0.3, 0.31), RegimeSpec(underfit_error=0.5)).regime == "good"
-    assert classify(numbers(0.0, 0.03), RegimeSpec(overfit_gap=0.02)).regime == "overfit"
-    assert classify(numbers(0.5, 0.5, train_loss_curve=[1.0, 1.05]), RegimeSpec(diverge_ratio=1.1)).regime != "diverged"
+    assert classify(numbers(0.3, 0.31), thresholds=RegimeSpec(underfit_error=0.5)).regime == "good"
+    assert classify(numbers(0.0, 0.03), thresholds=RegimeSpec(overfit_gap=0.02)).regime == "overfit"
+    rising = numbers(0.5, 0.5, train_loss_curve=[1.0, 1.05])
+    assert classify(rising, thresholds=RegimeSpec(diverge_ratio=1.1)).regime != "diverged"
 
 
 def test_without_a_baseline_only_curves_decide() -> None:
@@ -234,7 +235,7 @@ def test_noise_tolerance_uses_paired_fold_differences() -> None:
 def test_tolerance_options() -> None:
     cells = [cell({"width": 64}, 0.04, 0.080, spread=0.0), cell({"width": 256}, 0.04, 0.083, spread=0.0)]
     assert labels(cells) == ["good", "good"]  # within 5% of the best
-    strict = classify_in_context(cells, RegimeSpec(tolerance_rel=0.0))
+    strict = classify_in_context(cells, thresholds=RegimeSpec(tolerance_rel=0.0))
     assert [v.regime for v in strict] == ["good", "overfit"]
 
 

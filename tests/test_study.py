@@ -211,14 +211,14 @@ def test_spec_budget_is_used_without_an_override(fast_tmp: Path) -> None:
     outcome = run(tiny(budget={"n_trials": 2}), url, fast_tmp)
     assert outcome.n_trained_this_run == 2 and len(finished(url)) == 2
     assert study_budget(tiny(budget={"n_trials": 7})) == 7
-    assert study_budget(tiny(budget={"n_trials": 7}), 3) == 3
+    assert study_budget(tiny(budget={"n_trials": 7}), n_trials=3) == 3
 
 
 def test_n_trials_stops_a_sweep_early_and_a_later_run_goes_on(fast_tmp: Path) -> None:
     # A sweep's budget is its grid; --n-trials used to be ignored there.
     url = f"sqlite:///{fast_tmp}/s.db"
     sweep = tiny(search=None, sampler=None, sweep={"width": [4, 8], "lr": [0.01, 0.1]}, budget={"n_trials": 30})
-    assert study_budget(sweep) == 4 and study_budget(sweep, 9) == 4
+    assert study_budget(sweep) == 4 and study_budget(sweep, n_trials=9) == 4
     assert run(sweep, url, fast_tmp, n_trials=1).n_trained_this_run == 1
     assert run(sweep, url, fast_tmp).n_trained_this_run == 3
     assert len({(t.params["width"], t.params["lr"]) for t in finished(url)}) == 4

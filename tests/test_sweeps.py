@@ -404,7 +404,7 @@ def test_the_plots_of_a_partly_run_sweep_keep_the_grid_order_and_mark_pruned_cel
     plt.close(figure)
     assert ticks == ["0", "0.001", "0.01"]
     assert "—" in texts and "nan" not in texts
-    curve = plot_validation_curve(summary, "weight_decay", ["width", "weight_decay"], "error")
+    curve = plot_validation_curve(summary, "weight_decay", axes=["width", "weight_decay"], error="error")
     assert curve is not None
     labels = [[t.get_text() for t in ax.get_xticklabels()] for ax in curve.axes if ax.get_visible()]
     plt.close(curve)
@@ -434,7 +434,7 @@ def test_the_validation_curve_draws_a_panel_for_every_value_of_the_other_axis() 
             for d in (0.0, 0.001)
         ]
     )  # fmt: skip
-    figure = plot_validation_curve(summary, "weight_decay", ["width", "weight_decay"], "error")
+    figure = plot_validation_curve(summary, "weight_decay", axes=["width", "weight_decay"], error="error")
     assert figure is not None
     titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
     plt.close(figure)
