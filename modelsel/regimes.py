@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 
 REGIMES = ("underfit", "good", "overfit", "diverged")
 
-#: A classifier whose last-epoch training cross-entropy is above this has blown up, and
-#: is labelled diverged even when the loss stays finite (Adam at a huge learning rate ends
-#: near 1e13, with a first epoch that already held the blow-up). A trivial classifier's
+#: A classifier whose training cross-entropy went above this in some epoch has blown up,
+#: and is labelled diverged unless it recovered, even when the loss stays finite (Adam at a
+#: huge learning rate ends near 1e13, with a first epoch that already held the blow-up; at
+#: lr 1 it falls back from 4e6 to 30, a dead network at chance). A trivial classifier's
 #: cross-entropy is at most ln(classes), about 7 for 1000 classes. Regression has no such
 #: scale: an untrained net's MSE is about mean(y)² + var(y), large for targets far from
 #: zero (kelvins, years), so there only the ratio to the first epoch applies. A module
@@ -182,8 +183,9 @@ def classify(numbers: TrialNumbers, *, thresholds: RegimeSpec | None = None) -> 
     In order, the first that holds:
 
     1. ``diverged``: a non-finite error or loss, the last epoch's training loss above
-       ``diverge_ratio`` × the first epoch's, or (classification) a cross-entropy above
-       :data:`BLOWUP_CROSS_ENTROPY`;
+       ``diverge_ratio`` × the first epoch's, or (classification) an epoch's training
+       cross-entropy above :data:`BLOWUP_CROSS_ENTROPY` that the model did not recover
+       from (it ended there, or with a training error that the underfit rule would flag);
     2. ``underfit``: training error ≥ ``underfit_error`` × baseline error;
     3. ``overfit``: gap (val − train error) ≥ ``overfit_gap`` × baseline error, or the
        validation loss ended ≥ ``val_rise`` above its minimum while the training loss
@@ -210,14 +212,27 @@ def classify(numbers: TrialNumbers, *, thresholds: RegimeSpec | None = None) -> 
                 f"training loss ended at {last:.4g}, above its first-epoch value {first:.4g}",
                 evidence,
             )
-    if numbers.classification and train_curve and train_curve[-1] > BLOWUP_CROSS_ENTROPY:
-        return Verdict(
-            "diverged",
-            f"training cross-entropy ended at {train_curve[-1]:.4g}, above {BLOWUP_CROSS_ENTROPY:g} "
-            "(a trivial classifier's is at most ln(classes)): it blew up",
-            evidence,
-        )
     baseline = numbers.baseline_error
+    peak = max(train_curve, default=0.0)
+    if numbers.classification and peak > BLOWUP_CROSS_ENTROPY:
+        peak_epoch = train_curve.index(peak) + 1
+        evidence.update(train_loss_peak=peak, train_loss_peak_epoch=peak_epoch)
+        blown = (
+            f"training cross-entropy reached {peak:.4g} in epoch {peak_epoch}, above {BLOWUP_CROSS_ENTROPY:g} "
+            "(a trivial classifier's is at most ln(classes)): it blew up"
+        )
+        if train_curve[-1] > BLOWUP_CROSS_ENTROPY:
+            return Verdict("diverged", f"{blown}, and ended at {train_curve[-1]:.4g}", evidence)
+        # A blow-up that the model recovered from (to within the underfit threshold) is
+        # judged on where it ended; one it did not is the learning rate's doing, not a
+        # lack of capacity, so it is not called underfit.
+        if baseline and numbers.train_error / baseline >= t.underfit_error:
+            return Verdict(
+                "diverged",
+                f"{blown}, and never recovered (training error {numbers.train_error:.4g}, "
+                f"{numbers.train_error / baseline:.0%} of the trivial predictor's)",
+                evidence,
+            )
     if baseline:
         train_share = numbers.train_error / baseline
         gap_share = numbers.gap / baseline

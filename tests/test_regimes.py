@@ -103,6 +103,18 @@ def test_a_finite_blow_up_is_diverged_even_when_the_first_epoch_held_it() -> Non
     assert classify(slow).regime == "underfit"
 
 
+def test_a_blow_up_the_model_never_recovered_from_is_diverged_not_underfit() -> None:
+    # Adam at lr 1 on digits: the cross-entropy fell back from 4e6 to 32, a dead network
+    # at chance, and was labelled underfit, as if it lacked capacity.
+    dead = classify(numbers(0.899, 0.9, train_loss_curve=[4.21e6, 9933.0, 2818.0, 82.6, 32.3]))
+    assert dead.regime == "diverged"
+    assert "reached 4.21e+06 in epoch 1" in dead.reason and "never recovered" in dead.reason
+    assert dead.evidence["train_loss_peak_epoch"] == 1
+    # One that recovered is judged on where it ended.
+    assert classify(numbers(0.01, 0.03, train_loss_curve=[5000.0, 0.5, 0.2])).regime == "good"
+    assert classify(numbers(0.01, 0.2, train_loss_curve=[5000.0, 0.5, 0.2])).regime == "overfit"
+
+
 def test_precedence_diverged_then_underfit_then_overfit() -> None:
     both = numbers(0.4, 0.6)  # high training error and a large gap
     assert classify(both).regime == "underfit"
