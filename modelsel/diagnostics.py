@@ -15,9 +15,12 @@ from modelsel.training import Callback
 class GradientStats(Callback):
     """Records the L2 norm of each linear layer's weight gradient, once per epoch per member.
 
-    The first batch of each epoch is measured (before clipping), which is enough to see
-    gradients vanish in the early layers of a deep sigmoid net or explode with a large
-    learning rate, at the cost of one small reduction per layer per epoch.
+    The first batch of each epoch is measured (before clipping), at the cost of one small
+    reduction per layer per epoch. The first epoch's, before any update, shows how the
+    gradient flows through the initialized net (vanishing in the early layers of a deep
+    sigmoid net); a learning rate too large blows up within an epoch, between two such
+    measurements, and shows as a diverged trial instead (see
+    :func:`modelsel.regimes.gradient_flow`).
     """
 
     wants_grads = True

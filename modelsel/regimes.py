@@ -442,7 +442,7 @@ GRADIENT_FLOW_RATIO = 1e3
 
 
 def gradient_flow(
-    grad_norms: Mapping[str, Sequence[float | str]], *, ratio: float = GRADIENT_FLOW_RATIO
+    grad_norms: Mapping[str, Sequence[float | str]], *, ratio: float = GRADIENT_FLOW_RATIO, diverged: bool = False
 ) -> tuple[str, float] | None:
     """Label how a trial's gradient reached its first layer, from its stored gradient norms.
 
@@ -454,23 +454,29 @@ def gradient_flow(
     ratio
         The factor between the first and the output layer's norms (first epoch) beyond
         which the gradient counts as vanishing or exploding.
+    diverged
+        The trial's training diverged (its ``regime``): its updates blew up, which the
+        first batch, measured before any update, cannot show.
 
     Returns
     -------
     tuple of (str, float), or None
-        ``("vanishing" | "healthy" | "exploding", first / output)``; ``exploding`` with an
-        infinite ratio when a norm is not finite; None for a model without hidden
-        layers, or with no gradient at the output layer.
+        ``("vanishing" | "healthy" | "exploding", first / output)`` at the first batch;
+        ``exploding`` whatever the ratio when the trial diverged, and with an infinite
+        ratio when a stored norm (any epoch) is not finite; None for a model without
+        hidden layers, or with no gradient at the output layer.
     """
     first_layer, output = grad_norms.get("hidden1"), grad_norms.get("output")
     if not first_layer or not output:
         return None
-    first, last = float(first_layer[0]), float(output[0])
-    if not (math.isfinite(first) and math.isfinite(last)):
+    if not all(math.isfinite(float(norm)) for norms in grad_norms.values() for norm in norms):
         return "exploding", math.inf
+    first, last = float(first_layer[0]), float(output[0])
     if last == 0.0:
-        return None
+        return ("exploding", math.inf) if diverged else None
     flow = first / last
+    if diverged:
+        return "exploding", flow
     if flow < 1.0 / ratio:
         return "vanishing", flow
     if flow > ratio:

@@ -89,7 +89,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             # Stopped mid-training (Ctrl-C, SIGTERM, a killed worker): counted as the summary counts it.
             row["fold_epochs"] = trial_fold_epochs(trial, folds)
             row["fail_reason"] = row["fail_reason"] or "stopped before it finished (interrupted, or its process ended)"
-        flow = gradient_flow(trial.user_attrs.get("grad_norms") or {})
+        flow = gradient_flow(
+            trial.user_attrs.get("grad_norms") or {}, diverged=trial.user_attrs.get("regime") == "diverged"
+        )
         row["gradient_flow"], row["grad_ratio"] = flow if flow is not None else (None, None)
         row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None
         rows.append(row)
@@ -346,9 +348,12 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
     counts = labelled["gradient_flow"].value_counts()
     ratio = f"{GRADIENT_FLOW_RATIO:g}"
     text = (
-        f"At the first batch of the first epoch (fold mean), a first layer whose weight gradient is more than "
-        f"{ratio}× smaller than the output layer's is labelled vanishing (it barely learns: deep sigmoid or tanh "
-        f"nets, small initial weights), more than {ratio}× larger exploding. Of {len(labelled)} trials: "
+        f"At the first batch of the first epoch (fold mean), before any update, a first layer whose weight "
+        f"gradient is more than {ratio}× smaller than the output layer's is labelled vanishing (it barely learns: "
+        f"deep sigmoid or tanh nets, small initial weights), more than {ratio}× larger exploding: how the "
+        f"gradient flows through the initialized net. A trial whose training diverged (regime diverged: a NaN or "
+        f"inf loss, or a blow-up it did not recover from) is labelled exploding whatever that ratio: its updates "
+        f"blew up (a learning rate too large; clipping or a smaller rate tames it). Of {len(labelled)} trials: "
         + ", ".join(f"{int(counts.get(label, 0))} {label}" for label in ("vanishing", "healthy", "exploding"))
         + ". trials.csv has each trial's label (gradient_flow) and first/output ratio (grad_ratio)."
     )

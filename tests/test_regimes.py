@@ -374,3 +374,7 @@ def test_gradient_flow_compares_the_first_layer_with_the_output_layer() -> None:
     assert gradient_flow({"output": [0.5]}) is None  # a linear model has no first hidden layer
     assert gradient_flow({"hidden1": [0.0], "output": [0.0]}) is None
     assert gradient_flow({}) is None
+    # Training that diverged blew its gradients up after the first batch measured them.
+    assert gradient_flow({"hidden1": [0.2], "output": [0.5]}, diverged=True) == ("exploding", 0.4)
+    assert gradient_flow({"hidden1": [1e-7], "output": [0.5]}, diverged=True) == ("exploding", 2e-7)
+    assert gradient_flow({"hidden1": [0.2, "inf"], "output": [0.5, 0.7]}) == ("exploding", math.inf)

@@ -214,6 +214,23 @@ def test_the_report_shows_where_gradients_vanish(tmp_path: Path) -> None:
     assert "Gradient norm per layer" in html
 
 
+def test_a_learning_rate_that_makes_training_diverge_counts_as_exploding(fast_tmp: Path) -> None:
+    # Measured before any update, the first batch's ratio cannot see the learning rate:
+    # every trial of an lr sweep read "healthy", the diverged ones too.
+    data = tiny_spec_data(name="lr", search=None, sampler=None, sweep={"lr": [0.01, 1.0e12]})
+    data["model"] = {"width": 16, "depth": 3}
+    data["training"] = {**data["training"], "epochs": 2, "optimizer": "sgd"}
+    outcome = run_study(parse_spec(data), output_dir=fast_tmp, progress=False)
+    frame = pd.read_csv(fast_tmp / "lr" / "trials.csv").set_index("param_lr")
+    assert frame.loc[1.0e12, "regime"] == "diverged"
+    assert frame.loc[1.0e12, "gradient_flow"] == "exploding"
+    assert frame.loc[0.01, "gradient_flow"] == "healthy"
+    assert outcome.report_path is not None
+    html = outcome.report_path.read_text(encoding="utf-8")
+    assert "Of 2 trials: 0 vanishing, 1 healthy, 1 exploding." in html
+    assert "is labelled exploding whatever that ratio" in html
+
+
 def test_a_study_whose_every_trial_diverged_says_so(fast_tmp: Path) -> None:
     spec = parse_spec(
         tiny_spec_data(training={"epochs": 2, "optimizer": "sgd", "lr": 1.0e12}, search=None, budget={"n_trials": 2})
