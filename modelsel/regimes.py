@@ -289,6 +289,8 @@ class Cell:
 
 
 def _capacity_value(value: Any) -> float | None:
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, str)):  # a numpy scalar (a frame's cell)
+        value = value.item()
     if isinstance(value, bool):
         return float(value)
     if _is_number(value):

@@ -45,6 +45,7 @@ from modelsel.regimes import (
     REGIMES,
     Cell,
     Verdict,
+    capacity_side,
     classify,
     classify_in_context,
     error_name,
@@ -583,6 +584,23 @@ def _disagreements(frame: pd.DataFrame, axis: str, line: pd.DataFrame, top: pd.S
     source of its extra error (training error vs gap) disagree."""
     notes = []
     for _, r in line.iterrows():
+        same_cell = value_key(r[axis]) == value_key(top[axis])
+        side = 0 if same_cell else capacity_side({axis: r[axis]}, {axis: top[axis]})[0]
+        # A cell's own label (from its own numbers) is kept in context; say where it sits
+        # on the other side of the best cell than the label suggests.
+        if r["sweep_regime"] == "overfit" and side < 0:
+            notes.append(
+                f"at {axis}={_fmt(r[axis])} the model overfits by its own numbers (gap {r['gap']:.3g}), though it "
+                f"has less capacity than the best cell, whose training {error} is lower "
+                f"({top['train_error']:.3g} vs {r['train_error']:.3g})"
+            )
+            continue
+        if r["sweep_regime"] == "underfit" and side > 0:
+            notes.append(
+                f"at {axis}={_fmt(r[axis])} the model underfits by its own numbers (train {error} "
+                f"{r['train_error']:.3g}), though it has more capacity than the best cell"
+            )
+            continue
         same = frame[axis].map(value_key) == value_key(r[axis])
         rows = frame[same & frame["sweep_regime"].eq(r["sweep_regime"])]
         sources = {s for s in rows.get("excess_from", pd.Series(dtype=object)) if isinstance(s, str)}
@@ -634,8 +652,9 @@ def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, by
     )
     findings.paragraphs += axis_findings(frame, axes, data_axes)
     findings.paragraphs.append(
-        "Labels: 'regime' uses a trial's own numbers; 'sweep_regime' compares it with the best cell trained "
-        "on the same data (within noise: good; worse with more capacity: overfit; with less: underfit). "
+        "Labels: 'regime' uses a trial's own numbers; 'sweep_regime' keeps that label when it is underfit, "
+        "overfit or diverged, and otherwise compares the cell with the best cell trained on the same data "
+        "(within noise: good; worse with more capacity: overfit; with less: underfit). "
         f"Thresholds: underfit at train {error} ≥ {thresholds.underfit_error:.0%} of the trivial predictor's, "
         f"overfit at a gap ≥ {thresholds.overfit_gap:.0%} of it or a validation loss {thresholds.val_rise:.0%} "
         f"above its minimum; good within {thresholds.tolerance_se:g} SE or {thresholds.tolerance_rel:.0%} of "

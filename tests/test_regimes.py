@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,6 +186,7 @@ def labels(cells: list[Cell]) -> list[str]:
 
 def test_capacity_side() -> None:
     assert capacity_side({"width": 256}, {"width": 64}) == (1, ["width"])
+    assert capacity_side({"width": np.int64(16)}, {"width": np.int64(512)}) == (-1, ["width"])  # a frame's cells
     assert capacity_side({"weight_decay": 0.0}, {"weight_decay": 1e-4}) == (1, ["weight_decay"])
     assert capacity_side({"dropout": 0.8}, {"dropout": 0.2})[0] == -1
     assert capacity_side({"width": 256, "weight_decay": 1e-2}, {"width": 64, "weight_decay": 0})[0] == 0

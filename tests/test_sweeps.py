@@ -28,6 +28,7 @@ from modelsel.spec import load_spec, parse_spec
 from modelsel.study import FINISHED_STATES, StudyOutcome, _open_study, _optimize, preflight, run_study, summarize
 from modelsel.sweeps import (
     _best_outcome,
+    axis_findings,
     cell_summary,
     map_specs,
     plot_regime_map,
@@ -337,6 +338,34 @@ def test_the_best_cell_is_averaged_over_seeds_and_a_pruned_seed_is_not_counted()
     frame["fold_train_errors"] = [[v] for v in frame["train_error"]]
     frame["regime"], frame["best_cell"] = frame["sweep_regime"], False
     assert cell_summary(frame, ["width"])["seeds"].tolist() == [2, 2, 0]
+
+
+def test_a_kept_own_label_on_the_other_side_of_the_best_cell_is_explained() -> None:
+    # Fashion-MNIST, 1,000 images: width 16 overfits by its own gap, yet it has less
+    # capacity than the best cell (width 512); the finding listed it as "overfits" with
+    # a closing sentence that said less capacity means underfit.
+    frame = pd.DataFrame(
+        {
+            "width": [4, 16, 512],
+            "trial": [0, 1, 2],
+            "error": ["error"] * 3,
+            "val_error": [0.40, 0.238, 0.188],
+            "train_error": [0.35, 0.182, 0.042],
+            "gap": [0.05, 0.056, 0.146],
+            "regime": ["underfit", "overfit", "overfit"],
+            "sweep_regime": ["underfit", "overfit", "overfit"],
+            "excess_from": [None] * 3,
+            "best_cell": [False, False, True],
+        }
+    )
+    frame["fold_val_errors"] = [[v] for v in frame["val_error"]]
+    frame["fold_train_errors"] = [[v] for v in frame["train_error"]]
+    (finding,) = axis_findings(frame, ["width"], [])
+    assert finding.endswith(
+        "Note: at width=16 the model overfits by its own numbers (gap 0.056), though it has less capacity than "
+        "the best cell, whose training error is lower (0.042 vs 0.182)."
+    )
+    assert "width=4 the model underfits by its own" not in finding  # its label and side agree
 
 
 def test_a_numeric_axis_is_shown_in_ascending_order(tmp_path: Path) -> None:
