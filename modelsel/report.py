@@ -237,11 +237,15 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     diverged = 0
     if "fail_reason" in frame:
         reasons = frame.loc[frame["state"] == "pruned", "fail_reason"]
-        diverged = int(reasons.map(lambda r: isinstance(r, str) and r.startswith("diverged")).sum())
+        # Not Series.map(...).sum(): with no pruned trial, pandas 3 keeps the empty column's
+        # str dtype and sums to "".
+        diverged = sum(isinstance(r, str) and r.startswith("diverged") for r in reasons)
     of_them = f" ({diverged} of them diverged)" if diverged else ""
+    # Training now, or left so by a process that was killed (a later run marks it failed).
+    running = f", {counts['running']} running" if counts.get("running") else ""
     section.paragraphs.append(
         f"{len(frame)} trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned{of_them}, "
-        f"{counts.get('fail', 0)} failed.{compute} Objective{'s' if len(objectives) > 1 else ''}: "
+        f"{counts.get('fail', 0)} failed{running}.{compute} Objective{'s' if len(objectives) > 1 else ''}: "
         + ", ".join(f"{o} ({d.name.lower()})" for o, d in zip(objectives, study.directions, strict=False))
         + "."
     )

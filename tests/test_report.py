@@ -256,6 +256,19 @@ def test_a_trial_stopped_mid_training_shows_its_fold_epochs_and_why_it_failed() 
     assert pd.isna(frame.loc[1, "fail_reason"]) or frame.loc[1, "fail_reason"] is None
 
 
+def test_a_report_of_failed_and_running_trials_without_a_pruned_one(tmp_path: Path) -> None:
+    # What Ctrl-C leaves with pruner none: the report crashed (pandas 3 summed the empty
+    # pruned trials' reasons to ""), in every later run and rebuild. A trial of a killed
+    # process stays running until a later run fails it; the counts left it out.
+    study = optuna.create_study(study_name="cut", storage=f"sqlite:///{tmp_path}/s.db", direction="maximize")
+    study.set_user_attr("spec_full", json.dumps({"name": "cut", "cv": {"folds": 2}}))
+    study.add_trial(optuna.trial.create_trial(value=0.7, user_attrs={"fold_epochs": 4}))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, intermediate_values={1: 0.5}))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING))
+    html = build_report(study, output_dir=tmp_path / "out").read_text(encoding="utf-8")
+    assert "3 trials: 1 complete, 0 pruned, 1 failed, 1 running." in html
+
+
 def test_the_report_hides_the_storage_password(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="pw", storage=f"sqlite:///{tmp_path}/s.db")
     study.set_user_attr("spec_full", json.dumps({"name": "pw", "storage": "postgresql://u:secret@db.example/optuna"}))
