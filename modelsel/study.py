@@ -479,12 +479,9 @@ def requeue_failed_cells(study: optuna.Study) -> int:
     would train a finished one again. Each such cell is added back as a waiting trial
     with its parameters and its cell (``grid_id``, as Optuna's ``RetryFailedTrialCallback``
     does), which the next trials take before the sampler hands out unvisited cells.
-    Trials left running by a process that was killed are failed first (heartbeat).
+    Trials left running by a process that was killed are to be failed first
+    (:func:`fail_stale_trials`).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
     trials = study.get_trials(deepcopy=False)
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     covered = {_grid_cell(t) for t in trials if t.state in live}
@@ -507,6 +504,16 @@ def requeue_failed_cells(study: optuna.Study) -> int:
             covered.add(cell)
             requeued += 1
     return requeued
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Store as failed the trials left running by a process that was killed (no heartbeat
+    for the storage's grace period), so that counts, reports and a grid's cells see them
+    as what they are. Optuna does this only when a trial starts: a study already at its
+    budget, which trains nothing, kept such a trial running for good."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _grid_cell(trial: FrozenTrial) -> tuple[str, Any]:
@@ -535,6 +542,7 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
         existing = _undescribed_study(existing, spec, storage, storage_url, directions)
     if existing is not None:
         _check_stored_spec(existing.user_attrs, spec, storage_url, fingerprint)
+        fail_stale_trials(existing)
         if spec.sweep is not None or spec.sampler.name == "grid":
             requeue_failed_cells(existing)
             existing.sampler = make_sampler(spec)  # a grid keeps its cell order: no resume offset

@@ -95,6 +95,26 @@ def test_a_resumed_run_stores_its_budget_and_description(fast_tmp: Path) -> None
     assert (stored["budget"]["n_trials"], stored["description"]) == (2, "the second run's words")
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_left_running_by_a_killed_process_is_failed_by_a_later_run_at_its_budget(fast_tmp: Path) -> None:
+    # Optuna fails stale trials only when a trial starts: a study at its budget, which
+    # trains nothing, kept the trial of a SIGKILLed process running for good.
+    import sqlite3
+
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(budget={"n_trials": 1}), url, fast_tmp)
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+    killed = optuna.load_study(study_name="tiny", storage=storage).ask()
+    storage.record_heartbeat(killed._trial_id)
+    storage.remove_session()
+    with sqlite3.connect(fast_tmp / "s.db") as db:  # its process died an hour ago
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour')")
+    outcome = run(tiny(budget={"n_trials": 1}), url, fast_tmp)
+    assert outcome.n_trained_this_run == 0
+    states = [t.state for t in optuna.load_study(study_name="tiny", storage=url).get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL]
+
+
 @pytest.mark.parametrize(
     ("widths", "finished_first", "stopped", "suggested"),
     [
