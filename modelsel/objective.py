@@ -462,6 +462,7 @@ class StudyObjective:
         trial.set_user_attr("grad_norms", rounded(prepared.gradient_stats.fold_mean()))
         # Counted up to the epoch that diverged, as if every fold trained all of it (a cap's view).
         trial.set_user_attr("fold_epochs", (exc.epoch + 1) * len(prepared.folds))
+        trial.set_user_attr("pruned_at_epoch", exc.epoch + 1)
         return optuna.TrialPruned(reason)
 
     def _finish(self, prepared: _PreparedTrial, result: CVResult) -> float | list[float]:

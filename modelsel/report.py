@@ -7,6 +7,7 @@ else, so ``modelsel report build NAME`` reproduces the report from the database.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import time
@@ -46,6 +47,8 @@ _SUMMARY_ATTRS = (
     "pruned_at_epoch",
     "fail_reason",
 )
+#: The columns of :data:`_SUMMARY_ATTRS` that count something.
+_COUNT_ATTRS = ("n_params", "n_train", "fold_epochs", "pruned_at_epoch")
 
 
 @dataclass
@@ -98,7 +101,13 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     if not rows:  # keep the columns, so that a study without trials still reports
         columns = ["trial", "state", *objectives, *_SUMMARY_ATTRS, "gradient_flow", "grad_ratio", "duration_s"]
         return pd.DataFrame(columns=columns)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for column in _COUNT_ATTRS:
+        # Counts stay integers where some trials lack them (pandas would write 3.0).
+        if column in frame:
+            with contextlib.suppress(TypeError, ValueError):  # not whole numbers: left as they are
+                frame[column] = frame[column].astype("Int64")
+    return frame
 
 
 def figure_to_base64(fig: plt.Figure) -> str:

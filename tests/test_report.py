@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import re
 from collections.abc import Iterator
@@ -225,6 +226,11 @@ def test_a_learning_rate_that_makes_training_diverge_counts_as_exploding(fast_tm
     assert frame.loc[1.0e12, "regime"] == "diverged"
     assert frame.loc[1.0e12, "gradient_flow"] == "exploding"
     assert frame.loc[0.01, "gradient_flow"] == "healthy"
+    # The epoch it diverged at, written as a count (pandas wrote "1.0" beside a blank).
+    with (fast_tmp / "lr" / "trials.csv").open(encoding="utf-8", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted(row["pruned_at_epoch"] for row in rows) == ["", "1"]
+    assert sorted(row["fold_epochs"] for row in rows) == ["2", "4"]  # 2 folds: 1 epoch, and all 2
     assert outcome.report_path is not None
     html = outcome.report_path.read_text(encoding="utf-8")
     assert "Of 2 trials: 0 vanishing, 1 healthy, 1 exploding." in html
