@@ -203,7 +203,12 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
     if outcome.fold_epochs:
         cap = f" of the budget's {outcome.fold_epochs_budget}" if outcome.fold_epochs_budget else ""
         click.echo(f"Trained {outcome.fold_epochs} fold-epochs{cap} (epochs x folds, summed over trials).")
-    if outcome.best_trial_number is None:
+    if outcome.best_trial_number is None and outcome.n_complete:
+        click.echo(
+            "Every completed trial diverged (regime), so nothing was selected: lower the learning rate, "
+            "or clip gradients, and run again."
+        )
+    elif outcome.best_trial_number is None:
         click.echo("No trial completed, so nothing was selected.")
     else:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.best_params.items()) or "(fixed configuration)"

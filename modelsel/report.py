@@ -260,7 +260,8 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     )
     selected = best_trial(study)
     if selected is None:
-        section.paragraphs.append("No trial completed, so nothing was selected and the test split was not scored.")
+        why = "Every completed trial diverged (regime)" if counts.get("complete") else "No trial completed"
+        section.paragraphs.append(f"{why}, so nothing was selected and the test split was not scored.")
         return section
     attrs = selected.user_attrs
     metric = attrs.get("metric_name", "accuracy")

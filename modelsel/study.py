@@ -967,17 +967,38 @@ def _selection(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
     """The selected trial (:func:`best_trial`) and the first objective's value it was
     ranked by: its cell's mean over the completed seeds for a one-objective sweep with
     repeats, else its own value."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = selectable_trials(study)
     if not complete:
         return None
+    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
     if len(study.directions) == 1:
         if any(SWEEP_SEED_PARAM in t.params for t in complete):
             return _best_cell_trial(complete, study.direction)
-        best = study.best_trial
-        return best, float(best.values[0])
-    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-    chosen = min(study.best_trials, key=lambda t: sign * t.values[0])
+        candidates = complete
+    else:
+        candidates = _pareto_front(complete, signs)
+    # Ties go to the earliest trial, as Optuna's best_trial breaks them.
+    chosen = min(candidates, key=lambda t: (signs[0] * t.values[0], t.number))
     return chosen, float(chosen.values[0])
+
+
+def selectable_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The completed trials that selection may pick: not those whose training diverged
+    (regime ``diverged``: a finite blow-up, which completes with a number at chance), as
+    a sweep's best cell leaves them out too."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in complete if t.user_attrs.get("regime") != "diverged"]
+
+
+def _pareto_front(trials: Sequence[FrozenTrial], signs: Sequence[int]) -> list[FrozenTrial]:
+    """The trials no other trial dominates (``signs``: +1 to minimize an objective, -1 to
+    maximize it), as Optuna's ``best_trials`` but over the given trials."""
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
+        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+    return [b for b in trials if not any(dominates(a, b) for a in trials)]
 
 
 def _cell_key(trial: FrozenTrial) -> tuple[tuple[str, str], ...]:
@@ -996,7 +1017,7 @@ def cell_trials(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
     if SWEEP_SEED_PARAM not in trial.params or len(study.directions) > 1:
         return [trial]
     cell = _cell_key(trial)
-    same = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _cell_key(t) == cell]
+    same = [t for t in selectable_trials(study) if _cell_key(t) == cell]
     return sorted(same, key=_seed_order) or [trial]
 
 

@@ -97,6 +97,20 @@ def test_a_one_epoch_retrain_is_printed_in_the_singular(workdir: Path, spec_file
     assert "; retrained on the whole training split, 1 epoch)\n" in result.stdout, result.stdout
 
 
+def test_a_study_whose_every_completed_trial_blew_up_selects_nothing(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    # Adam at lr 1e6 completes with a finite cross-entropy near 1e12: it was selected and
+    # its retrain scored the test split.
+    training = {"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 1.0e6}
+    spec = spec_file(search=None, training=training, budget={"n_trials": 1})
+    result = invoke("study", "run", str(spec), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "1 trials finished (1 complete, 0 pruned, 0 failed)" in result.stdout
+    assert "Every completed trial diverged (regime), so nothing was selected" in result.stdout
+    assert "Held-out test" not in result.stdout
+
+
 @pytest.mark.slow
 def test_study_run_end_to_end_then_resume_list_show_and_report(
     workdir: Path, spec_file: Callable[..., Path]

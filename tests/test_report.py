@@ -275,6 +275,14 @@ def test_a_report_of_failed_and_running_trials_without_a_pruned_one(tmp_path: Pa
     assert "3 trials: 1 complete, 0 pruned, 1 failed, 1 running." in html
 
 
+def test_a_study_whose_completed_trials_all_diverged_selects_none(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="blown", storage=f"sqlite:///{tmp_path}/s.db", direction="maximize")
+    study.set_user_attr("spec_full", json.dumps({"name": "blown", "cv": {"folds": 2}}))
+    study.add_trial(optuna.trial.create_trial(value=0.1, user_attrs={"regime": "diverged", "fold_epochs": 4}))
+    html = build_report(study, output_dir=tmp_path / "out").read_text(encoding="utf-8")
+    assert "Every completed trial diverged (regime), so nothing was selected and the test split was not scored." in html
+
+
 def test_the_report_hides_the_storage_password(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="pw", storage=f"sqlite:///{tmp_path}/s.db")
     study.set_user_attr("spec_full", json.dumps({"name": "pw", "storage": "postgresql://u:secret@db.example/optuna"}))

@@ -95,6 +95,30 @@ def test_a_resumed_run_stores_its_budget_and_description(fast_tmp: Path) -> None
     assert (stored["budget"]["n_trials"], stored["description"]) == (2, "the second run's words")
 
 
+def test_selection_leaves_out_trials_whose_training_diverged() -> None:
+    # A finite blow-up completes with a number at chance: a study of only such trials
+    # selected one and scored the test split with it (test loss 1.5e6).
+    def trial(values: list[float], regime: str) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(values=values, user_attrs={"regime": regime})
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial([0.30], "diverged"))
+    study.add_trial(trial([0.20], "underfit"))
+    chosen = best_trial(study)
+    assert chosen is not None and chosen.number == 1
+    only_diverged = optuna.create_study(direction="maximize")
+    only_diverged.add_trial(trial([0.30], "diverged"))
+    assert best_trial(only_diverged) is None
+    # Several objectives: the Pareto front of the trials left (trial 0 dominated both).
+    pareto = optuna.create_study(directions=["maximize", "minimize"])
+    pareto.add_trial(trial([0.9, 10.0], "diverged"))
+    pareto.add_trial(trial([0.8, 50.0], "good"))
+    pareto.add_trial(trial([0.7, 20.0], "good"))
+    pareto.add_trial(trial([0.6, 60.0], "good"))  # dominated by trial 1
+    chosen = best_trial(pareto)
+    assert chosen is not None and chosen.number == 1
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_left_running_by_a_killed_process_is_failed_by_a_later_run_at_its_budget(fast_tmp: Path) -> None:
     # Optuna fails stale trials only when a trial starts: a study at its budget, which
