@@ -9,7 +9,7 @@ times, each with its own seed, three ways:
 - ``pytorch``: the D2L loop on tensors in memory (``nn.Sequential``, ``torch.optim.SGD``,
   a fresh ``randperm`` per epoch, batches sliced from it). It is the benchmark's D2L loop
   without its ``DataLoader``: same pixels (uint8 / 255), same model, same updates;
-- ``sequential`` and ``stacked``: ``modelsel.training.train_models`` with that engine, the
+- ``sequential`` and ``stacked``: ``modelsel.engines.train_models`` with that engine, the
   fold given once per seed (each member gets its own initialisation and shuffles).
 
 It prints, per way, the validation accuracy after each epoch as mean ± standard error over
@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # the benchmark's data loading, folds and MLP
 
+from modelsel.engines import train_models
 from modelsel.spec import ModelSpec, TrainingSpec
-from modelsel.training import FoldData, train_models
+from modelsel.training import FoldData
 
 WAYS = ("pytorch", "sequential", "stacked")
 

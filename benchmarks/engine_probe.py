@@ -4,7 +4,7 @@ Times ``train_models`` engines side by side in one process, interleaved and repe
 and prints medians, so ratios stay meaningful on a shared machine::
 
     python benchmarks/engine_probe.py [--case NAME ...] [--repeats 5] [--threads 1]
-        [--baseline PATH_TO_OLD_training.py] [--device cuda] [--json] [--profile]
+        [--baseline PATH_TO_OLD_engines.py] [--device cuda] [--json] [--profile]
         [--members 40] [--engines sequential,stacked,stacked+bf16,stacked+tf32]
 
 Each case trains k fold models for a few epochs; the figure is training samples per
@@ -40,8 +40,9 @@ from baselines import data_root
 
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
+from modelsel.engines import train_models
 from modelsel.spec import CVSpec, DigitsSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
-from modelsel.training import FoldData, train_models
+from modelsel.training import FoldData
 
 
 @dataclass
@@ -217,7 +218,9 @@ def main() -> None:
     parser.add_argument("--synthetic", action="append", default=[], help="NxD:width:depth:batch:optimizer")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--baseline", default=None, help="an older training.py to time side by side")
+    parser.add_argument(
+        "--baseline", default=None, help="an older engines.py (training.py before it) to time beside"
+    )
     parser.add_argument("--engines", default="sequential,stacked")
     parser.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the folds and models live there)")

@@ -57,8 +57,9 @@ from baselines import PLAIN_LOOP, data_root, flops_per_sample, gemm_step_seconds
 
 from modelsel.cv import fold_indices, make_fold_data
 from modelsel.data import load_dataset
+from modelsel.engines import train_models
 from modelsel.spec import CVSpec, FashionMNISTSpec, ModelSpec, TrainingSpec
-from modelsel.training import FoldData, torch_threads, train_models
+from modelsel.training import FoldData, torch_threads
 
 #: ``--engine`` of a child that times the GEMMs of a step instead of training (the limit).
 GEMM_CHILD = "gemm"

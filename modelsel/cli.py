@@ -161,8 +161,9 @@ def run_command(
     Re-running the same command resumes the study: finished trials count towards the
     budget, and a finished study trains nothing and prints its summary again.
     """
+    from modelsel.signals import quiet_interrupted_trial_logs
     from modelsel.spec import builtin_spec_path, fold_epochs_shortfall, load_spec
-    from modelsel.study import quiet_interrupted_trial_logs, run_study
+    from modelsel.study import run_study
 
     if timeout is not None and not math.isfinite(timeout):  # click's range lets nan and inf through
         raise UserError(f"--timeout must be a finite number of seconds, got {timeout}; e.g. --timeout 600")
@@ -205,8 +206,8 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
         click.echo(f"Trained {outcome.fold_epochs} fold-epochs{cap} (epochs x folds, summed over trials).")
     if outcome.best_trial_number is None and outcome.n_complete:
         click.echo(
-            "Every completed trial diverged (regime), so nothing was selected: lower the learning rate, "
-            "or clip gradients, and run again."
+            "Every completed trial blew up in training (regime diverged), so nothing was selected: lower the "
+            "learning rate, or clip gradients, and run again."
         )
     elif outcome.best_trial_number is None:
         click.echo("No trial completed, so nothing was selected.")
@@ -327,7 +328,7 @@ def show_command(name: str, storage: str | None, output_dir: Path) -> None:
         maps = _stored_maps(name, storage, output_dir)  # the maps of a multi-grid sweep
         if maps is None:
             raise
-        from modelsel.sweeps import combine_map_outcomes
+        from modelsel.study import combine_map_outcomes
 
         url, _, studies = maps
         outcome = combine_map_outcomes(name, [summarize(study, url) for study in studies])
@@ -358,7 +359,7 @@ def build_command(name: str, storage: str | None, output_dir: Path) -> None:
         maps = _stored_maps(name, storage, output_dir)  # the combined report of a multi-grid sweep
         if maps is None:
             raise
-        from modelsel.sweeps import build_maps_report
+        from modelsel.report import build_maps_report
 
         check_output_folder(output_dir / name)
         _, spec, studies = maps

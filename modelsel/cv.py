@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from sklearn.model_selection import BaseCrossValidator, KFold, StratifiedKFold
 
+from modelsel.engines import train_models
 from modelsel.errors import DataError
 from modelsel.spec import CVSpec, StudySpec
-from modelsel.training import Callback, FoldData, History, TrainedMember, TrainSource, evaluate, train_models
+from modelsel.training import Callback, FoldData, History, TrainedMember, TrainSource, evaluate
 
 if TYPE_CHECKING:
     from modelsel.data import Dataset

@@ -30,6 +30,7 @@ from modelsel.cv import (
 from modelsel.diagnostics import GradientStats, mean_weight_stats
 from modelsel.models import mlp_param_count
 from modelsel.regimes import baseline_error, classify, numbers_from_attrs
+from modelsel.results import best_trial
 from modelsel.spec import (
     SWEEP_SEED_PARAM,
     CategoricalDistribution,
@@ -245,7 +246,9 @@ class FoldPairedPruner(optuna.pruners.BasePruner):
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if len(complete) < self.n_startup_trials:
             return False
-        best = study.best_trial
+        best = best_trial(study)  # the selection's: not a trial whose training blew up
+        if best is None:
+            return False
         best_curves = (best.user_attrs.get("fold_curves") or {}).get(current["curve"])
         values = current["values"]
         if not best_curves or len(best_curves) != len(values) or not all(best_curves):
@@ -696,3 +699,30 @@ def trial_record(result: CVResult, gradient_stats: GradientStats) -> dict[str, A
     record["grad_norms"] = gradient_stats.fold_mean()
     record["weight_stats"] = mean_weight_stats([m.model for m in result.members])
     return rounded(record)
+
+
+def load_dataset_for(spec: StudySpec) -> Any:
+    from modelsel.data import load_dataset
+
+    return load_dataset(spec.dataset, seed=spec.seed)
+
+
+def study_objective(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    device: torch.device,
+    budget_left: Callable[[optuna.Study], int] | None = None,
+    on_companion_told: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> StudyObjective:
+    """The Optuna objective of ``spec`` for ``study`` (its task read from the study, else the data);
+    ``budget_left`` and ``on_companion_told`` as in :class:`~modelsel.objective.StudyObjective`."""
+    task = study.user_attrs.get("task") or load_dataset_for(spec).task
+    return StudyObjective(
+        spec,
+        load_dataset=load_dataset_for,
+        objectives=spec.resolved_objectives(task),
+        device=device,
+        budget_left=budget_left,
+        on_companion_told=on_companion_told,
+    )

@@ -43,7 +43,7 @@ Storage
 
 Samplers
     Each worker seeds its sampler differently (``seed + 7919 * worker``, plus the
-    resumed study's offset of :func:`modelsel.study.resume_seed_offset`), or they would
+    resumed study's offset of :func:`modelsel.search.resume_seed_offset`), or they would
     draw the same first configurations; TPE runs with ``constant_liar`` (unless the spec
     sets it) so concurrent workers do not all sample next to the same running trial.
 
@@ -103,7 +103,7 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from modelsel.report import ReportDraft
-    from modelsel.study import EarlyRefit
+    from modelsel.training import TrainedMember
 
 _SEED_STRIDE = 7919
 _POLL_S = 0.25
@@ -115,9 +115,9 @@ class WorkerError(RunError):
 
 def worker_sampler(spec: StudySpec, worker: int, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """The sampler of worker ``worker``: seeded apart from the others (and from earlier runs
-    of the study by ``seed_offset``, see :func:`modelsel.study.resume_seed_offset`); TPE
+    of the study by ``seed_offset``, see :func:`modelsel.search.resume_seed_offset`); TPE
     with constant liar."""
-    from modelsel.study import make_sampler
+    from modelsel.search import make_sampler
 
     if spec.sweep is not None or spec.sampler.name == "grid":
         # Every worker must see the same grid order: GridSampler's seed permutes the cells
@@ -229,7 +229,7 @@ class WorkerOrders:
     threads: int
     #: Whether the run builds a report (a worker may then draft it, see :func:`after_search_work`).
     report: bool = False
-    #: Added to each worker's sampler seed (:func:`modelsel.study.resume_seed_offset`).
+    #: Added to each worker's sampler seed (:func:`modelsel.search.resume_seed_offset`).
     sampler_seed_offset: int = 0
 
 
@@ -304,8 +304,9 @@ def trial_loop(
     ``worker`` is this process's index, under which it notes the trial it trains (for
     failing the trial of a worker that is killed: :func:`_fail_trials_of_stopped_workers`).
     """
+    from modelsel.objective import study_objective
+    from modelsel.results import FINISHED_STATES, trials_within_fold_epochs
     from modelsel.storage import unfinished_trials_failed
-    from modelsel.study import FINISHED_STATES, study_objective, trials_within_fold_epochs
 
     # Workers claim budget slots one trial at a time, so each trains its trials alone:
     # training.stack_trials (a run-only setting) applies to one process.
@@ -367,8 +368,6 @@ def refit_while_others_search(
     dropped, and the retrain after the search meets it again and reports it.
     ``caller``: this is the calling process (the others then know it is busy).
     """
-    from modelsel.study import refit_best_so_far
-
     if shared.stop.is_set() or int(shared.searching.value) == 0 or not shared.claim_early_refit():
         return None
     shared.caller_refitting.value = int(caller)
@@ -438,8 +437,9 @@ def _work(index: int, spec_json: str, shared: _Shared, storage_url: str | None) 
     import torch
 
     import modelsel.objective  # noqa: F401  (the heavy imports, done before the orders come)
+    from modelsel.search import make_pruner
+    from modelsel.signals import quiet_interrupted_trial_logs
     from modelsel.storage import open_storage
-    from modelsel.study import make_pruner, quiet_interrupted_trial_logs
 
     spec = parse_spec(json.loads(spec_json))
     _prepare_before_orders(spec, storage_url)
@@ -529,7 +529,8 @@ def run_parallel(
     report's draft (see :func:`after_search_work`) are left in ``pool.early_refit`` and
     ``pool.report_draft``.
     """
-    from modelsel.study import FINISHED_STATES, _best_value_text, resume_seed_offset
+    from modelsel.results import FINISHED_STATES, best_value_text
+    from modelsel.search import resume_seed_offset
     from modelsel.training import torch_threads
 
     processes, shared = pool.processes, pool.shared
@@ -550,7 +551,7 @@ def run_parallel(
     sampler = study.sampler
 
     def show_best(study: optuna.Study, trial: FrozenTrial) -> None:
-        bar.set_postfix_str(_best_value_text(study), refresh=False)
+        bar.set_postfix_str(best_value_text(study), refresh=False)
 
     try:
         study.sampler = worker_sampler(spec, 0, seed_offset=seed_offset)
@@ -709,3 +710,40 @@ def _terminate(processes: list[Any], grace_s: float = 10.0) -> None:
         if process.is_alive():
             process.kill()
             process.join()
+
+
+@dataclass
+class EarlyRefit:
+    """The best trial so far, retrained on the whole training split before the search ended.
+
+    With ``--workers N`` the first worker left without a trial to claim retrains the
+    best trial so far while the others finish theirs (:mod:`modelsel.parallel`). The
+    test split is not touched then: :func:`modelsel.study.select_and_test` scores the model only if
+    the final selection is the same trial with the same epochs, and otherwise retrains.
+    """
+
+    trial_number: int
+    params: dict[str, Any]
+    epochs: int
+    member: TrainedMember
+
+    def fits(self, trial: FrozenTrial, epochs: int) -> bool:
+        """Whether this is the retrain that ``trial`` (selected, ``epochs`` to train) needs."""
+        return (self.trial_number, self.params, self.epochs) == (trial.number, trial.params, epochs)
+
+
+def refit_best_so_far(study: optuna.Study, spec: StudySpec, *, device: torch.device) -> EarlyRefit | None:
+    """Retrain the study's best trial so far on the whole training split (no test score).
+
+    None when there is no complete trial yet, or the best one is already tested.
+    """
+    from modelsel.cv import fit_final
+    from modelsel.objective import load_dataset_for
+    from modelsel.results import pending_retrain
+
+    pending = pending_retrain(study, spec)
+    if pending is None:
+        return None
+    selected, trial_spec, epochs = pending
+    member = fit_final(trial_spec, load_dataset_for(trial_spec), epochs=epochs, device=device)
+    return EarlyRefit(selected.number, dict(selected.params), epochs, member)

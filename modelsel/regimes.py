@@ -41,6 +41,30 @@ REGIMES = ("underfit", "good", "overfit", "diverged")
 #: constant, not a ``regimes`` field: a new field would change every stored spec.
 BLOWUP_CROSS_ENTROPY = 1e3
 
+#: A training loss that ended this many times above its first epoch's blew up (the
+#: ``diverge_ratio`` rule also labels a loss that rose a little diverged, e.g. by dropout's
+#: noise at a learning rate too small to learn; :func:`blew_up` tells the two apart).
+BLOWUP_RATIO = 10.0
+
+
+def blew_up(regime: str | None, evidence: Mapping[str, Any] | None) -> bool:
+    """Whether a trial labelled ``regime`` (with the ``regime_evidence`` :func:`classify`
+    stored) blew up in training: diverged with a non-finite loss (pruned, or no loss curve
+    in its evidence), a cross-entropy above :data:`BLOWUP_CROSS_ENTROPY`, or a training
+    loss that ended :data:`BLOWUP_RATIO` times above its first epoch's. Such a trial is
+    not selected, and its gradient flow reads exploding; a loss that merely rose is not."""
+    if regime != "diverged":
+        return False
+    evidence = evidence or {}
+    first, last = _number(evidence.get("train_loss_first")), _number(evidence.get("train_loss_last"))
+    peak = _number(evidence.get("train_loss_peak"))
+    if peak is not None and peak > BLOWUP_CROSS_ENTROPY:
+        return True
+    if first is None or last is None:  # a non-finite loss (pruned, or its numbers not finite)
+        return True
+    return first > 0 and last >= BLOWUP_RATIO * first
+
+
 #: How a larger value of a model/training field changes capacity: +1 more, -1 less.
 CAPACITY_DIRECTION: dict[str, int] = {
     "width": 1,
@@ -203,6 +227,12 @@ def classify(numbers: TrialNumbers, *, thresholds: RegimeSpec | None = None) -> 
     if not _finite(values):
         return Verdict("diverged", "a loss or error is not finite", evidence)
     train_curve = list(numbers.train_loss_curve)
+    if numbers.final_epoch is not None:  # early stopping kept this epoch's weights: judge those
+        train_curve = train_curve[: numbers.final_epoch + 1]
+    peak = max(train_curve, default=0.0)
+    blew = numbers.classification and peak > BLOWUP_CROSS_ENTROPY
+    if blew:  # recorded before the rules below, so that blew_up() sees it whichever labels it
+        evidence.update(train_loss_peak=peak, train_loss_peak_epoch=train_curve.index(peak) + 1)
     if len(train_curve) >= 2:
         first, last = train_curve[0], train_curve[-1]
         evidence.update(train_loss_first=first, train_loss_last=last)
@@ -213,10 +243,8 @@ def classify(numbers: TrialNumbers, *, thresholds: RegimeSpec | None = None) -> 
                 evidence,
             )
     baseline = numbers.baseline_error
-    peak = max(train_curve, default=0.0)
-    if numbers.classification and peak > BLOWUP_CROSS_ENTROPY:
+    if blew:
         peak_epoch = train_curve.index(peak) + 1
-        evidence.update(train_loss_peak=peak, train_loss_peak_epoch=peak_epoch)
         blown = (
             f"training cross-entropy reached {peak:.4g} in epoch {peak_epoch}, above {BLOWUP_CROSS_ENTROPY:g} "
             "(a trivial classifier's is at most ln(classes)): it blew up"
@@ -444,7 +472,7 @@ GRADIENT_FLOW_RATIO = 1e3
 
 
 def gradient_flow(
-    grad_norms: Mapping[str, Sequence[float | str]], *, ratio: float = GRADIENT_FLOW_RATIO, diverged: bool = False
+    grad_norms: Mapping[str, Sequence[float | str]], *, ratio: float = GRADIENT_FLOW_RATIO, exploded: bool = False
 ) -> tuple[str, float] | None:
     """Label how a trial's gradient reached its first layer, from its stored gradient norms.
 
@@ -456,15 +484,15 @@ def gradient_flow(
     ratio
         The factor between the first and the output layer's norms (first epoch) beyond
         which the gradient counts as vanishing or exploding.
-    diverged
-        The trial's training diverged (its ``regime``): its updates blew up, which the
+    exploded
+        The trial's training blew up (:func:`blew_up`): its updates exploded, which the
         first batch, measured before any update, cannot show.
 
     Returns
     -------
     tuple of (str, float), or None
         ``("vanishing" | "healthy" | "exploding", first / output)`` at the first batch;
-        ``exploding`` whatever the ratio when the trial diverged, and with an infinite
+        ``exploding`` whatever the ratio when the training blew up, and with an infinite
         ratio when a stored norm (any epoch) is not finite; None for a model without
         hidden layers, or with no gradient at the output layer.
     """
@@ -475,9 +503,9 @@ def gradient_flow(
         return "exploding", math.inf
     first, last = float(first_layer[0]), float(output[0])
     if last == 0.0:
-        return ("exploding", math.inf) if diverged else None
+        return ("exploding", math.inf) if exploded else None
     flow = first / last
-    if diverged:
+    if exploded:
         return "exploding", flow
     if flow < 1.0 / ratio:
         return "vanishing", flow

@@ -6,14 +6,13 @@ else, so ``modelsel report build NAME`` reproduces the report from the database.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
+import json
 import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,23 @@ import pandas as pd
 import seaborn as sns
 from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.ticker import MaxNLocator
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from modelsel import __version__
-from modelsel.regimes import GRADIENT_FLOW_RATIO, gradient_flow
+from modelsel.figures import Figure, Section, figure_to_base64, format_table, plot_training_curves
+from modelsel.regimes import BLOWUP_RATIO, GRADIENT_FLOW_RATIO, blew_up, gradient_flow
+from modelsel.results import (
+    best_trial,
+    cell_score,
+    cell_trials,
+    selected_params,
+    stored_fold_epochs,
+    stored_folds,
+    stored_spec,
+    trial_fold_epochs,
+)
+from modelsel.spec import StudySpec
+from modelsel.sweeps import sweep_report_parts, sweep_sections
 
 _SUMMARY_ATTRS = (
     "val_metric_mean",
@@ -51,30 +63,8 @@ _SUMMARY_ATTRS = (
 _COUNT_ATTRS = ("n_params", "n_train", "fold_epochs", "pruned_at_epoch")
 
 
-@dataclass
-class Figure:
-    """One embedded plot of the report."""
-
-    title: str
-    png_base64: str
-    caption: str = ""
-
-
-@dataclass
-class Section:
-    """A titled part of the report: prose, tables (HTML from pandas) and figures."""
-
-    title: str
-    paragraphs: list[str] = field(default_factory=list)
-    tables: list[str] = field(default_factory=list)
-    figures: list[Figure] = field(default_factory=list)
-    #: Long tables (e.g. one row per trial) scroll inside a box.
-    scroll_tables: bool = False
-
-
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, parameters, objective values, fold mean/std, timings."""
-    from modelsel.study import stored_folds, stored_spec, trial_fold_epochs
 
     objectives = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
     folds = stored_folds(stored_spec(study))
@@ -93,7 +83,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row["fold_epochs"] = trial_fold_epochs(trial, folds)
             row["fail_reason"] = row["fail_reason"] or "stopped before it finished (interrupted, or its process ended)"
         flow = gradient_flow(
-            trial.user_attrs.get("grad_norms") or {}, diverged=trial.user_attrs.get("regime") == "diverged"
+            trial.user_attrs.get("grad_norms") or {},
+            exploded=blew_up(trial.user_attrs.get("regime"), trial.user_attrs.get("regime_evidence")),
         )
         row["gradient_flow"], row["grad_ratio"] = flow if flow is not None else (None, None)
         row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None
@@ -110,22 +101,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return frame
 
 
-def figure_to_base64(fig: plt.Figure) -> str:
-    """Render a matplotlib figure as a base64 PNG and close it."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def warm_up() -> None:
     """Load what :func:`build_report` would load on first use: Optuna's importance
-    evaluator (scikit-learn's trees), the sweep sections, and matplotlib's fonts and PNG
+    evaluator (scikit-learn's trees) and matplotlib's fonts and PNG
     writer (one tiny figure is rendered and dropped). A process with a spare core calls
     it ahead of time (``--workers``, while the last trials finish); about 1 s."""
     import optuna.importance  # noqa: F401
-
-    import modelsel.sweeps  # noqa: F401
 
     fig, ax = plt.subplots(figsize=(1, 1))
     ax.set_title("warm-up")
@@ -196,47 +177,8 @@ def plot_importance(study: optuna.Study) -> Figure | None:
     return Figure("Parameter importance", figure_to_base64(fig))
 
 
-def plot_training_curves(trial: FrozenTrial, *, title: str | None = None) -> Figure | None:
-    """Train/validation loss per epoch of one trial: fold mean with a min–max band."""
-    fold_curves = trial.user_attrs.get("fold_curves")
-    if not fold_curves:
-        return None
-    rows = []
-    for split in ("train", "val"):
-        for fold, curve in enumerate(fold_curves.get(f"{split}_loss", [])):
-            rows += [
-                {"epoch": epoch + 1, "loss": v, "split": split, "fold": fold}
-                for epoch, v in enumerate(curve)
-                if isinstance(v, (int, float))
-            ]
-    if not rows:
-        return None
-    data = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    sns.lineplot(data=data, x="epoch", y="loss", hue="split", errorbar=("pi", 100), ax=ax)
-    ax.set_yscale("log" if data["loss"].min() > 0 else "linear")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    sns.despine(fig)
-    return Figure(
-        title or f"Training curves of trial {trial.number}",
-        figure_to_base64(fig),
-        "Fold mean; the band spans the folds (min to max). Train loss is the running mean over batches.",
-    )
-
-
-def _format_table(frame: pd.DataFrame) -> str:
-    # na_rep covers NaN; a column of Nones (object dtype) would print "None".
-    frame = frame.copy()
-    for column in frame.columns:
-        if frame[column].dtype == "object":
-            frame[column] = frame[column].map(lambda v: "" if v is None else v)
-    return frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, classes="data")
-
-
 def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     """Counts, the selected trial, its CV score and the held-out test score."""
-    from modelsel.study import best_trial, cell_score, cell_trials, selected_params, stored_fold_epochs
-
     section = Section("Summary")
     objectives = study.user_attrs.get("objectives") or ["value"]
     counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
@@ -250,8 +192,9 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
         # str dtype and sums to "".
         diverged = sum(isinstance(r, str) and r.startswith("diverged") for r in reasons)
     of_them = f" ({diverged} of them diverged)" if diverged else ""
-    # Training now, or left so by a process that was killed (a later run marks it failed).
-    running = f", {counts['running']} running" if counts.get("running") else ""
+    # Running: training now, or left so by a killed process (a later run marks it failed);
+    # waiting: a grid cell queued again that a run has not taken yet.
+    running = "".join(f", {counts[state]} {state}" for state in ("running", "waiting") if counts.get(state))
     section.paragraphs.append(
         f"{len(frame)} trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned{of_them}, "
         f"{counts.get('fail', 0)} failed{running}.{compute} Objective{'s' if len(objectives) > 1 else ''}: "
@@ -260,7 +203,8 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     )
     selected = best_trial(study)
     if selected is None:
-        why = "Every completed trial diverged (regime)" if counts.get("complete") else "No trial completed"
+        blown = "Every completed trial blew up in training (regime diverged)"
+        why = blown if counts.get("complete") else "No trial completed"
         section.paragraphs.append(f"{why}, so nothing was selected and the test split was not scored.")
         return section
     attrs = selected.user_attrs
@@ -293,7 +237,7 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     if test and test.get("trial_number") == selected.number and test.get("earlier_trials"):
         earlier = ", ".join(str(n) for n in test["earlier_trials"])
         rows.append(("test split also scored for", f"trials {earlier} (selected by earlier runs)"))
-    section.tables.append(_format_table(pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})))
+    section.tables.append(format_table(pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})))
     return section
 
 
@@ -326,8 +270,6 @@ class ReportDraft:
 
 def draft_report(study: optuna.Study) -> ReportDraft:
     """Every part of a study's report but the summary (see :class:`ReportDraft`)."""
-    from modelsel.study import best_trial
-    from modelsel.sweeps import sweep_report_parts
 
     frame = trials_frame(study)
     sections, files = sweep_report_parts(study)
@@ -347,7 +289,7 @@ def draft_report(study: optuna.Study) -> ReportDraft:
     if flow is not None:
         sections.append(flow)
     table = Section("Trials", paragraphs=["Also written as trials.csv next to this report."], scroll_tables=True)
-    table.tables.append(_format_table(frame))
+    table.tables.append(format_table(frame))
     sections.append(table)
     return ReportDraft(frame, sections, files)
 
@@ -365,9 +307,10 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
         f"At the first batch of the first epoch (fold mean), before any update, a first layer whose weight "
         f"gradient is more than {ratio}× smaller than the output layer's is labelled vanishing (it barely learns: "
         f"deep sigmoid or tanh nets, small initial weights), more than {ratio}× larger exploding: how the "
-        f"gradient flows through the initialized net. A trial whose training diverged (regime diverged: a NaN or "
-        f"inf loss, or a blow-up it did not recover from) is labelled exploding whatever that ratio: its updates "
-        f"blew up (a learning rate too large; clipping or a smaller rate tames it). Of {len(labelled)} trials: "
+        f"gradient flows through the initialized net. A trial whose training blew up (a NaN or inf loss, a "
+        f"cross-entropy above 1000 it did not recover from, or a training loss that ended {BLOWUP_RATIO:g}× above "
+        f"its first epoch's) is labelled exploding whatever that ratio: its updates exploded (a learning rate too "
+        f"large; clipping or a smaller rate tames it). Of {len(labelled)} trials: "
         + ", ".join(f"{int(counts.get(label, 0))} {label}" for label in ("vanishing", "healthy", "exploding"))
         + ". trials.csv has each trial's label (gradient_flow) and first/output ratio (grad_ratio)."
     )
@@ -420,7 +363,6 @@ def build_report(study: optuna.Study, *, output_dir: str | Path, draft: ReportDr
     Path
         The HTML report.
     """
-    from modelsel.study import stored_spec
 
     if draft is None:
         draft = draft_report(study)
@@ -467,3 +409,44 @@ def spec_yaml_text(spec: dict[str, Any]) -> str:
     if isinstance(spec.get("storage"), str):
         spec = {**spec, "storage": redact(spec["storage"])}
     return yaml.safe_dump(spec, sort_keys=False)
+
+
+def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, output_dir: str | Path) -> Path:
+    """One HTML report with the findings and plots of every grid of a multi-grid sweep."""
+    import time
+
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from modelsel import __version__
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections: list[Section] = [
+        Section(
+            "Maps",
+            paragraphs=[
+                f"This sweep lists {len(studies)} grids; each ran as its own study in the same storage: "
+                + ", ".join(s.study_name for s in studies)
+                + ". Each study's own report (with sweep.csv) is in the folder of that name."
+            ],
+        )
+    ]
+    for study in studies:
+        summary = summary_section(study, trials_frame(study))
+        summary.title = f"{study.study_name}: summary"
+        sections.append(summary)
+        for section in sweep_sections(study):
+            section.title = f"{study.study_name}: {section.title.lower()}"
+            sections.append(section)
+    environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
+    html = environment.get_template("report.html").render(
+        study_name=spec.name,
+        description=spec.description,
+        sections=sections,
+        spec_yaml=spec_yaml_text(json.loads(spec.to_json())),
+        generated=time.strftime("%Y-%m-%d %H:%M"),
+        version=__version__,
+        devices=trained_on(studies),
+    )
+    path = out / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return path

@@ -10,7 +10,9 @@ in ..."), so a signal that lands there would be lost and the run would go on;
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -63,3 +65,61 @@ def interrupt_on(signum: int) -> Iterator[threading.Event]:
             again.cancel()  # the block is over: nothing left to interrupt
         sys.unraisablehook = previous_hook
         signal.signal(signum, previous_handler)
+
+
+class _InterruptedTrialLog(logging.Filter):
+    """Turns Optuna's log of a trial that Ctrl-C stopped into one line.
+
+    Optuna logs such a trial as a failure with the KeyboardInterrupt's whole traceback
+    (from deep inside the training loop), then "Trial N failed with value None."; a
+    user who pressed Ctrl-C needs neither. Other failures are left as they are.
+    """
+
+    _FAILED = re.compile(r"Trial (\d+) failed with ")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        match = self._FAILED.match(message)
+        if match is None:
+            return True
+        number = match.group(1)
+        if _logs_an_interrupt(record):
+            self.interrupted.add(number)
+            record.msg, record.args = f"Trial {number} stopped by Ctrl-C or SIGTERM.", ()
+            record.exc_info, record.exc_text = None, None
+            return True
+        return not (number in self.interrupted and message.endswith("failed with value None."))
+
+
+class _InterruptedPoolLog(logging.Filter):
+    """Drops SQLAlchemy's "Exception during reset or similar" when the exception is the
+    interrupt itself: Ctrl-C landed while a connection went back to its pool. SQLAlchemy
+    logs it with a traceback, then lets it propagate; the user pressed Ctrl-C."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _logs_an_interrupt(record)
+
+
+def _logs_an_interrupt(record: logging.LogRecord) -> bool:
+    """Whether the record carries a KeyboardInterrupt's traceback."""
+    exc_type = record.exc_info[0] if record.exc_info else None
+    return exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+
+
+#: The loggers of the connection pools of the storages' engines (SQLite files and servers).
+_POOL_LOGGERS = ("sqlalchemy.pool.impl.QueuePool", "sqlalchemy.pool.impl.NullPool")
+
+
+def quiet_interrupted_trial_logs() -> None:
+    """Log a trial stopped by Ctrl-C as one line, without its traceback, and drop the
+    traceback SQLAlchemy logs when Ctrl-C lands in its connection pool (idempotent)."""
+    filters: list[tuple[str, type[logging.Filter]]] = [("optuna.study._optimize", _InterruptedTrialLog)]
+    filters += [(name, _InterruptedPoolLog) for name in _POOL_LOGGERS]
+    for name, kind in filters:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())

@@ -14,7 +14,7 @@ separate initial weights (built exactly as the one-model path builds them), shuf
 state, weight decay, L1, gradient clipping (the norm is taken per member), early
 stopping and divergence detection.
 
-Semantics match :func:`modelsel.training.train_models` with ``engine: sequential``:
+Semantics match :func:`modelsel.engines.train_models` with ``engine: sequential``:
 
 - the same initial weights and the same batches in the same order, so without dropout
   the results agree to float rounding (``tests/test_stacked.py`` checks every feature);
@@ -305,7 +305,7 @@ class StackJob:
     """One member of a stack: its data, configuration and identity.
 
     ``seed`` and ``index`` give the member the initial weights and shuffles that
-    :func:`~modelsel.training.train_models` gives its member ``index`` under ``seed``.
+    :func:`~modelsel.engines.train_models` gives its member ``index`` under ``seed``.
     """
 
     data: FoldData
@@ -1163,7 +1163,7 @@ def train_stacked(
         Members may differ in learning rate, momentum, weight decay, L1, dropout, init,
         clipping, early stopping, epochs and seed (e.g. the trials of a sweep).
     task, n_outputs
-        As in :func:`~modelsel.training.train_models`.
+        As in :func:`~modelsel.engines.train_models`.
     callbacks
         ``on_epoch_end`` receives every member's history, in job order.
     device

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -56,7 +57,8 @@ def check_output_folder(folder: str | Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        reason = error.strerror or type(error).__name__
+        # /proc answers "No such file or directory" for a folder that is there.
+        reason = "it takes no new files" if error.errno == errno.ENOENT else error.strerror or type(error).__name__
         raise UserError(
             f"report folder {path}: cannot write in {existing} ({reason}); pass --output DIR with a writable folder"
         ) from None

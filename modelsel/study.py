@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import re
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,13 +23,24 @@ from optuna.trial import FrozenTrial, TrialState
 
 from modelsel import __version__
 from modelsel.errors import SpecError, UserError
+from modelsel.results import (
+    FINISHED_STATES,
+    best_value_text,
+    cell_score,
+    cell_trials,
+    finished_count,
+    pending_retrain,
+    selected_params,
+    selection_and_value,
+    stored_fold_epochs,
+    trials_within_fold_epochs,
+)
+from modelsel.search import check_sampler_and_pruner, make_pruner, make_sampler, resume_seed_offset
 from modelsel.spec import (
     OBJECTIVE_DIRECTIONS,
-    SWEEP_SEED_PARAM,
     StudySpec,
     params_key,
     resolve_field,
-    trial_fold_epochs_cap,
     with_params,
 )
 from modelsel.storage import (
@@ -48,15 +56,13 @@ from modelsel.storage import (
 if TYPE_CHECKING:
     import torch
 
-    from modelsel.objective import StudyObjective
-    from modelsel.parallel import WorkerPool
+    from modelsel.parallel import EarlyRefit, WorkerPool
     from modelsel.report import ReportDraft
-    from modelsel.training import TrainedMember
 
 # torch, scikit-learn and the training stack load on first use (inside the functions that
 # train or split), so that reading a stored study (`study show`, `report build`) stays quick.
 
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
 # Spec sections that may change between runs of one study without changing what it measures.
 _RUN_ONLY_KEYS = ("budget", "storage", "description")
 # Training keys that say where and how a study runs, not what it measures (they may differ on resume;
@@ -87,7 +93,7 @@ class StudyOutcome:
     metric_name: str = "accuracy"
     test: dict[str, Any] | None = None
     report_path: Path | None = None
-    #: Fold-epochs the trials trained (epochs × folds, summed; :func:`trial_fold_epochs`).
+    #: Fold-epochs the trials trained (epochs × folds, summed; :func:`~modelsel.results.trial_fold_epochs`).
     fold_epochs: int = 0
     #: ``budget.fold_epochs`` of the spec the study's latest run stored (None: none).
     fold_epochs_budget: int | None = None
@@ -98,160 +104,6 @@ class StudyOutcome:
     @property
     def dashboard_command(self) -> str:
         return f"optuna-dashboard {display_url(self.storage_url)}"
-
-
-#: A resumed study's sampler is seeded ``seed + stride * (trials already stored)``: seeded
-#: as in its first run, a random or TPE sampler would draw that run's configurations again.
-_RESUME_SEED_STRIDE = 104_729
-
-
-def resume_seed_offset(stored_trials: int) -> int:
-    """What a run adds to the spec's seed for its sampler, given how many trials the study
-    already stores: 0 for a new study, else a step per trial, so that each resume draws
-    configurations of its own (and the same ones again for the same stored trials)."""
-    return _RESUME_SEED_STRIDE * stored_trials
-
-
-def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler a spec names, seeded with the spec's seed plus ``seed_offset`` (see
-    :func:`resume_seed_offset`; a grid ignores it: its cells keep their order, and the
-    sampler skips the visited ones).
-
-    Raises
-    ------
-    SpecError
-        When ``sampler.options`` are not accepted by the sampler.
-    """
-    samplers = optuna.samplers
-    options = dict(spec.sampler.options)
-    name = "grid" if spec.sweep is not None else spec.sampler.name
-    if "seed" in options:
-        raise SpecError("sampler.options.seed: the sampler is seeded from the spec's seed; set the top-level seed")
-    try:
-        if name == "grid":
-            from modelsel.objective import study_grid
-
-            return samplers.GridSampler(study_grid(spec), seed=spec.seed)
-        factory: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-            "tpe": samplers.TPESampler,
-            "random": samplers.RandomSampler,
-            "gp": samplers.GPSampler,
-            "cmaes": samplers.CmaEsSampler,
-            "nsga2": samplers.NSGAIISampler,
-        }
-        # Optuna takes seeds below 2**32; a long-resumed study's offset may pass it.
-        return factory[name](seed=(spec.seed + seed_offset) % 2**32, **options)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"sampler.options: {exc}") from None
-
-
-#: The most trials :func:`check_sampler_and_pruner` sends through its probe study.
-_PROBE_MAX_TRIALS = 64
-
-
-def check_sampler_and_pruner(spec: StudySpec) -> None:
-    """Raise a one-line :class:`SpecError` when ``spec``'s sampler or pruner options are bad.
-
-    Some options pass the constructors and fail only when a trial is sampled or judged
-    (TPE's ``n_startup_trials: 'x'``, Hyperband's ``max_resource: 0``), and a model-based
-    sampler's own options (TPE's ``gamma``, CMA-ES's ``popsize`` or ``x0``) only once its
-    random start-up trials are done: so trials go through a throwaway in-memory study,
-    sampling the search space and reporting a step, until one past the start-up
-    (at most :data:`_PROBE_MAX_TRIALS`).
-    """
-    from modelsel.objective import suggest_params
-
-    pruner = make_pruner(spec)
-    grid = spec.sweep is not None or spec.sampler.name == "grid"
-    # A grid's sampler needs no probe (its cells were checked as values); its pruner does.
-    sampler = optuna.samplers.RandomSampler(seed=0) if grid else make_sampler(spec)
-    n_objectives = len(spec.objectives or ["default"])
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings concern the probe's trials
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            probe = optuna.create_study(sampler=sampler, pruner=pruner, directions=["minimize"] * n_objectives)
-            startup = getattr(sampler, "_n_startup_trials", 0)
-            n_probe = min(_PROBE_MAX_TRIALS, startup + 2) if isinstance(startup, int) else 2
-            for i in range(max(2, n_probe)):
-                value = 1.0 / (i + 2)  # distinct values, so that a model-based sampler can rank them
-                try:
-                    trial = probe.ask()
-                    if not grid:
-                        suggest_params(trial, spec)
-                except Exception as exc:  # whatever a misconfigured sampler raises
-                    raise SpecError(_options_error("sampler", sampler, exc, options=spec.sampler.options)) from None
-                if n_objectives == 1 and spec.pruner.name not in ("none", "fold_paired"):
-                    try:
-                        trial.report(value, 1)
-                        trial.should_prune()
-                    except Exception as exc:  # whatever a misconfigured pruner raises
-                        raise SpecError(_options_error("pruner", pruner, exc, options=spec.pruner.options)) from None
-                probe.tell(trial, [value] * n_objectives)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
-def _options_error(field: str, used: object, exc: Exception, *, options: dict[str, Any]) -> str:
-    """One line for an Optuna sampler or pruner that accepted its options, then failed."""
-    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    name = type(used).__name__
-    if not options:  # nothing to blame but the choice itself (e.g. CMA-ES with two objectives)
-        return f"{field}: optuna's {name} cannot run this study ({what}); choose another {field}"
-    return f"{field}.options: optuna's {name} fails with them ({what}); check each against the arguments of {name}"
-
-
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The pruner a spec names (``none`` never prunes).
-
-    Steps are epochs trained (see :class:`modelsel.objective.PruningCallback`): the
-    median and percentile pruners wait for 5 finished trials and may prune from the
-    first epoch on (``n_warmup_steps: 1``); Hyperband's ``max_resource`` is
-    ``training.epochs``.
-
-    Raises
-    ------
-    SpecError
-        When ``pruner.options`` are not accepted by the pruner.
-    """
-    pruners = optuna.pruners
-    options = dict(spec.pruner.options)
-    try:
-        if spec.pruner.name == "none":
-            if options:  # they would be ignored without a word
-                raise ValueError("the pruner 'none' takes no options; remove them, or name a pruner")
-            return pruners.NopPruner()
-        if spec.pruner.name == "median":
-            options.setdefault("n_startup_trials", 5)
-            options.setdefault("n_warmup_steps", 1)
-            return pruners.MedianPruner(**options)
-        if spec.pruner.name == "percentile":
-            options.setdefault("percentile", 25.0)
-            options.setdefault("n_startup_trials", 5)
-            options.setdefault("n_warmup_steps", 1)
-            return pruners.PercentilePruner(**options)
-        if spec.pruner.name == "successive_halving":
-            return pruners.SuccessiveHalvingPruner(**options)
-        if spec.pruner.name == "fold_paired":
-            from modelsel.objective import FoldPairedPruner
-
-            worse = options.get("min_worse_folds")
-            if isinstance(worse, int) and worse > spec.cv.folds:
-                raise ValueError(f"min_worse_folds {worse} is more than the {spec.cv.folds} folds of cv.folds")
-            return FoldPairedPruner(**options)
-        options.setdefault("min_resource", 1)
-        options.setdefault("max_resource", spec.training.epochs)
-        for resource in ("min_resource", "max_resource"):
-            value = options[resource]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
-                raise ValueError(f"{resource} is {value}; give a number of epochs of 1 or more")
-        low, high = options["min_resource"], options["max_resource"]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) and low > high:
-            raise ValueError(f"min_resource ({low}) is above max_resource ({high}); lower min_resource")
-        return pruners.HyperbandPruner(**options)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"pruner.options: {exc}") from None
 
 
 def study_budget(spec: StudySpec, *, n_trials: int | None = None) -> int | None:
@@ -286,18 +138,13 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def _load_dataset_for(spec: StudySpec) -> Any:
-    from modelsel.data import load_dataset
-
-    return load_dataset(spec.dataset, seed=spec.seed)
-
-
 def preflight(spec: StudySpec) -> str:
     """Load the data for every distinct dataset configuration the study will use and check
     the CV split works for each; return the task. Raises a UserError on any problem."""
     from modelsel.cv import fold_indices
+    from modelsel.objective import load_dataset_for
 
-    dataset = _load_dataset_for(spec)
+    dataset = load_dataset_for(spec)
     task = dataset.task
     objectives = spec.resolved_objectives(task)
     if task == "regression" and "val_accuracy" in objectives:
@@ -315,7 +162,7 @@ def preflight(spec: StudySpec) -> str:
     for section, params in variants:
         try:
             variant = with_params(spec, params)
-            fold_indices(_load_dataset_for(variant), variant.cv, seed=variant.seed)
+            fold_indices(load_dataset_for(variant), variant.cv, seed=variant.seed)
         except UserError as exc:  # name the searched or swept value the problem comes with
             ((key, value),) = params.items()
             raise type(exc)(f"{section}.{key} value {value!r}: {exc}") from None
@@ -349,126 +196,6 @@ def _check_grid_cells(spec: StudySpec) -> None:
         except ValueError as exc:
             first_problem = first_problem or str(exc)
     raise SpecError(f"no cell of the grid is a valid configuration ({first_problem}); change the grid's values")
-
-
-class _InterruptedTrialLog(logging.Filter):
-    """Turns Optuna's log of a trial that Ctrl-C stopped into one line.
-
-    Optuna logs such a trial as a failure with the KeyboardInterrupt's whole traceback
-    (from deep inside the training loop), then "Trial N failed with value None."; a
-    user who pressed Ctrl-C needs neither. Other failures are left as they are.
-    """
-
-    _FAILED = re.compile(r"Trial (\d+) failed with ")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.interrupted: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        match = self._FAILED.match(message)
-        if match is None:
-            return True
-        number = match.group(1)
-        if _logs_an_interrupt(record):
-            self.interrupted.add(number)
-            record.msg, record.args = f"Trial {number} stopped by Ctrl-C or SIGTERM.", ()
-            record.exc_info, record.exc_text = None, None
-            return True
-        return not (number in self.interrupted and message.endswith("failed with value None."))
-
-
-class _InterruptedPoolLog(logging.Filter):
-    """Drops SQLAlchemy's "Exception during reset or similar" when the exception is the
-    interrupt itself: Ctrl-C landed while a connection went back to its pool. SQLAlchemy
-    logs it with a traceback, then lets it propagate; the user pressed Ctrl-C."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _logs_an_interrupt(record)
-
-
-def _logs_an_interrupt(record: logging.LogRecord) -> bool:
-    """Whether the record carries a KeyboardInterrupt's traceback."""
-    exc_type = record.exc_info[0] if record.exc_info else None
-    return exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
-
-
-#: The loggers of the connection pools of the storages' engines (SQLite files and servers).
-_POOL_LOGGERS = ("sqlalchemy.pool.impl.QueuePool", "sqlalchemy.pool.impl.NullPool")
-
-
-def quiet_interrupted_trial_logs() -> None:
-    """Log a trial stopped by Ctrl-C as one line, without its traceback, and drop the
-    traceback SQLAlchemy logs when Ctrl-C lands in its connection pool (idempotent)."""
-    filters: list[tuple[str, type[logging.Filter]]] = [("optuna.study._optimize", _InterruptedTrialLog)]
-    filters += [(name, _InterruptedPoolLog) for name in _POOL_LOGGERS]
-    for name, kind in filters:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, kind) for f in logger.filters):
-            logger.addFilter(kind())
-
-
-def _finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
-
-
-#: Trials whose training counts towards ``budget.fold_epochs`` (a failed trial trained too).
-SPENT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def trial_fold_epochs(trial: FrozenTrial, folds: int) -> int:
-    """Fold-epochs ``trial`` trained: the epochs of each of its ``folds`` folds, summed.
-
-    Read from the trial's ``fold_epochs`` attribute (stored when it completes, is pruned or
-    diverges); a trial without it (interrupted, or invalid and never trained) counts the
-    epochs of its last report, the step of which is the epochs trained, for each fold. (A
-    trial of more than 100 epochs reports every ``ceil(epochs / 100)``-th, so fewer epochs
-    than that may go uncounted after its last report; counting its reports instead
-    counted half of a 120-epoch trial.)
-    """
-    stored = trial.user_attrs.get("fold_epochs")
-    if isinstance(stored, int):
-        return stored
-    return max(trial.intermediate_values, default=0) * folds
-
-
-def fold_epochs_spent(study: optuna.Study, folds: int) -> int:
-    """Fold-epochs the study's finished and failed trials trained (running ones not counted)."""
-    trials = study.get_trials(deepcopy=False, states=SPENT_STATES)
-    return sum(trial_fold_epochs(trial, folds) for trial in trials)
-
-
-def stored_spec(study: optuna.Study) -> dict[str, Any]:
-    """The full spec the study's latest run stored (user attribute ``spec_full``, written by
-    every run that opens the study); empty when there is none. Raises ``ValueError`` when it
-    is not JSON."""
-    parsed: dict[str, Any] = json.loads(study.user_attrs.get("spec_full", "") or "{}")
-    return parsed
-
-
-def stored_fold_epochs(study: optuna.Study) -> tuple[int, int | None]:
-    """Fold-epochs a stored study's trials trained, and the ``budget.fold_epochs`` of its
-    stored spec (None: none), from the storage alone."""
-    spec = stored_spec(study)
-    return fold_epochs_spent(study, stored_folds(spec)), (spec.get("budget") or {}).get("fold_epochs")
-
-
-def stored_folds(spec: dict[str, Any]) -> int:
-    """``cv.folds`` of a stored spec (:func:`stored_spec`; the default 5 when it has none)."""
-    return int((spec.get("cv") or {}).get("folds", 5))
-
-
-def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | None:
-    """How many more trials ``budget.fold_epochs`` lets start, each counted at its longest
-    (:func:`~modelsel.spec.trial_fold_epochs_cap`); None when the spec has no such budget.
-
-    Counting every trial at its longest keeps the study within the cap whatever is pruned.
-    """
-    budget = spec.budget.fold_epochs
-    if budget is None:
-        return None
-    return max(0, (budget - fold_epochs_spent(study, spec.cv.folds)) // trial_fold_epochs_cap(spec))
 
 
 def requeue_failed_cells(study: optuna.Study) -> int:
@@ -640,29 +367,6 @@ def _describe_study(
     study.set_user_attr("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
-def study_objective(
-    study: optuna.Study,
-    spec: StudySpec,
-    *,
-    device: torch.device,
-    budget_left: Callable[[optuna.Study], int] | None = None,
-    on_companion_told: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-) -> StudyObjective:
-    """The Optuna objective of ``spec`` for ``study`` (its task read from the study, else the data);
-    ``budget_left`` and ``on_companion_told`` as in :class:`~modelsel.objective.StudyObjective`."""
-    from modelsel.objective import StudyObjective
-
-    task = study.user_attrs.get("task") or _load_dataset_for(spec).task
-    return StudyObjective(
-        spec,
-        load_dataset=_load_dataset_for,
-        objectives=spec.resolved_objectives(task),
-        device=device,
-        budget_left=budget_left,
-        on_companion_told=on_companion_told,
-    )
-
-
 def _optimize(
     study: optuna.Study,
     spec: StudySpec,
@@ -672,6 +376,8 @@ def _optimize(
     device: torch.device,
     on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> int:
+    from modelsel.objective import study_objective
+
     capped = spec.budget.fold_epochs is not None
     # The trials this process ran (another process may add trials to the same study meanwhile).
     ran: set[int] = set()
@@ -682,7 +388,7 @@ def _optimize(
             on_trial(study, trial)
 
     def budget_left(study: optuna.Study) -> int:
-        left = [] if target is None else [target - _finished_count(study)]
+        left = [] if target is None else [target - finished_count(study)]
         room = trials_within_fold_epochs(study, spec)
         return min(left + ([] if room is None else [room]))
 
@@ -699,7 +405,7 @@ def _optimize(
     if capped:
         callbacks.append(_stop_at_fold_epoch_cap(spec))
     callbacks.append(record)
-    remaining = None if target is None else max(target - _finished_count(study), 0)
+    remaining = None if target is None else max(target - finished_count(study), 0)
     if remaining == 0 or trials_within_fold_epochs(study, spec) == 0:
         return 0
     # n_trials bounds this process's own attempts; MaxTrialsCallback stops at the shared total.
@@ -727,6 +433,7 @@ def _optimize(
 
 def _stop_at_fold_epoch_cap(spec: StudySpec) -> Callable[[optuna.Study, FrozenTrial], None]:
     """An ``optimize`` callback that stops the study once no further trial fits ``budget.fold_epochs``."""
+
 
     def stop_if_spent(study: optuna.Study, trial: FrozenTrial) -> None:
         if trials_within_fold_epochs(study, spec) == 0:
@@ -780,8 +487,6 @@ def run_study(
     if build_report:
         check_output_folder(Path(output_dir) / spec.name)
     if isinstance(spec.sweep, list):
-        from modelsel.sweeps import run_sweep_maps
-
         return run_sweep_maps(
             spec,
             storage=storage,
@@ -807,7 +512,7 @@ def run_study(
         study = _open_study(spec, storage_url, create_parent=is_default_storage, task=task)
 
         trained = 0
-        if target is None or _finished_count(study) < target:
+        if target is None or finished_count(study) < target:
             # With --workers, this process may wait for the others' last trials: it loads the
             # report's plotting libraries meanwhile instead of after the search.
             warm_up = _warm_up_report if build_report else None
@@ -913,7 +618,7 @@ def _search(
 
     bar = tqdm(
         total=target,
-        initial=_finished_count(study),
+        initial=finished_count(study),
         desc=f"{spec.name} trials",
         unit="trial",
         disable=not progress,
@@ -921,8 +626,8 @@ def _search(
     )
 
     def update(study: optuna.Study, trial: FrozenTrial) -> None:
-        bar.n = _finished_count(study)
-        best = _best_value_text(study)
+        bar.n = finished_count(study)
+        best = best_value_text(study)
         bar.set_postfix_str(best, refresh=False)
         bar.refresh()
 
@@ -947,171 +652,6 @@ def _search(
         bar.close()
 
 
-def _best_value_text(study: optuna.Study) -> str:
-    try:
-        if len(study.directions) == 1:
-            return f"best {study.best_value:.4g}"
-    except ValueError:
-        pass
-    return ""
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The selected trial: the best one, or for several objectives the Pareto-optimal
-    trial that is best on the first objective."""
-    selection = _selection(study)
-    return None if selection is None else selection[0]
-
-
-def _selection(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
-    """The selected trial (:func:`best_trial`) and the first objective's value it was
-    ranked by: its cell's mean over the completed seeds for a one-objective sweep with
-    repeats, else its own value."""
-    complete = selectable_trials(study)
-    if not complete:
-        return None
-    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
-    if len(study.directions) == 1:
-        if any(SWEEP_SEED_PARAM in t.params for t in complete):
-            return _best_cell_trial(complete, study.direction)
-        candidates = complete
-    else:
-        candidates = _pareto_front(complete, signs)
-    # Ties go to the earliest trial, as Optuna's best_trial breaks them.
-    chosen = min(candidates, key=lambda t: (signs[0] * t.values[0], t.number))
-    return chosen, float(chosen.values[0])
-
-
-def selectable_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The completed trials that selection may pick: not those whose training diverged
-    (regime ``diverged``: a finite blow-up, which completes with a number at chance), as
-    a sweep's best cell leaves them out too."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in complete if t.user_attrs.get("regime") != "diverged"]
-
-
-def _pareto_front(trials: Sequence[FrozenTrial], signs: Sequence[int]) -> list[FrozenTrial]:
-    """The trials no other trial dominates (``signs``: +1 to minimize an objective, -1 to
-    maximize it), as Optuna's ``best_trials`` but over the given trials."""
-
-    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
-        pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
-        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
-
-    return [b for b in trials if not any(dominates(a, b) for a in trials)]
-
-
-def _cell_key(trial: FrozenTrial) -> tuple[tuple[str, str], ...]:
-    """A trial's sweep cell: its parameters but the ``seed`` of a repeat."""
-    return params_key({k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM})
-
-
-def _seed_order(trial: FrozenTrial) -> tuple[Any, int]:
-    return trial.params.get(SWEEP_SEED_PARAM, 0), trial.number
-
-
-def cell_trials(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
-    """The completed trials that the selection of ``trial`` stands for, in seed order:
-    every seed of its cell in a one-objective sweep with repeats (selected by their mean),
-    else ``[trial]`` (several objectives select one trial, seed and all)."""
-    if SWEEP_SEED_PARAM not in trial.params or len(study.directions) > 1:
-        return [trial]
-    cell = _cell_key(trial)
-    same = [t for t in selectable_trials(study) if _cell_key(t) == cell]
-    return sorted(same, key=_seed_order) or [trial]
-
-
-def selected_params(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-    """The parameters that name the selection of ``trial``: without the repeat ``seed``
-    where a one-objective sweep selects cells (:func:`cell_trials`)."""
-    by_cell = len(study.directions) == 1
-    return {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM or not by_cell}
-
-
-def cell_score(trials: Sequence[FrozenTrial], curve: str) -> tuple[float | None, float | None]:
-    """Mean and sample std of the fold values ``fold_<curve>`` (``val_metric``, ``val_loss``)
-    pooled over ``trials`` (the seeds of a cell); one trial's own stored mean and std."""
-    if len(trials) == 1:
-        attrs = trials[0].user_attrs
-        return attrs.get(f"{curve}_mean"), attrs.get(f"{curve}_std")
-    values = [float(v) for t in trials for v in t.user_attrs.get(f"fold_{curve}") or []]
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _best_cell_trial(
-    complete: Sequence[FrozenTrial], direction: optuna.study.StudyDirection
-) -> tuple[FrozenTrial, float]:
-    """For a sweep with repeats (a ``seed`` parameter): the first seed's trial of the cell
-    whose value, averaged over its completed seeds, is best, and that mean. The best
-    single seed of any cell would select by the luck of a seed (and, for data drawn from
-    the seed, compare trials on different data)."""
-    cells: dict[tuple[tuple[str, str], ...], list[FrozenTrial]] = {}
-    for trial in complete:
-        cells.setdefault(_cell_key(trial), []).append(trial)
-    means = {key: statistics.fmean(float(t.values[0]) for t in trials) for key, trials in cells.items()}
-    sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
-    best = min(cells, key=lambda key: sign * means[key])
-    return min(cells[best], key=_seed_order), means[best]
-
-
-@dataclass
-class EarlyRefit:
-    """The best trial so far, retrained on the whole training split before the search ended.
-
-    With ``--workers N`` the first worker left without a trial to claim retrains the
-    best trial so far while the others finish theirs (:mod:`modelsel.parallel`). The
-    test split is not touched then: :func:`select_and_test` scores the model only if
-    the final selection is the same trial with the same epochs, and otherwise retrains.
-    """
-
-    trial_number: int
-    params: dict[str, Any]
-    epochs: int
-    member: TrainedMember
-
-    def fits(self, trial: FrozenTrial, epochs: int) -> bool:
-        """Whether this is the retrain that ``trial`` (selected, ``epochs`` to train) needs."""
-        return (self.trial_number, self.params, self.epochs) == (trial.number, trial.params, epochs)
-
-
-def refit_best_so_far(study: optuna.Study, spec: StudySpec, *, device: torch.device) -> EarlyRefit | None:
-    """Retrain the study's best trial so far on the whole training split (no test score).
-
-    None when there is no complete trial yet, or the best one is already tested.
-    """
-    from modelsel.cv import fit_final
-
-    pending = _pending_retrain(study, spec)
-    if pending is None:
-        return None
-    selected, trial_spec, epochs = pending
-    member = fit_final(trial_spec, _load_dataset_for(trial_spec), epochs=epochs, device=device)
-    return EarlyRefit(selected.number, dict(selected.params), epochs, member)
-
-
-def _pending_retrain(study: optuna.Study, spec: StudySpec) -> tuple[FrozenTrial, StudySpec, int] | None:
-    """The selected trial, its configuration and retrain epochs, while it has no stored
-    test score (None without a selection, or once its score is stored)."""
-    selected = best_trial(study)
-    if selected is None:
-        return None
-    stored = study.user_attrs.get("test_result")
-    if stored is not None and stored.get("trial_number") == selected.number:
-        return None
-    trial_spec = with_params(spec, selected.params)
-    return selected, trial_spec, retrain_epochs(selected, trial_spec)
-
-
-def retrain_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
-    """Epochs for the final retrain: the folds' mean best epoch under early stopping."""
-    final_epochs = trial.user_attrs.get("final_epochs")
-    if spec.training.early_stopping is not None and final_epochs:
-        return max(1, round(statistics.fmean(final_epochs)))
-    return spec.training.epochs
-
-
 def select_and_test(
     study: optuna.Study,
     spec: StudySpec,
@@ -1133,10 +673,11 @@ def select_and_test(
     retrain happens, so that its numbers do not depend on which process did it).
     """
     outcome = summarize(study, storage_url)  # with the stored test score, if any
-    pending = _pending_retrain(study, spec)
+    pending = pending_retrain(study, spec)
     if pending is None:
         return outcome
     from modelsel.cv import fit_final, score_on_test
+    from modelsel.objective import load_dataset_for
     from modelsel.training import Diverged, torch_threads
 
     selected, trial_spec, epochs = pending
@@ -1146,7 +687,7 @@ def select_and_test(
     earlier = [n for n in stored.get("earlier_trials", []) if n != selected.number]
     if "test_metric" in stored and stored.get("trial_number") != selected.number:
         earlier.append(stored["trial_number"])
-    dataset = _load_dataset_for(trial_spec)
+    dataset = load_dataset_for(trial_spec)
     reused = early_refit if early_refit is not None and early_refit.fits(selected, epochs) else None
     with torch_threads(threads) if threads is not None else contextlib.nullcontext():
         try:
@@ -1200,7 +741,7 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         test=study.user_attrs.get("test_result"),
     )
     outcome.fold_epochs, outcome.fold_epochs_budget = stored_fold_epochs(study)
-    selection = _selection(study)
+    selection = selection_and_value(study)
     if selection is not None:
         selected, outcome.selection_value = selection
         outcome.best_trial_number = selected.number
@@ -1240,3 +781,88 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
             f"no study named '{name}' in {display_url(storage_url)} (studies there: {known}); "
             "pass the right --storage"
         ) from None
+
+
+#: The timeout a grid gets once the run's time is spent: it starts no trial, and still
+#: selects, tests and reports what the grid's study holds.
+_NO_TIME_LEFT_S = 1e-6
+
+
+def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Path, **options: Any) -> StudyOutcome:
+    """Run every grid of a multi-grid sweep as its own resumable study in one storage.
+
+    Each grid's study is named :func:`~modelsel.sweeps.map_name`; its report goes to
+    ``<output_dir>/<map name>/`` as for any study, and a combined report with every
+    map's findings and plots to ``<output_dir>/<name>/report.html``. The returned
+    outcome sums the counts and carries the map whose selected trial scores best.
+    """
+    import time
+
+    from modelsel.report import build_maps_report
+    from modelsel.storage import default_storage_url, local_path
+    from modelsel.sweeps import map_specs
+
+    children = map_specs(spec)
+    device = options.get("device")
+    timeout = options.pop("timeout", None)
+    timeout = timeout if timeout is not None else spec.budget.timeout
+    for child in children:  # bad input in any grid: fail before anything is written
+        training = child.training if device is None else child.training.model_copy(update={"device": device})
+        check_run(child.model_copy(update={"training": training}), n_trials=options.get("n_trials"), timeout=timeout)
+    url = storage or spec.storage or default_storage_url(output_dir, spec.name)
+    check_resumable(children, url)  # a changed grid fails before any other grid trains
+    path = local_path(url)
+    if storage is None and spec.storage is None and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # The timeout is the seconds of this run, shared by its grids; the other budgets
+    # (n_trials, fold_epochs) are each grid's study's own.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    outcomes = []
+    for child in children:
+        left = None if deadline is None else max(deadline - time.monotonic(), _NO_TIME_LEFT_S)
+        outcomes.append(
+            run_study(
+                child.model_copy(update={"storage": url}), storage=url, output_dir=output_dir, timeout=left, **options
+            )
+        )
+    combined = combine_map_outcomes(spec.name, outcomes)
+    if options.get("build_report", True):
+        from modelsel.storage import open_storage
+
+        storage = open_storage(url, heartbeat=False)
+        studies = [optuna.load_study(study_name=o.study_name, storage=storage) for o in outcomes]
+        # With the storage it used, as `report build` shows it from the maps' stored specs.
+        shown = spec.model_copy(update={"storage": url})
+        combined.report_path = build_maps_report(shown, studies, output_dir=Path(output_dir) / spec.name)
+    return combined
+
+
+def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
+    """One outcome for a multi-grid sweep ``name``: the counts of every map summed, and
+    the selection and test score of the map whose selected cell scores best."""
+    chosen = _best_outcome(outcomes)
+    return replace(
+        chosen,
+        study_name=f"{name} [{len(outcomes)} maps; best: {chosen.study_name}]",
+        n_complete=sum(o.n_complete for o in outcomes),
+        n_pruned=sum(o.n_pruned for o in outcomes),
+        n_failed=sum(o.n_failed for o in outcomes),
+        n_trained_this_run=sum(o.n_trained_this_run for o in outcomes),
+        fold_epochs=sum(o.fold_epochs for o in outcomes),  # each map's own cap, summed
+        fold_epochs_budget=(
+            None
+            if any(o.fold_epochs_budget is None for o in outcomes)
+            else sum(o.fold_epochs_budget or 0 for o in outcomes)
+        ),
+    )
+
+
+def _best_outcome(outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
+    from modelsel.spec import OBJECTIVE_DIRECTIONS
+
+    scored = [(o.selection_value, o) for o in outcomes if o.selection_value is not None]
+    if not scored:
+        return outcomes[0]
+    sign = -1 if OBJECTIVE_DIRECTIONS.get(outcomes[0].objectives[0]) == "maximize" else 1
+    # Each map's selected cell as its own selection ranked it (a cell's mean over its seeds).
+    return min(scored, key=lambda pair: sign * pair[0])[1]

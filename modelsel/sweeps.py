@@ -12,21 +12,19 @@ module builds:
 * a plain-language finding per axis.
 
 A spec whose ``sweep`` lists several grids runs one study per grid
-(:func:`run_sweep_maps`), named ``<name>-<axis>-x-<axis>``, in one storage, plus a
+(:func:`modelsel.study.run_sweep_maps`), named ``<name>-<axis>-x-<axis>``, in one storage, plus a
 combined report.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -41,21 +39,20 @@ from matplotlib.colors import LogNorm
 from matplotlib.patches import Patch
 from optuna.trial import TrialState
 
+from modelsel.figures import Figure, Section, figure_to_base64, format_table, plot_training_curves
 from modelsel.regimes import (
     REGIMES,
     Cell,
     Verdict,
+    blew_up,
     capacity_side,
     classify,
     classify_in_context,
     error_name,
     numbers_from_attrs,
 )
+from modelsel.results import stored_spec
 from modelsel.spec import RegimeSpec, StudySpec, value_key
-
-if TYPE_CHECKING:
-    from modelsel.report import Section
-    from modelsel.study import StudyOutcome
 
 REGIME_COLORS = {"underfit": "#4C72B0", "good": "#55A868", "overfit": "#DD8452", "diverged": "#C44E52"}
 SEED_COLUMN = "seed"
@@ -69,7 +66,6 @@ _MODEL_LIKE_DATA_FIELDS = {"degree"}
 def sweep_info(study: optuna.Study) -> tuple[list[str], list[str], RegimeSpec, dict[str, Any]] | None:
     """The study's sweep axes, which of them change the data, the regime thresholds and
     the stored spec; None when the study is not a (single-grid) sweep."""
-    from modelsel.study import stored_spec
 
     try:
         spec = stored_spec(study)
@@ -128,6 +124,7 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
         row["n_params"] = attrs.get("n_params")
         row["n_train"] = attrs.get("n_train")
         row["error"] = error_name(attrs.get("metric_name", "accuracy"))
+        row["_blew_up"] = blew_up(attrs.get("regime"), attrs.get("regime_evidence"))
         numbers = numbers_from_attrs(attrs) if trial.state == TrialState.COMPLETE else None
         if numbers is not None:
             own = classify(numbers, thresholds=thresholds)
@@ -184,8 +181,11 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
     for column in ("val_error", "sweep_regime", "sweep_reason", "regime", "excess_from"):
         if column not in frame:
             frame[column] = None
-    # The best cell of each data setting: lowest validation error averaged over repeats.
+    # The best cell of each data setting: lowest validation error averaged over repeats,
+    # among cells with a seed that did not blow up (as the study's selection).
     cell_keys = frame.apply(lambda r: tuple(value_key(r[a]) for a in axes), axis=1)
+    blown_rows = frame.pop("_blew_up") if "_blew_up" in frame else [False] * len(frame)
+    selectable = {tuple(key) for key, blown in zip(cell_keys, blown_rows, strict=True) if not blown}
     data_keys = frame.apply(lambda r: tuple(value_key(r[a]) for a in data_axes), axis=1)
     sums: dict[tuple[str, ...], list[float]] = {}
     for key, value in zip(cell_keys, frame["val_error"], strict=True):
@@ -193,6 +193,8 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
             sums.setdefault(tuple(key), []).append(float(value))
     best: dict[tuple[str, ...], tuple[str, ...]] = {}
     for key, values in sums.items():
+        if key not in selectable:
+            continue
         data = tuple(key[axes.index(a)] for a in data_axes)
         if data not in best or statistics.fmean(values) < statistics.fmean(sums[best[data]]):
             best[data] = key
@@ -589,10 +591,15 @@ def _disagreements(frame: pd.DataFrame, axis: str, line: pd.DataFrame, top: pd.S
         # A cell's own label (from its own numbers) is kept in context; say where it sits
         # on the other side of the best cell than the label suggests.
         if r["sweep_regime"] == "overfit" and side < 0:
+            mine, best_train = r["train_error"], top["train_error"]
+            fit = (
+                f"the best cell's training {error} is lower ({best_train:.3g} vs {mine:.3g})"
+                if best_train < mine
+                else f"its training {error} is lower than the best cell's too ({mine:.3g} vs {best_train:.3g})"
+            )
             notes.append(
-                f"at {axis}={_fmt(r[axis])} the model overfits by its own numbers (gap {r['gap']:.3g}), though it "
-                f"has less capacity than the best cell, whose training {error} is lower "
-                f"({top['train_error']:.3g} vs {r['train_error']:.3g})"
+                f"at {axis}={_fmt(r[axis])} the model overfits by its own numbers (gap {r['gap']:.3g}) though it "
+                f"has less capacity than the best cell; {fit}"
             )
             continue
         if r["sweep_regime"] == "underfit" and side > 0:
@@ -631,8 +638,6 @@ def sweep_sections(study: optuna.Study) -> list[Section]:
 def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, bytes]]:
     """Report sections of a sweep study and the files that go beside the report
     (``sweep.csv`` and the plots as PNG, by file name); nothing is written here."""
-    from modelsel.report import Figure, Section, _format_table, figure_to_base64, plot_training_curves
-
     info = sweep_info(study)
     if info is None:
         return [], {}
@@ -662,7 +667,7 @@ def sweep_report_parts(study: optuna.Study) -> tuple[list[Section], dict[str, by
     )
     summary = cell_summary(frame, axes)
     shown = summary.drop(columns=["seeds"] if (summary["seeds"] <= 1).all() else [])  # one seed a cell
-    findings.tables.append(_format_table(shown))
+    findings.tables.append(format_table(shown))
 
     def add(fig: plt.Figure | None, title: str, filename: str, caption: str = "") -> None:
         if fig is not None:
@@ -726,11 +731,10 @@ def stored_maps(storage_url: str, name: str) -> tuple[StudySpec, list[optuna.Stu
 
     Returns its spec, rebuilt from the specs its maps stored (each map's grid, its axes in
     the spec's order), and the maps' studies in the order they were created: what
-    :func:`build_maps_report` needs, from the storage alone.
+    :func:`modelsel.report.build_maps_report` needs, from the storage alone.
     """
     from modelsel.spec import parse_spec
     from modelsel.storage import open_storage
-    from modelsel.study import stored_spec
 
     storage = open_storage(storage_url, heartbeat=False, must_exist=True)
     studies: list[optuna.Study] = []
@@ -758,141 +762,12 @@ def stored_maps(storage_url: str, name: str) -> tuple[StudySpec, list[optuna.Stu
     return parse_spec({**base, "name": name, "sweep": grids}, source=f"the stored spec of '{name}'"), studies
 
 
-#: The timeout a grid gets once the run's time is spent: it starts no trial, and still
-#: selects, tests and reports what the grid's study holds.
-_NO_TIME_LEFT_S = 1e-6
-
-
-def run_sweep_maps(spec: StudySpec, *, storage: str | None, output_dir: str | Path, **options: Any) -> StudyOutcome:
-    """Run every grid of a multi-grid sweep as its own resumable study in one storage.
-
-    Each grid's study is named :func:`map_name`; its report goes to
-    ``<output_dir>/<map name>/`` as for any study, and a combined report with every
-    map's findings and plots to ``<output_dir>/<name>/report.html``. The returned
-    outcome sums the counts and carries the map whose selected trial scores best.
-    """
-    import time
-
-    from modelsel.storage import default_storage_url, local_path
-    from modelsel.study import check_resumable, check_run, run_study
-
-    children = map_specs(spec)
-    device = options.get("device")
-    timeout = options.pop("timeout", None)
-    timeout = timeout if timeout is not None else spec.budget.timeout
-    for child in children:  # bad input in any grid: fail before anything is written
-        training = child.training if device is None else child.training.model_copy(update={"device": device})
-        check_run(child.model_copy(update={"training": training}), n_trials=options.get("n_trials"), timeout=timeout)
-    url = storage or spec.storage or default_storage_url(output_dir, spec.name)
-    check_resumable(children, url)  # a changed grid fails before any other grid trains
-    path = local_path(url)
-    if storage is None and spec.storage is None and path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    # The timeout is the seconds of this run, shared by its grids; the other budgets
-    # (n_trials, fold_epochs) are each grid's study's own.
-    deadline = None if timeout is None else time.monotonic() + timeout
-    outcomes = []
-    for child in children:
-        left = None if deadline is None else max(deadline - time.monotonic(), _NO_TIME_LEFT_S)
-        outcomes.append(
-            run_study(
-                child.model_copy(update={"storage": url}), storage=url, output_dir=output_dir, timeout=left, **options
-            )
-        )
-    combined = combine_map_outcomes(spec.name, outcomes)
-    if options.get("build_report", True):
-        from modelsel.storage import open_storage
-
-        storage = open_storage(url, heartbeat=False)
-        studies = [optuna.load_study(study_name=o.study_name, storage=storage) for o in outcomes]
-        # With the storage it used, as `report build` shows it from the maps' stored specs.
-        shown = spec.model_copy(update={"storage": url})
-        combined.report_path = build_maps_report(shown, studies, output_dir=Path(output_dir) / spec.name)
-    return combined
-
-
-def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
-    """One outcome for a multi-grid sweep ``name``: the counts of every map summed, and
-    the selection and test score of the map whose selected cell scores best."""
-    chosen = _best_outcome(outcomes)
-    return replace(
-        chosen,
-        study_name=f"{name} [{len(outcomes)} maps; best: {chosen.study_name}]",
-        n_complete=sum(o.n_complete for o in outcomes),
-        n_pruned=sum(o.n_pruned for o in outcomes),
-        n_failed=sum(o.n_failed for o in outcomes),
-        n_trained_this_run=sum(o.n_trained_this_run for o in outcomes),
-        fold_epochs=sum(o.fold_epochs for o in outcomes),  # each map's own cap, summed
-        fold_epochs_budget=(
-            None
-            if any(o.fold_epochs_budget is None for o in outcomes)
-            else sum(o.fold_epochs_budget or 0 for o in outcomes)
-        ),
-    )
-
-
-def _best_outcome(outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
-    from modelsel.spec import OBJECTIVE_DIRECTIONS
-
-    scored = [(o.selection_value, o) for o in outcomes if o.selection_value is not None]
-    if not scored:
-        return outcomes[0]
-    sign = -1 if OBJECTIVE_DIRECTIONS.get(outcomes[0].objectives[0]) == "maximize" else 1
-    # Each map's selected cell as its own selection ranked it (a cell's mean over its seeds).
-    return min(scored, key=lambda pair: sign * pair[0])[1]
-
-
-def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, output_dir: str | Path) -> Path:
-    """One HTML report with the findings and plots of every grid of a multi-grid sweep."""
-    import time
-
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    from modelsel import __version__
-    from modelsel.report import Section, spec_yaml_text, summary_section, trained_on, trials_frame
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sections: list[Section] = [
-        Section(
-            "Maps",
-            paragraphs=[
-                f"This sweep lists {len(studies)} grids; each ran as its own study in the same storage: "
-                + ", ".join(s.study_name for s in studies)
-                + ". Each study's own report (with sweep.csv) is in the folder of that name."
-            ],
-        )
-    ]
-    for study in studies:
-        summary = summary_section(study, trials_frame(study))
-        summary.title = f"{study.study_name}: summary"
-        sections.append(summary)
-        for section in sweep_sections(study):
-            section.title = f"{study.study_name}: {section.title.lower()}"
-            sections.append(section)
-    environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
-    html = environment.get_template("report.html").render(
-        study_name=spec.name,
-        description=spec.description,
-        sections=sections,
-        spec_yaml=spec_yaml_text(json.loads(spec.to_json())),
-        generated=time.strftime("%Y-%m-%d %H:%M"),
-        version=__version__,
-        devices=trained_on(studies),
-    )
-    path = out / "report.html"
-    path.write_text(html, encoding="utf-8")
-    return path
-
-
 __all__ = [
     "REGIME_COLORS",
     "Verdict",
     "axis_findings",
-    "build_maps_report",
     "cell_summary",
     "map_specs",
-    "run_sweep_maps",
     "stored_maps",
     "sweep_frame",
     "sweep_info",

@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modelsel.models import MLP, build_mlp
-from modelsel.spec import EarlyStoppingSpec, ModelSpec, TrainingSpec, batch_norm_batch_problem
+from modelsel.spec import EarlyStoppingSpec, ModelSpec, TrainingSpec
 
 Task = Literal["classification", "regression"]
 #: Rows per evaluation forward pass. On CPU, chunks whose activations stay in cache: on
@@ -167,7 +167,6 @@ class History:
     @property
     def epochs_run(self) -> int:
         return len(self.train_loss)
-
 
 
 @dataclass
@@ -380,107 +379,7 @@ def check_members(members: Sequence[FoldData], *, task: Task) -> None:
                 )
 
 
-def train_models(
-    members: Sequence[FoldData],
-    *,
-    model_spec: ModelSpec,
-    training: TrainingSpec,
-    task: Task,
-    n_outputs: int,
-    seed: int,
-    callbacks: Sequence[Callback] = (),
-    device: torch.device | str = "cpu",
-    cuda_graph: bool = True,
-    fused_sgd: bool = True,
-) -> list[TrainedMember]:
-    """Train one MLP per member, all advancing an epoch at a time.
-
-    Parameters
-    ----------
-    members
-        Data of each model (e.g. the k CV folds), already on ``device``.
-    model_spec, training
-        What to build and how to train it (epochs, batch size, optimizer, L1/L2,
-        clipping, early stopping on validation loss, and ``engine``: the members one
-        after another, or stacked into one batched model; see :func:`choose_engine`).
-    task
-        ``classification`` (cross-entropy) or ``regression`` (MSE).
-    n_outputs
-        Output units: number of classes, or 1.
-    seed
-        Seeds initialisation, shuffling and dropout; same seed, same numbers on CPU.
-    callbacks
-        Hooks called at train begin, after the first backward of each epoch and at
-        each epoch end.
-    device
-        Where the models live; the data must already be there.
-    cuda_graph
-        With the stacked engine on CUDA, replay the full steps as one captured CUDA
-        graph (see :mod:`modelsel.stacked`); ``False`` launches every step eagerly.
-    fused_sgd
-        With the stacked engine on the CPU, take plain SGD steps inside the backward
-        pass where it can; ``False`` keeps the separate update (for measuring it).
-
-    Returns
-    -------
-    list of TrainedMember
-        Each member's model (best weights under early stopping) and history.
-
-    Raises
-    ------
-    Diverged
-        When a member's training loss becomes NaN or infinite.
-    ValueError
-        When a member's tensors are not what the models take (2-D float32 inputs with
-        one width for all members; int64 class indices or float32 targets, one per
-        row), or batch norm would see a batch of one sample (``batch_size`` 1, or a
-        member with one training sample).
-    """
-    device = torch.device(device)
-    check_members(members, task=task)
-    problem = batch_norm_batch_problem(model_spec, training)
-    if problem:
-        raise ValueError(problem)
-    if model_spec.normalizes_batches:
-        for index, data in enumerate(members):
-            if data.n_train < 2:
-                raise ValueError(
-                    f"model.batch_norm needs 2 training samples or more per model; member {index} has {data.n_train}"
-                )
-    n_inputs = members[0].n_inputs
-    engine = choose_engine(training)
-    with thread_policy(model_spec, training, n_inputs=n_inputs, n_outputs=n_outputs, device=device):
-        if engine == "stacked":
-            from modelsel.stacked import StackJob, train_stacked
-
-            jobs = [
-                StackJob(data=data, model=model_spec, training=training, seed=seed, index=index)
-                for index, data in enumerate(members)
-            ]
-            results = train_stacked(
-                jobs,
-                task=task,
-                n_outputs=n_outputs,
-                callbacks=callbacks,
-                device=device,
-                raise_on_divergence=True,
-                cuda_graph=cuda_graph,
-                fused_sgd=fused_sgd,
-            )
-            return [r.member for r in results]
-        return _train_sequential(
-            members,
-            model_spec=model_spec,
-            training=training,
-            task=task,
-            n_outputs=n_outputs,
-            seed=seed,
-            callbacks=callbacks,
-            device=device,
-        )
-
-
-def _train_sequential(
+def train_sequential(
     members: Sequence[FoldData],
     *,
     model_spec: ModelSpec,
@@ -491,7 +390,8 @@ def _train_sequential(
     callbacks: Sequence[Callback],
     device: torch.device,
 ) -> list[TrainedMember]:
-    """The one-model path: each member is its own MLP; all advance one epoch at a time."""
+    """The sequential engine: each member is its own MLP; all advance one epoch at a time
+    (the members as :func:`modelsel.engines.train_models` checked them)."""
     n_inputs = members[0].n_inputs
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         states: list[_Member] = []

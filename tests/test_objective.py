@@ -284,7 +284,7 @@ def test_the_fold_paired_pruner_prunes_a_trial_worse_than_the_best_on_every_fold
     ],
 )
 def test_bad_fold_paired_pruner_options_are_spec_errors(options: dict[str, Any], message: str) -> None:
-    from modelsel.study import make_pruner
+    from modelsel.search import make_pruner
 
     spec = parse_spec(tiny_spec_data(pruner={"name": "fold_paired", "options": options}))
     with pytest.raises(SpecError, match=message):

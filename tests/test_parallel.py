@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from modelsel.cv import fit_and_test
 from modelsel.errors import DataError
+from modelsel.objective import load_dataset_for
 from modelsel.parallel import (
     WorkerError,
     WorkerOrders,
@@ -34,9 +35,10 @@ from modelsel.parallel import (
     worker_threads,
 )
 from modelsel.report import ReportDraft
+from modelsel.results import best_trial, retrain_epochs
 from modelsel.spec import parse_spec, with_params
 from modelsel.storage import open_storage
-from modelsel.study import _load_dataset_for, best_trial, retrain_epochs, run_study
+from modelsel.study import run_study
 from modelsel.training import resolve_device, torch_threads
 
 
@@ -83,7 +85,7 @@ def test_the_retrain_of_a_parallel_run_does_not_depend_on_which_worker_made_it(f
     device = resolve_device(spec.training.device)  # the run's device: the GPU where there is one
     with torch_threads(worker_threads(device, 2)):
         score = fit_and_test(
-            trial_spec, _load_dataset_for(trial_spec), epochs=retrain_epochs(selected, trial_spec), device=device
+            trial_spec, load_dataset_for(trial_spec), epochs=retrain_epochs(selected, trial_spec), device=device
         )
     assert (outcome.test["test_loss"], outcome.test["test_metric"]) == (score.test_loss, score.test_metric)
 
@@ -127,7 +129,7 @@ def test_a_spawned_worker_sends_its_early_retrain_to_the_calling_process(fast_tm
     early = received.early_refit
     assert early is not None and early.trial_number == 0
     assert received.report_draft is None  # the calling process still searched: no draft yet
-    dataset = _load_dataset_for(spec)
+    dataset = load_dataset_for(spec)
     assert early.member.model(dataset.X_test[:3]).shape == (3, dataset.n_outputs)
 
 

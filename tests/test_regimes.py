@@ -15,6 +15,7 @@ from modelsel.regimes import (
     Cell,
     TrialNumbers,
     baseline_error,
+    blew_up,
     capacity_side,
     classify,
     classify_in_context,
@@ -114,6 +115,31 @@ def test_a_blow_up_the_model_never_recovered_from_is_diverged_not_underfit() -> 
     # One that recovered is judged on where it ended.
     assert classify(numbers(0.01, 0.03, train_loss_curve=[5000.0, 0.5, 0.2])).regime == "good"
     assert classify(numbers(0.01, 0.2, train_loss_curve=[5000.0, 0.5, 0.2])).regime == "overfit"
+
+
+def test_blew_up_tells_a_blow_up_from_a_loss_that_merely_rose() -> None:
+    assert blew_up("diverged", None)  # pruned for a NaN loss: no evidence stored
+    assert blew_up("diverged", {"train_error": 0.1})  # a loss that is not finite
+    assert blew_up("diverged", {"train_loss_first": 4.2e6, "train_loss_last": 32.3, "train_loss_peak": 4.2e6})
+    assert blew_up("diverged", {"train_loss_first": 2.3, "train_loss_last": 40.0})  # 17x its first epoch
+    # Dropout's noise at a learning rate far too small: diverged by diverge_ratio 1.0, not blown up.
+    assert not blew_up("diverged", {"train_loss_first": 0.6929, "train_loss_last": 0.6999})
+    assert not blew_up("underfit", None)
+    # Adam at lr 1e6 whose cross-entropy rose from 6e11 to 7e11: the diverge_ratio rule
+    # labels it first, and its evidence still shows the blow-up.
+    rising = classify(numbers(0.9, 0.9, train_loss_curve=[6.0e11, 6.9e11]))
+    assert "above its first-epoch value" in rising.reason
+    assert blew_up(rising.regime, rising.evidence)
+
+
+def test_early_stopping_judges_the_epoch_whose_weights_were_kept() -> None:
+    # Restored from epoch 2; the later epochs blew up, and the trial read diverged.
+    kept = TrialNumbers(
+        train_error=0.05, val_error=0.08, baseline_error=0.9, train_loss_curve=[0.7, 0.3, 5000.0, 8000.0],
+        final_epoch=1, classification=True,
+    )
+    assert classify(kept).regime == "good"
+    assert classify(TrialNumbers(**{**kept.__dict__, "final_epoch": None})).regime == "diverged"
 
 
 def test_precedence_diverged_then_underfit_then_overfit() -> None:
@@ -377,6 +403,6 @@ def test_gradient_flow_compares_the_first_layer_with_the_output_layer() -> None:
     assert gradient_flow({"hidden1": [0.0], "output": [0.0]}) is None
     assert gradient_flow({}) is None
     # Training that diverged blew its gradients up after the first batch measured them.
-    assert gradient_flow({"hidden1": [0.2], "output": [0.5]}, diverged=True) == ("exploding", 0.4)
-    assert gradient_flow({"hidden1": [1e-7], "output": [0.5]}, diverged=True) == ("exploding", 2e-7)
+    assert gradient_flow({"hidden1": [0.2], "output": [0.5]}, exploded=True) == ("exploding", 0.4)
+    assert gradient_flow({"hidden1": [1e-7], "output": [0.5]}, exploded=True) == ("exploding", 2e-7)
     assert gradient_flow({"hidden1": [0.2, "inf"], "output": [0.5, 0.7]}) == ("exploding", math.inf)

@@ -271,16 +271,23 @@ def test_a_report_of_failed_and_running_trials_without_a_pruned_one(tmp_path: Pa
     study.add_trial(optuna.trial.create_trial(value=0.7, user_attrs={"fold_epochs": 4}))
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, intermediate_values={1: 0.5}))
     study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))  # a grid cell queued again
     html = build_report(study, output_dir=tmp_path / "out").read_text(encoding="utf-8")
-    assert "3 trials: 1 complete, 0 pruned, 1 failed, 1 running." in html
+    assert "4 trials: 1 complete, 0 pruned, 1 failed, 1 running, 1 waiting." in html
+    assert "&lt;NA&gt;" not in html  # counts missing from a trial are blank, as pd.NA (na_rep did not cover it)
 
 
 def test_a_study_whose_completed_trials_all_diverged_selects_none(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="blown", storage=f"sqlite:///{tmp_path}/s.db", direction="maximize")
     study.set_user_attr("spec_full", json.dumps({"name": "blown", "cv": {"folds": 2}}))
-    study.add_trial(optuna.trial.create_trial(value=0.1, user_attrs={"regime": "diverged", "fold_epochs": 4}))
+    blown = {"regime": "diverged", "regime_evidence": {"train_loss_first": 2.6e13, "train_loss_last": 1.4e13,
+                                                        "train_loss_peak": 2.6e13}}
+    study.add_trial(optuna.trial.create_trial(value=0.1, user_attrs={**blown, "fold_epochs": 4}))
     html = build_report(study, output_dir=tmp_path / "out").read_text(encoding="utf-8")
-    assert "Every completed trial diverged (regime), so nothing was selected and the test split was not scored." in html
+    assert (
+        "Every completed trial blew up in training (regime diverged), so nothing was selected and the test split "
+        "was not scored." in html
+    )
 
 
 def test_the_report_hides_the_storage_password(tmp_path: Path) -> None:

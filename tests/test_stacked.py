@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from modelsel.diagnostics import GradientStats
+from modelsel.engines import train_models
 from modelsel.spec import ModelSpec, TrainingSpec
 from modelsel.stacked import (
     StackedTrainer,
@@ -30,7 +31,6 @@ from modelsel.training import (
     TrainSource,
     choose_engine,
     torch_threads,
-    train_models,
 )
 
 N_CLASSES = 3

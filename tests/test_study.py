@@ -17,25 +17,27 @@ from conftest import files_under, tiny_spec_data
 from optuna.trial import TrialState
 
 from modelsel.errors import DataError, SpecError, StorageError, UserError
+from modelsel.results import (
+    best_trial,
+    best_value_text,
+    fold_epochs_spent,
+    retrain_epochs,
+    stored_spec,
+    trial_fold_epochs,
+    trials_within_fold_epochs,
+)
+from modelsel.search import make_pruner, make_sampler
+from modelsel.signals import quiet_interrupted_trial_logs
 from modelsel.spec import StudySpec, parse_spec, trial_fold_epochs_cap
 from modelsel.study import (
     _open_study,
     _optimize,
-    best_trial,
     check_run,
-    fold_epochs_spent,
     load_study,
-    make_pruner,
-    make_sampler,
     preflight,
-    quiet_interrupted_trial_logs,
-    retrain_epochs,
     run_study,
-    stored_spec,
     study_budget,
     summarize,
-    trial_fold_epochs,
-    trials_within_fold_epochs,
 )
 
 
@@ -95,28 +97,65 @@ def test_a_resumed_run_stores_its_budget_and_description(fast_tmp: Path) -> None
     assert (stored["budget"]["n_trials"], stored["description"]) == (2, "the second run's words")
 
 
-def test_selection_leaves_out_trials_whose_training_diverged() -> None:
+BLOWN = {"train_loss_first": 4.2e6, "train_loss_last": 32.3, "train_loss_peak": 4.2e6}
+#: A loss that rose by dropout's noise at a learning rate too small to learn: "diverged"
+#: by the diverge_ratio rule, but nothing blew up.
+ROSE = {"train_loss_first": 0.6929, "train_loss_last": 0.6999}
+
+
+def _trial(values: list[float], regime: str, evidence: dict[str, float], **params: int) -> optuna.trial.FrozenTrial:
+    distributions = {k: optuna.distributions.IntDistribution(0, 1000) for k in params}
+    return optuna.trial.create_trial(
+        values=values,
+        params=params,
+        distributions=distributions,
+        user_attrs={"regime": regime, "regime_evidence": evidence},
+    )
+
+
+def test_selection_leaves_out_trials_whose_training_blew_up() -> None:
     # A finite blow-up completes with a number at chance: a study of only such trials
     # selected one and scored the test split with it (test loss 1.5e6).
-    def trial(values: list[float], regime: str) -> optuna.trial.FrozenTrial:
-        return optuna.trial.create_trial(values=values, user_attrs={"regime": regime})
-
     study = optuna.create_study(direction="maximize")
-    study.add_trial(trial([0.30], "diverged"))
-    study.add_trial(trial([0.20], "underfit"))
+    study.add_trial(_trial([0.30], "diverged", BLOWN))
+    study.add_trial(_trial([0.20], "underfit", {}))
     chosen = best_trial(study)
     assert chosen is not None and chosen.number == 1
-    only_diverged = optuna.create_study(direction="maximize")
-    only_diverged.add_trial(trial([0.30], "diverged"))
-    assert best_trial(only_diverged) is None
+    assert best_value_text(study) == "best 0.2"  # the progress bar shows the selection's value
+    only_blown = optuna.create_study(direction="maximize")
+    only_blown.add_trial(_trial([0.30], "diverged", BLOWN))
+    assert best_trial(only_blown) is None and best_value_text(only_blown) == ""
+    # A loss that merely rose is still selected (it was, with the advice to lower a rate
+    # that was already far too small).
+    rose = optuna.create_study(direction="maximize")
+    rose.add_trial(_trial([0.50], "diverged", ROSE))
+    chosen = best_trial(rose)
+    assert chosen is not None and chosen.number == 0
     # Several objectives: the Pareto front of the trials left (trial 0 dominated both).
     pareto = optuna.create_study(directions=["maximize", "minimize"])
-    pareto.add_trial(trial([0.9, 10.0], "diverged"))
-    pareto.add_trial(trial([0.8, 50.0], "good"))
-    pareto.add_trial(trial([0.7, 20.0], "good"))
-    pareto.add_trial(trial([0.6, 60.0], "good"))  # dominated by trial 1
+    pareto.add_trial(_trial([0.9, 10.0], "diverged", BLOWN))
+    pareto.add_trial(_trial([0.8, 50.0], "good", {}))
+    pareto.add_trial(_trial([0.7, 20.0], "good", {}))
+    pareto.add_trial(_trial([0.6, 60.0], "good", {}))  # dominated by trial 1
     chosen = best_trial(pareto)
     assert chosen is not None and chosen.number == 1
+
+
+def test_a_sweep_cell_with_a_seed_that_blew_up_is_ranked_by_all_its_seeds() -> None:
+    # Leaving the blown-up seed out ranked width 8 on its one lucky seed (0.95) above
+    # width 4 (0.80 on both), while sweep.csv's best cell (all seeds) was width 4.
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trial([0.80], "good", {}, width=4, seed=0))
+    study.add_trial(_trial([0.80], "good", {}, width=4, seed=1))
+    study.add_trial(_trial([0.45], "diverged", BLOWN, width=8, seed=0))
+    study.add_trial(_trial([0.95], "good", {}, width=8, seed=1))
+    chosen = best_trial(study)
+    assert chosen is not None and chosen.params == {"width": 4, "seed": 0}
+    # A cell ranked best is retrained from a seed that did not blow up.
+    study.add_trial(_trial([0.99], "diverged", BLOWN, width=16, seed=0))
+    study.add_trial(_trial([0.99], "good", {}, width=16, seed=1))
+    chosen = best_trial(study)
+    assert chosen is not None and chosen.params == {"width": 16, "seed": 1}
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")

@@ -24,16 +24,24 @@ from optuna.trial import TrialState
 from modelsel.cli import main
 from modelsel.errors import UserError
 from modelsel.report import build_report, draft_report, summary_section, trials_frame
+from modelsel.results import FINISHED_STATES
 from modelsel.spec import load_spec, parse_spec
-from modelsel.study import FINISHED_STATES, StudyOutcome, _open_study, _optimize, preflight, run_study, summarize
-from modelsel.sweeps import (
+from modelsel.study import (
+    StudyOutcome,
     _best_outcome,
+    _open_study,
+    _optimize,
+    preflight,
+    run_study,
+    run_sweep_maps,
+    summarize,
+)
+from modelsel.sweeps import (
     axis_findings,
     cell_summary,
     map_specs,
     plot_regime_map,
     plot_validation_curve,
-    run_sweep_maps,
     selected_trials,
     sweep_frame,
 )
@@ -362,10 +370,17 @@ def test_a_kept_own_label_on_the_other_side_of_the_best_cell_is_explained() -> N
     frame["fold_train_errors"] = [[v] for v in frame["train_error"]]
     (finding,) = axis_findings(frame, ["width"], [])
     assert finding.endswith(
-        "Note: at width=16 the model overfits by its own numbers (gap 0.056), though it has less capacity than "
-        "the best cell, whose training error is lower (0.042 vs 0.182)."
+        "Note: at width=16 the model overfits by its own numbers (gap 0.056) though it has less capacity than "
+        "the best cell; the best cell's training error is lower (0.042 vs 0.182)."
     )
     assert "width=4 the model underfits by its own" not in finding  # its label and side agree
+    # A shallower net may fit its training data better than the best cell: say so, not the opposite.
+    frame[["train_error", "gap"]] = [[0.35, 0.05], [0.01, 0.228], [0.042, 0.146]]
+    (finding,) = axis_findings(frame, ["width"], [])
+    assert finding.endswith(
+        "at width=16 the model overfits by its own numbers (gap 0.228) though it has less capacity than "
+        "the best cell; its training error is lower than the best cell's too (0.01 vs 0.042)."
+    )
 
 
 def test_a_numeric_axis_is_shown_in_ascending_order(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from modelsel.diagnostics import GradientStats, weight_stats
+from modelsel.engines import train_models
 from modelsel.models import MLP
 from modelsel.spec import ModelSpec, TrainingSpec
 from modelsel.training import (
@@ -24,7 +25,6 @@ from modelsel.training import (
     TrainSource,
     evaluate,
     make_optimizer,
-    train_models,
 )
 
 

@@ -1,0 +1,89 @@
+"""The report's building blocks: sections, embedded figures and HTML tables.
+
+Shared by the study report (:mod:`modelsel.report`) and the sweep sections
+(:mod:`modelsel.sweeps`), which both render with them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
+from optuna.trial import FrozenTrial
+
+
+@dataclass
+class Figure:
+    """One embedded plot of the report."""
+
+    title: str
+    png_base64: str
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    """A titled part of the report: prose, tables (HTML from pandas) and figures."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    #: Long tables (e.g. one row per trial) scroll inside a box.
+    scroll_tables: bool = False
+
+
+def figure_to_base64(fig: plt.Figure) -> str:
+    """Render a matplotlib figure as a base64 PNG and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_training_curves(trial: FrozenTrial, *, title: str | None = None) -> Figure | None:
+    """Train/validation loss per epoch of one trial: fold mean with a min–max band."""
+    fold_curves = trial.user_attrs.get("fold_curves")
+    if not fold_curves:
+        return None
+    rows = []
+    for split in ("train", "val"):
+        for fold, curve in enumerate(fold_curves.get(f"{split}_loss", [])):
+            rows += [
+                {"epoch": epoch + 1, "loss": v, "split": split, "fold": fold}
+                for epoch, v in enumerate(curve)
+                if isinstance(v, (int, float))
+            ]
+    if not rows:
+        return None
+    data = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.lineplot(data=data, x="epoch", y="loss", hue="split", errorbar=("pi", 100), ax=ax)
+    ax.set_yscale("log" if data["loss"].min() > 0 else "linear")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    sns.despine(fig)
+    return Figure(
+        title or f"Training curves of trial {trial.number}",
+        figure_to_base64(fig),
+        "Fold mean; the band spans the folds (min to max). Train loss is the running mean over batches.",
+    )
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    # na_rep covers NaN; a column of Nones (object dtype) would print "None".
+    frame = frame.copy()
+    for column in frame.columns:
+        if frame[column].dtype == "object":
+            frame[column] = frame[column].map(lambda v: "" if v is None else v)
+        elif isinstance(frame[column].dtype, pd.Int64Dtype):  # na_rep does not cover pd.NA
+            frame[column] = frame[column].astype(object).where(frame[column].notna(), "")
+    return frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, classes="data")

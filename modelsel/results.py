@@ -1,0 +1,222 @@
+"""What a study's storage says about its trials: counts, the stored spec, the compute
+spent and the selection.
+
+Everything here reads the storage alone (no training), so that the orchestration
+(:mod:`modelsel.study`), the workers (:mod:`modelsel.parallel`), the sweep analysis
+(:mod:`modelsel.sweeps`) and the report (:mod:`modelsel.report`) agree on which trial is
+selected, what it stands for and what the study spent.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from modelsel.regimes import blew_up
+from modelsel.spec import SWEEP_SEED_PARAM, StudySpec, params_key, trial_fold_epochs_cap, with_params
+
+#: Trials that count towards ``budget.n_trials``.
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+#: Trials whose training counts towards ``budget.fold_epochs`` (a failed trial trained too).
+SPENT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def trial_fold_epochs(trial: FrozenTrial, folds: int) -> int:
+    """Fold-epochs ``trial`` trained: the epochs of each of its ``folds`` folds, summed.
+
+    Read from the trial's ``fold_epochs`` attribute (stored when it completes, is pruned or
+    diverges); a trial without it (interrupted, or invalid and never trained) counts the
+    epochs of its last report, the step of which is the epochs trained, for each fold. (A
+    trial of more than 100 epochs reports every ``ceil(epochs / 100)``-th, so fewer epochs
+    than that may go uncounted after its last report; counting its reports instead
+    counted half of a 120-epoch trial.)
+    """
+    stored = trial.user_attrs.get("fold_epochs")
+    if isinstance(stored, int):
+        return stored
+    return max(trial.intermediate_values, default=0) * folds
+
+
+def fold_epochs_spent(study: optuna.Study, folds: int) -> int:
+    """Fold-epochs the study's finished and failed trials trained (running ones not counted)."""
+    trials = study.get_trials(deepcopy=False, states=SPENT_STATES)
+    return sum(trial_fold_epochs(trial, folds) for trial in trials)
+
+
+def stored_spec(study: optuna.Study) -> dict[str, Any]:
+    """The full spec the study's latest run stored (user attribute ``spec_full``, written by
+    every run that opens the study); empty when there is none. Raises ``ValueError`` when it
+    is not JSON."""
+    parsed: dict[str, Any] = json.loads(study.user_attrs.get("spec_full", "") or "{}")
+    return parsed
+
+
+def stored_fold_epochs(study: optuna.Study) -> tuple[int, int | None]:
+    """Fold-epochs a stored study's trials trained, and the ``budget.fold_epochs`` of its
+    stored spec (None: none), from the storage alone."""
+    spec = stored_spec(study)
+    return fold_epochs_spent(study, stored_folds(spec)), (spec.get("budget") or {}).get("fold_epochs")
+
+
+def stored_folds(spec: dict[str, Any]) -> int:
+    """``cv.folds`` of a stored spec (:func:`stored_spec`; the default 5 when it has none)."""
+    return int((spec.get("cv") or {}).get("folds", 5))
+
+
+def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | None:
+    """How many more trials ``budget.fold_epochs`` lets start, each counted at its longest
+    (:func:`~modelsel.spec.trial_fold_epochs_cap`); None when the spec has no such budget.
+
+    Counting every trial at its longest keeps the study within the cap whatever is pruned.
+    """
+    budget = spec.budget.fold_epochs
+    if budget is None:
+        return None
+    return max(0, (budget - fold_epochs_spent(study, spec.cv.folds)) // trial_fold_epochs_cap(spec))
+
+
+def best_value_text(study: optuna.Study) -> str:
+    """The progress bar's "best 0.8234": the value the selection ranks the selected trial
+    by (one objective; empty before a selection, or for several objectives)."""
+    chosen = selection_and_value(study) if len(study.directions) == 1 else None
+    return "" if chosen is None else f"best {chosen[1]:.4g}"
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The selected trial: the best one, or for several objectives the Pareto-optimal
+    trial that is best on the first objective."""
+    selection = selection_and_value(study)
+    return None if selection is None else selection[0]
+
+
+def selection_and_value(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
+    """The selected trial (:func:`best_trial`) and the first objective's value it was
+    ranked by: its cell's mean over the completed seeds for a one-objective sweep with
+    repeats, else its own value. Trials whose training blew up are not selected
+    (:func:`selectable_trials`)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(study.directions) == 1 and any(SWEEP_SEED_PARAM in t.params for t in complete):
+        return _best_cell_trial(complete, study.direction)
+    complete = selectable_trials(study)
+    if not complete:
+        return None
+    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+    candidates = complete if len(study.directions) == 1 else _pareto_front(complete, signs)
+    # Ties go to the earliest trial, as Optuna's best_trial breaks them.
+    chosen = min(candidates, key=lambda t: (signs[0] * t.values[0], t.number))
+    return chosen, float(chosen.values[0])
+
+
+def selectable_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The completed trials that selection may pick: not those whose training blew up
+    (:func:`modelsel.regimes.blew_up`: a finite blow-up completes with a number at chance)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in complete if not _blew_up(t)]
+
+
+def _blew_up(trial: FrozenTrial) -> bool:
+    return blew_up(trial.user_attrs.get("regime"), trial.user_attrs.get("regime_evidence"))
+
+
+def _pareto_front(trials: Sequence[FrozenTrial], signs: Sequence[int]) -> list[FrozenTrial]:
+    """The trials no other trial dominates (``signs``: +1 to minimize an objective, -1 to
+    maximize it), as Optuna's ``best_trials`` but over the given trials."""
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
+        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+    return [b for b in trials if not any(dominates(a, b) for a in trials)]
+
+
+def _cell_key(trial: FrozenTrial) -> tuple[tuple[str, str], ...]:
+    """A trial's sweep cell: its parameters but the ``seed`` of a repeat."""
+    return params_key({k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM})
+
+
+def _seed_order(trial: FrozenTrial) -> tuple[Any, int]:
+    return trial.params.get(SWEEP_SEED_PARAM, 0), trial.number
+
+
+def cell_trials(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
+    """The completed trials that the selection of ``trial`` stands for, in seed order:
+    every seed of its cell in a one-objective sweep with repeats (selected by their mean),
+    else ``[trial]`` (several objectives select one trial, seed and all)."""
+    if SWEEP_SEED_PARAM not in trial.params or len(study.directions) > 1:
+        return [trial]
+    cell = _cell_key(trial)
+    same = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _cell_key(t) == cell]
+    return sorted(same, key=_seed_order) or [trial]
+
+
+def selected_params(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters that name the selection of ``trial``: without the repeat ``seed``
+    where a one-objective sweep selects cells (:func:`cell_trials`)."""
+    by_cell = len(study.directions) == 1
+    return {k: v for k, v in trial.params.items() if k != SWEEP_SEED_PARAM or not by_cell}
+
+
+def cell_score(trials: Sequence[FrozenTrial], curve: str) -> tuple[float | None, float | None]:
+    """Mean and sample std of the fold values ``fold_<curve>`` (``val_metric``, ``val_loss``)
+    pooled over ``trials`` (the seeds of a cell); one trial's own stored mean and std."""
+    if len(trials) == 1:
+        attrs = trials[0].user_attrs
+        return attrs.get(f"{curve}_mean"), attrs.get(f"{curve}_std")
+    values = [float(v) for t in trials for v in t.user_attrs.get(f"fold_{curve}") or []]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _best_cell_trial(
+    complete: Sequence[FrozenTrial], direction: optuna.study.StudyDirection
+) -> tuple[FrozenTrial, float] | None:
+    """For a sweep with repeats (a ``seed`` parameter): the first seed's trial of the cell
+    whose value, averaged over its completed seeds, is best, and that mean (None when
+    there is none). The best single seed of any cell would select by the luck of a seed
+    (and, for data drawn from the seed, compare trials on different data). A seed that
+    blew up counts in its cell's mean (it makes its cell worse, as in ``sweep.csv``); a
+    cell whose every seed blew up is not selected, and the trial a cell is retrained
+    from is its first seed that did not blow up."""
+    cells: dict[tuple[tuple[str, str], ...], list[FrozenTrial]] = {}
+    for trial in complete:
+        cells.setdefault(_cell_key(trial), []).append(trial)
+    kept = {key: [t for t in trials if not _blew_up(t)] for key, trials in cells.items()}
+    means = {key: statistics.fmean(float(t.values[0]) for t in trials) for key, trials in cells.items() if kept[key]}
+    if not means:
+        return None
+    sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
+    best = min(means, key=lambda key: (sign * means[key], min(t.number for t in cells[key])))
+    return min(kept[best], key=_seed_order), means[best]
+
+
+def retrain_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
+    """Epochs for the final retrain: the folds' mean best epoch under early stopping."""
+    final_epochs = trial.user_attrs.get("final_epochs")
+    if spec.training.early_stopping is not None and final_epochs:
+        return max(1, round(statistics.fmean(final_epochs)))
+    return spec.training.epochs
+
+
+def pending_retrain(study: optuna.Study, spec: StudySpec) -> tuple[FrozenTrial, StudySpec, int] | None:
+    """The selected trial, its configuration and retrain epochs, while it has no stored
+    test score (None without a selection, or once its score is stored)."""
+    selected = best_trial(study)
+    if selected is None:
+        return None
+    stored = study.user_attrs.get("test_result")
+    if stored is not None and stored.get("trial_number") == selected.number:
+        return None
+    trial_spec = with_params(spec, selected.params)
+    return selected, trial_spec, retrain_epochs(selected, trial_spec)
