@@ -311,6 +311,50 @@ def test_unreachable_postgres_via_the_cli_exits_2() -> None:
 # ------------------------------------------------------------------- journal and sqlite studies
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_the_printed_dashboard_command_serves_the_study(tmp_path: Path, kind: str) -> None:
+    """The run prints "Dashboard: optuna-dashboard ..."; that command must serve the study."""
+    import json
+    import shlex
+    import time
+    import urllib.request
+
+    pytest.importorskip("optuna_dashboard")  # in the dev extra: CI runs this
+    (tmp_path / "runs").mkdir()
+    url = f"sqlite:///{tmp_path}/runs/s.db" if kind == "sqlite" else f"journal:{tmp_path}/runs/s.log"
+    outcome = run_study(
+        parse_spec(tiny_spec_data()), storage=url, output_dir=tmp_path / "reports", progress=False, build_report=False
+    )
+    port = free_port()
+    executable = shutil.which("optuna-dashboard")
+    assert executable is not None, "optuna-dashboard is installed with the dev extra"
+    command = [executable, *shlex.split(outcome.dashboard_command)[1:], "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    summaries = json.load(response)["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode() if server.stderr else "it exited"
+                assert time.monotonic() < deadline, "the dashboard did not answer within 60 s"
+                time.sleep(0.3)
+        assert [s["study_name"] for s in summaries] == ["tiny"]
+        study_id = summaries[0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=30) as response:
+            detail = json.load(response)
+        assert len(detail["trials"]) == outcome.n_complete == 2
+        # The user attributes the report is rebuilt from are there to browse.
+        keys = {a["key"] for a in detail["trials"][0]["user_attrs"]}
+        assert {"fold_val_metric", "regime", "grad_norms", "curves"} <= keys
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_a_study_in_a_journal_file(fast_tmp: Path) -> None:
     url = f"journal:{fast_tmp}/runs/study.log"
     (fast_tmp / "runs").mkdir()
