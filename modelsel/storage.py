@@ -268,8 +268,12 @@ class _OwnTrials:
                     failed.append(trial_id)
                 else:  # finished elsewhere meanwhile (another process's heartbeat check)
                     own.discard(trial_id)
-            except Exception:
-                continue
+            except Exception as error:  # the caller's own error comes first; say what is left behind
+                sys.stderr.write(
+                    f"warning: trial id {trial_id} could not be stored as failed ({type(error).__name__}: {error}); "
+                    "it stays running in the storage until a later run's heartbeat check fails it (SQL storages; "
+                    "a journal file keeps it running)\n"
+                )
         return failed
 
 
@@ -286,8 +290,9 @@ def fail_unfinished_trials() -> list[int]:
     Called when a run stops on an exception (Ctrl-C, a worker's SIGTERM, an error): the
     connections are dropped first (:func:`reset_storage_connections`), so that a
     transaction the interrupt left open does not lock the write. Best effort: an error
-    here is swallowed, so that the caller sees the one that stopped the run; a trial left
-    RUNNING is failed by the heartbeat of a later run (RDB storages).
+    here is not raised, so that the caller sees the one that stopped the run, but a line
+    on stderr names the trial left RUNNING (a later run's heartbeat check fails it on an
+    SQL storage; a journal file has no heartbeat).
 
     Returns
     -------

@@ -532,6 +532,31 @@ def test_a_stopping_thread_fails_only_the_trials_it_started_and_left_unfinished(
     assert fail_unfinished_trials() == [], "a trial is failed once"
 
 
+def test_a_trial_that_cannot_be_stored_as_failed_is_named_on_stderr(
+    fast_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The write error was swallowed without a word: the trial stayed RUNNING unseen.
+    import warnings
+
+    import modelsel.storage as storage_module
+
+    study = optuna.create_study(study_name="own", storage=open_storage(f"journal:{fast_tmp}/own.log"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        left = study.ask()
+
+    def disk_full(storage: Any, trial_id: int) -> bool:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage_module, "_fail_if_running", disk_full)
+        assert fail_unfinished_trials() == []
+    err = capsys.readouterr().err
+    assert f"warning: trial id {left._trial_id} could not be stored as failed (OSError: " in err
+    assert "a journal file keeps it running" in err
+    assert fail_unfinished_trials() == [left._trial_id]  # still this thread's: a later call retries
+
+
 def test_importing_the_storage_libraries_opens_nothing(tmp_path: Path) -> None:
     # A spawned worker imports them while it waits for its orders, before the study is
     # open: it must not create the database (or touch a journal) then.
