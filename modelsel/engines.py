@@ -44,7 +44,7 @@ def train_models(
     model_spec, training
         What to build and how to train it (epochs, batch size, optimizer, L1/L2,
         clipping, early stopping on validation loss, and ``engine``: the members one
-        after another, or stacked into one batched model; see :func:`choose_engine`).
+        after another, or stacked into one batched model; see :func:`~modelsel.training.choose_engine`).
     task
         ``classification`` (cross-entropy) or ``regression`` (MSE).
     n_outputs

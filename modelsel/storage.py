@@ -270,11 +270,26 @@ class _OwnTrials:
                     own.discard(trial_id)
             except Exception as error:  # the caller's own error comes first; say what is left behind
                 sys.stderr.write(
-                    f"warning: trial id {trial_id} could not be stored as failed ({type(error).__name__}: {error}); "
+                    f"warning: {_trial_label(self, trial_id)} could not be stored as failed "
+                    f"({type(error).__name__}: {error}); "
                     "it stays running in the storage until a later run's heartbeat check fails it (SQL storages; "
                     "a journal file keeps it running)\n"
                 )
         return failed
+
+
+def _trial_label(storage: Any, trial_id: int) -> str:
+    """"trial #N of study S" as the summary and report name it; the storage's own id when
+    the storage cannot say (it may be what failed)."""
+    try:
+        number = storage.get_trial_number_from_id(trial_id)
+    except Exception:
+        return f"the trial with storage id {trial_id}"
+    try:  # RDB storages say which study; a journal storage has no such lookup
+        study = storage.get_study_name_from_id(storage.get_study_id_from_trial_id(trial_id))
+    except Exception:
+        return f"trial #{number}"
+    return f"trial #{number} of study {study}"
 
 
 @functools.cache

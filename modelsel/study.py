@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -103,7 +104,7 @@ class StudyOutcome:
 
     @property
     def dashboard_command(self) -> str:
-        return f"optuna-dashboard {display_url(self.storage_url)}"
+        return f"optuna-dashboard {shlex.quote(display_url(self.storage_url))}"
 
 
 def study_budget(spec: StudySpec, *, n_trials: int | None = None) -> int | None:
@@ -667,7 +668,7 @@ def select_and_test(
     user attribute ``test_result`` and reused while the selection does not change. A later
     run that selects another trial scores it, and lists the trials scored before in the
     result's ``earlier_trials`` (choosing among test scores would tune to the test split).
-    ``early_refit`` (see :class:`EarlyRefit`) is scored instead of retraining when it is
+    ``early_refit`` (see :class:`~modelsel.parallel.EarlyRefit`) is scored instead of retraining when it is
     the selected trial's retrain. ``threads`` fixes the intra-op threads of the retrain
     and the test (``--workers`` runs retrain with the workers' threads wherever the
     retrain happens, so that its numbers do not depend on which process did it).
