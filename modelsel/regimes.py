@@ -65,6 +65,20 @@ def blew_up(regime: str | None, evidence: Mapping[str, Any] | None) -> bool:
     return first > 0 and last >= BLOWUP_RATIO * first
 
 
+def trial_blew_up(attrs: Mapping[str, Any]) -> bool:
+    """:func:`blew_up` for a stored trial's user attributes. A trial stored before the
+    peak was recorded in every diverged verdict (the ``diverge_ratio`` rule fired first)
+    is read from its stored training curve: a cross-entropy above
+    :data:`BLOWUP_CROSS_ENTROPY` in any epoch."""
+    regime = attrs.get("regime")
+    if blew_up(regime, attrs.get("regime_evidence")):
+        return True
+    if regime != "diverged" or attrs.get("metric_name", "accuracy") != "accuracy":
+        return False
+    curve = (attrs.get("curves") or {}).get("train_loss") or []
+    return any(_is_number(value) and value > BLOWUP_CROSS_ENTROPY for value in curve)
+
+
 #: How a larger value of a model/training field changes capacity: +1 more, -1 less.
 CAPACITY_DIRECTION: dict[str, int] = {
     "width": 1,
@@ -378,7 +392,7 @@ def classify_in_context(cells: Sequence[Cell], *, thresholds: RegimeSpec | None 
     """Relabel the cells of a sweep using their neighbours (same order as ``cells``).
 
     Within the cells trained on the same data, the best cell (lowest validation error,
-    averaged over repeats) is the yardstick:
+    averaged over every repeat; not a cell whose every repeat blew up) is the yardstick:
 
     * a cell whose own numbers say ``diverged``, ``underfit`` or ``overfit`` keeps it;
     * a cell within ``tolerance_se`` standard errors (of the paired per-fold difference)
@@ -397,13 +411,24 @@ def classify_in_context(cells: Sequence[Cell], *, thresholds: RegimeSpec | None 
     for index, cell in enumerate(cells):
         slices.setdefault(tuple(value_key(k) for k in cell.data_key), []).append(index)
     for members in slices.values():
+        # Every seed counts in its cell's mean, and a cell whose every seed blew up cannot
+        # be the best: the rules of the study's selection and of sweep.csv's best_cell.
         by_cell: dict[tuple[Any, ...], list[int]] = {}
         for index in members:
-            if cells[index].own.regime != "diverged":
-                by_cell.setdefault(cells[index].cell_key, []).append(index)
-        if not by_cell:
+            by_cell.setdefault(cells[index].cell_key, []).append(index)
+        candidates = [
+            key
+            for key, rows in by_cell.items()
+            if any(not blew_up(cells[i].own.regime, cells[i].own.evidence) for i in rows)
+        ]
+        if not candidates:
             continue
-        best_key = min(by_cell, key=lambda k: statistics.fmean(cells[i].numbers.val_error for i in by_cell[k]))
+
+        ranks = {
+            key: (statistics.fmean(cells[i].numbers.val_error for i in by_cell[key]), min(by_cell[key]))
+            for key in candidates
+        }
+        best_key = min(candidates, key=ranks.__getitem__)
         best_rows = [cells[i] for i in by_cell[best_key]]
         best = best_rows[0]
         best_val = statistics.fmean(b.numbers.val_error for b in best_rows)

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from modelsel import __version__
 from modelsel.figures import Figure, Section, figure_to_base64, format_table, plot_training_curves
-from modelsel.regimes import BLOWUP_RATIO, GRADIENT_FLOW_RATIO, blew_up, gradient_flow
+from modelsel.regimes import BLOWUP_RATIO, GRADIENT_FLOW_RATIO, gradient_flow, trial_blew_up
 from modelsel.results import (
     best_trial,
     cell_score,
@@ -84,7 +84,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row["fail_reason"] = row["fail_reason"] or "stopped before it finished (interrupted, or its process ended)"
         flow = gradient_flow(
             trial.user_attrs.get("grad_norms") or {},
-            exploded=blew_up(trial.user_attrs.get("regime"), trial.user_attrs.get("regime_evidence")),
+            exploded=trial_blew_up(trial.user_attrs),
         )
         row["gradient_flow"], row["grad_ratio"] = flow if flow is not None else (None, None)
         row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None
@@ -147,8 +147,10 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
     return Figure("Optimization history", figure_to_base64(fig), "Pruned trials are marked on the first value.")
 
 
-def plot_importance(study: optuna.Study) -> Figure | None:
-    """Parameter importances (Optuna's default evaluator) of the first objective; None when not computable."""
+def plot_importance(study: optuna.Study) -> Figure | str | None:
+    """Parameter importances (Optuna's default evaluator) of the first objective; None when
+    there is nothing to rank (under 3 complete trials, or no parameter varied), and a
+    sentence saying why when the evaluator fails."""
     from modelsel.spec import SWEEP_SEED_PARAM
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -164,8 +166,8 @@ def plot_importance(study: optuna.Study) -> Figure | None:
                 params=sorted(varied),
                 target=(lambda t: t.values[0]) if len(study.directions) > 1 else None,
             )
-    except (RuntimeError, ValueError, ZeroDivisionError):
-        return None
+    except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+        return f"Parameter importance could not be computed ({type(exc).__name__}: {exc})."
     if not importances:
         return None
     data = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
@@ -276,14 +278,16 @@ def draft_report(study: optuna.Study) -> ReportDraft:
     files["trials.csv"] = frame.to_csv(index=False).encode("utf-8")
     search = Section("Search")
     for figure in (plot_history(study, frame), plot_importance(study)):
-        if figure is not None:
+        if isinstance(figure, str):
+            search.paragraphs.append(figure)
+        elif figure is not None:
             search.figures.append(figure)
     selected = best_trial(study)
     if selected is not None:
         curves = plot_training_curves(selected, title=f"Training curves of the selected trial ({selected.number})")
         if curves is not None:
             search.figures.append(curves)
-    if search.figures:
+    if search.figures or search.paragraphs:
         sections.append(search)
     flow = gradient_flow_section(study, frame, selected=None if selected is None else selected.number)
     if flow is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from modelsel.regimes import blew_up
+from modelsel.regimes import trial_blew_up
 from modelsel.spec import SWEEP_SEED_PARAM, StudySpec, params_key, trial_fold_epochs_cap, with_params
 
 #: Trials that count towards ``budget.n_trials``.
@@ -126,7 +126,7 @@ def selectable_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def _blew_up(trial: FrozenTrial) -> bool:
-    return blew_up(trial.user_attrs.get("regime"), trial.user_attrs.get("regime_evidence"))
+    return trial_blew_up(trial.user_attrs)
 
 
 def _pareto_front(trials: Sequence[FrozenTrial], signs: Sequence[int]) -> list[FrozenTrial]:

@@ -44,18 +44,21 @@ from modelsel.regimes import (
     REGIMES,
     Cell,
     Verdict,
-    blew_up,
     capacity_side,
     classify,
     classify_in_context,
     error_name,
     numbers_from_attrs,
+    trial_blew_up,
 )
 from modelsel.results import stored_spec
 from modelsel.spec import RegimeSpec, StudySpec, value_key
 
 REGIME_COLORS = {"underfit": "#4C72B0", "good": "#55A868", "overfit": "#DD8452", "diverged": "#C44E52"}
 SEED_COLUMN = "seed"
+#: Whether the study's selection may pick the row's trial (completed, and its training did
+#: not blow up: :func:`modelsel.regimes.trial_blew_up`); not written to ``sweep.csv``.
+SELECTABLE = "_selectable"
 #: Dataset fields that are model choices rather than a different data set.
 _MODEL_LIKE_DATA_FIELDS = {"degree"}
 
@@ -124,7 +127,8 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
         row["n_params"] = attrs.get("n_params")
         row["n_train"] = attrs.get("n_train")
         row["error"] = error_name(attrs.get("metric_name", "accuracy"))
-        row["_blew_up"] = blew_up(attrs.get("regime"), attrs.get("regime_evidence"))
+        # What the study's selection may pick (results.selectable_trials): completed, not blown up.
+        row[SELECTABLE] = trial.state == TrialState.COMPLETE and not trial_blew_up(attrs)
         numbers = numbers_from_attrs(attrs) if trial.state == TrialState.COMPLETE else None
         if numbers is not None:
             own = classify(numbers, thresholds=thresholds)
@@ -182,22 +186,22 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
         if column not in frame:
             frame[column] = None
     # The best cell of each data setting: lowest validation error averaged over repeats,
-    # among cells with a seed that did not blow up (as the study's selection).
+    # among cells with a seed that did not blow up, ties to the cell of the earliest trial:
+    # the study's selection's rules (which ranks by the first objective: the same cell for
+    # val_accuracy, not always for val_loss).
     cell_keys = frame.apply(lambda r: tuple(value_key(r[a]) for a in axes), axis=1)
-    blown_rows = frame.pop("_blew_up") if "_blew_up" in frame else [False] * len(frame)
-    selectable = {tuple(key) for key, blown in zip(cell_keys, blown_rows, strict=True) if not blown}
+    selectable = {tuple(key) for key, ok in zip(cell_keys, frame[SELECTABLE], strict=True) if ok}
     data_keys = frame.apply(lambda r: tuple(value_key(r[a]) for a in data_axes), axis=1)
     sums: dict[tuple[str, ...], list[float]] = {}
-    for key, value in zip(cell_keys, frame["val_error"], strict=True):
+    first_trial: dict[tuple[str, ...], int] = {}
+    for key, value, number in zip(cell_keys, frame["val_error"], frame["trial"], strict=True):
         if isinstance(value, (int, float)) and math.isfinite(value):
             sums.setdefault(tuple(key), []).append(float(value))
+            first_trial[tuple(key)] = min(first_trial.get(tuple(key), int(number)), int(number))
     best: dict[tuple[str, ...], tuple[str, ...]] = {}
-    for key, values in sums.items():
-        if key not in selectable:
-            continue
-        data = tuple(key[axes.index(a)] for a in data_axes)
-        if data not in best or statistics.fmean(values) < statistics.fmean(sums[best[data]]):
-            best[data] = key
+    rank = {key: (statistics.fmean(values), first_trial[key]) for key, values in sums.items() if key in selectable}
+    for key in sorted(rank, key=rank.__getitem__):
+        best.setdefault(tuple(key[axes.index(a)] for a in data_axes), key)
     frame["best_cell"] = [best.get(tuple(d)) == tuple(c) for c, d in zip(cell_keys, data_keys, strict=True)]
     return frame
 
@@ -250,8 +254,8 @@ def _as_number(value: Any) -> float | None:
 
 
 def csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame as written to ``sweep.csv`` (fold lists left out)."""
-    return frame.drop(columns=[c for c in ("fold_train_errors", "fold_val_errors") if c in frame])
+    """The frame as written to ``sweep.csv`` (fold lists and bookkeeping left out)."""
+    return frame.drop(columns=[c for c in ("fold_train_errors", "fold_val_errors", SELECTABLE) if c in frame])
 
 
 def cell_summary(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
@@ -489,12 +493,17 @@ def selected_trials(frame: pd.DataFrame, axes: Sequence[str]) -> list[tuple[int,
         # The cell with the lowest validation error averaged over its seeds, as sweep.csv's
         # best_cell and the regime map's star; not the single best seed of any cell.
         # Ties go to the cell of the earliest trial, as the study's selection breaks them.
-        # The frame is in seed order within a cell, so "first" is the first finished seed.
-        cells = done.groupby([done[a].map(value_key) for a in axes], sort=False).agg(
-            val_error=("val_error", "mean"), first_trial=("trial", "min"), shown=("trial", "first")
-        )
-        best = cells.sort_values(["val_error", "first_trial"]).iloc[0]
-        picks.append((int(best["shown"]), "best cell"))
+        # The frame is in seed order within a cell, so "first" is the first finished seed;
+        # a cell is shown by its first seed that did not blow up (the one it is retrained
+        # from), and a cell whose every seed blew up is not the best (the selection's rules).
+        ok = done[SELECTABLE] if SELECTABLE in done else pd.Series(True, index=done.index)
+        keys = [done[a].map(value_key) for a in axes]
+        cells = done.groupby(keys, sort=False).agg(val_error=("val_error", "mean"), first_trial=("trial", "min"))
+        shown = done[ok.astype(bool)].groupby([k[ok.astype(bool)] for k in keys], sort=False)["trial"].first()
+        cells = cells[cells.index.isin(shown.index)]
+        if not cells.empty:
+            best_key = cells.sort_values(["val_error", "first_trial"]).index[0]
+            picks.append((int(shown.loc[best_key]), "best cell"))
         for regime, column in (("underfit", "train_error"), ("overfit", "gap")):
             group = done[done["sweep_regime"] == regime]
             if not group.empty:

@@ -21,6 +21,7 @@ from modelsel.regimes import (
     classify_in_context,
     gradient_flow,
     numbers_from_attrs,
+    trial_blew_up,
 )
 from modelsel.spec import RegimeSpec, parse_spec
 
@@ -130,6 +131,11 @@ def test_blew_up_tells_a_blow_up_from_a_loss_that_merely_rose() -> None:
     rising = classify(numbers(0.9, 0.9, train_loss_curve=[6.0e11, 6.9e11]))
     assert "above its first-epoch value" in rising.reason
     assert blew_up(rising.regime, rising.evidence)
+    # Stored before the peak went into every diverged verdict: read from the stored curve.
+    stored = {"regime": "diverged", "regime_evidence": {"train_loss_first": 2.3, "train_loss_last": 2.5},
+              "metric_name": "accuracy", "curves": {"train_loss": [2.3, 5000.0, 2.5]}}
+    assert trial_blew_up(stored) and not blew_up(stored["regime"], stored["regime_evidence"])
+    assert not trial_blew_up({**stored, "metric_name": "rmse"})  # an MSE of 5000 may be a fine regression
 
 
 def test_early_stopping_judges_the_epoch_whose_weights_were_kept() -> None:
@@ -300,6 +306,26 @@ def test_repeats_pool_into_one_cell_and_diverged_cells_keep_their_label() -> Non
     broken = numbers(0.9, 0.9, train_loss_curve=[1.0, 9.0])
     cells.append(Cell(axes={"lr": 1.0}, numbers=broken, own=classify(broken), seed=0))
     assert labels(cells) == ["good", "good", "good", "good", "diverged"]
+
+
+def test_a_seed_that_blew_up_counts_in_its_cells_mean_as_in_the_selection() -> None:
+    # Leaving its blown-up seed out made width 8 the yardstick on its one lucky seed, while
+    # the study's selection and sweep.csv's best cell (every seed counts) chose width 4.
+    blown = numbers(0.9, 0.55, train_loss_curve=[4.2e6, 32.3])
+    cells = [
+        cell({"width": 4}, 0.18, 0.20, seed=0),
+        cell({"width": 4}, 0.18, 0.20, seed=1),
+        Cell(axes={"width": 8}, numbers=blown, own=classify(blown), seed=0),
+        cell({"width": 8}, 0.04, 0.05, seed=1),
+    ]
+    verdicts = classify_in_context(cells)
+    assert [v.regime for v in verdicts] == ["good", "good", "diverged", "overfit"]
+    assert verdicts[0].reason == "lowest validation error of the sweep"
+    assert verdicts[3].evidence["best_cell"] == "width=4"
+    # A cell whose every seed blew up is never the yardstick.
+    lucky = numbers(0.9, 0.01, train_loss_curve=[4.2e6, 32.3])  # a lower validation error than width 4's
+    only_blown = [Cell(axes={"width": 8}, numbers=lucky, own=classify(lucky), seed=0), cell({"width": 4}, 0.05, 0.07)]
+    assert classify_in_context(only_blown)[1].reason == "lowest validation error of the sweep"
 
 
 # ------------------------------------------------------ D2L's polynomial example

@@ -290,6 +290,27 @@ def test_a_study_whose_completed_trials_all_diverged_selects_none(tmp_path: Path
     )
 
 
+def test_an_importance_the_evaluator_cannot_compute_is_said_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna.importance
+
+    import modelsel.report as report
+
+    study = optuna.create_study(direction="maximize")
+    lr = {"lr": optuna.distributions.FloatDistribution(0.01, 1)}
+    for i, value in enumerate((0.5, 0.7, 0.6)):
+        study.add_trial(optuna.trial.create_trial(value=value, params={"lr": 0.1 * (i + 1)}, distributions=lr))
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the forest could not be fitted")
+
+    monkeypatch.setattr(optuna.importance, "get_param_importances", failing)
+    assert report.plot_importance(study) == (
+        "Parameter importance could not be computed (RuntimeError: the forest could not be fitted)."
+    )
+    search = next(s for s in report.draft_report(study).sections if s.title == "Search")
+    assert search.paragraphs == [report.plot_importance(study)]
+
+
 def test_the_report_hides_the_storage_password(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="pw", storage=f"sqlite:///{tmp_path}/s.db")
     study.set_user_attr("spec_full", json.dumps({"name": "pw", "storage": "postgresql://u:secret@db.example/optuna"}))

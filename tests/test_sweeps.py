@@ -23,8 +23,9 @@ from optuna.trial import TrialState
 
 from modelsel.cli import main
 from modelsel.errors import UserError
+from modelsel.regimes import classify, numbers_from_attrs
 from modelsel.report import build_report, draft_report, summary_section, trials_frame
-from modelsel.results import FINISHED_STATES
+from modelsel.results import FINISHED_STATES, best_trial
 from modelsel.spec import load_spec, parse_spec
 from modelsel.study import (
     StudyOutcome,
@@ -39,6 +40,7 @@ from modelsel.study import (
 from modelsel.sweeps import (
     axis_findings,
     cell_summary,
+    csv_frame,
     map_specs,
     plot_regime_map,
     plot_validation_curve,
@@ -381,6 +383,62 @@ def test_a_kept_own_label_on_the_other_side_of_the_best_cell_is_explained() -> N
         "at width=16 the model overfits by its own numbers (gap 0.228) though it has less capacity than "
         "the best cell; its training error is lower than the best cell's too (0.01 vs 0.042)."
     )
+
+
+def _stored_sweep(trials: list[tuple[int, int, float, str]]) -> optuna.Study:
+    """An in-memory sweep study over width (repeats 2): (width, seed, val accuracy, kind)
+    per trial, kind ``fine``, ``blown`` (a cross-entropy blow-up at chance) or ``pruned``."""
+    spec = parse_spec(tiny_spec_data(sweep={"width": [4, 8], "repeats": 2}))
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("spec_full", spec.to_json())
+    distributions = {
+        "width": optuna.distributions.CategoricalDistribution([4, 8]),
+        "seed": optuna.distributions.CategoricalDistribution([0, 1]),
+    }
+    for width, seed, accuracy, kind in trials:
+        params = {"width": width, "seed": seed}
+        if kind == "pruned":
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.PRUNED, params=params, distributions=distributions, intermediate_values={1: accuracy}
+            ))
+            continue
+        train = 0.1 if kind == "blown" else accuracy
+        curve = [4.2e6, 32.3] if kind == "blown" else [0.7, 0.3]
+        attrs = {
+            "metric_name": "accuracy", "baseline_error": 0.9, "train_metric_mean": train, "val_metric_mean": accuracy,
+            "fold_train_metric": [train, train], "fold_val_metric": [accuracy, accuracy],
+            "curves": {"train_loss": curve, "val_loss": curve},
+        }
+        numbers = numbers_from_attrs(attrs)
+        assert numbers is not None
+        verdict = classify(numbers)
+        attrs.update(regime=verdict.regime, regime_evidence=verdict.evidence)
+        study.add_trial(optuna.trial.create_trial(
+            value=accuracy, params=params, distributions=distributions, user_attrs=attrs
+        ))
+    return study
+
+
+def test_the_best_cell_follows_the_selections_rules() -> None:
+    # A blown-up seed counts in its cell's mean; the report's "best cell" curves show the
+    # seed the cell is retrained from, not the blown-up one.
+    study = _stored_sweep([(4, 0, 0.5, "fine"), (4, 1, 0.5, "fine"), (8, 0, 0.45, "blown"), (8, 1, 0.95, "fine")])
+    frame = sweep_frame(study)
+    chosen = best_trial(study)
+    assert chosen is not None and chosen.params == {"width": 8, "seed": 1}
+    assert set(frame.loc[frame["best_cell"], "width"]) == {8}
+    assert selected_trials(frame, ["width"])[0] == (3, "best cell")
+    assert "_selectable" not in csv_frame(frame)
+    # A cell of a blown-up seed and a pruned one cannot be selected: no star for it.
+    study = _stored_sweep([(4, 0, 0.3, "fine"), (8, 0, 0.45, "blown"), (8, 1, 0.95, "pruned")])
+    frame = sweep_frame(study)
+    assert set(frame.loc[frame["best_cell"], "width"]) == {4}
+    # Ties go to the cell of the earliest trial, as the selection breaks them.
+    study = _stored_sweep([(8, 0, 0.9, "fine"), (8, 1, 0.9, "fine"), (4, 0, 0.9, "fine"), (4, 1, 0.9, "fine")])
+    frame = sweep_frame(study)
+    chosen = best_trial(study)
+    assert chosen is not None and chosen.params["width"] == 8
+    assert set(frame.loc[frame["best_cell"], "width"]) == {8}
 
 
 def test_a_numeric_axis_is_shown_in_ascending_order(tmp_path: Path) -> None:
