@@ -548,7 +548,21 @@ def axis_findings(frame: pd.DataFrame, axes: Sequence[str], data_axes: Sequence[
     if done.empty:
         return ["No cell has finished yet."]
     error = str(frame["error"].dropna().iloc[0]) if "error" in frame and frame["error"].notna().any() else "error"
-    best = done.iloc[int(np.argmin(done["val_error"].to_numpy(dtype=float)))]
+    # "Lowest" is said of a cell the selection could pick (a seed that did not blow up).
+    ok_keys = None
+    if SELECTABLE in frame:
+        ok = frame[frame[SELECTABLE].astype(bool)]
+        ok_keys = {tuple(value_key(r[a]) for a in axes) for _, r in ok.iterrows()}
+
+    def selectable(part: pd.DataFrame) -> pd.DataFrame:
+        if ok_keys is None or part.empty:
+            return part
+        return part[[tuple(value_key(r[a]) for a in axes) in ok_keys for _, r in part.iterrows()]]
+
+    candidates = selectable(done)
+    if candidates.empty:
+        return [f"No cell finished without its training blowing up (validation {error} at chance or worse)."]
+    best = candidates.iloc[int(np.argmin(candidates["val_error"].to_numpy(dtype=float)))]
     findings = []
     for axis in axes:
         others = [a for a in axes if a != axis]
@@ -570,7 +584,10 @@ def axis_findings(frame: pd.DataFrame, axes: Sequence[str], data_axes: Sequence[
                 f"{first['gap']:.3g} to {last['gap']:.3g} (regimes: {labels})."
             )
             continue
-        b = int(finished.index[int(np.argmin(finished["val_error"].to_numpy(dtype=float)))])
+        ranked = selectable(finished)
+        if ranked.empty:
+            continue
+        b = int(ranked.index[int(np.argmin(ranked["val_error"].to_numpy(dtype=float)))])
         top = line.iloc[b]
         text = (
             f"Along {axis}{where}: validation {error} is lowest at {axis}={_fmt(top[axis])} "

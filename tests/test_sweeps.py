@@ -441,6 +441,18 @@ def test_the_best_cell_follows_the_selections_rules() -> None:
     assert set(frame.loc[frame["best_cell"], "width"]) == {8}
 
 
+def test_the_findings_call_lowest_only_a_cell_the_selection_could_pick() -> None:
+    # Every seed of width 8 blew up, at a lower validation error than width 4's fine seeds:
+    # the finding called width 8 "lowest" while the star and the selection were width 4.
+    study = _stored_sweep([(4, 0, 0.3, "fine"), (4, 1, 0.3, "fine"), (8, 0, 0.45, "blown"), (8, 1, 0.45, "blown")])
+    (finding,) = axis_findings(sweep_frame(study), ["width"], [])
+    assert finding.startswith("Along width: validation error is lowest at width=4 "), finding
+    every = _stored_sweep([(4, 0, 0.3, "blown"), (8, 0, 0.45, "blown")])
+    assert axis_findings(sweep_frame(every), ["width"], []) == [
+        "No cell finished without its training blowing up (validation error at chance or worse)."
+    ]
+
+
 def test_a_numeric_axis_is_shown_in_ascending_order(tmp_path: Path) -> None:
     # Listed as [0.01, 0.001, 0], the findings called 0.001 "below" a best cell at 0.01.
     sweep = {"weight_decay": [0.01, "1e-3", 0], "activation": ["tanh", "relu"]}  # PyYAML's "1e-3" is a string
