@@ -145,6 +145,20 @@ def _number(value: Any) -> float | None:
     return float(value) if _is_number(value) else None
 
 
+def _kept_mean(fold_curves: Sequence[Sequence[Any]], final_epochs: Sequence[Any]) -> list[float]:
+    """Per-epoch mean over folds of each fold's curve cut at the epoch it kept (its last
+    kept value carried to later epochs); empty when the folds do not line up."""
+    if len(fold_curves) != len(final_epochs) or not all(fold_curves):
+        return []
+    kept = [list(curve[: max(1, int(final))]) for curve, final in zip(fold_curves, final_epochs, strict=True)]
+    means = []
+    for epoch in range(max(len(curve) for curve in kept)):
+        values = [_number(curve[min(epoch, len(curve) - 1)]) for curve in kept]
+        numbers = [v for v in values if v is not None]
+        means.append(statistics.fmean(numbers) if len(numbers) == len(values) else math.nan)
+    return means
+
+
 def numbers_from_attrs(attrs: Mapping[str, Any]) -> TrialNumbers | None:
     """The rule's inputs from a finished trial's user attributes (None if incomplete)."""
     classification = attrs.get("metric_name", "accuracy") == "accuracy"
@@ -169,12 +183,19 @@ def numbers_from_attrs(attrs: Mapping[str, Any]) -> TrialNumbers | None:
     if final_epochs and lengths and any(f != n for f, n in zip(final_epochs, lengths, strict=False)):
         final_epoch = max(final_epochs) - 1
     baseline = _number(attrs.get("baseline_error"))
+    fold_curves = attrs.get("fold_curves") or {}
+    train_curve, val_curve = curves.get("train_loss", []), curves.get("val_loss", [])
+    if final_epoch is not None:
+        # Each fold up to the epoch whose weights it kept, its kept value carried on: a fold
+        # that stopped early and blew up after its kept epoch no longer reads as a blow-up.
+        train_curve = _kept_mean(fold_curves.get("train_loss") or [], final_epochs) or train_curve
+        val_curve = _kept_mean(fold_curves.get("val_loss") or [], final_epochs) or val_curve
     return TrialNumbers(
         train_error=train,
         val_error=val,
         baseline_error=baseline if baseline is not None and baseline > 0 else None,
-        train_loss_curve=[float(v) if _is_number(v) else math.nan for v in curves.get("train_loss", [])],
-        val_loss_curve=[float(v) if _is_number(v) else math.nan for v in curves.get("val_loss", [])],
+        train_loss_curve=[float(v) if _is_number(v) else math.nan for v in train_curve],
+        val_loss_curve=[float(v) if _is_number(v) else math.nan for v in val_curve],
         final_epoch=final_epoch,
         fold_train_errors=fold_train,
         fold_val_errors=fold_val,

@@ -148,6 +148,24 @@ def test_early_stopping_judges_the_epoch_whose_weights_were_kept() -> None:
     assert classify(TrialNumbers(**{**kept.__dict__, "final_epoch": None})).regime == "diverged"
 
 
+def test_a_fold_that_blew_up_after_its_kept_epoch_does_not_make_the_trial_diverged() -> None:
+    # The fold-mean curve carried fold 0's last value (3000, after the epoch it kept) on
+    # to the end: "training loss ended at 1500", though both folds' kept weights are fine.
+    fold0 = [2.3, 1.0, 0.5, 0.6, 3000.0]
+    fold1 = [2.3, 1.0, 0.6, 0.4, 0.3, 0.2, 0.15, 0.1]
+    mean = [(fold0[min(e, 4)] + fold1[e]) / 2 for e in range(8)]
+    attrs = {
+        "metric_name": "accuracy", "baseline_error": 0.9, "train_metric_mean": 0.95, "val_metric_mean": 0.93,
+        "fold_train_metric": [0.95, 0.95], "fold_val_metric": [0.93, 0.93], "final_epochs": [3, 8],
+        "curves": {"train_loss": mean, "val_loss": [v * 1.1 for v in mean]},
+        "fold_curves": {"train_loss": [fold0, fold1], "val_loss": [[v * 1.1 for v in fold0], [v * 1.1 for v in fold1]]},
+    }
+    numbers = numbers_from_attrs(attrs)
+    assert numbers is not None
+    assert numbers.train_loss_curve[-1] == pytest.approx((0.5 + 0.1) / 2)
+    assert classify(numbers).regime == "good"
+
+
 def test_precedence_diverged_then_underfit_then_overfit() -> None:
     both = numbers(0.4, 0.6)  # high training error and a large gap
     assert classify(both).regime == "underfit"
