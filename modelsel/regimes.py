@@ -279,7 +279,7 @@ def classify(numbers: TrialNumbers, *, thresholds: RegimeSpec | None = None) -> 
             )
     baseline = numbers.baseline_error
     if blew:
-        peak_epoch = train_curve.index(peak) + 1
+        peak_epoch = evidence["train_loss_peak_epoch"]
         blown = (
             f"training cross-entropy reached {peak:.4g} in epoch {peak_epoch}, above {BLOWUP_CROSS_ENTROPY:g} "
             "(a trivial classifier's is at most ln(classes)): it blew up"

@@ -189,21 +189,34 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
     # among cells with a seed that did not blow up, ties to the cell of the earliest trial:
     # the study's selection's rules (which ranks by the first objective: the same cell for
     # val_accuracy, not always for val_loss).
-    cell_keys = frame.apply(lambda r: tuple(value_key(r[a]) for a in axes), axis=1)
-    selectable = {tuple(key) for key, ok in zip(cell_keys, frame[SELECTABLE], strict=True) if ok}
-    data_keys = frame.apply(lambda r: tuple(value_key(r[a]) for a in data_axes), axis=1)
+    cell_keys, data_keys = _cell_keys(frame, axes), _cell_keys(frame, data_axes)
+    selectable = _selectable_cells(frame, axes) or set()
     sums: dict[tuple[str, ...], list[float]] = {}
     first_trial: dict[tuple[str, ...], int] = {}
     for key, value, number in zip(cell_keys, frame["val_error"], frame["trial"], strict=True):
         if isinstance(value, (int, float)) and math.isfinite(value):
-            sums.setdefault(tuple(key), []).append(float(value))
-            first_trial[tuple(key)] = min(first_trial.get(tuple(key), int(number)), int(number))
+            sums.setdefault(key, []).append(float(value))
+            first_trial[key] = min(first_trial.get(key, int(number)), int(number))
     best: dict[tuple[str, ...], tuple[str, ...]] = {}
     rank = {key: (statistics.fmean(values), first_trial[key]) for key, values in sums.items() if key in selectable}
     for key in sorted(rank, key=rank.__getitem__):
         best.setdefault(tuple(key[axes.index(a)] for a in data_axes), key)
-    frame["best_cell"] = [best.get(tuple(d)) == tuple(c) for c, d in zip(cell_keys, data_keys, strict=True)]
+    frame["best_cell"] = [best.get(d) == c for c, d in zip(cell_keys, data_keys, strict=True)]
     return frame
+
+
+def _cell_keys(frame: pd.DataFrame, axes: Sequence[str]) -> list[tuple[str, ...]]:
+    """Each row's values of ``axes`` as a comparable key (its grid cell, by ``value_key``)."""
+    columns = [frame[a].tolist() for a in axes]
+    return [tuple(value_key(column[i]) for column in columns) for i in range(len(frame))]
+
+
+def _selectable_cells(frame: pd.DataFrame, axes: Sequence[str]) -> set[tuple[str, ...]] | None:
+    """The cells with a row the study's selection may pick (:data:`SELECTABLE`); None for
+    a frame that does not say."""
+    if SELECTABLE not in frame:
+        return None
+    return {key for key, ok in zip(_cell_keys(frame, axes), frame[SELECTABLE], strict=True) if ok}
 
 
 def _keep_nulls(frame: pd.DataFrame, rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> None:
@@ -496,10 +509,10 @@ def selected_trials(frame: pd.DataFrame, axes: Sequence[str]) -> list[tuple[int,
         # The frame is in seed order within a cell, so "first" is the first finished seed;
         # a cell is shown by its first seed that did not blow up (the one it is retrained
         # from), and a cell whose every seed blew up is not the best (the selection's rules).
-        ok = done[SELECTABLE] if SELECTABLE in done else pd.Series(True, index=done.index)
-        keys = [done[a].map(value_key) for a in axes]
-        cells = done.groupby(keys, sort=False).agg(val_error=("val_error", "mean"), first_trial=("trial", "min"))
-        shown = done[ok.astype(bool)].groupby([k[ok.astype(bool)] for k in keys], sort=False)["trial"].first()
+        ok = done[SELECTABLE].astype(bool) if SELECTABLE in done else pd.Series(True, index=done.index)
+        cell = pd.Series([repr(key) for key in _cell_keys(done, axes)], index=done.index)  # tuples make .loc ambiguous
+        cells = done.groupby(cell, sort=False).agg(val_error=("val_error", "mean"), first_trial=("trial", "min"))
+        shown = done[ok].groupby(cell[ok], sort=False)["trial"].first()
         cells = cells[cells.index.isin(shown.index)]
         if not cells.empty:
             best_key = cells.sort_values(["val_error", "first_trial"]).index[0]
@@ -549,15 +562,12 @@ def axis_findings(frame: pd.DataFrame, axes: Sequence[str], data_axes: Sequence[
         return ["No cell has finished yet."]
     error = str(frame["error"].dropna().iloc[0]) if "error" in frame and frame["error"].notna().any() else "error"
     # "Lowest" is said of a cell the selection could pick (a seed that did not blow up).
-    ok_keys = None
-    if SELECTABLE in frame:
-        ok = frame[frame[SELECTABLE].astype(bool)]
-        ok_keys = {tuple(value_key(r[a]) for a in axes) for _, r in ok.iterrows()}
+    ok_keys = _selectable_cells(frame, axes)
 
     def selectable(part: pd.DataFrame) -> pd.DataFrame:
         if ok_keys is None or part.empty:
             return part
-        return part[[tuple(value_key(r[a]) for a in axes) in ok_keys for _, r in part.iterrows()]]
+        return part[[key in ok_keys for key in _cell_keys(part, axes)]]
 
     candidates = selectable(done)
     if candidates.empty:
