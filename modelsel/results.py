@@ -108,7 +108,7 @@ def selection_and_value(study: optuna.Study) -> tuple[FrozenTrial, float] | None
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(study.directions) == 1 and any(SWEEP_SEED_PARAM in t.params for t in complete):
         return _best_cell_trial(complete, study.direction)
-    complete = selectable_trials(study)
+    complete = selectable_trials(complete)
     if not complete:
         return None
     signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
@@ -118,15 +118,11 @@ def selection_and_value(study: optuna.Study) -> tuple[FrozenTrial, float] | None
     return chosen, float(chosen.values[0])
 
 
-def selectable_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The completed trials that selection may pick: not those whose training blew up
-    (:func:`modelsel.regimes.blew_up`: a finite blow-up completes with a number at chance)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in complete if not _blew_up(t)]
-
-
-def _blew_up(trial: FrozenTrial) -> bool:
-    return trial_blew_up(trial.user_attrs)
+def selectable_trials(complete: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """Of ``complete`` (completed trials), those selection may pick: not those whose
+    training blew up (:func:`modelsel.regimes.trial_blew_up`: a finite blow-up completes
+    with a number at chance)."""
+    return [t for t in complete if not trial_blew_up(t.user_attrs)]
 
 
 def _pareto_front(trials: Sequence[FrozenTrial], signs: Sequence[int]) -> list[FrozenTrial]:
@@ -192,7 +188,7 @@ def _best_cell_trial(
     cells: dict[tuple[tuple[str, str], ...], list[FrozenTrial]] = {}
     for trial in complete:
         cells.setdefault(_cell_key(trial), []).append(trial)
-    kept = {key: [t for t in trials if not _blew_up(t)] for key, trials in cells.items()}
+    kept = {key: selectable_trials(trials) for key, trials in cells.items()}
     means = {key: statistics.fmean(float(t.values[0]) for t in trials) for key, trials in cells.items() if kept[key]}
     if not means:
         return None
