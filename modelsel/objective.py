@@ -424,6 +424,8 @@ class StudyObjective:
         trial.set_user_attr("device", self.device_label)
         baseline = rounded(baseline_error(dataset.y_train, dataset.task))
         trial.set_user_attr("baseline_error", baseline)
+        # Known up front, so that a trial pruned before its record tells what its loss was.
+        trial.set_user_attr("metric_name", "accuracy" if dataset.task == "classification" else "rmse")
         gradient_stats = GradientStats()
         callbacks: list[Callback] = [gradient_stats]
         if len(self.objectives) == 1 and self.objectives[0] in _CURVE_OF_OBJECTIVE:

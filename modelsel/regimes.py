@@ -66,17 +66,27 @@ def blew_up(regime: str | None, evidence: Mapping[str, Any] | None) -> bool:
 
 
 def trial_blew_up(attrs: Mapping[str, Any]) -> bool:
-    """:func:`blew_up` for a stored trial's user attributes. A trial stored before the
-    peak was recorded in every diverged verdict (the ``diverge_ratio`` rule fired first)
-    is read from its stored training curve: a cross-entropy above
-    :data:`BLOWUP_CROSS_ENTROPY` in any epoch."""
+    """:func:`blew_up` for a stored trial's user attributes.
+
+    A trial stored before the peak was recorded in every diverged verdict (the
+    ``diverge_ratio`` rule fired first) is read from its stored training curve: a
+    cross-entropy above :data:`BLOWUP_CROSS_ENTROPY` in any epoch. A trial the pruner
+    stopped has no regime; its partial training curve tells: a cross-entropy still above
+    :data:`BLOWUP_CROSS_ENTROPY` when it was stopped, or a loss :data:`BLOWUP_RATIO` times
+    above its first epoch's (a trial stored before its task was recorded is judged by the
+    ratio alone).
+    """
     regime = attrs.get("regime")
     if blew_up(regime, attrs.get("regime_evidence")):
         return True
+    curve = [float(v) for v in (attrs.get("curves") or {}).get("train_loss") or [] if _is_number(v)]
+    if regime is None and attrs.get("pruned_at_epoch") is not None and curve:
+        if attrs.get("metric_name") == "accuracy" and curve[-1] > BLOWUP_CROSS_ENTROPY:
+            return True
+        return len(curve) >= 2 and curve[0] > 0 and curve[-1] >= BLOWUP_RATIO * curve[0]
     if regime != "diverged" or attrs.get("metric_name", "accuracy") != "accuracy":
         return False
-    curve = (attrs.get("curves") or {}).get("train_loss") or []
-    return any(_is_number(value) and value > BLOWUP_CROSS_ENTROPY for value in curve)
+    return any(value > BLOWUP_CROSS_ENTROPY for value in curve)
 
 
 #: How a larger value of a model/training field changes capacity: +1 more, -1 less.

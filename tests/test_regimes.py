@@ -138,6 +138,19 @@ def test_blew_up_tells_a_blow_up_from_a_loss_that_merely_rose() -> None:
     assert not trial_blew_up({**stored, "metric_name": "rmse"})  # an MSE of 5000 may be a fine regression
 
 
+def test_a_trial_the_pruner_stopped_is_judged_by_its_partial_training_curve() -> None:
+    pruned = {"pruned_at_epoch": 2, "metric_name": "accuracy"}
+    assert trial_blew_up({**pruned, "curves": {"train_loss": [1.2e18, 8.8e17]}})  # still blown when stopped
+    assert trial_blew_up({**pruned, "curves": {"train_loss": [2.3, 45.0]}})  # 20x its first epoch
+    assert not trial_blew_up({**pruned, "curves": {"train_loss": [5000.0, 0.9]}})  # recovering when stopped
+    assert not trial_blew_up({**pruned, "curves": {"train_loss": [2.3, 1.9]}})
+    # A regression's MSE may be large; only its rise counts. Without the task stored, the same.
+    assert not trial_blew_up({**pruned, "metric_name": "rmse", "curves": {"train_loss": [5.0e4]}})
+    assert trial_blew_up({**pruned, "metric_name": "rmse", "curves": {"train_loss": [5.0e4, 6.0e5]}})
+    assert not trial_blew_up({"pruned_at_epoch": 1, "curves": {"train_loss": [1.0e18]}})
+    assert not trial_blew_up({**pruned, "curves": {}})
+
+
 def test_early_stopping_judges_the_epoch_whose_weights_were_kept() -> None:
     # Restored from epoch 2; the later epochs blew up, and the trial read diverged.
     kept = TrialNumbers(

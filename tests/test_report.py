@@ -74,6 +74,8 @@ def test_trials_csv_has_one_row_per_trial(built: tuple[optuna.Study, Path, str])
             assert row.pruned_at_epoch == trial.user_attrs["pruned_at_epoch"]
             assert row.fold_epochs == 2 * row.pruned_at_epoch  # what it trained, 2 folds
             assert pd.isna(row.val_metric_mean)
+            # Recorded before training, so that a pruned trial's loss can be read as a cross-entropy.
+            assert trial.user_attrs["metric_name"] == "accuracy"
 
 
 def test_the_study_has_complete_and_pruned_trials(built: tuple[optuna.Study, Path, str]) -> None:
@@ -235,6 +237,24 @@ def test_a_learning_rate_that_makes_training_diverge_counts_as_exploding(fast_tm
     html = outcome.report_path.read_text(encoding="utf-8")
     assert "Of 2 trials: 0 vanishing, 1 healthy, 1 exploding." in html
     assert "is labelled exploding whatever that ratio" in html
+
+
+def test_a_trial_pruned_while_its_loss_was_blown_up_counts_as_exploding() -> None:
+    # The median pruner stopped an lr-1000 trial whose cross-entropy was 1.5e18: finite, so
+    # never labelled diverged, and its gradient flow read healthy.
+    study = optuna.create_study(direction="maximize")
+    norms = {"hidden1": [0.5], "output": [1.0]}
+    pruned = {"pruned_at_epoch": 1, "metric_name": "accuracy", "grad_norms": norms}
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"grad_norms": norms}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.PRUNED, user_attrs={**pruned, "curves": {"train_loss": [1.5e18]}}
+        )
+    )
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={**pruned, "curves": {"train_loss": [2.3]}})
+    )
+    assert trials_frame(study)["gradient_flow"].tolist() == ["healthy", "exploding", "healthy"]
 
 
 def test_a_study_whose_every_trial_diverged_says_so(fast_tmp: Path) -> None:
