@@ -125,26 +125,50 @@ def _objective_label(objective: str) -> str:
 
 
 def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
-    """Optimization history: each finished trial's first objective and the best so far."""
+    """Optimization history: each finished trial's first objective and the best so far.
+
+    A pruned trial is drawn at the last fold-mean value it reported (the epoch it was
+    stopped at); a completed trial whose training blew up is drawn apart and left out of
+    the best so far, as the selection leaves it out.
+    """
     objectives = study.user_attrs.get("objectives") or ["value_0"]
     primary = objectives[0]
     done = frame[frame["state"] == "complete"].sort_values("trial")
     if done.empty or primary not in done:
         return None
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    blown = done["trial"].map(lambda n: n in trials and trial_blew_up(trials[n].user_attrs)).astype(bool)
+    kept = done[~blown]
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-    best = done[primary].cummax() if maximize else done[primary].cummin()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     sns.scatterplot(data=done, x="trial", y=primary, ax=ax, label="trial", color="#4C72B0")
-    ax.step(done["trial"], best, where="post", color="#DD8452", label="best so far")
-    pruned = frame[frame["state"] == "pruned"]
-    if not pruned.empty:
-        ax.scatter(pruned["trial"], [best.iloc[0]] * len(pruned), marker="x", color="grey", label="pruned")
+    if not kept.empty:
+        best = kept[primary].cummax() if maximize else kept[primary].cummin()
+        # Drawn on to the last trial, so that a later blown-up trial does not end the line early.
+        steps = pd.concat([kept["trial"], done["trial"].iloc[-1:]], ignore_index=True)
+        ax.step(steps, [*best, best.iloc[-1]], where="post", color="#DD8452", label="best so far")
+    if blown.any():
+        points = done.loc[blown]
+        ax.scatter(points["trial"], points[primary], marker="D", color="#C44E52", label="blew up (not selected)")
+    pruned = [
+        (t.number, t.intermediate_values[t.last_step])
+        for t in trials.values()
+        if t.state == TrialState.PRUNED
+        and t.last_step is not None
+        and t.user_attrs.get("regime") != "diverged"  # its last value is from before it diverged
+        and math.isfinite(t.intermediate_values[t.last_step])
+    ]
+    caption = ""
+    if pruned and len(study.directions) == 1 and primary.startswith("val_"):
+        numbers, values = zip(*pruned, strict=True)
+        ax.scatter(numbers, values, marker="x", color="grey", label="pruned (last reported)")
+        caption = "A pruned trial is drawn at the last fold-mean value it reported, at the epoch it was stopped."
     ax.set_xlabel("trial")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers, not -0.04 ... 0.04
     ax.set_ylabel(_objective_label(primary))
     ax.legend(loc="best", fontsize=8)
     sns.despine(fig)
-    return Figure("Optimization history", figure_to_base64(fig), "Pruned trials are marked on the first value.")
+    return Figure("Optimization history", figure_to_base64(fig), caption)
 
 
 def plot_importance(study: optuna.Study) -> Figure | str | None:

@@ -200,6 +200,42 @@ def test_the_history_plot_says_what_its_values_are(
     assert labels == [label]
 
 
+def test_the_history_draws_pruned_trials_where_they_stopped_and_leaves_blow_ups_out_of_the_best(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import matplotlib.pyplot as plt
+
+    import modelsel.report as report
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("objectives", ["val_accuracy"])
+    evidence = {"train_loss_first": 2.6e13, "train_loss_last": 1.4e13, "train_loss_peak": 2.6e13}
+    blown = {"regime": "diverged", "regime_evidence": evidence}
+    study.add_trial(optuna.trial.create_trial(value=0.5))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.2, 2: 0.3}))
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs=blown))  # not selectable
+    study.add_trial(optuna.trial.create_trial(value=0.7))
+    diverged = {"regime": "diverged", "fail_reason": "diverged: fold 0 at epoch 2: loss is nan"}
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.8}, user_attrs=diverged)
+    )
+    shown: dict[str, Any] = {}
+
+    def capture(fig: Any) -> str:
+        ax = fig.axes[0]
+        shown["best"] = [float(v) for v in ax.lines[0].get_ydata()]
+        shown["points"] = {c.get_label(): [tuple(map(float, xy)) for xy in c.get_offsets()] for c in ax.collections}
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "figure_to_base64", capture)
+    figure = report.plot_history(study, trials_frame(study))
+    assert figure is not None and "last fold-mean value it reported" in figure.caption
+    assert max(shown["best"]) == pytest.approx(0.7)  # the blown-up 0.9 is not the best so far
+    assert shown["points"]["blew up (not selected)"] == [(2.0, 0.9)]
+    assert shown["points"]["pruned (last reported)"] == [(1.0, 0.3)]  # not trial 0's value, nor the diverged one
+
+
 def test_the_report_shows_where_gradients_vanish(tmp_path: Path) -> None:
     # D2L's picture: 8 sigmoid layers starve the first of gradient; 8 ReLU layers do not.
     sweep = {"activation": ["sigmoid", "relu"], "depth": [1, 8]}
