@@ -67,9 +67,15 @@ def plot_training_curves(trial: FrozenTrial, *, title: str | None = None) -> Fig
         return None
     data = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    sns.lineplot(data=data, x="epoch", y="loss", hue="split", errorbar=("pi", 100), ax=ax)
+    # Markers, so that a trial of one epoch (a single point per split) still shows.
+    sns.lineplot(data=data, x="epoch", y="loss", hue="split", errorbar=("pi", 100), marker="o", ax=ax)
     ax.set_yscale("log" if data["loss"].min() > 0 else "linear")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last_epoch = int(data["epoch"].max())
+    if last_epoch == 1:  # MaxNLocator falls back to fractional ticks for a single integer
+        ax.set_xlim(0.5, 1.5)
+        ax.set_xticks([1])
+    ax.set_ylabel("cross-entropy loss" if trial.user_attrs.get("metric_name", "accuracy") == "accuracy" else "MSE loss")
     sns.despine(fig)
     return Figure(
         title or f"Training curves of trial {trial.number}",

@@ -1,0 +1,62 @@
+"""Tests of modelsel.figures: the training-curve plot and the HTML tables of the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+
+import modelsel.figures as figures
+
+
+def _captured(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    import matplotlib.pyplot as plt
+
+    axes: list[Any] = []
+
+    def capture(fig: Any) -> str:
+        ax = fig.axes[0]
+        axes.append(
+            {
+                "points": [len(line.get_xdata()) for line in ax.lines if line.get_marker() not in (None, "None", "")],
+                "xlim": ax.get_xlim(),
+                "xticks": [float(t) for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]],
+                "ylabel": ax.get_ylabel(),
+            }
+        )
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(figures, "figure_to_base64", capture)
+    return axes
+
+
+def test_a_trial_of_one_epoch_still_shows_its_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lines alone drew nothing for one epoch, on an axis from 0.945 to 1.05 with fractional ticks.
+    shown = _captured(monkeypatch)
+    curves = {"train_loss": [[0.9], [1.1]], "val_loss": [[1.0], [1.2]]}
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={"fold_curves": curves, "metric_name": "accuracy"})
+    assert figures.plot_training_curves(trial) is not None
+    (ax,) = shown
+    assert sorted(n for n in ax["points"] if n) == [1, 1]  # a marker per split
+    assert ax["xlim"][0] <= 0.6 and ax["xlim"][1] >= 1.4
+    assert ax["xticks"] == [1.0]
+    assert ax["ylabel"] == "cross-entropy loss"
+
+
+def test_a_regression_trial_says_its_loss_is_the_mse(monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = _captured(monkeypatch)
+    curves = {"train_loss": [[3.0, 2.0, 1.0]], "val_loss": [[3.5, 2.5, 1.5]]}
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={"fold_curves": curves, "metric_name": "rmse"})
+    assert figures.plot_training_curves(trial) is not None
+    assert shown[0]["ylabel"] == "MSE loss"
+    assert all(float(t).is_integer() for t in shown[0]["xticks"])
+
+
+def test_a_table_shows_missing_values_blank() -> None:
+    frame = pd.DataFrame({"a": [1.5, None], "b": pd.array([3, None], dtype="Int64"), "c": ["x", None]})
+    html = figures.format_table(frame)
+    assert "None" not in html and "NaN" not in html and "&lt;NA&gt;" not in html
+    assert "1.5" in html and ">3<" in html
