@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from modelsel.errors import SpecError
-from modelsel.spec import StudySpec
+from modelsel.spec import StudySpec, max_trial_epochs
 
 #: A resumed study's sampler is seeded ``seed + stride * (trials already stored)``: seeded
 #: as in its first run, a random or TPE sampler would draw that run's configurations again.
@@ -47,6 +47,10 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
     try:
         if name == "grid":
             from modelsel.objective import study_grid
+
+            if options:  # GridSampler takes none but its grid and seed: they would be ignored without a word
+                what = "a sweep runs on optuna's GridSampler, which" if spec.sweep is not None else "the grid sampler"
+                raise ValueError(f"{what} takes no options ({', '.join(map(str, options))}); remove them")
 
             return samplers.GridSampler(study_grid(spec), seed=spec.seed)
         factory: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
@@ -81,6 +85,8 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
     pruner = make_pruner(spec)
     grid = spec.sweep is not None or spec.sampler.name == "grid"
     # A grid's sampler needs no probe (its cells were checked as values); its pruner does.
+    if grid:
+        make_sampler(spec)  # refuses options, which the grid sampler would ignore
     sampler = optuna.samplers.RandomSampler(seed=0) if grid else make_sampler(spec)
     n_objectives = len(spec.objectives or ["default"])
     verbosity = optuna.logging.get_verbosity()
@@ -105,7 +111,10 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
                         trial.should_prune()
                     except Exception as exc:  # whatever a misconfigured pruner raises
                         raise SpecError(_options_error("pruner", pruner, exc, options=spec.pruner.options)) from None
-                probe.tell(trial, [value] * n_objectives)
+                try:
+                    probe.tell(trial, [value] * n_objectives)
+                except Exception as exc:  # options used once a trial ends (TPE's constraints_func)
+                    raise SpecError(_options_error("sampler", sampler, exc, options=spec.sampler.options)) from None
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -124,8 +133,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
     Steps are epochs trained (see :class:`modelsel.objective.PruningCallback`): the
     median and percentile pruners wait for 5 finished trials and may prune from the
-    first epoch on (``n_warmup_steps: 1``); Hyperband's ``max_resource`` is
-    ``training.epochs``.
+    first epoch on (``n_warmup_steps: 1``); Hyperband's ``max_resource`` is the most
+    epochs a trial can train (``training.epochs``, or the largest searched or swept value).
 
     Raises
     ------
@@ -158,7 +167,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
                 raise ValueError(f"min_worse_folds {worse} is more than the {spec.cv.folds} folds of cv.folds")
             return FoldPairedPruner(**options)
         options.setdefault("min_resource", 1)
-        options.setdefault("max_resource", spec.training.epochs)
+        # The longest trial's epochs: training.epochs may be searched or swept.
+        options.setdefault("max_resource", max_trial_epochs(spec))
         for resource in ("min_resource", "max_resource"):
             value = options[resource]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:

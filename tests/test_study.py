@@ -564,6 +564,11 @@ def test_a_bad_storage_url_fails_before_anything_is_written(fast_tmp: Path) -> N
         # These were accepted: the options were ignored, or Hyperband ran with min above max.
         {"pruner": {"name": "none", "options": {"n_startup_trials": 3}}},
         {"pruner": {"name": "hyperband", "options": {"min_resource": 5, "max_resource": 2}}},
+        # A sampler that accepted an option and failed on it as the first trial ended.
+        {"sampler": {"name": "tpe", "options": {"constraints_func": "x"}}},
+        {"sampler": {"name": "nsga2", "options": {"constraints_func": "x"}}},
+        # The grid sampler's options were ignored without a word.
+        {"sampler": {"name": "grid", "options": {"foo": 1}}, "search": {"lr": [0.1, 0.01]}},
         # ... in a grid search too, whose sampler is not probed.
         {
             "pruner": {"name": "hyperband", "options": {"reduction_factor": 1}},
@@ -579,6 +584,14 @@ def test_bad_sampler_or_pruner_options_fail_before_anything_is_written(
     with pytest.raises(SpecError, match=r"(sampler|pruner)\.options"):
         run_study(tiny(**changes), output_dir=fast_tmp / "reports", progress=False)
     assert files_under(fast_tmp) == []
+
+
+def test_hyperbands_max_resource_is_the_longest_trials_epochs() -> None:
+    # It was training.epochs: with epochs searched up to 3 and training.epochs 1, a
+    # 1-epoch trial could never be pruned and every 3-epoch one was judged after epoch 1.
+    spec = tiny(training={"epochs": 1}, search={"epochs": [1, 3], "lr": [0.1, 0.01]}, pruner="hyperband")
+    assert make_pruner(spec)._max_resource == 3
+    assert make_pruner(tiny(training={"epochs": 2}, pruner="hyperband"))._max_resource == 2
 
 
 def test_a_sampler_that_cannot_run_the_study_is_blamed_not_its_options() -> None:
