@@ -658,6 +658,15 @@ class StudySpec(_Section):
 _SECTIONS = ("dataset", "model", "training")
 #: Fields that identify a dataset or a run rather than a hyperparameter.
 _NOT_SEARCHABLE = {"name", "path", "root", "download", "target", "task", "device"}
+#: Fields that a search or sweep could vary but must not, and why.
+_FIXED_FOR_THE_STUDY = {
+    "test_size": "it sets the held-out test split, which every trial must share (one trial's test rows would "
+    "train another, and the selection would compare scores on different data)",
+    "engine": "it is a run setting (how the folds train, with the same results), not a hyperparameter; "
+    "set training.engine",
+    "stack_trials": "it is a run setting (how many trials train at once), not a hyperparameter; "
+    "set training.stack_trials",
+}
 
 
 def searchable_fields(spec: StudySpec) -> dict[str, str]:
@@ -665,7 +674,7 @@ def searchable_fields(spec: StudySpec) -> dict[str, str]:
     fields: dict[str, str] = {}
     for section in _SECTIONS:
         for field in type(getattr(spec, section)).model_fields:
-            if field not in _NOT_SEARCHABLE:
+            if field not in _NOT_SEARCHABLE and field not in _FIXED_FOR_THE_STUDY:
                 fields[field] = section
     return fields
 
@@ -687,6 +696,9 @@ def resolve_field(spec: StudySpec, key: str) -> tuple[str, str]:
         return fields[key], key
     if key == "seed":
         return "study", "seed"
+    why = _FIXED_FOR_THE_STUDY.get(key.rpartition(".")[2])
+    if why is not None:
+        raise ValueError(f"'{key}' cannot be searched or swept: {why}")
     known = ", ".join(sorted(fields))
     raise ValueError(f"'{key}' is not a searchable field; choose one of: {known}")
 

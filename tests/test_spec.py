@@ -396,6 +396,24 @@ def test_search_on_unsearchable_or_unknown_field(key: str) -> None:
     assert "choose one of: " in message and "lr" in message and "width" in message
 
 
+@pytest.mark.parametrize(
+    ("where", "key", "values", "why"),
+    [
+        # The held-out split varied with the trial: one trial's test rows trained another.
+        ("search", "test_size", [0.2, 0.3], "held-out test split"),
+        ("sweep", "dataset.test_size", [0.2, 0.9], "held-out test split"),
+        ("search", "engine", ["sequential", "stacked"], "set training.engine"),
+        ("sweep", "stack_trials", [1, 2], "set training.stack_trials"),
+    ],
+)
+def test_settings_fixed_for_the_study_cannot_be_searched_or_swept(
+    where: str, key: str, values: list[Any], why: str
+) -> None:
+    message = spec_error(spec(**{where: {key: values}}))
+    assert f"{where}.{key}: '{key}' cannot be searched or swept: " in message
+    assert why in message
+
+
 def test_one_field_under_two_names() -> None:
     searched = spec(search={"lr": [0.1, 0.01], "training.lr": {"type": "log", "low": 0.001, "high": 0.1}})
     assert spec_error(searched).endswith("search.training.lr and search.lr name the same field training.lr; keep one")
