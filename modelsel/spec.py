@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -1184,6 +1185,16 @@ class _SpecLoader(yaml.SafeLoader):
                 )
             first_lines[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1, which PyYAML follows, reads ``1e-4`` (no dot) as text: a searched or swept
+# ``weight_decay: [0, 1e-4]`` stored the string '1e-4' with the study, where YAML 1.2
+# and every YAML user mean a number.
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def builtin_spec_path(name: str = "quickstart") -> Path:

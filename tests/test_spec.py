@@ -81,6 +81,22 @@ def test_defaults() -> None:
     assert loaded.resolved_objectives("regression") == ["val_loss"]
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-4 as the text '1e-4': the study stored and searched the string.
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: t\ntraining: {lr: 1e-3}\nsearch:\n  weight_decay: [0, 1e-4, 1E-2]\n  l1: [0, '1e-5']\n",
+        encoding="utf-8",
+    )
+    loaded = load_spec(path)
+    assert loaded.search["weight_decay"].choices == [0, 1e-4, 1e-2]
+    assert loaded.search["l1"].choices == [0, "1e-5"]  # quoted: text, as written
+    assert loaded.training.lr == 1e-3
+    swept = tmp_path / "w.yaml"
+    swept.write_text("name: t\nsweep: {weight_decay: [1e-5, 1e-4]}\n", encoding="utf-8")
+    assert load_spec(swept).sweep.axes["weight_decay"] == [1e-5, 1e-4]  # type: ignore[union-attr]
+
+
 def test_load_spec_overrides_replace_top_level_values(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_data()), encoding="utf-8")
