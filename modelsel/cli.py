@@ -231,6 +231,11 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
                 f"Held-out test: not scored. Retraining the selected configuration on the whole training split "
                 f"diverged at {test['retrain_diverged']} (lower the learning rate, or clip gradients, and run again)"
             )
+        elif test and test.get("trial_number") == outcome.best_trial_number and "test_not_finite" in test:
+            click.echo(
+                f"Held-out test: not finite. {test['test_not_finite'].capitalize()} on its {test.get('n_test', '?')} "
+                "samples, though its training loss was finite (test rows far outside the training data?)"
+            )
         elif test and test.get("trial_number") == outcome.best_trial_number:
             when = " while the last trials ran" if test.get("retrained_during_search") else ""
             click.echo(

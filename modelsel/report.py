@@ -252,6 +252,8 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     if test and test.get("trial_number") == selected.number and "retrain_diverged" in test:
         why = f"not scored: the retrain on the whole training split diverged at {test['retrain_diverged']}"
         rows.append(("held-out test", why))
+    elif test and test.get("trial_number") == selected.number and "test_not_finite" in test:
+        rows.append(("held-out test", f"not finite: {test['test_not_finite']} (its training loss was finite)"))
     elif test and test.get("trial_number") == selected.number:
         rows += [
             (f"held-out test {test['metric_name']}", _num(test["test_metric"])),

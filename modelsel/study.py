@@ -708,7 +708,21 @@ def select_and_test(
             }
             study.set_user_attr("test_result", outcome.test)
             return outcome
-        score = score_on_test(member, dataset, device=device)
+        try:
+            score = score_on_test(member, dataset, device=device)
+        except ArithmeticError as exc:
+            # Trained to a finite loss, yet not finite on the test rows (values far outside the
+            # training data's): stored, so that a rerun says it again instead of rescoring.
+            outcome.test = {
+                "trial_number": selected.number,
+                "params": selected.params,
+                "epochs": epochs,
+                "test_not_finite": str(exc),
+                "n_test": int(dataset.X_test.shape[0]),
+                "earlier_trials": earlier,
+            }
+            study.set_user_attr("test_result", outcome.test)
+            return outcome
     outcome.test = {
         "trial_number": selected.number,
         "params": selected.params,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -417,6 +418,23 @@ def test_a_retrain_that_diverges_is_reported_and_the_run_and_its_rerun_finish(
         assert "diverged at epoch 1: training loss is nan" in result.output
     html = (workdir / "reports" / "tiny" / "report.html").read_text(encoding="utf-8")
     assert "not scored: the retrain on the whole training split diverged" in html
+
+
+def test_a_test_loss_that_is_not_finite_is_reported_and_the_run_and_its_rerun_finish(
+    workdir: Path, spec_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Test rows far outside the training data (a CSV value of 1e30) gave an inf test loss
+    # after a finite retrain: an ArithmeticError traceback, and no report.
+    import modelsel.cv
+
+    monkeypatch.setattr(modelsel.cv, "evaluate", lambda *args, **kwargs: (math.inf, 0.5))
+    spec = spec_file(budget={"n_trials": 1})
+    for _ in range(2):
+        result = invoke("study", "run", str(spec), "--quiet")
+        assert result.exit_code == 0, result.output
+        assert "Held-out test: not finite. The retrained model's test loss is inf on its" in result.output
+    html = (workdir / "reports" / "tiny" / "report.html").read_text(encoding="utf-8")
+    assert "not finite: the retrained model's test loss is inf" in html
 
 
 def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]) -> None:
