@@ -371,7 +371,9 @@ def plot_validation_curve(
         for split, color in (("train", "#4C72B0"), ("val", "#DD8452")):
             mean = panel[f"{split}_error"].to_numpy(dtype=float)
             std = panel[f"{split}_error_std"].to_numpy(dtype=float)
-            lower = np.minimum(std, 0.9 * mean) if log else std  # a log axis cannot show mean - std <= 0
+            # An error rate or MSE is never below 0 (a bar to -1.7 said it could), and a log
+            # axis cannot show 0 at all.
+            lower = np.minimum(std, 0.9 * mean) if log else np.minimum(std, mean)
             ax.errorbar(
                 xs,
                 mean,
@@ -392,7 +394,7 @@ def plot_validation_curve(
         if log:
             ax.set_yscale("log")
     for row in grid:
-        row[0].set_ylabel(error)
+        row[0].set_ylabel("error rate (1 − accuracy)" if error == "error" else error)
     handles, _ = axs[0].get_legend_handles_labels()
     axs[-1].legend(handles=handles + _regime_legend(axs[-1], sorted(seen)), fontsize=7, loc="best")
     sns.despine(fig)

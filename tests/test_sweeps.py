@@ -555,6 +555,27 @@ def test_the_validation_curve_draws_a_panel_for_every_value_of_the_other_axis() 
     assert titles == [f"width={w}" for w in widths]
 
 
+def test_the_validation_curve_never_draws_an_error_below_zero() -> None:
+    # D2L's polynomial sweep: an MSE of 1.2 ± 2.9 over folds drew its bar down to -1.7.
+    import matplotlib.pyplot as plt
+
+    summary = pd.DataFrame(
+        [
+            {"degree": d, "val_error": v, "val_error_std": s, "train_error": 0.5 * v, "train_error_std": 0.1,
+             "sweep_regime": "good"}
+            for d, v, s in ((1, 1.2, 2.9), (3, 0.3, 0.05), (19, 0.8, 0.4))
+        ]
+    )  # fmt: skip
+    figure = plot_validation_curve(summary, "degree", axes=["degree"], error="MSE")
+    assert figure is not None
+    (ax,) = [a for a in figure.axes if a.get_visible()]
+    bottoms = [float(seg[0][1]) for c in ax.collections for seg in c.get_segments()]
+    label = ax.get_ylabel()
+    plt.close(figure)
+    assert bottoms and min(bottoms) >= 0.0
+    assert label == "MSE"
+
+
 def test_a_sweep_whose_every_trial_diverged_still_gets_its_report(tmp_path: Path) -> None:
     # The findings read a column that only finished trials give, and the run ended in a KeyError.
     data = tiny_spec_data(name="blowup", sweep={"lr": [1e5, 1e7]})
