@@ -32,10 +32,12 @@ from modelsel import __version__
 from modelsel.figures import Figure, Section, figure_to_base64, format_table, plot_training_curves
 from modelsel.regimes import BLOWUP_RATIO, GRADIENT_FLOW_RATIO, gradient_flow, trial_blew_up
 from modelsel.results import (
+    best_of_selections,
     best_trial,
     cell_score,
     cell_trials,
     selected_params,
+    selection_and_value,
     stored_fold_epochs,
     stored_folds,
     stored_spec,
@@ -450,16 +452,26 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
     from modelsel import __version__
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sections: list[Section] = [
-        Section(
-            "Maps",
-            paragraphs=[
-                f"This sweep lists {len(studies)} grids; each ran as its own study in the same storage: "
-                + ", ".join(s.study_name for s in studies)
-                + ". Each study's own report (with sweep.csv) is in the folder of that name."
-            ],
+    maps = Section(
+        "Maps",
+        paragraphs=[
+            f"This sweep lists {len(studies)} grids; each ran as its own study in the same storage: "
+            + ", ".join(s.study_name for s in studies)
+            + ". Each study's own report (with sweep.csv) is in the folder of that name."
+        ],
+    )
+    selections = [selection_and_value(s) for s in studies]
+    objective = (studies[0].user_attrs.get("objectives") or ["value"])[0] if studies else "value"
+    best = best_of_selections([None if s is None else s[1] for s in selections], objective)
+    if best is not None:
+        trial, value = selections[best]  # type: ignore[misc]
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in selected_params(studies[best], trial).items())
+        maps.paragraphs.append(
+            f"Across the maps the best selection is {studies[best].study_name}'s trial {trial.number} ({params}): "
+            f"{objective} {value:.4g}. Each map's summary below scores its own selection on the held-out test "
+            "split; the maps may differ in what they hold fixed, so compare them with that in mind."
         )
-    ]
+    sections: list[Section] = [maps]
     for study in studies:
         summary = summary_section(study, trials_frame(study))
         summary.title = f"{study.study_name}: summary"

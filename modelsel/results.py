@@ -18,7 +18,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from modelsel.regimes import trial_blew_up
-from modelsel.spec import SWEEP_SEED_PARAM, StudySpec, params_key, trial_fold_epochs_cap, with_params
+from modelsel.spec import (
+    OBJECTIVE_DIRECTIONS,
+    SWEEP_SEED_PARAM,
+    StudySpec,
+    params_key,
+    trial_fold_epochs_cap,
+    with_params,
+)
 
 #: Trials that count towards ``budget.n_trials``.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -116,6 +123,15 @@ def selection_and_value(study: optuna.Study) -> tuple[FrozenTrial, float] | None
     # Ties go to the earliest trial, as Optuna's best_trial breaks them.
     chosen = min(candidates, key=lambda t: (signs[0] * t.values[0], t.number))
     return chosen, float(chosen.values[0])
+
+
+def best_of_selections(values: Sequence[float | None], objective: str) -> int | None:
+    """Which of several studies' selections ranks best (a multi-grid sweep's maps): the
+    index of the best first-objective value ``objective`` (:func:`selection_and_value`),
+    the first on a tie; None when no study selected a trial."""
+    sign = -1 if OBJECTIVE_DIRECTIONS.get(objective) == "maximize" else 1
+    scored = [(sign * value, index) for index, value in enumerate(values) if value is not None]
+    return min(scored)[1] if scored else None
 
 
 def selectable_trials(complete: Sequence[FrozenTrial]) -> list[FrozenTrial]:

@@ -26,6 +26,7 @@ from modelsel import __version__
 from modelsel.errors import SpecError, UserError
 from modelsel.results import (
     FINISHED_STATES,
+    best_of_selections,
     best_value_text,
     cell_score,
     cell_trials,
@@ -873,11 +874,6 @@ def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOu
 
 
 def _best_outcome(outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
-    from modelsel.spec import OBJECTIVE_DIRECTIONS
-
-    scored = [(o.selection_value, o) for o in outcomes if o.selection_value is not None]
-    if not scored:
-        return outcomes[0]
-    sign = -1 if OBJECTIVE_DIRECTIONS.get(outcomes[0].objectives[0]) == "maximize" else 1
     # Each map's selected cell as its own selection ranked it (a cell's mean over its seeds).
-    return min(scored, key=lambda pair: sign * pair[0])[1]
+    best = best_of_selections([o.selection_value for o in outcomes], outcomes[0].objectives[0])
+    return outcomes[0] if best is None else outcomes[best]

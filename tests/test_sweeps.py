@@ -299,6 +299,11 @@ def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> No
     assert outcome.report_path == tmp_path / "maps" / "report.html"
     html = outcome.report_path.read_text(encoding="utf-8")
     assert "maps-width-x-train_size: sweep findings" in html and "maps-width-x-weight_decay: sweep plots" in html
+    # It names the selection the run printed, as the best across the maps.
+    best_map = re.search(r"best: ([\w-]+)\]", outcome.study_name)
+    assert best_map is not None
+    expected = f"Across the maps the best selection is {best_map.group(1)}&#39;s trial {outcome.best_trial_number} ("
+    assert expected in html
     assert (tmp_path / "maps-width-x-train_size" / "sweep.csv").exists()
     assert (tmp_path / "maps-width-x-train_size" / "learning_curve_train_size.png").exists()
     again = run_study(spec, output_dir=tmp_path, progress=False, build_report=False)
