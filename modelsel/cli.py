@@ -195,6 +195,8 @@ def run_command(
 
 
 def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = False) -> None:
+    from modelsel.spec import value_text
+
     finished = outcome.n_complete + outcome.n_pruned
     ran = f"; {outcome.n_trained_this_run} run in this invocation" if after_run else ""
     click.echo(
@@ -212,7 +214,7 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
     elif outcome.best_trial_number is None:
         click.echo("No trial completed, so nothing was selected.")
     else:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.best_params.items()) or "(fixed configuration)"
+        params = ", ".join(f"{k}={value_text(v)}" for k, v in outcome.best_params.items()) or "(fixed configuration)"
         seeds = outcome.cell_seeds
         cell = f" (the sweep cell of {seeds} seeds; its first seed's trial)" if seeds > 1 else ""
         click.echo(f"Best trial #{outcome.best_trial_number}{cell}: {params}")
@@ -253,10 +255,6 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
     click.echo(f"Dashboard: {outcome.dashboard_command}")
     if outcome.report_path is not None:
         click.echo(f"Report: {outcome.report_path}")
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _check_storage_flag(storage: str | None) -> None:

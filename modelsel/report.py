@@ -43,7 +43,7 @@ from modelsel.results import (
     stored_spec,
     trial_fold_epochs,
 )
-from modelsel.spec import StudySpec
+from modelsel.spec import StudySpec, value_text
 from modelsel.sweeps import sweep_report_parts, sweep_sections
 
 _SUMMARY_ATTRS = (
@@ -243,7 +243,7 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     rows: list[tuple[str, Any]] = [
         ("selected trial", selected.number),
         *([("trials of the selected cell", ", ".join(str(t.number) for t in cell))] if len(cell) > 1 else []),
-        *[(f"param {k}", _fmt(v)) for k, v in selected_params(study, selected).items()],
+        *[(f"param {k}", value_text(v)) for k, v in selected_params(study, selected).items()],
         (f"CV val {metric} (mean ± std{pooled})", _pm(*cell_score(cell, "val_metric"))),
         (f"CV val loss (mean ± std{pooled})", _pm(*cell_score(cell, "val_loss"))),
         (f"CV train {metric} (mean{pooled})", _num(cell_score(cell, "train_metric")[0])),
@@ -269,10 +269,6 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
         rows.append(("test split also scored for", f"trials {earlier} (selected by earlier runs)"))
     section.tables.append(format_table(pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})))
     return section
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _num(value: Any) -> str:
@@ -465,7 +461,7 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
     best = best_of_selections([None if s is None else s[1] for s in selections], objective)
     if best is not None:
         trial, value = selections[best]  # type: ignore[misc]
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in selected_params(studies[best], trial).items())
+        params = ", ".join(f"{k}={value_text(v)}" for k, v in selected_params(studies[best], trial).items())
         maps.paragraphs.append(
             f"Across the maps the best selection is {studies[best].study_name}'s trial {trial.number} ({params}): "
             f"{objective} {value:.4g}. Each map's summary below scores its own selection on the held-out test "

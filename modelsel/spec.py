@@ -889,6 +889,16 @@ def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:
     )
 
 
+def value_text(value: Any, *, digits: int = 4) -> str:
+    """A parameter value for a summary, a table or a plot: a float to ``digits`` significant
+    digits, and still a float when it is whole and not 0 (``train_size`` 1.0, the whole
+    split, is not the count 1)."""
+    if not isinstance(value, float):
+        return str(value)
+    text = f"{value:.{digits}g}"
+    return f"{text}.0" if value != 0 and text.lstrip("-").isdigit() else text
+
+
 def _number(value: float) -> str:
     """A search-space number as a spec would write it (no float noise such as 0.30000000000000004)."""
     return f"{value:.10g}"

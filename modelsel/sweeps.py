@@ -52,7 +52,7 @@ from modelsel.regimes import (
     trial_blew_up,
 )
 from modelsel.results import stored_spec
-from modelsel.spec import RegimeSpec, StudySpec, value_key
+from modelsel.spec import RegimeSpec, StudySpec, value_key, value_text
 
 REGIME_COLORS = {"underfit": "#4C72B0", "good": "#55A868", "overfit": "#DD8452", "diverged": "#C44E52"}
 SEED_COLUMN = "seed"
@@ -317,9 +317,7 @@ def _majority(values: pd.Series) -> Any:
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+    return value_text(value, digits=6)
 
 
 def _log_scale(values: Sequence[float]) -> bool:

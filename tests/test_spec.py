@@ -22,6 +22,7 @@ from modelsel.spec import (
     load_spec,
     parse_spec,
     resolve_field,
+    value_text,
     with_field,
     with_params,
 )
@@ -95,6 +96,14 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
     swept = tmp_path / "w.yaml"
     swept.write_text("name: t\nsweep: {weight_decay: [1e-5, 1e-4]}\n", encoding="utf-8")
     assert load_spec(swept).sweep.axes["weight_decay"] == [1e-5, 1e-4]  # type: ignore[union-attr]
+
+
+def test_value_text_keeps_a_whole_float_a_float() -> None:
+    # "train_size=1" read as one sample, where 1.0 is the whole training split.
+    assert [value_text(v) for v in (1.0, 100.0, 0.5, 0.0, 1e-4, 123456.0, 8, "relu", None)] == [
+        "1.0", "100.0", "0.5", "0", "0.0001", "1.235e+05", "8", "relu", "None"
+    ]
+    assert value_text(0.123456789, digits=6) == "0.123457"
 
 
 def test_load_spec_overrides_replace_top_level_values(tmp_path: Path) -> None:
