@@ -218,6 +218,11 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
         seeds = outcome.cell_seeds
         cell = f" (the sweep cell of {seeds} seeds; its first seed's trial)" if seeds > 1 else ""
         click.echo(f"Best trial #{outcome.best_trial_number}{cell}: {params}")
+        if len(outcome.objectives) > 1:
+            values = ", ".join(map(_objective_value, outcome.objectives, outcome.best_values))
+            click.echo(
+                f"Selected as the Pareto-optimal trial best on the first objective ({outcome.objectives[0]}): {values}"
+            )
         primary = outcome.objectives[0]
         label = f"val {outcome.metric_name}" if primary == "val_accuracy" else primary.replace("_", " ")
         fold_text = f"{folds}-fold " if folds else ""
@@ -251,10 +256,42 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
                 f"The test split was also scored for {earlier}, selected by an earlier run of this study; "
                 "report the selected trial's score, not the best of them"
             )
+        if outcome.pareto_front:
+            _print_pareto_front(outcome)
     click.echo(f"Storage: {outcome.storage_url}")
     click.echo(f"Dashboard: {outcome.dashboard_command}")
     if outcome.report_path is not None:
         click.echo(f"Report: {outcome.report_path}")
+
+
+#: Trials of the Pareto front that the summary lists (the rest are in trials.csv).
+_FRONT_LINES = 10
+
+
+def _print_pareto_front(outcome: Any) -> None:
+    """The Pareto front the selection picked from, best on the first objective first."""
+    front = outcome.pareto_front
+    goals = ", ".join(f"{d} {o}" for o, d in zip(outcome.objectives, outcome.directions, strict=False))
+    click.echo(
+        f"Pareto front ({goals}): {len(front)} non-dominated completed trial{'' if len(front) == 1 else 's'} "
+        f"(those that blew up left out), best {outcome.objectives[0]} first:"
+    )
+    shown = front[:_FRONT_LINES]
+    cells = [[f"#{number}", *map(_objective_value, outcome.objectives, values)] for number, values in shown]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for (number, _), row in zip(shown, cells, strict=True):
+        line = "  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True))
+        mark = "  <- selected" if number == outcome.best_trial_number else ""
+        click.echo(f"  {line.rstrip()}{mark}")
+    if len(front) > len(shown):
+        click.echo(f"  … and {len(front) - len(shown)} more; see the pareto column of trials.csv")
+
+
+def _objective_value(objective: str, value: float) -> str:
+    """``val_accuracy 0.7439``, ``n_params 1234``: an objective and its value."""
+    from modelsel.results import objective_text
+
+    return f"{objective} {objective_text(objective, value)}"
 
 
 def _check_storage_flag(storage: str | None) -> None:

@@ -36,6 +36,8 @@ from modelsel.results import (
     best_trial,
     cell_score,
     cell_trials,
+    objective_text,
+    pareto_front,
     selected_params,
     selection_and_value,
     stored_fold_epochs,
@@ -66,9 +68,13 @@ _COUNT_ATTRS = ("n_params", "n_train", "fold_epochs", "pruned_at_epoch")
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, parameters, objective values, fold mean/std, timings."""
+    """One row per trial: number, state, parameters, objective values, fold mean/std, timings;
+    for several objectives also ``pareto``, whether the trial is on the Pareto front the
+    selection picks from (:func:`~modelsel.results.pareto_front`)."""
 
-    objectives = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
+    objectives = _objective_names(study)
+    several = len(study.directions) > 1
+    front = {t.number for t in pareto_front(study)}
     folds = stored_folds(stored_spec(study))
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -78,6 +84,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         complete = trial.state == TrialState.COMPLETE and trial.values is not None
         values = trial.values if complete else [math.nan] * len(objectives)
         row.update({name: value for name, value in zip(objectives, values, strict=False)})
+        if several:
+            row["pareto"] = trial.number in front
         for key in _SUMMARY_ATTRS:
             row[key] = trial.user_attrs.get(key)
         if trial.state == TrialState.FAIL:
@@ -92,7 +100,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None
         rows.append(row)
     if not rows:  # keep the columns, so that a study without trials still reports
-        columns = ["trial", "state", *objectives, *_SUMMARY_ATTRS, "gradient_flow", "grad_ratio", "duration_s"]
+        pareto = ["pareto"] if several else []
+        columns = ["trial", "state", *objectives, *pareto, *_SUMMARY_ATTRS, "gradient_flow", "grad_ratio", "duration_s"]
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
     for column in _COUNT_ATTRS:
@@ -101,6 +110,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             with contextlib.suppress(TypeError, ValueError):  # not whole numbers: left as they are
                 frame[column] = frame[column].astype("Int64")
     return frame
+
+
+def _objective_names(study: optuna.Study) -> list[str]:
+    """The study's objectives (``value_0``, ``value_1``, … for a study that did not store them)."""
+    names: list[str] = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
+    return names
 
 
 def warm_up() -> None:
@@ -173,6 +188,73 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
     return Figure("Optimization history", figure_to_base64(fig), caption)
 
 
+def plot_pareto_front(study: optuna.Study) -> Figure | None:
+    """For several objectives: the completed trials' first objective against their second,
+    the Pareto front the selection picks from highlighted (a step line along the border of
+    what it dominates, for two objectives) and the selected trial marked; None for one
+    objective or before a trial completed."""
+    if len(study.directions) < 2:
+        return None
+    objectives = _objective_names(study)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    front = pareto_front(study)
+    on_front = {t.number for t in front}
+    blown = [t for t in complete if trial_blew_up(t.user_attrs)]
+    others = [t for t in complete if t.number not in on_front and not trial_blew_up(t.user_attrs)]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for trials, style in (
+        (others, {"color": "#A0A0A0", "label": "dominated trial"}),
+        (blown, {"marker": "D", "color": "#C44E52", "label": "blew up (not selected)"}),
+        (front, {"color": "#4C72B0", "s": 40, "zorder": 3, "label": "Pareto front"}),
+    ):
+        if trials:
+            ax.scatter([t.values[0] for t in trials], [t.values[1] for t in trials], **style)
+    if len(objectives) == 2 and len(front) > 1:
+        # In order of the first objective, best first: each step turns at the corner the two
+        # neighbours both dominate, so the line bounds what the front dominates.
+        ax.step([t.values[0] for t in front], [t.values[1] for t in front], where="post", color="#4C72B0", lw=1)
+    if front:
+        chosen = front[0]
+        ax.scatter(
+            [chosen.values[0]],
+            [chosen.values[1]],
+            marker="*",
+            s=260,
+            color="#DD8452",
+            edgecolor="black",
+            zorder=4,
+            label=f"selected (trial {chosen.number})",
+        )
+    ax.set_xlabel(f"{_objective_label(objectives[0])}, {study.directions[0].name.lower()}d")
+    ax.set_ylabel(f"{_objective_label(objectives[1])}, {study.directions[1].name.lower()}d")
+    # Model sizes and times of a search can span orders of magnitude.
+    ax.set_xscale(_spread_scale(objectives[0], [t.values[0] for t in complete]))
+    ax.set_yscale(_spread_scale(objectives[1], [t.values[1] for t in complete]))
+    ax.legend(loc="best", fontsize=8)
+    sns.despine(fig)
+    caption = (
+        f"Each completed trial's {objectives[0]} against its {objectives[1]}. The Pareto front ({len(front)} "
+        f"trial{'' if len(front) == 1 else 's'}; the pareto column of the trials table) holds the trials that no other "
+        "completed trial matches or beats on every objective while beating on one; trials whose training blew up are "
+        f"left out. The selected trial is the one on the front best on the first objective, {objectives[0]}."
+    )
+    if len(objectives) > 2:
+        rest = ", ".join(objectives[2:])
+        caption += (
+            f" Only the first two of the {len(objectives)} objectives are plotted: a front trial that looks dominated "
+            f"here is better on {rest}."
+        )
+    return Figure("Pareto front", figure_to_base64(fig), caption)
+
+
+def _spread_scale(objective: str, values: Sequence[float]) -> str:
+    """``log`` for a count or duration spanning two orders of magnitude or more, else ``linear``."""
+    wide = min(values) > 0 and max(values) >= 100 * min(values)
+    return "log" if objective in ("n_params", "fit_seconds") and wide else "linear"
+
+
 def plot_importance(study: optuna.Study) -> Figure | str | None:
     """Parameter importances (Optuna's default evaluator) of the first objective; None when
     there is nothing to rank (under 3 complete trials, or no parameter varied), and a
@@ -240,9 +322,22 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     # A sweep cell with repeats is selected by its mean over seeds, and so is it scored here.
     cell = cell_trials(study, selected)
     pooled = f" over {len(cell)} seeds × folds" if len(cell) > 1 else ""
+    objective_rows: list[tuple[str, Any]] = []
+    if len(study.directions) > 1:
+        names = _objective_names(study)
+        objective_rows = [(f"objective {o}", objective_text(o, v)) for o, v in zip(names, selected.values, strict=True)]
+        front = pareto_front(study)
+        section.paragraphs.append(
+            f"With several objectives, the selected trial is the one on the Pareto front best on the first objective, "
+            f"{names[0]}. The front holds the completed trials that no other completed trial matches or beats on "
+            f"every objective while beating on one (trials whose training blew up left out): {len(front)} "
+            f"trial{'' if len(front) == 1 else 's'} here (the Pareto front figure; the pareto column of the trials "
+            "table)."
+        )
     rows: list[tuple[str, Any]] = [
         ("selected trial", selected.number),
         *([("trials of the selected cell", ", ".join(str(t.number) for t in cell))] if len(cell) > 1 else []),
+        *objective_rows,
         *[(f"param {k}", value_text(v)) for k, v in selected_params(study, selected).items()],
         (f"CV val {metric} (mean ± std{pooled})", _pm(*cell_score(cell, "val_metric"))),
         (f"CV val loss (mean ± std{pooled})", _pm(*cell_score(cell, "val_loss"))),
@@ -301,7 +396,7 @@ def draft_report(study: optuna.Study) -> ReportDraft:
     sections, files = sweep_report_parts(study)
     files["trials.csv"] = frame.to_csv(index=False).encode("utf-8")
     search = Section("Search")
-    for figure in (plot_history(study, frame), plot_importance(study)):
+    for figure in (plot_history(study, frame), plot_pareto_front(study), plot_importance(study)):
         if isinstance(figure, str):
             search.paragraphs.append(figure)
         elif figure is not None:

@@ -112,16 +112,17 @@ def selection_and_value(study: optuna.Study) -> tuple[FrozenTrial, float] | None
     ranked by: its cell's mean over the completed seeds for a one-objective sweep with
     repeats, else its own value. Trials whose training blew up are not selected
     (:func:`selectable_trials`)."""
+    if len(study.directions) > 1:
+        front = pareto_front(study)
+        return (front[0], float(front[0].values[0])) if front else None
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(study.directions) == 1 and any(SWEEP_SEED_PARAM in t.params for t in complete):
+    if any(SWEEP_SEED_PARAM in t.params for t in complete):
         return _best_cell_trial(complete, study.direction)
-    complete = selectable_trials(complete)
-    if not complete:
+    candidates = selectable_trials(complete)
+    if not candidates:
         return None
-    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
-    candidates = complete if len(study.directions) == 1 else _pareto_front(complete, signs)
     # Ties go to the earliest trial, as Optuna's best_trial breaks them.
-    chosen = min(candidates, key=lambda t: (signs[0] * t.values[0], t.number))
+    chosen = min(candidates, key=lambda t: (_signs(study)[0] * t.values[0], t.number))
     return chosen, float(chosen.values[0])
 
 
@@ -132,6 +133,34 @@ def best_of_selections(values: Sequence[float | None], objective: str) -> int | 
     sign = -1 if OBJECTIVE_DIRECTIONS.get(objective) == "maximize" else 1
     scored = [(sign * value, index) for index, value in enumerate(values) if value is not None]
     return min(scored)[1] if scored else None
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials a study of several objectives selects from: the completed ones that no
+    other dominates, leaving out those whose training blew up (:func:`selectable_trials`,
+    before dominance: a blown-up trial dominates nothing). Ordered best first on the first
+    objective, ties by trial number, so the first is the selected trial
+    (:func:`best_trial`). Empty for a study of one objective."""
+    if len(study.directions) == 1:
+        return []
+    signs = _signs(study)
+    complete = selectable_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return sorted(_pareto_front(complete, signs), key=lambda t: (signs[0] * t.values[0], t.number))
+
+
+def objective_text(objective: str, value: float) -> str:
+    """An objective's value as summaries print it: a fold mean to 4 decimals (``0.7439``), a
+    parameter count whole (``12345``), else 4 significant digits."""
+    if objective.startswith("val_"):
+        return f"{value:.4f}"
+    if objective == "n_params" and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def _signs(study: optuna.Study) -> list[int]:
+    """+1 for each objective the study minimizes, -1 for each it maximizes."""
+    return [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
 
 
 def selectable_trials(complete: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -145,11 +174,12 @@ def _pareto_front(trials: Sequence[FrozenTrial], signs: Sequence[int]) -> list[F
     """The trials no other trial dominates (``signs``: +1 to minimize an objective, -1 to
     maximize it), as Optuna's ``best_trials`` but over the given trials."""
 
-    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
-        pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
-        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+    keys = [tuple(s * v for s, v in zip(signs, t.values, strict=True)) for t in trials]
 
-    return [b for b in trials if not any(dominates(a, b) for a in trials)]
+    def dominated(b: tuple[float, ...]) -> bool:
+        return any(a != b and all(x <= y for x, y in zip(a, b, strict=True)) for a in keys)
+
+    return [t for t, key in zip(trials, keys, strict=True) if not dominated(key)]
 
 
 def _cell_key(trial: FrozenTrial) -> tuple[tuple[str, str], ...]:

@@ -31,6 +31,7 @@ from modelsel.results import (
     cell_score,
     cell_trials,
     finished_count,
+    pareto_front,
     pending_retrain,
     selected_params,
     selection_and_value,
@@ -102,6 +103,11 @@ class StudyOutcome:
     #: Completed seeds of the selected sweep cell whose folds ``cv_mean``/``cv_std`` pool
     #: (1 but for a sweep with repeats; ``best_params`` then leaves out the seed).
     cell_seeds: int = 1
+    #: Each objective's direction ("maximize", "minimize"), in the order of ``objectives``.
+    directions: list[str] = field(default_factory=list)
+    #: For several objectives, the trials the selection picked from (:func:`~modelsel.results.pareto_front`):
+    #: number and objective values of each, best on the first objective first (the selected trial).
+    pareto_front: list[tuple[int, list[float]]] = field(default_factory=list)
 
     @property
     def dashboard_command(self) -> str:
@@ -755,6 +761,8 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         n_pruned=counts[TrialState.PRUNED],
         n_failed=counts[TrialState.FAIL],
         test=study.user_attrs.get("test_result"),
+        directions=[d.name.lower() for d in study.directions],
+        pareto_front=[(t.number, list(t.values)) for t in pareto_front(study)],
     )
     outcome.fold_epochs, outcome.fold_epochs_budget = stored_fold_epochs(study)
     selection = selection_and_value(study)

@@ -395,6 +395,51 @@ def test_a_first_objective_that_is_not_a_fold_mean_is_printed_without_a_fold_std
     assert result.exit_code == 0, result.output
     assert re.search(r"^Fit seconds: \d", result.output, flags=re.MULTILINE), result.output
     assert "CV fit seconds" not in result.output
+    # Why this trial, and what it traded: every objective, and the front it was picked from.
+    best = re.search(r"^Best trial #(\d+)", result.output, flags=re.MULTILINE)
+    assert best is not None, result.output
+    assert re.search(
+        r"^Selected as the Pareto-optimal trial best on the first objective \(fit_seconds\): "
+        r"fit_seconds \d\S*, val_accuracy \d\.\d{4}$",
+        result.output,
+        flags=re.MULTILINE,
+    ), result.output
+    assert "Pareto front (minimize fit_seconds, maximize val_accuracy): " in result.output
+    selected = rf"^  #{best[1]} +fit_seconds \S+ +val_accuracy \S+  <- selected$"
+    assert re.search(selected, result.output, flags=re.MULTILINE), result.output
+
+
+def test_study_show_of_a_multi_objective_study_lists_its_pareto_front(workdir: Path) -> None:
+    url = f"sqlite:///{workdir}/mo.db"
+    study = optuna.create_study(study_name="mo", storage=url, directions=["maximize", "minimize"])
+    study.set_user_attr("objectives", ["val_accuracy", "n_params"])
+    blown = {"regime": "diverged", "regime_evidence": {"train_loss_first": 2.3, "train_loss_last": 1e6}}
+    study.add_trial(optuna.trial.create_trial(values=[0.99, 10], user_attrs=blown))  # dominates all; not selectable
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 99999]))  # dominated
+    for i in range(12):  # each trades accuracy for size: all on the front
+        study.add_trial(optuna.trial.create_trial(values=[0.6 + 0.01 * i, 1000 + 10000 * i]))
+    shown = invoke("study", "show", "mo", "--storage", url)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    start = lines.index("Best trial #13: (fixed configuration)")
+    end = next(i for i, line in enumerate(lines) if line.startswith("Storage: "))
+    assert lines[start + 1 : end] == [
+        "Selected as the Pareto-optimal trial best on the first objective (val_accuracy): "
+        "val_accuracy 0.7100, n_params 111000",
+        "Pareto front (maximize val_accuracy, minimize n_params): 12 non-dominated completed trials "
+        "(those that blew up left out), best val_accuracy first:",
+        "  #13  val_accuracy 0.7100  n_params 111000  <- selected",
+        "  #12  val_accuracy 0.7000  n_params 101000",
+        "  #11  val_accuracy 0.6900  n_params 91000",
+        "  #10  val_accuracy 0.6800  n_params 81000",
+        "  #9   val_accuracy 0.6700  n_params 71000",
+        "  #8   val_accuracy 0.6600  n_params 61000",
+        "  #7   val_accuracy 0.6500  n_params 51000",
+        "  #6   val_accuracy 0.6400  n_params 41000",
+        "  #5   val_accuracy 0.6300  n_params 31000",
+        "  #4   val_accuracy 0.6200  n_params 21000",
+        "  … and 2 more; see the pareto column of trials.csv",
+    ]
 
 
 def test_a_retrain_that_diverges_is_reported_and_the_run_and_its_rerun_finish(

@@ -373,3 +373,98 @@ def test_the_report_hides_the_storage_password(tmp_path: Path) -> None:
     html = build_report(study, output_dir=tmp_path / "out").read_text(encoding="utf-8")
     assert "secret" not in html
     assert "postgresql://u:***@db.example/optuna" in html
+
+
+_BLOWN_UP = {
+    "regime": "diverged",
+    "regime_evidence": {"train_loss_first": 2.6e13, "train_loss_last": 1.4e13, "train_loss_peak": 2.6e13},
+}
+
+
+def _two_objective_study(tmp_path: Path) -> optuna.Study:
+    """Accuracy (maximize) against size (minimize): trials 0, 2 and 4 are the front; 1 and 3
+    are dominated; 5 would dominate every trial but blew up, so it is on no front."""
+    study = optuna.create_study(
+        study_name="mo", storage=f"sqlite:///{tmp_path}/mo.db", directions=["maximize", "minimize"]
+    )
+    study.set_user_attr("objectives", ["val_accuracy", "n_params"])
+    for values in ([0.9, 5000], [0.8, 6000], [0.85, 800], [0.7, 900], [0.6, 100]):
+        study.add_trial(optuna.trial.create_trial(values=values))
+    study.add_trial(optuna.trial.create_trial(values=[0.99, 10], user_attrs=_BLOWN_UP))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))
+    return study
+
+
+def test_a_multi_objective_report_shows_the_pareto_front_and_why_the_trial_was_selected(tmp_path: Path) -> None:
+    study = _two_objective_study(tmp_path)
+    path = build_report(study, output_dir=tmp_path / "out")
+    frame = pd.read_csv(path.parent / "trials.csv")
+    assert frame["pareto"].tolist() == [True, False, True, False, True, False, False]
+    html = path.read_text(encoding="utf-8")
+    assert '<img alt="Pareto front"' in html
+    assert "The selected trial is the one on the front best on the first objective, val_accuracy." in html
+    assert "Only the first two" not in html
+    assert "the selected trial is the one on the Pareto front best on the first objective, val_accuracy" in html
+    assert "(trials whose training blew up left out): 3 trials here" in html
+    assert "<td>objective n_params</td>\n      <td>5000</td>" in html
+
+
+def test_the_pareto_plot_highlights_the_front_and_marks_the_selected_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.pyplot as plt
+
+    import modelsel.report as report
+
+    shown: dict[str, Any] = {}
+
+    def capture(fig: Any) -> str:
+        ax = fig.axes[0]
+        points = {c.get_label(): c.get_offsets() for c in ax.collections}
+        shown["points"] = {label: sorted(tuple(map(float, xy)) for xy in xys) for label, xys in points.items()}
+        shown["step"] = ax.lines[0].get_drawstyle(), [tuple(map(float, xy)) for xy in ax.lines[0].get_xydata()]
+        shown["labels"] = ax.get_xlabel(), ax.get_ylabel()
+        shown["scales"] = ax.get_xscale(), ax.get_yscale()
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "figure_to_base64", capture)
+    figure = report.plot_pareto_front(_two_objective_study(tmp_path))
+    assert figure is not None and figure.title == "Pareto front"
+    assert shown["points"] == {
+        "dominated trial": [(0.7, 900.0), (0.8, 6000.0)],
+        "blew up (not selected)": [(0.99, 10.0)],
+        "Pareto front": [(0.6, 100.0), (0.85, 800.0), (0.9, 5000.0)],
+        "selected (trial 0)": [(0.9, 5000.0)],
+    }
+    # Best accuracy first, each step turning at the corner both neighbours dominate ((0.85, 5000), (0.6, 800)).
+    assert shown["step"] == ("steps-post", [(0.9, 5000.0), (0.85, 800.0), (0.6, 100.0)])
+    assert shown["labels"] == ("CV val_accuracy (fold mean), maximized", "n_params (model parameters), minimized")
+    assert shown["scales"] == ("linear", "log")  # 10 to 6000 parameters
+
+
+def test_with_three_objectives_the_pareto_plot_says_it_shows_two(tmp_path: Path) -> None:
+    import modelsel.report as report
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("objectives", ["val_accuracy", "n_params", "fit_seconds"])
+    for values in ([0.9, 5000, 3.0], [0.8, 6000, 1.0]):  # each best on something: both on the front
+        study.add_trial(optuna.trial.create_trial(values=values))
+    figure = report.plot_pareto_front(study)
+    assert figure is not None
+    assert "Only the first two of the 3 objectives are plotted" in figure.caption
+    assert "better on fit_seconds" in figure.caption
+    assert report.trials_frame(study)["pareto"].tolist() == [True, True]
+
+
+def test_a_single_objective_report_has_no_pareto_column_or_plot(tmp_path: Path) -> None:
+    import modelsel.report as report
+
+    study = optuna.create_study(study_name="one", storage=f"sqlite:///{tmp_path}/one.db", direction="maximize")
+    study.set_user_attr("objectives", ["val_accuracy"])
+    for value in (0.5, 0.7):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    assert report.plot_pareto_front(study) is None
+    html = build_report(study, output_dir=tmp_path / "out").read_text(encoding="utf-8")
+    assert "pareto" not in pd.read_csv(tmp_path / "out" / "trials.csv").columns
+    assert "Pareto" not in html and "objective val_accuracy" not in html
