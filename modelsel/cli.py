@@ -12,7 +12,7 @@ import math
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -117,7 +117,45 @@ _output_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageErrors(click.Group):
+    """A group whose usage errors (a bad flag or option value) print one line, as every
+    other bad input does, instead of click's usage block, hint and error: ``error: ...
+    (see 'modelsel study run --help')``, exit code 2."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "modelsel"
+            message = exc.format_message().rstrip(".")
+            click.echo(f"error: {message} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:  # what click's standalone mode does with the rest
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _Integer(click.IntRange):
+    """An integer option with bounds that a bad value names as an integer ("'abc' is not a
+    valid integer", not click's "valid integer range")."""
+
+    name = "integer"
+
+
+@click.group("modelsel", cls=_OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="modelsel")
 def main() -> None:
     """Hyperparameter search and model selection for PyTorch MLPs, on Optuna."""
@@ -131,17 +169,17 @@ def study() -> None:
 @study.command("run")
 @click.argument("spec", required=False, type=click.Path(path_type=Path))
 @_storage_option
-@click.option("--n-trials", type=click.IntRange(min=1), help="Total finished trials to reach (tops up a study).")
+@click.option("--n-trials", type=_Integer(min=1), help="Total finished trials to reach (tops up a study).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to search in this run.")
 @click.option(
     "--fold-epochs",
-    type=click.IntRange(min=1),
+    type=_Integer(min=1),
     help="Compute cap: epochs x folds summed over the study's trials (overrides budget.fold_epochs).",
 )
 @_output_option
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="Override the spec's seed.")
+@click.option("--seed", type=_Integer(0, 2**31 - 1), help="Override the spec's seed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override training.device.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel processes.")
+@click.option("--workers", type=_Integer(min=1), default=1, show_default=True, help="Parallel processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def run_command(

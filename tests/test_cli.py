@@ -485,9 +485,23 @@ def test_a_test_loss_that_is_not_finite_is_reported_and_the_run_and_its_rerun_fi
 def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]) -> None:
     spec = spec_file()
     result = invoke("study", "run", str(spec), "--n-trials", "0")
-    assert result.exit_code == 2
-    assert "Invalid value for '--n-trials'" in result.stderr
-    assert "Traceback" not in result.output
+    assert_user_error(result, "Invalid value for '--n-trials'", "(see 'modelsel study run --help')")
+    assert_nothing_written(workdir, "tiny.yaml")
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        # Each printed click's usage block, a hint and a blank line before the error.
+        (["--seed", "abc"], "Invalid value for '--seed': 'abc' is not a valid integer"),
+        (["--workers", "0"], "Invalid value for '--workers': 0 is not in the range x>=1"),
+        (["--device", "gpu"], "Invalid value for '--device': 'gpu' is not one of 'auto', 'cpu', 'cuda'"),
+        (["--n-trial", "3"], "No such option '--n-trial'. Did you mean '--n-trials'?"),
+    ],
+)
+def test_a_bad_flag_is_one_line(workdir: Path, spec_file: Callable[..., Path], flags: list[str], says: str) -> None:
+    result = invoke("study", "run", str(spec_file()), *flags)
+    assert_user_error(result, says, "(see 'modelsel study run --help')")
     assert_nothing_written(workdir, "tiny.yaml")
 
 
