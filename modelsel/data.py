@@ -34,8 +34,10 @@ Datasets
 
 from __future__ import annotations
 
+import csv
 import functools
 import gzip
+import io
 import math
 import os
 import zlib
@@ -721,7 +723,7 @@ def _decode_csv(
     path: str, mtime_ns: int, size: int, target: str, task: Task | None, test_size: float
 ) -> Dataset:
     del mtime_ns, size  # part of the cache key only: an edited file is read again
-    frame = _read_csv(path)
+    frame = _read_csv(path, _read_bytes(path))
     if target not in frame.columns:
         columns = ", ".join(repr(str(c)) for c in frame.columns)
         hint = ""
@@ -797,9 +799,18 @@ def _line(row: int) -> int:
     return row + 2
 
 
-def _read_csv(path: str) -> pd.DataFrame:
+def _read_bytes(path: str) -> bytes:
     try:
-        frame = pd.read_csv(path, low_memory=False)
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file: {_one_line(exc)}") from None
+
+
+def _read_csv(path: str, raw: bytes) -> pd.DataFrame:
+    """Parse the file's bytes ``raw`` after :func:`_check_header`."""
+    _check_header(path, raw)
+    try:
+        frame = pd.read_csv(io.BytesIO(raw), low_memory=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; give a CSV with a header row and data rows") from None
     except pd.errors.ParserError as exc:
@@ -808,12 +819,47 @@ def _read_csv(path: str) -> pd.DataFrame:
             "of comma-separated fields (quote fields that contain commas)"
         ) from None
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; save the table as a UTF-8 CSV file") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the file: {_one_line(exc)}") from None
+        raise DataError(_not_utf8(path)) from None
     if len(frame) == 0:
         raise DataError(f"{path}: the file has a header but no data rows; add rows")
     return frame
+
+
+def _not_utf8(path: str) -> str:
+    return f"{path}: not UTF-8 text; save the table as a UTF-8 CSV file"
+
+
+def _check_header(path: str, raw: bytes) -> None:
+    """Refuse header cells without a name and names given twice, read from the raw header:
+    pandas names the former ``Unnamed: 0`` and renames the latter (``y``, ``y.1``), so a
+    row index or a second copy of the target would become a feature."""
+    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""))
+    try:
+        header = next((row for row in reader if row), None)  # pandas skips blank lines too
+    except UnicodeDecodeError:
+        raise DataError(_not_utf8(path)) from None
+    except csv.Error:
+        return  # pandas says what is wrong with the file
+    if header is None:
+        return
+    unnamed = next((position for position, name in enumerate(header, start=1) if not name.strip()), None)
+    if unnamed == 1:
+        raise DataError(
+            f"{path}: column 1 of the header has no name; it is probably a row index written by pandas' "
+            "DataFrame.to_csv; fix: name the column or drop it (write the file with to_csv(..., index=False))"
+        )
+    if unnamed is not None:
+        raise DataError(f"{path}: column {unnamed} of the header has no name; fix: name the column or drop it")
+    positions: dict[str, list[int]] = {}
+    for position, name in enumerate(header, start=1):
+        positions.setdefault(name, []).append(position)
+    for name, where in positions.items():
+        if len(where) > 1:
+            columns = ", ".join(str(p) for p in where)
+            raise DataError(
+                f"{path}: column name {name!r} appears {len(where)} times in the header (columns {columns}); "
+                "fix: rename or drop all but one of them"
+            )
 
 
 def _split_columns(path: str, frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -572,6 +573,29 @@ def test_csv_identifier_column(tmp_path: Path) -> None:
     rows = [f"id{i},{i},{i % 2}" for i in range(50)]
     message = raises_data_error(csv_spec(write_csv(tmp_path, "name,x,y\n" + "\n".join(rows))))
     assert "'name'" in message and "drop the column" in message
+
+
+@pytest.mark.parametrize("bom", ["", "\ufeff"], ids=["plain", "bom"])
+def test_csv_duplicated_column_names_are_refused(tmp_path: Path, bom: str) -> None:
+    # pandas renamed the second 'y' to 'y.1': a copy of the target became a feature (CV accuracy 1.0).
+    rows = [f"{i},{i % 2},{i % 2}" for i in range(20)]
+    message = raises_data_error(csv_spec(write_csv(tmp_path, bom + "y,x,y\n" + "\n".join(rows))))
+    assert "column name 'y' appears 2 times" in message and "(columns 1, 3)" in message
+    assert "rename or drop" in message
+    rows = [f"{i},{i},{i},{i % 2}" for i in range(20)]
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x,z,x,y\n" + "\n".join(rows), "feature.csv")))
+    assert "'x'" in message and "(columns 1, 3)" in message
+
+
+def test_csv_header_cell_without_a_name_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "indexed.csv"
+    pd.DataFrame({"x": range(20), "y": [i % 2 for i in range(20)]}).to_csv(path)  # the index too
+    message = raises_data_error(csv_spec(path))
+    assert "column 1 of the header has no name" in message and "row index" in message
+    assert "to_csv" in message and "index=False" in message
+    rows = [f"{i},{i},{i % 2}" for i in range(20)]
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x, ,y\n" + "\n".join(rows))))
+    assert "column 2 of the header has no name" in message and "row index" not in message
 
 
 def test_csv_is_cached_until_the_file_changes(tmp_path: Path) -> None:
