@@ -808,6 +808,11 @@ def _read_bytes(path: str) -> bytes:
 
 def _read_csv(path: str, raw: bytes) -> pd.DataFrame:
     """Parse the file's bytes ``raw`` after :func:`_check_header`."""
+    if b"\x00" in raw[:1024]:  # no CSV text holds NUL; pandas read a file of zeros as a header alone
+        raise DataError(
+            f"{path}: not a text CSV file (it holds NUL bytes: a binary file, or text saved as UTF-16); "
+            "give the path of a CSV file saved as UTF-8 text"
+        )
     _check_header(path, raw)
     try:
         frame = pd.read_csv(io.BytesIO(raw), low_memory=False)

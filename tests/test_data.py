@@ -525,6 +525,19 @@ def test_csv_not_utf8(tmp_path: Path) -> None:
     assert "UTF-8" in message
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"\x00" * 100, gzip.compress(b"x,y\n1,0\n2,1\n"), "x,y\n1,0\n2,1\n".encode("utf-16")],
+    ids=["zeros", "gzip", "utf-16"],
+)
+def test_csv_binary_file(tmp_path: Path, content: bytes) -> None:
+    # A file of zeros was "a header but no data rows".
+    path = tmp_path / "table.csv"
+    path.write_bytes(content)
+    message = raises_data_error(csv_spec(path))
+    assert "not a text CSV file" in message and "UTF-8" in message
+
+
 def test_csv_missing_target_column_lists_columns(tmp_path: Path) -> None:
     message = raises_data_error(csv_spec(write_csv(tmp_path, _mixed_table()), target="label"))
     assert "'label'" in message and "'height', 'color', 'count', 'y'" in message
