@@ -59,17 +59,21 @@ def fold_indices(dataset: Dataset, cv: CVSpec, *, seed: int) -> list[tuple[np.nd
 
 
 def _standardizer(X: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    mean = X.mean(dim=0, keepdim=True)
-    std = X.std(dim=0, keepdim=True)
+    # In float64: float32 sums and squares of values near float32's limit (3.4e38) overflow
+    # to inf (two rows of 3e38 made a whole column inf), and so can a difference Z - mean.
+    X64 = X.double()
+    mean = X64.mean(dim=0, keepdim=True)
+    var = X64.var(dim=0, keepdim=True, correction=0)
+    std = X64.std(dim=0, keepdim=True)
+    del X64
     # A column constant in the training rows keeps its scale, as scikit-learn's
     # StandardScaler does: divided by ~0, its values in validation or test rows reached
     # 1e7 and more (a rare one-hot level, a digits pixel that is blank in one fold).
     # Constant means a variance within rounding of zero (sklearn's _is_constant_feature).
     n, eps = X.shape[0], torch.finfo(torch.float64).eps
-    var, mean64 = X.double().var(dim=0, keepdim=True, correction=0), mean.double()
-    constant = var <= n * eps * var + (n * mean64 * eps) ** 2
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
     std = torch.where(constant, torch.ones_like(std), std)
-    return lambda Z: (Z - mean) / std
+    return lambda Z: ((Z.double() - mean) / std).to(Z.dtype)
 
 
 def make_fold_data(

@@ -773,6 +773,7 @@ def _decode_csv(
         y = y_numeric.to_numpy(dtype=np.float64)
         if not np.all(np.isfinite(y)):
             raise DataError(f"{path}: target column {target!r} contains inf; fix: drop or fill those rows")
+        _check_float32_range(path, f"target column {target!r}", y)
         class_names = None
         stratify = None
 
@@ -911,8 +912,21 @@ def _split_columns(path: str, frame: pd.DataFrame) -> tuple[dict[str, np.ndarray
                 f"{path}: feature column {name!r} contains inf (line "
                 f"{_line(int(np.flatnonzero(~finite)[0]))}); fix: replace it with a finite number"
             )
+        _check_float32_range(path, f"feature column {name!r}", numbers)
         numeric[name] = numbers
     return numeric, categorical
+
+
+def _check_float32_range(path: str, what: str, numbers: np.ndarray) -> None:
+    """Refuse a value the float32 tensors cannot hold: the cast would make it inf."""
+    beyond = np.abs(numbers) > np.finfo(np.float32).max
+    if beyond.any():
+        first = int(np.flatnonzero(beyond)[0])
+        raise DataError(
+            f"{path}: {what} holds {numbers[first]:g} on line {_line(first)}, beyond the float32 range "
+            f"(±{np.finfo(np.float32).max:.4g}) the model trains in; fix: rescale the column (another unit, "
+            "or a log) or drop that row"
+        )
 
 
 def _encode_labels(y_raw: pd.Series) -> tuple[np.ndarray, tuple[str, ...]]:

@@ -180,6 +180,20 @@ def test_constant_feature_does_not_divide_by_zero() -> None:
         assert torch.isfinite(fold.X_train).all() and torch.isfinite(fold.X_val).all()  # type: ignore[arg-type]
 
 
+def test_values_near_the_float32_limit_are_standardized_without_overflow() -> None:
+    # float32 statistics summed two rows of 3e38 to inf: the whole column became -inf or nan.
+    dataset = make_dataset(imbalanced_labels(), standardize=True)
+    dataset.X_train[:3, 0] = 3e38
+    dataset.X_train[3:, 1] = -3e38  # and Z - mean of the one row left is 3e38 + 3e38
+    splits = fold_indices(dataset, CVSpec(folds=3), seed=0)
+    for fold, (train, _) in zip(make_fold_data(dataset, splits, device=torch.device("cpu")), splits, strict=True):
+        assert fold.X_train.dtype == torch.float32
+        assert torch.isfinite(fold.X_train).all() and torch.isfinite(fold.X_val).all()  # type: ignore[arg-type]
+        big = torch.as_tensor(train) < 3
+        if big.any() and not big.all():
+            assert fold.X_train[big, 0].min() > 0 > fold.X_train[~big, 0].max()  # type: ignore[index]
+
+
 def test_a_feature_constant_in_the_training_rows_keeps_its_scale() -> None:
     # Blank in the training rows, set in one validation row (a rare one-hot level): it
     # used to be divided by 1e-8.

@@ -611,6 +611,24 @@ def test_csv_header_cell_without_a_name_is_refused(tmp_path: Path) -> None:
     assert "column 2 of the header has no name" in message and "row index" not in message
 
 
+def test_csv_values_beyond_float32_are_refused(tmp_path: Path) -> None:
+    # They passed the finiteness check in float64 and became inf in the float32 tensors.
+    rows = [f"{i},{i % 2}" for i in range(20)]
+    rows[5] = "1e300,1"
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x,y\n" + "\n".join(rows), "feature.csv")))
+    assert "feature column 'x'" in message and "1e+300" in message and "line 7" in message
+    assert "float32" in message and "rescale" in message
+    rows = [f"{i},{i * 0.5}" for i in range(20)]
+    rows[3] = "3,-4e39"
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x,y\n" + "\n".join(rows), "target.csv")))
+    assert "target column 'y'" in message and "-4e+39" in message and "line 5" in message
+    # Large but representable values load (cross-validation standardizes them in float64).
+    rows = [f"{i},{i % 2}" for i in range(20)]
+    rows[2] = rows[9] = "3e38,0"
+    ds = load_dataset(csv_spec(write_csv(tmp_path, "x,y\n" + "\n".join(rows), "large.csv")), seed=0)
+    assert float(torch.cat([ds.X_train, ds.X_test]).max()) == pytest.approx(3e38)
+
+
 def test_csv_is_cached_until_the_file_changes(tmp_path: Path) -> None:
     path = write_csv(tmp_path, _mixed_table())
     first = load_dataset(csv_spec(path), seed=0)
