@@ -37,6 +37,7 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import hashlib
 import io
 import math
 import os
@@ -152,6 +153,9 @@ class Dataset:
         Indices of the one-hot columns of categorical features (CSV). Their encoder saw
         the whole training split; cross-validation zeroes, in a validation fold, the
         levels its training fold lacks, as the encoder does for the test split.
+    file_sha256, file_size
+        The SHA-256 (hex) and size in bytes of the file the data was decoded from (CSV);
+        ``None`` for the other datasets.
     """
 
     name: str
@@ -165,6 +169,8 @@ class Dataset:
     class_names: tuple[str, ...] | None
     standardize: bool
     one_hot_columns: tuple[int, ...] = ()
+    file_sha256: str | None = None
+    file_size: int | None = None
 
     @property
     def n_features(self) -> int:
@@ -723,7 +729,8 @@ def _decode_csv(
     path: str, mtime_ns: int, size: int, target: str, task: Task | None, test_size: float
 ) -> Dataset:
     del mtime_ns, size  # part of the cache key only: an edited file is read again
-    frame = _read_csv(path, _read_bytes(path))
+    raw = _read_bytes(path)
+    frame = _read_csv(path, raw)
     if target not in frame.columns:
         columns = ", ".join(repr(str(c)) for c in frame.columns)
         hint = ""
@@ -792,6 +799,8 @@ def _decode_csv(
         class_names=class_names,
         standardize=_STANDARDIZE_DEFAULT["csv"],
         one_hot_columns=tuple(range(len(numeric), len(feature_names))),
+        file_sha256=hashlib.sha256(raw).hexdigest(),
+        file_size=len(raw),
     )
 
 
