@@ -34,8 +34,16 @@ def make_splitter(cv: CVSpec, *, task: str, seed: int) -> BaseCrossValidator:
     return KFold(n_splits=cv.folds, shuffle=cv.shuffle, random_state=random_state)
 
 
-def fold_indices(dataset: Dataset, cv: CVSpec, *, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def fold_indices(
+    dataset: Dataset, cv: CVSpec, *, seed: int, train_size: float | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Train/validation index pairs of each fold of the dataset's training split.
+
+    Parameters
+    ----------
+    train_size
+        The spec's ``dataset.train_size`` the training split was subsampled to, if any:
+        an impossible split's message suggests raising it only when it is set.
 
     Raises
     ------
@@ -51,9 +59,9 @@ def fold_indices(dataset: Dataset, cv: CVSpec, *, seed: int) -> list[tuple[np.nd
         counts = np.bincount(y)
         smallest = int(counts[counts > 0].min())
         if smallest < cv.folds:
+            more = "raise dataset.train_size" if train_size is not None else "add rows of that class"
             raise DataError(
-                f"cv.folds is {cv.folds} but a class has only {smallest} training samples; "
-                "lower cv.folds or raise dataset.train_size"
+                f"cv.folds is {cv.folds} but a class has only {smallest} training samples; lower cv.folds or {more}"
             )
     return [(train, val) for train, val in splitter.split(np.zeros(n), y)]
 
@@ -203,7 +211,8 @@ def cross_validate(
     """
     device = torch.device(device)
     if folds is None:
-        folds = make_fold_data(dataset, fold_indices(dataset, spec.cv, seed=spec.seed), device=device)
+        splits = fold_indices(dataset, spec.cv, seed=spec.seed, train_size=spec.dataset.train_size)
+        folds = make_fold_data(dataset, splits, device=device)
     members = train_models(
         folds,
         model_spec=spec.model,

@@ -166,7 +166,7 @@ def preflight(spec: StudySpec) -> str:
     objectives = spec.resolved_objectives(task)
     if task == "regression" and "val_accuracy" in objectives:
         raise SpecError("objectives: val_accuracy needs a classification dataset; use val_loss")
-    fold_indices(dataset, spec.cv, seed=spec.seed)
+    fold_indices(dataset, spec.cv, seed=spec.seed, train_size=spec.dataset.train_size)
     variants: list[tuple[str, dict[str, Any]]] = []
     for grid in spec.sweep_list():
         for axis, values in grid.axes.items():
@@ -179,7 +179,8 @@ def preflight(spec: StudySpec) -> str:
     for section, params in variants:
         try:
             variant = with_params(spec, params)
-            fold_indices(load_dataset_for(variant), variant.cv, seed=variant.seed)
+            train_size = variant.dataset.train_size
+            fold_indices(load_dataset_for(variant), variant.cv, seed=variant.seed, train_size=train_size)
         except UserError as exc:  # name the searched or swept value the problem comes with
             ((key, value),) = params.items()
             raise type(exc)(f"{section}.{key} value {value!r}: {exc}") from None

@@ -124,8 +124,10 @@ def test_too_many_folds_for_a_class() -> None:
         fold_indices(make_dataset(labels), CVSpec(folds=4), seed=0)
     message = str(info.value)
     assert "cv.folds is 4 but a class has only 3 training samples" in message
-    assert "lower cv.folds or raise dataset.train_size" in message
+    assert "lower cv.folds or add rows of that class" in message and "train_size" not in message
     assert "\n" not in message
+    with pytest.raises(DataError, match=r"lower cv\.folds or raise dataset\.train_size$"):
+        fold_indices(make_dataset(labels), CVSpec(folds=4), seed=0, train_size=0.5)  # only when it is set
     fold_indices(make_dataset(labels), CVSpec(folds=3), seed=0)  # 3 folds are fine
 
 
