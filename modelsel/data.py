@@ -41,6 +41,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -825,7 +826,16 @@ def _read_csv(path: str, raw: bytes) -> pd.DataFrame:
         )
     _check_header(path, raw)
     try:
-        frame = pd.read_csv(io.BytesIO(raw), low_memory=False)
+        # By default pandas took the first field of rows longer than the header as a row index,
+        # shifting each column's name onto the next column; index_col=False warns of them instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.BytesIO(raw), low_memory=False, index_col=False)
+    except pd.errors.ParserWarning:
+        raise DataError(
+            f"{path}: the data rows have more fields than the header has names; fix: name every column "
+            "in the header (or drop the extra fields, such as a row index)"
+        ) from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; give a CSV with a header row and data rows") from None
     except pd.errors.ParserError as exc:

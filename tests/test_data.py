@@ -518,6 +518,13 @@ def test_csv_unparseable(tmp_path: Path) -> None:
     assert "not a parseable CSV" in message and "line 3" in message
 
 
+def test_csv_rows_longer_than_the_header(tmp_path: Path) -> None:
+    # pandas read the first field of each row as a row index: 'x' held the labels' neighbours.
+    rows = [f"{i},{i % 5},{i % 2}" for i in range(20)]
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x,y\n" + "\n".join(rows))))
+    assert "more fields than the header has names" in message and "name every column" in message
+
+
 def test_csv_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin.csv"
     path.write_bytes("x,y\ncafé,1\n".encode("latin-1"))
