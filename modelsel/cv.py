@@ -34,8 +34,16 @@ def make_splitter(cv: CVSpec, *, task: str, seed: int) -> BaseCrossValidator:
     return KFold(n_splits=cv.folds, shuffle=cv.shuffle, random_state=random_state)
 
 
-def fold_indices(dataset: Dataset, cv: CVSpec, *, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def fold_indices(
+    dataset: Dataset, cv: CVSpec, *, seed: int, train_size: float | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Train/validation index pairs of each fold of the dataset's training split.
+
+    Parameters
+    ----------
+    train_size
+        The spec's ``dataset.train_size`` the training split was subsampled to, if any:
+        an impossible split's message suggests raising it only when it is set.
 
     Raises
     ------
@@ -51,25 +59,29 @@ def fold_indices(dataset: Dataset, cv: CVSpec, *, seed: int) -> list[tuple[np.nd
         counts = np.bincount(y)
         smallest = int(counts[counts > 0].min())
         if smallest < cv.folds:
+            more = "raise dataset.train_size" if train_size is not None else "add rows of that class"
             raise DataError(
-                f"cv.folds is {cv.folds} but a class has only {smallest} training samples; "
-                "lower cv.folds or raise dataset.train_size"
+                f"cv.folds is {cv.folds} but a class has only {smallest} training samples; lower cv.folds or {more}"
             )
     return [(train, val) for train, val in splitter.split(np.zeros(n), y)]
 
 
 def _standardizer(X: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    mean = X.mean(dim=0, keepdim=True)
-    std = X.std(dim=0, keepdim=True)
+    # In float64: float32 sums and squares of values near float32's limit (3.4e38) overflow
+    # to inf (two rows of 3e38 made a whole column inf), and so can a difference Z - mean.
+    X64 = X.double()
+    mean = X64.mean(dim=0, keepdim=True)
+    var = X64.var(dim=0, keepdim=True, correction=0)
+    std = X64.std(dim=0, keepdim=True)
+    del X64
     # A column constant in the training rows keeps its scale, as scikit-learn's
     # StandardScaler does: divided by ~0, its values in validation or test rows reached
     # 1e7 and more (a rare one-hot level, a digits pixel that is blank in one fold).
     # Constant means a variance within rounding of zero (sklearn's _is_constant_feature).
     n, eps = X.shape[0], torch.finfo(torch.float64).eps
-    var, mean64 = X.double().var(dim=0, keepdim=True, correction=0), mean.double()
-    constant = var <= n * eps * var + (n * mean64 * eps) ** 2
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
     std = torch.where(constant, torch.ones_like(std), std)
-    return lambda Z: (Z - mean) / std
+    return lambda Z: ((Z.double() - mean) / std).to(Z.dtype)
 
 
 def make_fold_data(
@@ -199,7 +211,8 @@ def cross_validate(
     """
     device = torch.device(device)
     if folds is None:
-        folds = make_fold_data(dataset, fold_indices(dataset, spec.cv, seed=spec.seed), device=device)
+        splits = fold_indices(dataset, spec.cv, seed=spec.seed, train_size=spec.dataset.train_size)
+        folds = make_fold_data(dataset, splits, device=device)
     members = train_models(
         folds,
         model_spec=spec.model,

@@ -34,10 +34,14 @@ Datasets
 
 from __future__ import annotations
 
+import csv
 import functools
 import gzip
+import hashlib
+import io
 import math
 import os
+import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -150,6 +154,9 @@ class Dataset:
         Indices of the one-hot columns of categorical features (CSV). Their encoder saw
         the whole training split; cross-validation zeroes, in a validation fold, the
         levels its training fold lacks, as the encoder does for the test split.
+    file_sha256, file_size
+        The SHA-256 (hex) and size in bytes of the file the data was decoded from (CSV);
+        ``None`` for the other datasets.
     """
 
     name: str
@@ -163,6 +170,8 @@ class Dataset:
     class_names: tuple[str, ...] | None
     standardize: bool
     one_hot_columns: tuple[int, ...] = ()
+    file_sha256: str | None = None
+    file_size: int | None = None
 
     @property
     def n_features(self) -> int:
@@ -721,7 +730,8 @@ def _decode_csv(
     path: str, mtime_ns: int, size: int, target: str, task: Task | None, test_size: float
 ) -> Dataset:
     del mtime_ns, size  # part of the cache key only: an edited file is read again
-    frame = _read_csv(path)
+    raw = _read_bytes(path)
+    frame = _read_csv(path, raw)
     if target not in frame.columns:
         columns = ", ".join(repr(str(c)) for c in frame.columns)
         hint = ""
@@ -771,6 +781,7 @@ def _decode_csv(
         y = y_numeric.to_numpy(dtype=np.float64)
         if not np.all(np.isfinite(y)):
             raise DataError(f"{path}: target column {target!r} contains inf; fix: drop or fill those rows")
+        _check_float32_range(path, f"target column {target!r}", y)
         class_names = None
         stratify = None
 
@@ -789,6 +800,8 @@ def _decode_csv(
         class_names=class_names,
         standardize=_STANDARDIZE_DEFAULT["csv"],
         one_hot_columns=tuple(range(len(numeric), len(feature_names))),
+        file_sha256=hashlib.sha256(raw).hexdigest(),
+        file_size=len(raw),
     )
 
 
@@ -797,9 +810,32 @@ def _line(row: int) -> int:
     return row + 2
 
 
-def _read_csv(path: str) -> pd.DataFrame:
+def _read_bytes(path: str) -> bytes:
     try:
-        frame = pd.read_csv(path, low_memory=False)
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file: {_one_line(exc)}") from None
+
+
+def _read_csv(path: str, raw: bytes) -> pd.DataFrame:
+    """Parse the file's bytes ``raw`` after :func:`_check_header`."""
+    if b"\x00" in raw[:1024]:  # no CSV text holds NUL; pandas read a file of zeros as a header alone
+        raise DataError(
+            f"{path}: not a text CSV file (it holds NUL bytes: a binary file, or text saved as UTF-16); "
+            "give the path of a CSV file saved as UTF-8 text"
+        )
+    _check_header(path, raw)
+    try:
+        # By default pandas took the first field of rows longer than the header as a row index,
+        # shifting each column's name onto the next column; index_col=False warns of them instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.BytesIO(raw), low_memory=False, index_col=False)
+    except pd.errors.ParserWarning:
+        raise DataError(
+            f"{path}: the data rows have more fields than the header has names; fix: name every column "
+            "in the header (or drop the extra fields, such as a row index)"
+        ) from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; give a CSV with a header row and data rows") from None
     except pd.errors.ParserError as exc:
@@ -808,12 +844,47 @@ def _read_csv(path: str) -> pd.DataFrame:
             "of comma-separated fields (quote fields that contain commas)"
         ) from None
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; save the table as a UTF-8 CSV file") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the file: {_one_line(exc)}") from None
+        raise DataError(_not_utf8(path)) from None
     if len(frame) == 0:
         raise DataError(f"{path}: the file has a header but no data rows; add rows")
     return frame
+
+
+def _not_utf8(path: str) -> str:
+    return f"{path}: not UTF-8 text; save the table as a UTF-8 CSV file"
+
+
+def _check_header(path: str, raw: bytes) -> None:
+    """Refuse header cells without a name and names given twice, read from the raw header:
+    pandas names the former ``Unnamed: 0`` and renames the latter (``y``, ``y.1``), so a
+    row index or a second copy of the target would become a feature."""
+    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""))
+    try:
+        header = next((row for row in reader if row), None)  # pandas skips blank lines too
+    except UnicodeDecodeError:
+        raise DataError(_not_utf8(path)) from None
+    except csv.Error:
+        return  # pandas says what is wrong with the file
+    if header is None:
+        return
+    unnamed = next((position for position, name in enumerate(header, start=1) if not name.strip()), None)
+    if unnamed == 1:
+        raise DataError(
+            f"{path}: column 1 of the header has no name; it is probably a row index written by pandas' "
+            "DataFrame.to_csv; fix: name the column or drop it (write the file with to_csv(..., index=False))"
+        )
+    if unnamed is not None:
+        raise DataError(f"{path}: column {unnamed} of the header has no name; fix: name the column or drop it")
+    positions: dict[str, list[int]] = {}
+    for position, name in enumerate(header, start=1):
+        positions.setdefault(name, []).append(position)
+    for name, where in positions.items():
+        if len(where) > 1:
+            columns = ", ".join(str(p) for p in where)
+            raise DataError(
+                f"{path}: column name {name!r} appears {len(where)} times in the header (columns {columns}); "
+                "fix: rename or drop all but one of them"
+            )
 
 
 def _split_columns(path: str, frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -860,8 +931,21 @@ def _split_columns(path: str, frame: pd.DataFrame) -> tuple[dict[str, np.ndarray
                 f"{path}: feature column {name!r} contains inf (line "
                 f"{_line(int(np.flatnonzero(~finite)[0]))}); fix: replace it with a finite number"
             )
+        _check_float32_range(path, f"feature column {name!r}", numbers)
         numeric[name] = numbers
     return numeric, categorical
+
+
+def _check_float32_range(path: str, what: str, numbers: np.ndarray) -> None:
+    """Refuse a value the float32 tensors cannot hold: the cast would make it inf."""
+    beyond = np.abs(numbers) > np.finfo(np.float32).max
+    if beyond.any():
+        first = int(np.flatnonzero(beyond)[0])
+        raise DataError(
+            f"{path}: {what} holds {numbers[first]:g} on line {_line(first)}, beyond the float32 range "
+            f"(±{np.finfo(np.float32).max:.4g}) the model trains in; fix: rescale the column (another unit, "
+            "or a log) or drop that row"
+        )
 
 
 def _encode_labels(y_raw: pd.Series) -> tuple[np.ndarray, tuple[str, ...]]:

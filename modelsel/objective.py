@@ -383,7 +383,7 @@ class StudyObjective:
         if key not in self._folds:
             if len(self._folds) >= 2:
                 self._folds.pop(next(iter(self._folds)))
-            splits = fold_indices(dataset, spec.cv, seed=spec.seed)
+            splits = fold_indices(dataset, spec.cv, seed=spec.seed, train_size=spec.dataset.train_size)
             self._folds[key] = make_fold_data(dataset, splits, device=self.device)
         return self._folds[key]
 

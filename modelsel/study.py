@@ -41,6 +41,7 @@ from modelsel.results import (
 from modelsel.search import check_sampler_and_pruner, make_pruner, make_sampler, resume_seed_offset
 from modelsel.spec import (
     OBJECTIVE_DIRECTIONS,
+    CSVSpec,
     StudySpec,
     params_key,
     resolve_field,
@@ -139,6 +140,21 @@ def spec_fingerprint(spec: StudySpec) -> dict[str, Any]:
     return data
 
 
+def data_file_fingerprint(spec: StudySpec) -> dict[str, Any] | None:
+    """The SHA-256 and size of the file a ``csv`` dataset reads (from the loaded dataset, so
+    those of the bytes it was decoded from); ``None`` for the other datasets.
+
+    The spec names the file by its path only: a study stores this as its ``data_file``
+    user attribute when it is created, and a resume must find the same contents.
+    """
+    if not isinstance(spec.dataset, CSVSpec):
+        return None
+    from modelsel.objective import load_dataset_for
+
+    dataset = load_dataset_for(spec)  # cached by the checks before the study is opened
+    return {"path": spec.dataset.path, "sha256": dataset.file_sha256, "size": dataset.file_size}
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
@@ -157,7 +173,7 @@ def preflight(spec: StudySpec) -> str:
     objectives = spec.resolved_objectives(task)
     if task == "regression" and "val_accuracy" in objectives:
         raise SpecError("objectives: val_accuracy needs a classification dataset; use val_loss")
-    fold_indices(dataset, spec.cv, seed=spec.seed)
+    fold_indices(dataset, spec.cv, seed=spec.seed, train_size=spec.dataset.train_size)
     variants: list[tuple[str, dict[str, Any]]] = []
     for grid in spec.sweep_list():
         for axis, values in grid.axes.items():
@@ -170,7 +186,8 @@ def preflight(spec: StudySpec) -> str:
     for section, params in variants:
         try:
             variant = with_params(spec, params)
-            fold_indices(load_dataset_for(variant), variant.cv, seed=variant.seed)
+            train_size = variant.dataset.train_size
+            fold_indices(load_dataset_for(variant), variant.cv, seed=variant.seed, train_size=train_size)
         except UserError as exc:  # name the searched or swept value the problem comes with
             ((key, value),) = params.items()
             raise type(exc)(f"{section}.{key} value {value!r}: {exc}") from None
@@ -269,6 +286,7 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     objectives = spec.resolved_objectives(task)  # type: ignore[arg-type]
     directions = [optuna.study.StudyDirection[OBJECTIVE_DIRECTIONS[o].upper()] for o in objectives]
     fingerprint = spec_fingerprint(spec)
+    data_file = data_file_fingerprint(spec)
     try:
         existing = optuna.load_study(study_name=spec.name, storage=storage)
     except KeyError:
@@ -276,7 +294,9 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
     if existing is not None and "spec" not in existing.user_attrs:
         existing = _undescribed_study(existing, spec, storage, storage_url, directions)
     if existing is not None:
-        _check_stored_spec(existing.user_attrs, spec, storage_url, fingerprint)
+        _check_stored_spec(existing.user_attrs, spec, storage_url, fingerprint, data_file)
+        if data_file is not None and "data_file" not in existing.user_attrs:
+            existing.set_user_attr("data_file", data_file)  # a study created before files were fingerprinted
         fail_stale_trials(existing)
         if spec.sweep is not None or spec.sampler.name == "grid":
             requeue_failed_cells(existing)
@@ -295,15 +315,20 @@ def _open_study(spec: StudySpec, storage_url: str, *, create_parent: bool, task:
         pruner=make_pruner(spec),
         load_if_exists=True,
     )
-    _describe_study(study, spec, fingerprint, objectives, task)
+    _describe_study(study, spec, fingerprint, objectives, task, data_file)
     return study
 
 
 def _check_stored_spec(
-    user_attrs: dict[str, Any], spec: StudySpec, storage_url: str, fingerprint: dict[str, Any]
+    user_attrs: dict[str, Any],
+    spec: StudySpec,
+    storage_url: str,
+    fingerprint: dict[str, Any],
+    data_file: dict[str, Any] | None,
 ) -> None:
     """Refuse to resume a study (its ``user_attrs``) created from a spec that trains or
-    measures differently."""
+    measures differently, or from another version of its data file (``data_file``, see
+    :func:`data_file_fingerprint`)."""
     stored = json.loads(user_attrs["spec"])
     for key in _RUN_ONLY_TRAINING_KEYS:  # fingerprints stored before device was run-only
         stored.get("training", {}).pop(key, None)
@@ -313,6 +338,14 @@ def _check_stored_spec(
             f"study '{spec.name}' in {display_url(storage_url)} was created from a different spec "
             f"(differs in: {', '.join(changed[:5])}); rename the study, use another --storage, "
             "or delete the old database"
+        )
+    old = user_attrs.get("data_file")
+    if old is not None and data_file is not None and any(old[k] != data_file[k] for k in ("sha256", "size")):
+        raise UserError(
+            f"study '{spec.name}' in {display_url(storage_url)} was created from other contents of "
+            f"dataset.path {data_file['path']} ({old['size']} bytes, sha256 {old['sha256'][:12]}; now "
+            f"{data_file['size']} bytes, sha256 {data_file['sha256'][:12]}), which its trials and test split "
+            "come from; restore the file, or give the study a new name or another --storage"
         )
 
 
@@ -328,7 +361,9 @@ def check_resumable(specs: Sequence[StudySpec], storage_url: str) -> None:
     stored = {s.study_name: s.user_attrs for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     for spec in specs:
         if "spec" in stored.get(spec.name, {}):
-            _check_stored_spec(stored[spec.name], spec, storage_url, spec_fingerprint(spec))
+            _check_stored_spec(
+                stored[spec.name], spec, storage_url, spec_fingerprint(spec), data_file_fingerprint(spec)
+            )
 
 
 def _undescribed_study(
@@ -362,9 +397,16 @@ def _undescribed_study(
 
 
 def _describe_study(
-    study: optuna.Study, spec: StudySpec, fingerprint: dict[str, Any], objectives: list[str], task: str
+    study: optuna.Study,
+    spec: StudySpec,
+    fingerprint: dict[str, Any],
+    objectives: list[str],
+    task: str,
+    data_file: dict[str, Any] | None = None,
 ) -> None:
     """Store what a new study measures: enough to check a resume, and to rebuild its report."""
+    if data_file is not None:  # before "spec": a run that sees "spec" finds the study described
+        study.set_user_attr("data_file", data_file)
     study.set_user_attr("spec", json.dumps(fingerprint, sort_keys=True))
     study.set_user_attr("spec_full", spec.to_json())
     if spec.sweep_list():

@@ -124,8 +124,10 @@ def test_too_many_folds_for_a_class() -> None:
         fold_indices(make_dataset(labels), CVSpec(folds=4), seed=0)
     message = str(info.value)
     assert "cv.folds is 4 but a class has only 3 training samples" in message
-    assert "lower cv.folds or raise dataset.train_size" in message
+    assert "lower cv.folds or add rows of that class" in message and "train_size" not in message
     assert "\n" not in message
+    with pytest.raises(DataError, match=r"lower cv\.folds or raise dataset\.train_size$"):
+        fold_indices(make_dataset(labels), CVSpec(folds=4), seed=0, train_size=0.5)  # only when it is set
     fold_indices(make_dataset(labels), CVSpec(folds=3), seed=0)  # 3 folds are fine
 
 
@@ -178,6 +180,20 @@ def test_constant_feature_does_not_divide_by_zero() -> None:
     splits = fold_indices(dataset, CVSpec(folds=3), seed=0)
     for fold in make_fold_data(dataset, splits, device=torch.device("cpu")):
         assert torch.isfinite(fold.X_train).all() and torch.isfinite(fold.X_val).all()  # type: ignore[arg-type]
+
+
+def test_values_near_the_float32_limit_are_standardized_without_overflow() -> None:
+    # float32 statistics summed two rows of 3e38 to inf: the whole column became -inf or nan.
+    dataset = make_dataset(imbalanced_labels(), standardize=True)
+    dataset.X_train[:3, 0] = 3e38
+    dataset.X_train[3:, 1] = -3e38  # and Z - mean of the one row left is 3e38 + 3e38
+    splits = fold_indices(dataset, CVSpec(folds=3), seed=0)
+    for fold, (train, _) in zip(make_fold_data(dataset, splits, device=torch.device("cpu")), splits, strict=True):
+        assert fold.X_train.dtype == torch.float32
+        assert torch.isfinite(fold.X_train).all() and torch.isfinite(fold.X_val).all()  # type: ignore[arg-type]
+        big = torch.as_tensor(train) < 3
+        if big.any() and not big.all():
+            assert fold.X_train[big, 0].min() > 0 > fold.X_train[~big, 0].max()  # type: ignore[index]
 
 
 def test_a_feature_constant_in_the_training_rows_keeps_its_scale() -> None:

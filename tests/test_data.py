@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -517,11 +518,31 @@ def test_csv_unparseable(tmp_path: Path) -> None:
     assert "not a parseable CSV" in message and "line 3" in message
 
 
+def test_csv_rows_longer_than_the_header(tmp_path: Path) -> None:
+    # pandas read the first field of each row as a row index: 'x' held the labels' neighbours.
+    rows = [f"{i},{i % 5},{i % 2}" for i in range(20)]
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x,y\n" + "\n".join(rows))))
+    assert "more fields than the header has names" in message and "name every column" in message
+
+
 def test_csv_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin.csv"
     path.write_bytes("x,y\ncafé,1\n".encode("latin-1"))
     message = raises_data_error(csv_spec(path))
     assert "UTF-8" in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\x00" * 100, gzip.compress(b"x,y\n1,0\n2,1\n"), "x,y\n1,0\n2,1\n".encode("utf-16")],
+    ids=["zeros", "gzip", "utf-16"],
+)
+def test_csv_binary_file(tmp_path: Path, content: bytes) -> None:
+    # A file of zeros was "a header but no data rows".
+    path = tmp_path / "table.csv"
+    path.write_bytes(content)
+    message = raises_data_error(csv_spec(path))
+    assert "not a text CSV file" in message and "UTF-8" in message
 
 
 def test_csv_missing_target_column_lists_columns(tmp_path: Path) -> None:
@@ -572,6 +593,47 @@ def test_csv_identifier_column(tmp_path: Path) -> None:
     rows = [f"id{i},{i},{i % 2}" for i in range(50)]
     message = raises_data_error(csv_spec(write_csv(tmp_path, "name,x,y\n" + "\n".join(rows))))
     assert "'name'" in message and "drop the column" in message
+
+
+@pytest.mark.parametrize("bom", ["", "\ufeff"], ids=["plain", "bom"])
+def test_csv_duplicated_column_names_are_refused(tmp_path: Path, bom: str) -> None:
+    # pandas renamed the second 'y' to 'y.1': a copy of the target became a feature (CV accuracy 1.0).
+    rows = [f"{i},{i % 2},{i % 2}" for i in range(20)]
+    message = raises_data_error(csv_spec(write_csv(tmp_path, bom + "y,x,y\n" + "\n".join(rows))))
+    assert "column name 'y' appears 2 times" in message and "(columns 1, 3)" in message
+    assert "rename or drop" in message
+    rows = [f"{i},{i},{i},{i % 2}" for i in range(20)]
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x,z,x,y\n" + "\n".join(rows), "feature.csv")))
+    assert "'x'" in message and "(columns 1, 3)" in message
+
+
+def test_csv_header_cell_without_a_name_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "indexed.csv"
+    pd.DataFrame({"x": range(20), "y": [i % 2 for i in range(20)]}).to_csv(path)  # the index too
+    message = raises_data_error(csv_spec(path))
+    assert "column 1 of the header has no name" in message and "row index" in message
+    assert "to_csv" in message and "index=False" in message
+    rows = [f"{i},{i},{i % 2}" for i in range(20)]
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x, ,y\n" + "\n".join(rows))))
+    assert "column 2 of the header has no name" in message and "row index" not in message
+
+
+def test_csv_values_beyond_float32_are_refused(tmp_path: Path) -> None:
+    # They passed the finiteness check in float64 and became inf in the float32 tensors.
+    rows = [f"{i},{i % 2}" for i in range(20)]
+    rows[5] = "1e300,1"
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x,y\n" + "\n".join(rows), "feature.csv")))
+    assert "feature column 'x'" in message and "1e+300" in message and "line 7" in message
+    assert "float32" in message and "rescale" in message
+    rows = [f"{i},{i * 0.5}" for i in range(20)]
+    rows[3] = "3,-4e39"
+    message = raises_data_error(csv_spec(write_csv(tmp_path, "x,y\n" + "\n".join(rows), "target.csv")))
+    assert "target column 'y'" in message and "-4e+39" in message and "line 5" in message
+    # Large but representable values load (cross-validation standardizes them in float64).
+    rows = [f"{i},{i % 2}" for i in range(20)]
+    rows[2] = rows[9] = "3e38,0"
+    ds = load_dataset(csv_spec(write_csv(tmp_path, "x,y\n" + "\n".join(rows), "large.csv")), seed=0)
+    assert float(torch.cat([ds.X_train, ds.X_test]).max()) == pytest.approx(3e38)
 
 
 def test_csv_is_cached_until_the_file_changes(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ from modelsel.spec import StudySpec, parse_spec, trial_fold_epochs_cap
 from modelsel.study import (
     _open_study,
     _optimize,
+    check_resumable,
     check_run,
+    data_file_fingerprint,
     load_study,
     preflight,
     run_study,
@@ -414,6 +417,37 @@ def test_a_changed_spec_is_refused_on_resume(fast_tmp: Path) -> None:
     search["width"]["high"] = 32
     with pytest.raises(UserError, match=r"differs in: search\.width\.high\)"):
         run(tiny(search=search), url, fast_tmp)
+
+
+def test_an_edited_csv_file_is_refused_on_resume(fast_tmp: Path) -> None:
+    # The stored spec names the file by its path only: an edited file resumed the study,
+    # mixing trials trained on other data and scored against another test split.
+    path = fast_tmp / "data.csv"
+    rows = [f"{i * 0.1:.1f},{i % 3},{i % 2}" for i in range(40)]
+    original = "a,b,y\n" + "\n".join(rows) + "\n"
+    path.write_text(original, encoding="utf-8")
+    data = {"dataset": {"name": "csv", "path": str(path), "target": "y"}, "search": None}
+    data["training"] = {"epochs": 1, "batch_size": 32, "lr": 0.01}
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(**data, budget={"n_trials": 1}), url, fast_tmp)
+    stored = optuna.load_study(study_name="tiny", storage=url).user_attrs
+    assert stored["data_file"]["size"] == len(original.encode())
+    path.write_text(original.replace("0.5,2,1", "0.5,2,0"), encoding="utf-8")  # one label, same size
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    more = tiny(**data, budget={"n_trials": 2})
+    with pytest.raises(UserError) as info:
+        run(more, url, fast_tmp)
+    message = str(info.value)
+    assert "\n" not in message and "study 'tiny'" in message and f"dataset.path {path}" in message
+    assert "restore the file" in message and "new name or another --storage" in message
+    assert optuna.load_study(study_name="tiny", storage=url).user_attrs == stored  # nothing written
+    assert len(finished(url)) == 1
+    with pytest.raises(UserError, match=r"other contents of dataset\.path"):
+        check_resumable([more], url)  # a multi-grid sweep checks its grids before it runs any
+    path.write_text(original, encoding="utf-8")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert run(more, url, fast_tmp).n_trained_this_run == 1
+    assert data_file_fingerprint(tiny()) is None  # other datasets: no file, nothing stored or checked
 
 
 def test_budget_description_and_storage_may_change_on_resume(fast_tmp: Path) -> None:
