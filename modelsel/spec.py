@@ -609,6 +609,7 @@ class StudySpec(_Section):
                         f"search.{key}: the grid sampler needs a finite grid; give 'step' "
                         "or use a categorical/sweep"
                     )
+        _check_momentum_is_used(self)
         fold_epochs = self.budget.fold_epochs
         if fold_epochs is not None:
             short = fold_epochs_shortfall(self, fold_epochs, name=f"budget.fold_epochs ({fold_epochs})")
@@ -667,6 +668,8 @@ _FIXED_FOR_THE_STUDY = {
     "set training.engine",
     "stack_trials": "it is a run setting (how many trials train at once), not a hyperparameter; "
     "set training.stack_trials",
+    "train_metrics": "it sets how the training loss is measured, not how the model trains; "
+    "set training.train_metrics",
 }
 
 
@@ -843,6 +846,23 @@ def _check_grids(spec: StudySpec) -> None:
     for grid, where in zip(grids, wheres, strict=True):
         for axis, values in grid.axes.items():
             _check_values(spec, axis, values, where=f"{where}.{axis}", repeats=f"sweep axis '{axis}' repeats a value")
+
+
+def _check_momentum_is_used(spec: StudySpec) -> None:
+    """Refuse a searched or swept ``momentum`` that no trial uses: only optimizer
+    'momentum' reads it, and a fixed other optimizer would train every value alike."""
+    named = [("search", key) for key in spec.search]
+    named += [("sweep", axis) for grid in spec.sweep_list() for axis in grid.axes]
+    fields = {resolve_field(spec, key): (where, key) for where, key in named}
+    if ("training", "momentum") not in fields or ("training", "optimizer") in fields:
+        return
+    if spec.training.optimizer != "momentum":
+        where, key = fields[("training", "momentum")]
+        raise ValueError(
+            f"{where}.{key}: training.optimizer is {spec.training.optimizer}, which does not use momentum "
+            "(only optimizer: momentum does), so every value would train alike; set training.optimizer: "
+            f"momentum, or {where} the optimizer too"
+        )
 
 
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:

@@ -429,6 +429,7 @@ def test_search_on_unsearchable_or_unknown_field(key: str) -> None:
         ("sweep", "dataset.test_size", [0.2, 0.9], "held-out test split"),
         ("search", "engine", ["sequential", "stacked"], "set training.engine"),
         ("sweep", "stack_trials", [1, 2], "set training.stack_trials"),
+        ("search", "train_metrics", ["running", "full"], "set training.train_metrics"),
     ],
 )
 def test_settings_fixed_for_the_study_cannot_be_searched_or_swept(
@@ -437,6 +438,17 @@ def test_settings_fixed_for_the_study_cannot_be_searched_or_swept(
     message = spec_error(spec(**{where: {key: values}}))
     assert f"{where}.{key}: '{key}' cannot be searched or swept: " in message
     assert why in message
+
+
+def test_a_searched_momentum_needs_an_optimizer_that_uses_it() -> None:
+    # With adam, three momentum values trained three identical models.
+    message = spec_error(spec(training={"optimizer": "adam"}, search={"momentum": {"type": "float", "low": 0.1,
+                                                                                 "high": 0.99}}))
+    assert "search.momentum: training.optimizer is adam, which does not use momentum" in message
+    swept = spec_error(spec(training={"optimizer": "sgd"}, sweep={"training.momentum": [0.5, 0.9]}))
+    assert "sweep.training.momentum: training.optimizer is sgd" in swept and "or sweep the optimizer too" in swept
+    assert parse_spec(spec(training={"optimizer": "momentum"}, search={"momentum": [0.5, 0.9]}))
+    assert parse_spec(spec(search={"momentum": [0.5, 0.9], "optimizer": ["momentum", "adam"]}))
 
 
 def test_one_field_under_two_names() -> None:

@@ -612,6 +612,7 @@ def test_a_bad_storage_url_fails_before_anything_is_written(fast_tmp: Path) -> N
     ],
 )
 @pytest.mark.filterwarnings("ignore:`gamma` has been deprecated:FutureWarning")  # Optuna's, for a bad option
+@pytest.mark.filterwarnings("ignore:`constraints_func` has been deprecated:FutureWarning")
 def test_bad_sampler_or_pruner_options_fail_before_anything_is_written(
     fast_tmp: Path, changes: dict[str, Any]
 ) -> None:
