@@ -397,22 +397,26 @@ def _locate(name: str, storage: str | None, output_dir: Path) -> str:
 @_user_errors
 def show_command(name: str, storage: str | None, output_dir: Path) -> None:
     """Print a stored study's summary."""
+    from modelsel.results import stored_folds, stored_spec
     from modelsel.study import load_study, summarize
 
     try:
         url = _locate(name, storage, output_dir)
-        outcome = summarize(load_study(name, url), url)
+        study = load_study(name, url)
+        outcome = summarize(study, url)
+        folds = stored_folds(stored_spec(study))
     except UserError:
         maps = _stored_maps(name, storage, output_dir)  # the maps of a multi-grid sweep
         if maps is None:
             raise
         from modelsel.study import combine_map_outcomes
 
-        url, _, studies = maps
+        url, spec, studies = maps
         outcome = combine_map_outcomes(name, [summarize(study, url) for study in studies])
+        folds = spec.cv.folds
     report = output_dir / name / "report.html"
     outcome.report_path = report if report.exists() else None
-    _print_outcome(outcome)
+    _print_outcome(outcome, folds=folds)  # as `study run` printed it
 
 
 @main.group()

@@ -160,6 +160,7 @@ def test_study_run_end_to_end_then_resume_list_show_and_report(
     assert "Study tiny: 3 trials finished" in shown.stdout
     assert re.search(r"^Best trial #\d+: width=\d+, lr=", shown.stdout, flags=re.MULTILINE)
     assert "CV val accuracy: " in shown.stdout and "Held-out test accuracy: " in shown.stdout
+    assert "(2-fold mean ± std)" in shown.stdout  # as `study run` says it (show said "(mean ± std)")
     assert f"Report: {report}\n" in shown.stdout
     assert "while the last trials ran" not in shown.stdout
     # With --workers, the selected trial may have been retrained before the search ended.
