@@ -284,7 +284,13 @@ def plot_importance(study: optuna.Study) -> Figure | str | None:
     ax.set_xlabel("importance for the first objective (Optuna's default evaluator)")
     ax.set_ylabel("")
     sns.despine(fig)
-    return Figure("Parameter importance", figure_to_base64(fig))
+    return Figure(
+        "Parameter importance",
+        figure_to_base64(fig),
+        "How much each searched parameter matters for the first objective over the completed trials "
+        "(Optuna's default evaluator, PED-ANOVA: where the best trials' values concentrate); with few trials "
+        "it says little.",
+    )
 
 
 def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
@@ -306,7 +312,8 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     # waiting: a grid cell queued again that a run has not taken yet.
     running = "".join(f", {counts[state]} {state}" for state in ("running", "waiting") if counts.get(state))
     section.paragraphs.append(
-        f"{len(frame)} trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned{of_them}, "
+        f"{len(frame)} trial{'' if len(frame) == 1 else 's'}: "
+        f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned{of_them}, "
         f"{counts.get('fail', 0)} failed{running}.{compute} Objective{'s' if len(objectives) > 1 else ''}: "
         + ", ".join(f"{o} ({d.name.lower()})" for o, d in zip(objectives, study.directions, strict=False))
         + "."
@@ -362,7 +369,7 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     if test and test.get("trial_number") == selected.number and test.get("earlier_trials"):
         earlier = ", ".join(str(n) for n in test["earlier_trials"])
         rows.append(("test split also scored for", f"trials {earlier} (selected by earlier runs)"))
-    section.tables.append(format_table(pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})))
+    section.tables.append(format_table(pd.DataFrame(rows, columns=["item", "value"]).astype({"value": str})))
     return section
 
 

@@ -318,6 +318,15 @@ def test_a_trial_stopped_mid_training_shows_its_fold_epochs_and_why_it_failed() 
     assert pd.isna(frame.loc[1, "fail_reason"]) or frame.loc[1, "fail_reason"] is None
 
 
+def test_the_summary_counts_one_trial_in_the_singular() -> None:
+    from modelsel.report import summary_section
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    text = summary_section(study, trials_frame(study)).paragraphs[0]
+    assert text.startswith("1 trial: 0 complete, 0 pruned, 1 failed.")  # was "1 trials"
+
+
 def test_a_report_of_failed_and_running_trials_without_a_pruned_one(tmp_path: Path) -> None:
     # What Ctrl-C leaves with pruner none: the report crashed (pandas 3 summed the empty
     # pruned trials' reasons to ""), in every later run and rebuild. A trial of a killed
