@@ -238,7 +238,7 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
     finished = outcome.n_complete + outcome.n_pruned
     ran = f"; {outcome.n_trained_this_run} run in this invocation" if after_run else ""
     click.echo(
-        f"Study {outcome.study_name}: {finished} trials finished ({outcome.n_complete} complete, "
+        f"Study {outcome.study_name}: {_count(finished, 'trial')} finished ({outcome.n_complete} complete, "
         f"{outcome.n_pruned} pruned, {outcome.n_failed} failed){ran}."
     )
     if outcome.fold_epochs:
@@ -332,6 +332,11 @@ def _objective_value(objective: str, value: float) -> str:
     return f"{objective} {objective_text(objective, value)}"
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 trial``, ``3 trials``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _check_storage_flag(storage: str | None) -> None:
     """Refuse an empty ``--storage`` (``--storage ""``), which would otherwise mean the default."""
     if storage is not None and not storage.strip():
@@ -371,7 +376,7 @@ def list_command(storage: str | None, output_dir: Path) -> None:
             continue
         summaries = optuna.get_all_study_summaries(opened, include_best_trial=False)
         for summary in sorted(summaries, key=lambda s: s.study_name):
-            click.echo(f"{summary.study_name}\t{summary.n_trials} trials\t{display_url(url)}")
+            click.echo(f"{summary.study_name}\t{_count(summary.n_trials, 'trial')}\t{display_url(url)}")
 
 
 def _locate(name: str, storage: str | None, output_dir: Path) -> str:

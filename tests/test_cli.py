@@ -107,7 +107,7 @@ def test_a_study_whose_every_completed_trial_blew_up_selects_nothing(
     spec = spec_file(search=None, training=training, budget={"n_trials": 1})
     result = invoke("study", "run", str(spec), "--quiet")
     assert result.exit_code == 0, result.output
-    assert "1 trials finished (1 complete, 0 pruned, 0 failed)" in result.stdout
+    assert "1 trial finished (1 complete, 0 pruned, 0 failed)" in result.stdout
     assert "Every completed trial blew up in training (regime diverged), so nothing was selected" in result.stdout
     assert "Held-out test" not in result.stdout
 
@@ -193,7 +193,7 @@ def test_study_run_with_a_journal_storage_and_output_folder(workdir: Path, spec_
     assert (workdir / "out" / "tiny" / "report.html").is_file()
     assert not (workdir / "out" / "tiny" / "study.db").exists()
     listed = invoke("study", "list", "--storage", "journal:runs/tiny.log")
-    assert listed.stdout == "tiny\t1 trials\truns/tiny.log\n"
+    assert listed.stdout == "tiny\t1 trial\truns/tiny.log\n"
 
 
 def test_study_list_without_studies(workdir: Path) -> None:
@@ -215,7 +215,7 @@ def test_a_file_under_reports_that_holds_no_study_is_skipped_and_left_as_it_is(
     (workdir / "reports" / "notes" / "study.log").write_text("not a journal\n", encoding="utf-8")
     listed = invoke("study", "list")
     assert listed.exit_code == 0, listed.output
-    assert listed.stdout.startswith("tiny\t1 trials\t")
+    assert listed.stdout.startswith("tiny\t1 trial\t")
     assert "reports/junk/study.db is not a study storage (file is not a database)" in listed.stderr
     assert "reports/empty/study.db holds no Optuna studies" in listed.stderr
     assert "reports/notes/study.log is not an Optuna journal file" in listed.stderr  # was exit 2 after the list
