@@ -1064,6 +1064,15 @@ def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
     elif first["type"] == "union_tag_not_found":
         key = str((first.get("ctx") or {}).get("discriminator", "")).strip("'")
         message = f"missing '{key}'" + (f"; give one of: {_TAG_CHOICES[key]}" if key in _TAG_CHOICES else "")
+    elif first["type"] == "union_tag_invalid":
+        ctx = first.get("ctx") or {}
+        key, tag = str(ctx.get("discriminator", "")).strip("'"), ctx.get("tag")
+        choices = _TAG_CHOICES.get(key) or str(ctx.get("expected_tags", ""))
+        message = f"unknown {key} {tag!r}; give one of: {choices}"
+    elif first["type"] in _TYPE_WISHES:
+        got = first.get("input")
+        shown = {dict: "a mapping", list: "a list"}.get(type(got)) or _yaml_text(got)
+        message = _TYPE_WISHES[first["type"]].format(got=shown, raw=got)
     more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return f"{where}: {message}{more}" if where else f"{message}{more}"
 
@@ -1092,6 +1101,15 @@ def _allowed_keys_hint(loc: tuple[Any, ...], prefix: str) -> str:
         return ""
     return "; allowed keys: " + ", ".join(model.model_fields)
 
+
+#: pydantic's wrong-type errors, said as the spec's author would fix them ({got}: the value given).
+_TYPE_WISHES = {
+    "dict_type": "expected a mapping (key: value pairs), got {got}",
+    "model_type": "expected a mapping (key: value pairs), got {got}",
+    "model_attributes_type": "expected a mapping (key: value pairs), got {got}",
+    "string_type": "expected text, got {got}; quote it if it is meant as text",
+    "list_type": "expected a list, got {got}; write [{raw}] for a list of one",
+}
 
 #: What to write for each discriminator key of a tagged union, when it is left out.
 _TAG_CHOICES = {

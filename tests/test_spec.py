@@ -241,7 +241,11 @@ def test_unknown_nested_key_names_path_and_lists_allowed_keys(data: dict[str, An
         ({"training": {"lr": "fast"}}, "training.lr", "valid number"),
         ({"model": {"batch_norm": "sometimes"}}, "model.batch_norm", "valid boolean"),
         ({"seed": [1, 2]}, "seed", "valid integer"),
-        ({"model": "big"}, "model", "dictionary"),
+        ({"model": "big"}, "model", "expected a mapping (key: value pairs), got 'big'"),
+        # pydantic's own wording named no fix.
+        ({"dataset": "csv"}, "dataset", "expected a mapping (key: value pairs), got 'csv'"),
+        ({"name": 123}, "name", "expected text, got 123; quote it if it is meant as text"),
+        ({"objectives": "val_loss"}, "objectives", "expected a list, got 'val_loss'; write [val_loss] for a list"),
     ],
 )
 def test_wrong_type_names_field(data: dict[str, Any], field: str, hint: str) -> None:
@@ -318,9 +322,9 @@ def test_out_of_range_values(data: dict[str, Any], expected: str) -> None:
 
 def test_unknown_dataset_lists_datasets() -> None:
     message = spec_error(spec(dataset={"name": "mnist"}))
-    assert "dataset: " in message and "'mnist'" in message
+    assert "dataset: unknown name 'mnist'; give one of: " in message
     for name in ("digits", "fashion-mnist", "polynomial", "csv", "synthetic-classification"):
-        assert f"'{name}'" in message
+        assert name in message
 
 
 @pytest.mark.parametrize(
@@ -516,7 +520,7 @@ def test_sweep_errors_name_the_axis_in_the_spec_s_own_terms(sweep: Any, expected
         ({"model": {"depth": 2, "width": [8, "wide"]}}, "model.width.1: Input should be a valid integer"),
         ({"training": {"stack_trials": "many"}}, "training.stack_trials: Input should be a valid integer"),
         ({"search": {"lr": [[0.1]]}}, "search.lr.choices.0: Input should be a valid boolean, a valid integer, a valid"),
-        ({"training": {"grad_clip": "hard"}}, "training.grad_clip: Input should be a valid dictionary"),
+        ({"training": {"grad_clip": "hard"}}, "training.grad_clip: expected a mapping (key: value pairs), got 'hard'"),
     ],
 )
 def test_a_value_that_fits_no_branch_of_a_union_is_one_problem(data: dict[str, Any], expected: str) -> None:
@@ -539,7 +543,7 @@ def test_distribution_without_a_type_says_which_types_exist() -> None:
 
 def test_unknown_distribution_type() -> None:
     message = spec_error(spec(search={"lr": {"type": "uniform", "low": 0.1, "high": 1}}))
-    assert "search.lr: " in message and "'uniform'" in message and "'float'" in message
+    assert "search.lr: unknown type 'uniform'; give one of: int, float, log, categorical" in message
 
 
 def test_search_and_sweep_together() -> None:
