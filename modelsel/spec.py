@@ -1071,7 +1071,7 @@ def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
         message = f"unknown {key} {tag!r}; give one of: {choices}"
     elif first["type"] in _TYPE_WISHES:
         got = first.get("input")
-        shown = {dict: "a mapping", list: "a list"}.get(type(got)) or _yaml_text(got)
+        shown = "a mapping" if isinstance(got, dict) else "a list" if isinstance(got, list) else _yaml_text(got)
         message = _TYPE_WISHES[first["type"]].format(got=shown, raw=got)
     more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return f"{where}: {message}{more}" if where else f"{message}{more}"
