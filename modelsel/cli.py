@@ -241,6 +241,8 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
         f"Study {outcome.study_name}: {_count(finished, 'trial')} finished ({outcome.n_complete} complete, "
         f"{outcome.n_pruned} pruned, {outcome.n_failed} failed){ran}."
     )
+    if outcome.n_diverged or outcome.n_invalid:
+        click.echo(_pruned_why(outcome))
     if outcome.fold_epochs:
         cap = f" of the budget's {outcome.fold_epochs_budget}" if outcome.fold_epochs_budget else ""
         click.echo(f"Trained {outcome.fold_epochs} fold-epochs{cap} (epochs x folds, summed over trials).")
@@ -330,6 +332,15 @@ def _objective_value(objective: str, value: float) -> str:
     from modelsel.results import objective_text
 
     return f"{objective} {objective_text(objective, value)}"
+
+
+def _pruned_why(outcome: Any) -> str:
+    """Which pruned trials the pruner did not stop: diverged ones and invalid configurations."""
+    parts = [f"{outcome.n_diverged} diverged in training"] if outcome.n_diverged else []
+    if outcome.n_invalid:
+        were = "was an invalid configuration" if outcome.n_invalid == 1 else "were invalid configurations"
+        parts.append(f"{outcome.n_invalid} {were}")
+    return f"Of the pruned trials, {' and '.join(parts)} (fail_reason in trials.csv says why)."
 
 
 def _count(n: int, noun: str) -> str:

@@ -85,6 +85,10 @@ class StudyOutcome:
     n_pruned: int
     n_failed: int
     n_trained_this_run: int = 0
+    #: Of the pruned trials, those whose training diverged (a NaN/inf loss) and those whose
+    #: sampled configuration could not be built (e.g. batch norm with batches of 1).
+    n_diverged: int = 0
+    n_invalid: int = 0
     best_trial_number: int | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     #: The selected trial's objective values, in the spec's order of objectives.
@@ -806,6 +810,9 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         directions=[d.name.lower() for d in study.directions],
         pareto_front=[(t.number, list(t.values)) for t in pareto_front(study)],
     )
+    reasons = [str(t.user_attrs.get("fail_reason", "")) for t in trials if t.state == TrialState.PRUNED]
+    outcome.n_diverged = sum(r.startswith("diverged") for r in reasons)
+    outcome.n_invalid = sum(r.startswith("invalid configuration") for r in reasons)
     outcome.fold_epochs, outcome.fold_epochs_budget = stored_fold_epochs(study)
     selection = selection_and_value(study)
     if selection is not None:
@@ -913,6 +920,8 @@ def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOu
         n_complete=sum(o.n_complete for o in outcomes),
         n_pruned=sum(o.n_pruned for o in outcomes),
         n_failed=sum(o.n_failed for o in outcomes),
+        n_diverged=sum(o.n_diverged for o in outcomes),
+        n_invalid=sum(o.n_invalid for o in outcomes),
         n_trained_this_run=sum(o.n_trained_this_run for o in outcomes),
         fold_epochs=sum(o.fold_epochs for o in outcomes),  # each map's own cap, summed
         fold_epochs_budget=(

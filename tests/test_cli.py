@@ -483,6 +483,25 @@ def test_a_test_loss_that_is_not_finite_is_reported_and_the_run_and_its_rerun_fi
     assert "not finite: the retrained model's test loss is inf" in html
 
 
+def test_the_summary_says_which_pruned_trials_no_pruner_stopped(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    # With no pruner, "1 pruned" read as the pruner's work: it was an invalid combination
+    # of searched values (batch norm with batches of 1), and another trial diverged.
+    spec = spec_file(
+        search={"batch_size": [1, 8], "batch_norm": [True], "lr": [0.01, 1.0e12]},
+        model={"depth": 1, "width": 4},
+        training={"epochs": 1, "optimizer": "sgd"},
+        sampler="grid",
+        budget={"n_trials": 4},
+    )
+    result = invoke("study", "run", str(spec), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "4 trials finished (1 complete, 3 pruned, 0 failed)" in result.stdout
+    expected = "Of the pruned trials, 1 diverged in training and 2 were invalid configurations (fail_reason in"
+    assert expected in result.stdout
+
+
 def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]) -> None:
     spec = spec_file()
     result = invoke("study", "run", str(spec), "--n-trials", "0")
