@@ -238,6 +238,11 @@ class TrainingSpec(_Section):
         # ``grad_clip: 1.0`` means clipping the total norm at 1.0 (searchable as a float).
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return None if value == 0 else {"kind": "norm", "threshold": value}
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(
+                f"expected a number (clip the total norm at it), {{kind: value, threshold: 0.5}} or null, "
+                f"got {_yaml_text(value)}"
+            )
         return value
 
     @field_validator("early_stopping", mode="before")
