@@ -69,6 +69,14 @@ def assert_user_error(result: Result, *fragments: str) -> str:
 # ------------------------------------------------------------------- help
 
 
+def test_a_bare_command_prints_its_help_not_an_error() -> None:
+    # The one-line usage errors caught click's no-arguments help too: "error: Usage: ...".
+    for args in ((), ("study",), ("report",)):
+        result = invoke(*args)
+        assert result.output.startswith("Usage: modelsel"), result.output
+        assert "error:" not in result.output and "Commands:" in result.output
+
+
 def test_help_lists_the_commands() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
