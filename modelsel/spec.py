@@ -713,12 +713,17 @@ def resolve_field(spec: StudySpec, key: str) -> tuple[str, str]:
 
 
 def max_trial_epochs(spec: StudySpec) -> int:
-    """The most epochs one trial of ``spec`` can train (``training.epochs`` may be searched or swept)."""
-    longest = spec.training.epochs
-    sweep_axes = [(axis, values) for grid in spec.sweep_list() for axis, values in grid.axes.items()]
-    for key, values in [*spec.search.items(), *sweep_axes]:
-        if resolve_field(spec, key) != ("training", "epochs"):
+    """The most epochs one trial of ``spec`` can train: the largest searched or swept
+    ``training.epochs``, and ``training.epochs`` itself only where a trial trains it (the
+    search, or a grid of a sweep, does not vary it)."""
+    spaces: list[dict[str, Any]] = [dict(grid.axes) for grid in spec.sweep_list()] or [dict(spec.search)]
+    longest = 0
+    for space in spaces:
+        epochs = [values for key, values in space.items() if resolve_field(spec, key) == ("training", "epochs")]
+        if not epochs:
+            longest = max(longest, spec.training.epochs)
             continue
+        values = epochs[0]
         if isinstance(values, (IntDistribution, FloatDistribution)):
             values = [values.high]
         elif isinstance(values, CategoricalDistribution):

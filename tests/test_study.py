@@ -627,6 +627,10 @@ def test_hyperbands_max_resource_is_the_longest_trials_epochs() -> None:
     spec = tiny(training={"epochs": 1}, search={"epochs": [1, 3], "lr": [0.1, 0.01]}, pruner="hyperband")
     assert make_pruner(spec)._max_resource == 3
     assert make_pruner(tiny(training={"epochs": 2}, pruner="hyperband"))._max_resource == 2
+    # A searched epochs replaces training.epochs (20 here) in every trial: no trial trains 20.
+    epochs = {"type": "int", "low": 2, "high": 5}
+    searched = tiny(training={"epochs": 20}, search={"epochs": epochs}, pruner="hyperband")
+    assert make_pruner(searched)._max_resource == 5
 
 
 def test_a_sampler_that_cannot_run_the_study_is_blamed_not_its_options() -> None:
