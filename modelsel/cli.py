@@ -273,8 +273,9 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
             fold_text = f"{seeds} seeds x {fold_text}"
         if outcome.cv_mean is not None and primary in ("val_accuracy", "val_loss"):
             click.echo(f"CV {label}: {outcome.cv_mean:.4f} ± {outcome.cv_std or 0:.4f} ({fold_text}mean ± std)")
-        elif outcome.cv_mean is not None:  # fit_seconds, n_params: a number of the trial, not of each fold
-            click.echo(f"{label.capitalize()}: {outcome.cv_mean:.4g}")
+        elif outcome.cv_mean is not None and len(outcome.objectives) == 1:
+            # fit_seconds, n_params: a number of the trial, not of each fold (several objectives: said above)
+            click.echo(_objective_value(primary, outcome.cv_mean))
         test = outcome.test
         if test and test.get("trial_number") == outcome.best_trial_number and "retrain_diverged" in test:
             click.echo(

@@ -566,8 +566,9 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
         params = ", ".join(f"{k}={value_text(v)}" for k, v in selected_params(studies[best], trial).items())
         maps.paragraphs.append(
             f"Across the maps the best selection is {studies[best].study_name}'s trial {trial.number} ({params}): "
-            f"{objective} {value:.4g}. Each map's summary below scores its own selection on the held-out test "
-            "split; the maps may differ in what they hold fixed, so compare them with that in mind."
+            f"{objective} {objective_text(objective, value)}. Each map's summary below scores its own selection "
+            "on the held-out test split; the maps may differ in what they hold fixed, so compare them with that "
+            "in mind."
         )
     sections: list[Section] = [maps]
     for study in studies:

@@ -97,7 +97,10 @@ def best_value_text(study: optuna.Study) -> str:
     """The progress bar's "best 0.8234": the value the selection ranks the selected trial
     by (one objective; empty before a selection, or for several objectives)."""
     chosen = selection_and_value(study) if len(study.directions) == 1 else None
-    return "" if chosen is None else f"best {chosen[1]:.4g}"
+    if chosen is None:
+        return ""
+    objective = (study.user_attrs.get("objectives") or ["value"])[0]
+    return f"best {objective_text(objective, chosen[1])}"
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
