@@ -860,19 +860,25 @@ def _check_grids(spec: StudySpec) -> None:
 
 def _check_momentum_is_used(spec: StudySpec) -> None:
     """Refuse a searched or swept ``momentum`` that no trial uses: only optimizer
-    'momentum' reads it, and a fixed other optimizer would train every value alike."""
-    named = [("search", key) for key in spec.search]
-    named += [("sweep", axis) for grid in spec.sweep_list() for axis in grid.axes]
-    fields = {resolve_field(spec, key): (where, key) for where, key in named}
-    if ("training", "momentum") not in fields or ("training", "optimizer") in fields:
-        return
-    if spec.training.optimizer != "momentum":
-        where, key = fields[("training", "momentum")]
-        raise ValueError(
-            f"{where}.{key}: training.optimizer is {spec.training.optimizer}, which does not use momentum "
-            "(only optimizer: momentum does), so every value would train alike; set training.optimizer: "
-            f"momentum, or {where} the optimizer too"
-        )
+    'momentum' reads it, so the search (or each grid of a sweep) that varies it must
+    train with that optimizer, fixed or among its choices."""
+    spaces: list[tuple[str, dict[str, Any]]] = [("sweep", dict(grid.axes)) for grid in spec.sweep_list()]
+    for where, space in spaces or [("search", dict(spec.search))]:
+        fields = {resolve_field(spec, key): (key, values) for key, values in space.items()}
+        if ("training", "momentum") not in fields:
+            continue
+        searched = fields.get(("training", "optimizer"))
+        optimizers: list[Any] = [spec.training.optimizer]
+        if searched is not None:
+            values = searched[1]
+            optimizers = list(values.choices if isinstance(values, CategoricalDistribution) else values)
+        if "momentum" not in optimizers:
+            key = fields[("training", "momentum")][0]
+            named = " or ".join(map(str, optimizers))
+            raise ValueError(
+                f"{where}.{key}: the optimizer is {named}, which does not use momentum (only optimizer: momentum "
+                f"does), so every value would train alike; set training.optimizer: momentum, or {where} it too"
+            )
 
 
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:

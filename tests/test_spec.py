@@ -448,11 +448,18 @@ def test_a_searched_momentum_needs_an_optimizer_that_uses_it() -> None:
     # With adam, three momentum values trained three identical models.
     message = spec_error(spec(training={"optimizer": "adam"}, search={"momentum": {"type": "float", "low": 0.1,
                                                                                  "high": 0.99}}))
-    assert "search.momentum: training.optimizer is adam, which does not use momentum" in message
+    assert "search.momentum: the optimizer is adam, which does not use momentum" in message
     swept = spec_error(spec(training={"optimizer": "sgd"}, sweep={"training.momentum": [0.5, 0.9]}))
-    assert "sweep.training.momentum: training.optimizer is sgd" in swept and "or sweep the optimizer too" in swept
+    assert "sweep.training.momentum: the optimizer is sgd" in swept and "or sweep it too" in swept
+    # Searched among optimizers that all ignore it; or swept in one grid while another sweeps the optimizer.
+    among = spec_error(spec(search={"momentum": [0.5, 0.9], "optimizer": ["sgd", "adam"]}))
+    assert "search.momentum: the optimizer is sgd or adam, which does not use momentum" in among
+    two_grids = [{"momentum": [0.5, 0.9]}, {"optimizer": ["sgd", "momentum"]}]
+    grids = spec_error(spec(training={"optimizer": "adam"}, sweep=two_grids))
+    assert "sweep.momentum: the optimizer is adam" in grids
     assert parse_spec(spec(training={"optimizer": "momentum"}, search={"momentum": [0.5, 0.9]}))
     assert parse_spec(spec(search={"momentum": [0.5, 0.9], "optimizer": ["momentum", "adam"]}))
+    assert parse_spec(spec(sweep={"momentum": [0.5, 0.9], "optimizer": ["momentum", "sgd"]}))
 
 
 def test_one_field_under_two_names() -> None:
