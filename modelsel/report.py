@@ -173,6 +173,7 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
         if t.state == TrialState.PRUNED
         and t.last_step is not None
         and t.user_attrs.get("regime") != "diverged"  # its last value is from before it diverged
+        and not trial_blew_up(t.user_attrs)  # stopped while blown up: a value of 1e9 flattens every other
         and math.isfinite(t.intermediate_values[t.last_step])
     ]
     caption = ""

@@ -215,6 +215,10 @@ def test_the_history_draws_pruned_trials_where_they_stopped_and_leaves_blow_ups_
     study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.2, 2: 0.3}))
     study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs=blown))  # not selectable
     study.add_trial(optuna.trial.create_trial(value=0.7))
+    blown_pruned = {"pruned_at_epoch": 1, "metric_name": "accuracy", "curves": {"train_loss": [5000.0]}}
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={1: 1e9}, user_attrs=blown_pruned)
+    )
     diverged = {"regime": "diverged", "fail_reason": "diverged: fold 0 at epoch 2: loss is nan"}
     study.add_trial(
         optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.8}, user_attrs=diverged)
