@@ -166,6 +166,20 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def _text_became_number(old: Any, new: Any) -> bool:
+    """Whether some value stored as text (``'1e-4'``, as YAML 1.1 reads it) is now that number."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return any(_text_became_number(old[k], new[k]) for k in set(old) & set(new))
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return any(_text_became_number(a, b) for a, b in zip(old, new, strict=True))
+    if isinstance(old, str) and isinstance(new, (int, float)) and not isinstance(new, bool):
+        try:
+            return float(old) == new
+        except ValueError:
+            return False
+    return False
+
+
 def preflight(spec: StudySpec) -> str:
     """Load the data for every distinct dataset configuration the study will use and check
     the CV split works for each; return the task. Raises a UserError on any problem."""
@@ -338,9 +352,15 @@ def _check_stored_spec(
         stored.get("training", {}).pop(key, None)
     changed = _differences(stored, fingerprint)
     if changed:
+        hint = ""
+        if _text_became_number(stored, fingerprint):
+            hint = (
+                " (if the spec file is unchanged: modelsel now reads a number such as 1e-4 as a number, where "
+                "older versions read the text '1e-4'; quote it as '1e-4' to resume this study)"
+            )
         raise UserError(
             f"study '{spec.name}' in {display_url(storage_url)} was created from a different spec "
-            f"(differs in: {', '.join(changed[:5])}); rename the study, use another --storage, "
+            f"(differs in: {', '.join(changed[:5])}){hint}; rename the study, use another --storage, "
             "or delete the old database"
         )
     old = user_attrs.get("data_file")

@@ -271,6 +271,18 @@ def test_a_run_waits_for_the_description_of_a_study_another_process_just_created
         other.join()
 
 
+def test_a_study_stored_with_1e_4_as_text_says_why_its_unchanged_spec_differs(fast_tmp: Path) -> None:
+    # Older versions read 1e-4 in a spec as the text '1e-4'; now it is a number, so the
+    # same file no longer matches the study it created, and the message did not say why.
+    url = f"sqlite:///{fast_tmp}/s.db"
+    run(tiny(search={"weight_decay": [0, "1e-4"]}, budget={"n_trials": 1}), url, fast_tmp)
+    with pytest.raises(UserError, match=r"differs in: search\.weight_decay\.choices\) \(if the spec file is unch"):
+        run(tiny(search={"weight_decay": [0, 1e-4]}, budget={"n_trials": 2}), url, fast_tmp)
+    with pytest.raises(UserError) as other:
+        run(tiny(search={"weight_decay": [0, 1e-3]}, budget={"n_trials": 2}), url, fast_tmp)
+    assert "quote it" not in str(other.value)
+
+
 def test_a_run_counts_only_the_trials_it_ran(fast_tmp: Path) -> None:
     # Another process adding trials to the same study meanwhile was counted as this run's.
     spec = tiny()
