@@ -36,6 +36,7 @@ from modelsel.results import (
     best_trial,
     cell_score,
     cell_trials,
+    objective_names,
     objective_text,
     pareto_front,
     selected_params,
@@ -72,7 +73,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for several objectives also ``pareto``, whether the trial is on the Pareto front the
     selection picks from (:func:`~modelsel.results.pareto_front`)."""
 
-    objectives = _objective_names(study)
+    objectives = objective_names(study)
     several = len(study.directions) > 1
     front = {t.number for t in pareto_front(study)}
     folds = stored_folds(stored_spec(study))
@@ -112,12 +113,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return frame
 
 
-def _objective_names(study: optuna.Study) -> list[str]:
-    """The study's objectives (``value_0``, ``value_1``, … for a study that did not store them)."""
-    names: list[str] = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
-    return names
-
-
 def warm_up() -> None:
     """Load what :func:`build_report` would load on first use: Optuna's importance
     evaluator (scikit-learn's trees) and matplotlib's fonts and PNG
@@ -148,7 +143,7 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
     stopped at); a completed trial whose training blew up is drawn apart and left out of
     the best so far, as the selection leaves it out.
     """
-    objectives = study.user_attrs.get("objectives") or ["value_0"]
+    objectives = objective_names(study)
     primary = objectives[0]
     done = frame[frame["state"] == "complete"].sort_values("trial")
     if done.empty or primary not in done:
@@ -196,7 +191,7 @@ def plot_pareto_front(study: optuna.Study) -> Figure | None:
     objective or before a trial completed."""
     if len(study.directions) < 2:
         return None
-    objectives = _objective_names(study)
+    objectives = objective_names(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
@@ -297,7 +292,7 @@ def plot_importance(study: optuna.Study) -> Figure | str | None:
 def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     """Counts, the selected trial, its CV score and the held-out test score."""
     section = Section("Summary")
-    objectives = study.user_attrs.get("objectives") or ["value"]
+    objectives = objective_names(study)
     counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
     spent, cap = stored_fold_epochs(study)
     of_cap = f" of a budget of {cap}" if cap else ""
@@ -332,7 +327,7 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     pooled = f" over {len(cell)} seeds × folds" if len(cell) > 1 else ""
     objective_rows: list[tuple[str, Any]] = []
     if len(study.directions) > 1:
-        names = _objective_names(study)
+        names = objective_names(study)
         objective_rows = [(f"objective {o}", objective_text(o, v)) for o, v in zip(names, selected.values, strict=True)]
         front = pareto_front(study)
         section.paragraphs.append(
@@ -560,7 +555,7 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
         ],
     )
     selections = [selection_and_value(s) for s in studies]
-    objective = (studies[0].user_attrs.get("objectives") or ["value"])[0] if studies else "value"
+    objective = objective_names(studies[0])[0] if studies else "value_0"
     best = best_of_selections([None if s is None else s[1] for s in selections], objective)
     if best is not None:
         trial, value = selections[best]  # type: ignore[misc]

@@ -93,13 +93,19 @@ def trials_within_fold_epochs(study: optuna.Study, spec: StudySpec) -> int | Non
     return max(0, (budget - fold_epochs_spent(study, spec.cv.folds)) // trial_fold_epochs_cap(spec))
 
 
+def objective_names(study: optuna.Study) -> list[str]:
+    """The study's objectives (``value_0``, ``value_1``, … for a study that did not store them)."""
+    names: list[str] = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
+    return names
+
+
 def best_value_text(study: optuna.Study) -> str:
     """The progress bar's "best 0.8234": the value the selection ranks the selected trial
     by (one objective; empty before a selection, or for several objectives)."""
     chosen = selection_and_value(study) if len(study.directions) == 1 else None
     if chosen is None:
         return ""
-    objective = (study.user_attrs.get("objectives") or ["value"])[0]
+    objective = objective_names(study)[0]
     return f"best {objective_text(objective, chosen[1])}"
 
 

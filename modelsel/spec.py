@@ -1089,6 +1089,8 @@ def _first_error_text(exc: ValidationError, *, prefix: str = "") -> str:
         got = first.get("input")
         shown = "a mapping" if isinstance(got, dict) else "a list" if isinstance(got, list) else _yaml_text(got)
         message = _TYPE_WISHES[first["type"]].format(got=shown, raw=got)
+        if isinstance(got, (dict, list)):  # "write [{'a': 1}]" would be Python, not YAML
+            message = message.partition(";")[0]
     more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return f"{where}: {message}{more}" if where else f"{message}{more}"
 

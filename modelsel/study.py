@@ -31,6 +31,7 @@ from modelsel.results import (
     cell_score,
     cell_trials,
     finished_count,
+    objective_names,
     pareto_front,
     pending_retrain,
     selected_params,
@@ -818,7 +819,7 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
     """Read a study's state (counts, selection, CV score, stored test result)."""
     trials = study.get_trials(deepcopy=False)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
-    objectives = study.user_attrs.get("objectives") or ["value"] * len(study.directions)
+    objectives = objective_names(study)
     outcome = StudyOutcome(
         study_name=study.study_name,
         storage_url=storage_url,

@@ -511,6 +511,17 @@ def test_the_summary_says_which_pruned_trials_no_pruner_stopped(
     assert expected in result.stdout
 
 
+def test_a_study_without_stored_objectives_names_them_as_the_report_does(workdir: Path) -> None:
+    # study show said "maximize value, minimize value" where trials.csv says value_0, value_1.
+    url = f"sqlite:///{workdir}/plain.db"
+    study = optuna.create_study(study_name="plain", storage=url, directions=["maximize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.6, 20.0]))
+    shown = invoke("study", "show", "plain", "--storage", url)
+    assert shown.exit_code == 0, shown.output
+    assert "Pareto front (maximize value_0, minimize value_1)" in shown.stdout
+    assert "value 0" not in shown.stdout
+
+
 def test_n_trials_must_be_positive(workdir: Path, spec_file: Callable[..., Path]) -> None:
     spec = spec_file()
     result = invoke("study", "run", str(spec), "--n-trials", "0")
