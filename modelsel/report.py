@@ -175,7 +175,10 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
     if pruned and len(study.directions) == 1 and primary.startswith("val_"):
         numbers, values = zip(*pruned, strict=True)
         ax.scatter(numbers, values, marker="x", color="grey", label="pruned (last reported)")
-        caption = "A pruned trial is drawn at the last fold-mean value it reported, at the epoch it was stopped."
+        caption = (
+            "A pruned trial is drawn at the last fold-mean value it reported, at the epoch it was stopped "
+            "(pruned trials that diverged or blew up are left out)."
+        )
     ax.set_xlabel("trial")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers, not -0.04 ... 0.04
     ax.set_ylabel(_objective_label(primary))
@@ -297,13 +300,17 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     spent, cap = stored_fold_epochs(study)
     of_cap = f" of a budget of {cap}" if cap else ""
     compute = f" They trained {spent} fold-epochs (epochs × folds){of_cap}." if spent else ""
-    diverged = 0
+    diverged = invalid = 0
     if "fail_reason" in frame:
         reasons = frame.loc[frame["state"] == "pruned", "fail_reason"]
         # Not Series.map(...).sum(): with no pruned trial, pandas 3 keeps the empty column's
         # str dtype and sums to "".
         diverged = sum(isinstance(r, str) and r.startswith("diverged") for r in reasons)
-    of_them = f" ({diverged} of them diverged)" if diverged else ""
+        invalid = sum(isinstance(r, str) and r.startswith("invalid configuration") for r in reasons)
+    kinds = [f"{diverged} of them diverged"] if diverged else []
+    if invalid:
+        kinds.append(f"{invalid} {'was an invalid configuration' if invalid == 1 else 'were invalid configurations'}")
+    of_them = f" ({', '.join(kinds)})" if kinds else ""
     # Running: training now, or left so by a killed process (a later run marks it failed);
     # waiting: a grid cell queued again that a run has not taken yet.
     running = "".join(f", {counts[state]} {state}" for state in ("running", "waiting") if counts.get(state))

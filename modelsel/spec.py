@@ -877,7 +877,12 @@ def _check_momentum_is_used(spec: StudySpec) -> None:
             named = " or ".join(map(str, optimizers))
             raise ValueError(
                 f"{where}.{key}: the optimizer is {named}, which does not use momentum (only optimizer: momentum "
-                f"does), so every value would train alike; set training.optimizer: momentum, or {where} it too"
+                f"does), so every value would train alike; "
+                + (
+                    f"add momentum to the choices of {where}.{searched[0]}"
+                    if searched is not None
+                    else f"set training.optimizer: momentum, or {where} it too"
+                )
             )
 
 

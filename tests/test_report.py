@@ -331,6 +331,16 @@ def test_the_summary_counts_one_trial_in_the_singular() -> None:
     assert text.startswith("1 trial: 0 complete, 0 pruned, 1 failed.")  # was "1 trials"
 
 
+def test_the_summary_counts_invalid_configurations_as_the_cli_does() -> None:
+    from modelsel.report import summary_section
+
+    study = optuna.create_study(direction="maximize")
+    for reason in ("diverged: fold 0 at epoch 1: loss is nan", "invalid configuration: x", "pruned after epoch 1"):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={"fail_reason": reason}))
+    text = summary_section(study, trials_frame(study)).paragraphs[0]
+    assert "3 pruned (1 of them diverged, 1 was an invalid configuration)" in text
+
+
 def test_a_report_of_failed_and_running_trials_without_a_pruned_one(tmp_path: Path) -> None:
     # What Ctrl-C leaves with pruner none: the report crashed (pandas 3 summed the empty
     # pruned trials' reasons to ""), in every later run and rebuild. A trial of a killed
