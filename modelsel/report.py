@@ -39,6 +39,7 @@ from modelsel.results import (
     objective_names,
     objective_text,
     pareto_front,
+    pruned_causes,
     selected_params,
     selection_and_value,
     stored_fold_epochs,
@@ -167,8 +168,9 @@ def plot_history(study: optuna.Study, frame: pd.DataFrame) -> Figure | None:
         for t in trials.values()
         if t.state == TrialState.PRUNED
         and t.last_step is not None
-        and t.user_attrs.get("regime") != "diverged"  # its last value is from before it diverged
-        and not trial_blew_up(t.user_attrs)  # stopped while blown up: a value of 1e9 flattens every other
+        # Diverged (its last value is from before the NaN) or stopped while blown up (a value
+        # of 1e9 flattens every other): trial_blew_up says both.
+        and not trial_blew_up(t.user_attrs)
         and math.isfinite(t.intermediate_values[t.last_step])
     ]
     caption = ""
@@ -201,7 +203,8 @@ def plot_pareto_front(study: optuna.Study) -> Figure | None:
     front = pareto_front(study)
     on_front = {t.number for t in front}
     blown = [t for t in complete if trial_blew_up(t.user_attrs)]
-    others = [t for t in complete if t.number not in on_front and not trial_blew_up(t.user_attrs)]
+    blown_numbers = {t.number for t in blown}
+    others = [t for t in complete if t.number not in on_front and t.number not in blown_numbers]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for trials, style in (
         (others, {"color": "#A0A0A0", "label": "dominated trial"}),
@@ -300,13 +303,7 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     spent, cap = stored_fold_epochs(study)
     of_cap = f" of a budget of {cap}" if cap else ""
     compute = f" They trained {spent} fold-epochs (epochs × folds){of_cap}." if spent else ""
-    diverged = invalid = 0
-    if "fail_reason" in frame:
-        reasons = frame.loc[frame["state"] == "pruned", "fail_reason"]
-        # Not Series.map(...).sum(): with no pruned trial, pandas 3 keeps the empty column's
-        # str dtype and sums to "".
-        diverged = sum(isinstance(r, str) and r.startswith("diverged") for r in reasons)
-        invalid = sum(isinstance(r, str) and r.startswith("invalid configuration") for r in reasons)
+    diverged, invalid = pruned_causes(study.get_trials(deepcopy=False))
     kinds = [f"{diverged} of them diverged"] if diverged else []
     if invalid:
         kinds.append(f"{invalid} {'was an invalid configuration' if invalid == 1 else 'were invalid configurations'}")
@@ -334,12 +331,13 @@ def summary_section(study: optuna.Study, frame: pd.DataFrame) -> Section:
     pooled = f" over {len(cell)} seeds × folds" if len(cell) > 1 else ""
     objective_rows: list[tuple[str, Any]] = []
     if len(study.directions) > 1:
-        names = objective_names(study)
-        objective_rows = [(f"objective {o}", objective_text(o, v)) for o, v in zip(names, selected.values, strict=True)]
+        objective_rows = [
+            (f"objective {o}", objective_text(o, v)) for o, v in zip(objectives, selected.values, strict=True)
+        ]
         front = pareto_front(study)
         section.paragraphs.append(
             f"With several objectives, the selected trial is the one on the Pareto front best on the first objective, "
-            f"{names[0]}. The front holds the completed trials that no other completed trial matches or beats on "
+            f"{objectives[0]}. The front holds the completed trials that no other completed trial matches or beats on "
             f"every objective while beating on one (trials whose training blew up left out): {len(front)} "
             f"trial{'' if len(front) == 1 else 's'} here (the Pareto front figure; the pareto column of the trials "
             "table)."

@@ -116,13 +116,16 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return None if selection is None else selection[0]
 
 
-def selection_and_value(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
+def selection_and_value(
+    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
+) -> tuple[FrozenTrial, float] | None:
     """The selected trial (:func:`best_trial`) and the first objective's value it was
     ranked by: its cell's mean over the completed seeds for a one-objective sweep with
     repeats, else its own value. Trials whose training blew up are not selected
-    (:func:`selectable_trials`)."""
+    (:func:`selectable_trials`). ``front``: the study's :func:`pareto_front`, when the
+    caller has it already."""
     if len(study.directions) > 1:
-        front = pareto_front(study)
+        front = pareto_front(study) if front is None else front
         return (front[0], float(front[0].values[0])) if front else None
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if any(SWEEP_SEED_PARAM in t.params for t in complete):
@@ -170,6 +173,16 @@ def objective_text(objective: str, value: float) -> str:
 def _signs(study: optuna.Study) -> list[int]:
     """+1 for each objective the study minimizes, -1 for each it maximizes."""
     return [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+
+
+def pruned_causes(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
+    """Of the pruned ``trials``, how many diverged in training and how many were invalid
+    configurations (by their ``fail_reason``): those a pruner did not stop."""
+    reasons = [str(t.user_attrs.get("fail_reason") or "") for t in trials if t.state == TrialState.PRUNED]
+    return (
+        sum(r.startswith("diverged") for r in reasons),
+        sum(r.startswith("invalid configuration") for r in reasons),
+    )
 
 
 def selectable_trials(complete: Sequence[FrozenTrial]) -> list[FrozenTrial]:

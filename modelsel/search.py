@@ -84,10 +84,9 @@ def check_sampler_and_pruner(spec: StudySpec) -> None:
 
     pruner = make_pruner(spec)
     grid = spec.sweep is not None or spec.sampler.name == "grid"
-    # A grid's sampler needs no probe (its cells were checked as values); its pruner does.
-    if grid:
-        make_sampler(spec)  # refuses options, which the grid sampler would ignore
-    sampler = optuna.samplers.RandomSampler(seed=0) if grid else make_sampler(spec)
+    sampler = make_sampler(spec)  # refuses bad options (a grid's too, which it would ignore)
+    if grid:  # a grid's sampler needs no probe (its cells were checked as values); its pruner does
+        sampler = optuna.samplers.RandomSampler(seed=0)
     n_objectives = len(spec.objectives or ["default"])
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings concern the probe's trials

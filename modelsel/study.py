@@ -34,6 +34,7 @@ from modelsel.results import (
     objective_names,
     pareto_front,
     pending_retrain,
+    pruned_causes,
     selected_params,
     selection_and_value,
     stored_fold_epochs,
@@ -763,6 +764,9 @@ def select_and_test(
     if "test_metric" in stored and stored.get("trial_number") != selected.number:
         earlier.append(stored["trial_number"])
     dataset = load_dataset_for(trial_spec)
+    # What a stored result holds when the test split could not be scored (stored like a
+    # score, so that a rerun reports it instead of retraining into it again).
+    unscored = {"trial_number": selected.number, "params": selected.params, "epochs": epochs, "earlier_trials": earlier}
     reused = early_refit if early_refit is not None and early_refit.fits(selected, epochs) else None
     with torch_threads(threads) if threads is not None else contextlib.nullcontext():
         try:
@@ -770,31 +774,16 @@ def select_and_test(
                 member = reused.member
             else:
                 member = fit_final(trial_spec, dataset, epochs=epochs, device=device)
-        except Diverged as diverged:
-            # Stored like a score, so that a rerun reports it instead of retraining into it again;
-            # the test split is not touched.
-            outcome.test = {
-                "trial_number": selected.number,
-                "params": selected.params,
-                "epochs": epochs,
-                "retrain_diverged": f"epoch {diverged.epoch + 1}: {diverged.reason}",
-                "earlier_trials": earlier,
-            }
+        except Diverged as diverged:  # the test split is not touched
+            outcome.test = {**unscored, "retrain_diverged": f"epoch {diverged.epoch + 1}: {diverged.reason}"}
             study.set_user_attr("test_result", outcome.test)
             return outcome
         try:
             score = score_on_test(member, dataset, device=device)
         except ArithmeticError as exc:
             # Trained to a finite loss, yet not finite on the test rows (values far outside the
-            # training data's): stored, so that a rerun says it again instead of rescoring.
-            outcome.test = {
-                "trial_number": selected.number,
-                "params": selected.params,
-                "epochs": epochs,
-                "test_not_finite": str(exc),
-                "n_test": int(dataset.X_test.shape[0]),
-                "earlier_trials": earlier,
-            }
+            # training data's).
+            outcome.test = {**unscored, "test_not_finite": str(exc), "n_test": int(dataset.X_test.shape[0])}
             study.set_user_attr("test_result", outcome.test)
             return outcome
     outcome.test = {
@@ -829,13 +818,12 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
         n_failed=counts[TrialState.FAIL],
         test=study.user_attrs.get("test_result"),
         directions=[d.name.lower() for d in study.directions],
-        pareto_front=[(t.number, list(t.values)) for t in pareto_front(study)],
     )
-    reasons = [str(t.user_attrs.get("fail_reason", "")) for t in trials if t.state == TrialState.PRUNED]
-    outcome.n_diverged = sum(r.startswith("diverged") for r in reasons)
-    outcome.n_invalid = sum(r.startswith("invalid configuration") for r in reasons)
+    front = pareto_front(study)
+    outcome.pareto_front = [(t.number, list(t.values)) for t in front]
+    outcome.n_diverged, outcome.n_invalid = pruned_causes(trials)
     outcome.fold_epochs, outcome.fold_epochs_budget = stored_fold_epochs(study)
-    selection = selection_and_value(study)
+    selection = selection_and_value(study, front=front)
     if selection is not None:
         selected, outcome.selection_value = selection
         outcome.best_trial_number = selected.number
