@@ -160,7 +160,7 @@ class _Shared:
         self.caller_refitting = context.Value("b", 0)
         self.draft_claimed = context.Value("b", 0)
         self.results = context.Queue()
-        #: The trial number each worker is training (-1: none), for failing the trial of
+        #: The storage id of the trial each worker is training (-1: none), for failing the trial of
         #: a worker that was killed.
         self.running = context.Array("q", [-1] * workers)
 
@@ -306,7 +306,7 @@ def trial_loop(
     """
     from modelsel.objective import study_objective
     from modelsel.results import FINISHED_STATES, trials_within_fold_epochs
-    from modelsel.storage import unfinished_trials_failed
+    from modelsel.storage import trials_started_noted, unfinished_trials_failed
 
     # Workers claim budget slots one trial at a time, so each trains its trials alone:
     # training.stack_trials (a run-only setting) applies to one process.
@@ -315,12 +315,12 @@ def trial_loop(
 
     tracked = worker < len(shared.running)
 
-    def objective(trial: optuna.Trial) -> Any:
-        # Noted until the trial is stored as finished (the callback below), so that a
-        # worker killed while Optuna stores its result leaves no trial running either.
+    def started(trial_id: int) -> None:
+        # Noted from the moment the storage has the trial until it is stored as finished
+        # (the callback below), so that a worker killed while Optuna sets the trial up or
+        # stores its result leaves no trial running either.
         if tracked:
-            shared.running[worker] = trial.number
-        return train(trial)
+            shared.running[worker] = trial_id
 
     def finished(study: optuna.Study, trial: FrozenTrial) -> None:
         if tracked:
@@ -344,8 +344,8 @@ def trial_loop(
             try:
                 if not shared.claim():
                     break
-                with unfinished_trials_failed():
-                    study.optimize(objective, n_trials=1, callbacks=[finished], gc_after_trial=False, catch=())
+                with unfinished_trials_failed(), trials_started_noted(study, started):
+                    study.optimize(train, n_trials=1, callbacks=[finished], gc_after_trial=False, catch=())
             finally:
                 if capped:
                     shared.unreserve()
@@ -586,14 +586,14 @@ def run_parallel(
 
 def _fail_trials_of_stopped_workers(study: optuna.Study, shared: _Shared) -> list[int]:
     """Store as failed the trials the (now stopped) workers left running: a killed worker
-    cannot (a terminated one already has). Returns their numbers."""
+    cannot (a terminated one already has). Returns their storage ids."""
     from modelsel.storage import fail_running_trial
 
     failed = []
     for worker in range(1, len(shared.running)):
-        number = int(shared.running[worker])
-        if number >= 0 and fail_running_trial(study, number):
-            failed.append(number)
+        trial_id = int(shared.running[worker])
+        if trial_id >= 0 and fail_running_trial(study, trial_id):
+            failed.append(trial_id)
     return failed
 
 

@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qs
@@ -219,6 +219,8 @@ class _ThreadTrials(threading.local):
 
     def __init__(self) -> None:
         self.unfinished: set[int] = set()
+        #: Told each trial id this thread makes RUNNING, as soon as the storage has it.
+        self.on_start: Callable[[int], None] | None = None
 
 
 class _OwnTrials:
@@ -236,17 +238,22 @@ class _OwnTrials:
     def _own(self) -> set[int]:
         return self._this_thread.unfinished
 
+    def _started(self, trial_id: int) -> None:
+        self._own().add(trial_id)
+        if self._this_thread.on_start is not None:
+            self._this_thread.on_start(trial_id)
+
     def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
         trial_id: int = super().create_new_trial(study_id, template_trial)  # type: ignore[misc]
         if template_trial is None or template_trial.state.name == "RUNNING":
-            self._own().add(trial_id)
+            self._started(trial_id)
         return trial_id
 
     def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
         # What Optuna's cache in front of an RDBStorage calls instead of create_new_trial.
         frozen = super()._create_new_trial(study_id, template_trial)  # type: ignore[misc]
         if frozen.state.name == "RUNNING":
-            self._own().add(frozen._trial_id)
+            self._started(frozen._trial_id)
         return frozen
 
     def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
@@ -254,7 +261,7 @@ class _OwnTrials:
         if state.is_finished():
             self._own().discard(trial_id)
         elif updated:  # a waiting (enqueued) trial this thread starts
-            self._own().add(trial_id)
+            self._started(trial_id)
         return updated
 
     def fail_unfinished(self) -> list[int]:
@@ -318,12 +325,30 @@ def fail_unfinished_trials() -> list[int]:
     return [trial_id for storage in list(_STORAGES) for trial_id in storage.fail_unfinished()]
 
 
-def fail_running_trial(study: Any, number: int) -> bool:
-    """Store trial ``number`` of ``study`` as failed if it is still running (its process
-    was killed); whether it was. Best effort: False on any storage error."""
+@contextlib.contextmanager
+def trials_started_noted(study: Any, note: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, call ``note(trial_id)`` as soon as this thread makes a trial of
+    ``study``'s storage RUNNING: before Optuna's set-up of the trial (the sampler, the
+    heartbeat) and the objective, so that another process can fail the trial of one
+    killed at any point after it started. Does nothing on a storage modelsel did not open."""
+    backend = study._storage
+    owning = backend if isinstance(backend, _OwnTrials) else getattr(backend, "_backend", None)
+    if not isinstance(owning, _OwnTrials):
+        yield
+        return
+    thread = owning._this_thread
+    before, thread.on_start = thread.on_start, note
     try:
-        storage = study._storage
-        return _fail_if_running(storage, storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+        yield
+    finally:
+        thread.on_start = before
+
+
+def fail_running_trial(study: Any, trial_id: int) -> bool:
+    """Store the trial with storage id ``trial_id`` as failed if it is still running (its
+    process was killed); whether it was. Best effort: False on any storage error."""
+    try:
+        return _fail_if_running(study._storage, trial_id)
     except Exception:
         return False
 

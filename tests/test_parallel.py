@@ -23,6 +23,7 @@ from modelsel.parallel import (
     WorkerError,
     WorkerOrders,
     _draft,
+    _fail_trials_of_stopped_workers,
     _prepare_before_orders,
     _refresh_bar,
     _Shared,
@@ -350,6 +351,31 @@ def test_the_worker_loop_leaves_no_trial_running_when_storing_its_failure_is_ref
         trial_loop(study, spec, device=torch.device("cpu"), target=2, deadline=None, shared=shared)
     assert locked_failure_writes, "storing the interrupted trial as failed was refused"
     assert [t.state for t in optuna.load_study(study_name="loop", storage=url).trials] == [TrialState.FAIL]
+
+
+def test_a_worker_notes_its_trial_before_optuna_sets_it_up(fast_tmp: Path) -> None:
+    """A worker killed while Optuna sets its new trial up (the sampler, the heartbeat) must
+    leave a trial the calling process can fail: the worker notes the trial as soon as the
+    storage has it, not when the objective starts (a SIGKILL there once left it RUNNING)."""
+    url = f"sqlite:///{fast_tmp}/noted.db"
+    study = optuna.create_study(study_name="noted", storage=open_storage(url), direction="maximize")
+    shared = _Shared(multiprocessing.get_context("spawn"), 1, workers=2)
+    noted_during_set_up: list[tuple[int, int]] = []
+
+    class SetUpWatcher(optuna.samplers.RandomSampler):
+        def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            noted_during_set_up.append((trial._trial_id, int(shared.running[1])))
+            # what the calling process does once this worker is found killed
+            assert _fail_trials_of_stopped_workers(study, shared) == [trial._trial_id]
+            raise KeyboardInterrupt  # the worker "dies" here
+
+    study.sampler = SetUpWatcher(seed=0)
+    spec = parse_spec(tiny_spec_data(name="noted"))
+    with pytest.raises(KeyboardInterrupt):
+        trial_loop(study, spec, device=torch.device("cpu"), target=1, deadline=None, shared=shared, worker=1)
+    ((trial_id, noted),) = noted_during_set_up
+    assert noted == trial_id
+    assert [t.state for t in optuna.load_study(study_name="noted", storage=url).trials] == [TrialState.FAIL]
 
 
 def test_a_worker_that_dies_stops_the_run_at_once() -> None:
