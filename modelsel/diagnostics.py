@@ -13,7 +13,9 @@ from modelsel.training import Callback
 
 
 class GradientStats(Callback):
-    """Records the L2 norm of each linear layer's weight gradient, once per epoch per member.
+    """Records the L2 norm of each linear layer's weight gradient, and of the loss's
+    gradient with respect to each layer's output (the backward signal), once per epoch
+    per member.
 
     The first batch of each epoch is measured (before clipping), at the cost of one small
     reduction per layer per epoch. The first epoch's, before any update, shows how the
@@ -28,6 +30,7 @@ class GradientStats(Callback):
     def __init__(self) -> None:
         # member -> layer name -> per-epoch norm
         self.norms: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.preactivation_norms: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
     def on_grads_computed(self, member: int, model: MLP, epoch: int) -> None:
         grads = [layer.weight.grad for layer in model.linear_layers()]
@@ -37,10 +40,16 @@ class GradientStats(Callback):
         for name, value in zip(model.layer_names(), values, strict=False):
             self.norms[member][name].append(float(value))
 
-    def fold_mean(self) -> dict[str, list[float]]:
-        """Per-layer, per-epoch gradient norm averaged over members."""
+    def on_preactivation_grads(self, member: int, model: MLP, epoch: int, norms: Sequence[float]) -> None:
+        for name, value in zip(model.layer_names(), norms, strict=True):
+            self.preactivation_norms[member][name].append(float(value))
+
+    def fold_mean(self, *, preactivation: bool = False) -> dict[str, list[float]]:
+        """Per-layer, per-epoch gradient norm averaged over members: of each layer's
+        weights, or with ``preactivation`` of the loss with respect to each layer's output
+        (:meth:`~modelsel.training.Callback.on_preactivation_grads`)."""
         layers: dict[str, list[list[float]]] = defaultdict(list)
-        for per_layer in self.norms.values():
+        for per_layer in (self.preactivation_norms if preactivation else self.norms).values():
             for name, values in per_layer.items():
                 layers[name].append(values)
         result = {}

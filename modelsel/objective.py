@@ -87,6 +87,16 @@ def rounded(value: Any, *, digits: int = 6) -> Any:
     return value
 
 
+def gradient_attrs(stats: GradientStats) -> dict[str, dict[str, list[Any]]]:
+    """The trial attributes of a trial's gradient statistics, rounded for storage:
+    ``grad_norms`` (each layer's weight gradient) and ``preactivation_grad_norms`` (the
+    loss's gradient with respect to each layer's output), fold means per epoch."""
+    return {
+        "grad_norms": rounded(stats.fold_mean()),
+        "preactivation_grad_norms": rounded(stats.fold_mean(preactivation=True)),
+    }
+
+
 def sweep_grid(spec: StudySpec) -> dict[str, list[Any]]:
     """The GridSampler search space of a sweep spec (a ``seed`` axis when ``repeats`` > 1)."""
     assert isinstance(spec.sweep, SweepSpec), "a list of sweep grids runs one study per grid"
@@ -180,7 +190,8 @@ class PruningCallback(Callback):
             self.trial.set_user_attr("fold_epochs", sum(h.epochs_run for h in histories))
             self.trial.set_user_attr("curves", rounded(_partial_curves(histories)))
             if self.gradient_stats is not None:
-                self.trial.set_user_attr("grad_norms", rounded(self.gradient_stats.fold_mean()))
+                for name, norms in gradient_attrs(self.gradient_stats).items():
+                    self.trial.set_user_attr(name, norms)
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (fold-mean {self.curve} {value:.4g})")
 
 
@@ -310,6 +321,13 @@ class _TrialSlice(Callback):
         for callback in self.prepared.callbacks:
             if callback.wants_grads:
                 callback.on_grads_computed(member - self.positions.start, model, epoch)
+
+    def on_preactivation_grads(self, member: int, model: MLP, epoch: int, norms: Sequence[float]) -> None:
+        if self.done or member not in self.positions:
+            return
+        for callback in self.prepared.callbacks:
+            if callback.wants_grads:
+                callback.on_preactivation_grads(member - self.positions.start, model, epoch, norms)
 
     def on_epoch_end(self, epoch: int, histories: Sequence[History]) -> None:
         if self.done or epoch >= self.prepared.spec.training.epochs:
@@ -464,7 +482,8 @@ class StudyObjective:
         trial.set_user_attr("fail_reason", reason)
         trial.set_user_attr("regime", "diverged")
         trial.set_user_attr("regime_reason", f"training diverged: {exc.reason}")
-        trial.set_user_attr("grad_norms", rounded(prepared.gradient_stats.fold_mean()))
+        for name, norms in gradient_attrs(prepared.gradient_stats).items():
+            trial.set_user_attr(name, norms)
         # Counted up to the epoch that diverged, as if every fold trained all of it (a cap's view).
         trial.set_user_attr("fold_epochs", (exc.epoch + 1) * len(prepared.folds))
         trial.set_user_attr("pruned_at_epoch", exc.epoch + 1)
@@ -698,7 +717,7 @@ def trial_record(result: CVResult, gradient_stats: GradientStats) -> dict[str, A
     record["stopped_early"] = [h.stopped_early for h in histories]
     record["fold_epochs"] = result.fold_epochs
     record["fit_seconds"] = result.fit_seconds
-    record["grad_norms"] = gradient_stats.fold_mean()
+    record.update(gradient_attrs(gradient_stats))
     record["weight_stats"] = mean_weight_stats([m.model for m in result.members])
     return rounded(record)
 

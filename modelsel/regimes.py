@@ -528,7 +528,11 @@ GRADIENT_FLOW_RATIO = 1e3
 
 
 def gradient_flow(
-    grad_norms: Mapping[str, Sequence[float | str]], *, ratio: float = GRADIENT_FLOW_RATIO, exploded: bool = False
+    grad_norms: Mapping[str, Sequence[float | str]],
+    *,
+    preactivation_grad_norms: Mapping[str, Sequence[float | str]] | None = None,
+    ratio: float = GRADIENT_FLOW_RATIO,
+    exploded: bool = False,
 ) -> tuple[str, float] | None:
     """Label how a trial's gradient reached its first layer, from its stored gradient norms.
 
@@ -537,6 +541,15 @@ def gradient_flow(
     grad_norms
         Per linear layer (``hidden1`` … ``output``), the fold-mean L2 norm of the weight
         gradient at the first batch of each epoch (the trial attribute ``grad_norms``).
+    preactivation_grad_norms
+        Per linear layer, the fold-mean L2 norm of the loss's gradient with respect to the
+        layer's output at the same batches (the trial attribute
+        ``preactivation_grad_norms``; trials stored before modelsel recorded it have none).
+        When given, the ratio is taken from it: it is the backward signal alone (D2L's
+        product of layer Jacobians), where a weight gradient is that signal times the
+        layer's input, so that a forward signal shrinking layer by layer (deep ReLU or
+        tanh nets at PyTorch's default init) shrinks the output layer's weight gradient
+        as much as the first layer's and hides the vanishing.
     ratio
         The factor between the first and the output layer's norms (first epoch) beyond
         which the gradient counts as vanishing or exploding.
@@ -552,10 +565,12 @@ def gradient_flow(
         ratio when a stored norm (any epoch) is not finite; None for a model without
         hidden layers, or with no gradient at the output layer.
     """
-    first_layer, output = grad_norms.get("hidden1"), grad_norms.get("output")
+    norms = preactivation_grad_norms if preactivation_grad_norms else grad_norms
+    first_layer, output = norms.get("hidden1"), norms.get("output")
     if not first_layer or not output:
         return None
-    if not all(math.isfinite(float(norm)) for norms in grad_norms.values() for norm in norms):
+    stored = [*grad_norms.values(), *(preactivation_grad_norms or {}).values()]
+    if not all(math.isfinite(float(norm)) for per_epoch in stored for norm in per_epoch):
         return "exploding", math.inf
     first, last = float(first_layer[0]), float(output[0])
     if last == 0.0:

@@ -96,6 +96,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row["fail_reason"] = row["fail_reason"] or "stopped before it finished (interrupted, or its process ended)"
         flow = gradient_flow(
             trial.user_attrs.get("grad_norms") or {},
+            preactivation_grad_norms=trial.user_attrs.get("preactivation_grad_norms"),
             exploded=trial_blew_up(trial.user_attrs),
         )
         row["gradient_flow"], row["grad_ratio"] = flow if flow is not None else (None, None)
@@ -435,13 +436,16 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
     counts = labelled["gradient_flow"].value_counts()
     ratio = f"{GRADIENT_FLOW_RATIO:g}"
     text = (
-        f"At the first batch of the first epoch (fold mean), before any update, a first layer whose weight "
-        f"gradient is more than {ratio}× smaller than the output layer's is labelled vanishing (it barely learns: "
-        f"deep sigmoid or tanh nets, small initial weights), more than {ratio}× larger exploding: how the "
-        f"gradient flows through the initialized net. A trial whose training blew up (a NaN or inf loss, a "
-        f"cross-entropy above 1000 it did not recover from, or a training loss that ended {BLOWUP_RATIO:g}× above "
-        f"its first epoch's) is labelled exploding whatever that ratio: its updates exploded (a learning rate too "
-        f"large; clipping or a smaller rate tames it). Of {len(labelled)} trials: "
+        f"At the first batch of the first epoch (fold mean), before any update, a first layer that receives a "
+        f"gradient (the loss's gradient with respect to the layer's output) more than {ratio}× smaller than the "
+        f"output layer's is labelled vanishing (it barely learns: deep sigmoid nets, or deep nets whose initial "
+        f"weights shrink the signal layer by layer, as PyTorch's default init does for deep ReLU and tanh nets), "
+        f"more than {ratio}× larger exploding: how the gradient flows back through the initialized net. (Trials "
+        f"stored before modelsel recorded that signal are judged by their weight gradients.) A trial whose "
+        f"training blew up (a NaN or inf loss, a cross-entropy above 1000 it did not recover from, or a training "
+        f"loss that ended {BLOWUP_RATIO:g}× above its first epoch's) is labelled exploding whatever that ratio: its "
+        f"updates exploded (a learning rate too large; clipping or a smaller rate tames it). Of {len(labelled)} "
+        f"trials: "
         + ", ".join(f"{int(counts.get(label, 0))} {label}" for label in ("vanishing", "healthy", "exploding"))
         + ". trials.csv has each trial's label (gradient_flow) and first/output ratio (grad_ratio)."
     )
@@ -452,21 +456,27 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
     if selected is not None and selected in set(labelled["trial"]):
         picks = {selected: "selected", **{n: why for n, why in picks.items() if n != selected}}
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for number, why in picks.items():
-        norms = trials[number].user_attrs["grad_norms"]
-        # From the input: hidden1, hidden2, ..., output (nets of different depths share the left end).
-        hidden = sorted((k for k in norms if k != "output"), key=lambda k: int(k.removeprefix("hidden")))
-        layers = [*hidden, "output"]
-        values = [float(norms[layer][0]) for layer in layers]
-        flow = labelled.loc[labelled["trial"] == number, "gradient_flow"].iloc[0]
-        ax.plot(range(1, len(layers) + 1), values, marker="o", label=f"trial {number} ({why}, {flow})")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_yscale("log")
-    ax.set_xlabel("linear layer from the input (each line ends at its output layer)")
-    ax.set_ylabel("weight-gradient norm, epoch 1")
-    ax.legend(loc="best", fontsize=8)
+    panels = [("preactivation_grad_norms", "gradient at the layer's output"), ("grad_norms", "weight-gradient norm")]
+    panels = [(attr, label) for attr, label in panels if any(attr in trials[n].user_attrs for n in picks)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 if len(panels) == 1 else 10, 3.6), squeeze=False)
+    for ax, (attr, label) in zip(axes[0], panels, strict=True):
+        for number, why in picks.items():
+            norms = trials[number].user_attrs.get(attr)
+            if not norms:
+                continue
+            # From the input: hidden1, hidden2, ..., output (nets of different depths share the left end).
+            hidden = sorted((k for k in norms if k != "output"), key=lambda k: int(k.removeprefix("hidden")))
+            layers = [*hidden, "output"]
+            values = [float(norms[layer][0]) for layer in layers]
+            flow = labelled.loc[labelled["trial"] == number, "gradient_flow"].iloc[0]
+            ax.plot(range(1, len(layers) + 1), values, marker="o", label=f"trial {number} ({why}, {flow})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_yscale("log")
+        ax.set_xlabel("linear layer from the input (lines end at the output layer)")
+        ax.set_ylabel(f"{label}, epoch 1")
+    axes[0][0].legend(loc="best", fontsize=8)
     sns.despine(fig)
+    fig.tight_layout()
     section.figures.append(Figure("Gradient norm per layer", figure_to_base64(fig)))
     return section
 

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -201,6 +202,11 @@ class Callback:
 
     def on_grads_computed(self, member: int, model: MLP, epoch: int) -> None:
         """Called after ``backward`` of the first batch of each epoch, before clipping."""
+
+    def on_preactivation_grads(self, member: int, model: MLP, epoch: int, norms: Sequence[float]) -> None:
+        """Called with :meth:`on_grads_computed`: per linear layer (input to output), the L2
+        norm of the loss's gradient with respect to that layer's output (its pre-activation,
+        before batch norm), over the first batch: the backward signal each layer receives."""
 
     def on_epoch_end(self, epoch: int, histories: Sequence[History]) -> None:
         """Called when every active member has finished ``epoch`` (0-based)."""
@@ -418,6 +424,44 @@ def train_sequential(
     return [TrainedMember(model=s.model, history=s.history) for s in states]
 
 
+class PreactivationGrads:
+    """Catches, in the next forward and backward pass of ``model``, the L2 norm of the
+    loss's gradient with respect to each linear layer's output (tensor hooks on those
+    outputs; the forward hooks are removed after that one pass).
+
+    A layer's weight gradient is that backward signal times the layer's input, so the
+    ratio of two layers' weight gradients also holds the ratio of their inputs: when
+    small weights shrink the forward signal layer by layer (deep ReLU or tanh nets at
+    PyTorch's default init), the output layer's weight gradient shrinks as much as the
+    first layer's and their ratio reads healthy. The backward signal is D2L's product of
+    layer Jacobians alone.
+    """
+
+    def __init__(self, model: MLP) -> None:
+        layers = list(model.linear_layers())
+        self.norms: list[torch.Tensor | None] = [None] * len(layers)
+        self.handles = [layer.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(layers)]
+
+    def _forward_hook(self, index: int) -> Callable[..., None]:
+        def forward_hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+            self.handles[index].remove()  # one pass only
+            if output.requires_grad:
+                output.register_hook(functools.partial(self._record, index))
+
+        return forward_hook
+
+    def _record(self, index: int, grad: torch.Tensor) -> None:
+        self.norms[index] = torch.linalg.vector_norm(grad.detach())
+
+    def take(self) -> list[float]:
+        """The caught norms, input to output (0 for a layer no gradient reached)."""
+        for handle in self.handles:
+            handle.remove()
+        reached = [n for n in self.norms if n is not None]
+        caught = iter(torch.stack(reached).tolist() if reached else [])
+        return [0.0 if n is None else float(next(caught)) for n in self.norms]
+
+
 def _run_epoch(
     state: _Member,
     epoch: int,
@@ -455,6 +499,7 @@ def _run_epoch(
         for start in range(0, index.shape[0], batch_size):
             xb = X_chunk[start : start + batch_size]
             yb = y_chunk[start : start + batch_size]
+            signal = PreactivationGrads(model) if step == 0 and grad_callbacks else None
             out = model(xb)
             loss = loss_function(task, out, yb)
             objective = loss + l1 * _l1_penalty(model) if l1 > 0 else loss
@@ -464,6 +509,10 @@ def _run_epoch(
             if step == 0:
                 for callback in grad_callbacks:
                     callback.on_grads_computed(state.index, model, epoch)
+                if signal is not None:
+                    norms = signal.take()
+                    for callback in grad_callbacks:
+                        callback.on_preactivation_grads(state.index, model, epoch, norms)
             if clip is not None:
                 if clip.kind == "norm":
                     nn.utils.clip_grad_norm_(params, clip.threshold, foreach=True)

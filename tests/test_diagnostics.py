@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -38,6 +39,50 @@ def test_gradient_stats_record_each_layers_norm_at_the_first_batch_of_each_epoch
     for layer, per_epoch in means.items():
         pairs = zip(stats.norms[0][layer], stats.norms[1][layer], strict=True)
         assert per_epoch == pytest.approx([(a + b) / 2 for a, b in pairs])
+
+
+class _InitialModels(GradientStats):
+    def on_train_begin(self, models: object) -> None:
+        self.initial = [copy.deepcopy(m) for m in models]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", ["sequential", "stacked"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"depth": 3, "width": 8, "activation": "relu"},
+        {"depth": 3, "width": 8, "activation": "sigmoid", "residual": True},
+        {"depth": 2, "width": 8, "activation": "tanh", "batch_norm": True},
+    ],
+)
+def test_preactivation_grads_are_the_loss_gradient_at_each_layers_output(engine: str, model: dict[str, object]) -> None:
+    """With one batch of the whole fold, the first batch's backward signal is the norm of the
+    mean loss's gradient with respect to each linear layer's output, order aside."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 3, generator=gen)
+    y = (X[:, 0] + X[:, 1] > 0).long()
+    folds = [FoldData(X[:30], y[:30], X[30:], y[30:]), FoldData(X[10:], y[10:], X[:10], y[:10])]
+    stats = _InitialModels()
+    training = TrainingSpec(epochs=1, batch_size=64, lr=0.1, optimizer="sgd", engine=engine)  # type: ignore[arg-type]
+    train_models(
+        folds, model_spec=ModelSpec(**model), training=training, task="classification",  # type: ignore[arg-type]
+        n_outputs=2, seed=0, callbacks=[stats],
+    )
+    for member, (initial, fold) in enumerate(zip(stats.initial, folds, strict=True)):
+        outputs: list[torch.Tensor] = []
+
+        def keep(module: object, inputs: object, output: torch.Tensor, outputs: list[torch.Tensor] = outputs) -> None:
+            output.retain_grad()
+            outputs.append(output)
+
+        for layer in initial.linear_layers():
+            layer.register_forward_hook(keep)
+        initial.train()
+        torch.nn.functional.cross_entropy(initial(fold.X_train), fold.y_train).backward()
+        expected = [float(output.grad.norm()) for output in outputs]
+        caught = [stats.preactivation_norms[member][name][0] for name in initial.layer_names()]
+        assert caught == pytest.approx(expected, rel=1e-4)
+    assert list(stats.fold_mean(preactivation=True)) == stats.initial[0].layer_names()
 
 
 def test_fold_mean_carries_a_member_that_stopped_early_at_its_last_epoch() -> None:

@@ -463,3 +463,20 @@ def test_gradient_flow_compares_the_first_layer_with_the_output_layer() -> None:
     assert gradient_flow({"hidden1": [0.2], "output": [0.5]}, exploded=True) == ("exploding", 0.4)
     assert gradient_flow({"hidden1": [1e-7], "output": [0.5]}, exploded=True) == ("exploding", 2e-7)
     assert gradient_flow({"hidden1": [0.2, "inf"], "output": [0.5, 0.7]}) == ("exploding", math.inf)
+
+
+def test_gradient_flow_reads_the_backward_signal_where_it_is_stored() -> None:
+    # The weight gradients of a deep ReLU net at PyTorch's default init: both ends small,
+    # a healthy-looking ratio; the gradient reaching the first layer's output is 1e-4 of
+    # the output layer's.
+    weights = {"hidden1": [0.02], "output": [0.04]}
+    assert gradient_flow(weights) == ("healthy", 0.5)  # a study stored before the signal was
+    signal = {"hidden1": [1e-5, 0.1], "hidden2": [1e-3], "output": [0.1]}
+    assert gradient_flow(weights, preactivation_grad_norms=signal) == ("vanishing", pytest.approx(1e-4))
+    assert gradient_flow(weights, preactivation_grad_norms={"hidden1": [500.0], "output": [0.1]})[0] == "exploding"
+    assert gradient_flow(weights, preactivation_grad_norms={"hidden1": ["nan"], "output": [0.1]}) == (
+        "exploding",
+        math.inf,
+    )
+    assert gradient_flow(weights, preactivation_grad_norms={}) == ("healthy", 0.5)
+

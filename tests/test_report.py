@@ -17,7 +17,7 @@ from conftest import fast_folder, tiny_spec_data
 from optuna.trial import TrialState
 
 from modelsel.report import build_report, trials_frame
-from modelsel.spec import parse_spec
+from modelsel.spec import load_spec, parse_spec
 from modelsel.study import run_study
 from modelsel.training import describe_device, resolve_device
 
@@ -255,6 +255,52 @@ def test_the_report_shows_where_gradients_vanish(tmp_path: Path) -> None:
     html = outcome.report_path.read_text(encoding="utf-8")
     assert "Of 4 trials: 1 vanishing, 3 healthy, 0 exploding." in html
     assert "Gradient norm per layer" in html
+
+
+def test_a_deep_relu_net_at_the_default_init_has_vanishing_gradients_and_he_init_does_not(fast_tmp: Path) -> None:
+    # PyTorch's default init shrinks the signal about 2.4x per ReLU layer both ways, so the
+    # first layer's weight gradient (backward signal x its input) and the output layer's
+    # (backward signal x a shrunken input) shrank alike and their ratio read healthy.
+    sweep = {"init": ["default", "kaiming_normal"]}
+    data = tiny_spec_data(name="init", search=None, sampler=None, sweep=sweep)
+    data["model"] = {"width": 16, "depth": 10, "activation": "relu"}
+    data["training"] = {**data["training"], "epochs": 1}
+    outcome = run_study(parse_spec(data), output_dir=fast_tmp, progress=False)
+    frame = pd.read_csv(fast_tmp / "init" / "trials.csv").set_index("param_init")
+    assert frame.loc["default", "gradient_flow"] == "vanishing"
+    assert frame.loc["default", "grad_ratio"] < 1e-3
+    assert frame.loc["kaiming_normal", "gradient_flow"] == "healthy"
+    study = optuna.load_study(study_name="init", storage=outcome.storage_url)
+    for trial in study.trials:  # the weight gradients are stored and plotted beside it
+        assert set(trial.user_attrs["grad_norms"]) == set(trial.user_attrs["preactivation_grad_norms"])
+    assert outcome.report_path is not None
+    assert "Of 2 trials: 1 vanishing, 1 healthy, 0 exploding." in outcome.report_path.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_gradients_example_study_shows_d2l_s_picture(fast_tmp: Path) -> None:
+    """studies/gradients_digits.yaml, cut to 2 epochs (its labels come from the first
+    batch, or from a blow-up within those epochs), says what its comments promise."""
+    spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "gradients_digits.yaml")
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"epochs": 2})})
+    run_study(spec, output_dir=fast_tmp, progress=False)
+
+    def flow(axes: str) -> dict[tuple[Any, ...], str]:
+        frame = pd.read_csv(fast_tmp / f"gradients_digits-{axes}" / "trials.csv")
+        params = [c for c in frame.columns if c.startswith("param_")]
+        return {tuple(row[params]): row["gradient_flow"] for _, row in frame.iterrows()}
+
+    by_depth = flow("activation-x-depth")
+    assert by_depth[("sigmoid", 8)] == "vanishing"
+    assert by_depth[("relu", 8)] == by_depth[("tanh", 8)] == "healthy"
+    by_init = flow("init-x-activation")
+    assert by_init[("default", "relu")] == by_init[("xavier_uniform", "sigmoid")] == "vanishing"
+    assert by_init[("kaiming_normal", "relu")] == "healthy"
+    assert flow("residual-x-activation")[(True, "sigmoid")] == "healthy"
+    assert flow("batch_norm-x-activation")[(True, "sigmoid")] == "healthy"
+    by_lr = {(lr, clip if clip == clip else None): label for (lr, clip), label in flow("lr-x-grad_clip").items()}
+    assert by_lr[(1.0, None)] == by_lr[(10.0, None)] == "exploding"
+    assert by_lr[(1.0, 1.0)] == by_lr[(0.1, None)] == "healthy"
 
 
 def test_a_learning_rate_that_makes_training_diverge_counts_as_exploding(fast_tmp: Path) -> None:

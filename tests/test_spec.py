@@ -127,6 +127,11 @@ def test_repository_studies_match_the_bundled_quickstart() -> None:
     assert load_spec(REPO / "studies" / "quickstart.yaml") == load_spec(builtin_spec_path())
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_example_study_loads_and_is_named_after_its_file(path: Path) -> None:
+    assert load_spec(path).name == path.stem  # the README names the file; the report folder is the name
+
+
 # ------------------------------------------------------------------- shorthands
 
 

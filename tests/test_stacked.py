@@ -512,6 +512,13 @@ def test_gradient_stats_and_models_are_the_one_model_paths(training: dict[str, A
     for member in range(len(members)):
         for layer, values in stats["sequential"].norms[member].items():
             torch.testing.assert_close(stats["stacked"].norms[member][layer], values, rtol=1e-4, atol=1e-6)
+        backward_signal = stats["sequential"].preactivation_norms[member]
+        assert list(backward_signal) == ["hidden1", "hidden2", "output"]
+        for layer, values in backward_signal.items():
+            assert len(values) == 4  # every epoch
+            torch.testing.assert_close(
+                stats["stacked"].preactivation_norms[member][layer], values, rtol=1e-4, atol=1e-6
+            )
     # Every stacked model owns its storage: changing one changes no other.
     models = [m.model for m in trained["stacked"]]
     before = models[1].output.weight.detach().clone()
