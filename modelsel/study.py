@@ -942,6 +942,8 @@ def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOu
 
 
 def _best_outcome(outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
-    # Each map's selected cell as its own selection ranked it (a cell's mean over its seeds).
-    best = best_of_selections([o.selection_value for o in outcomes], outcomes[0].objectives[0])
+    # Each map's selected cell as its own selection ranked it (a cell's mean over its seeds), in
+    # the direction the studies optimize it (an outcome with no directions selected nothing).
+    direction = optuna.study.StudyDirection[(outcomes[0].directions or ["minimize"])[0].upper()]
+    best = best_of_selections([o.selection_value for o in outcomes], direction)
     return outcomes[0] if best is None else outcomes[best]
