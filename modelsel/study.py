@@ -115,6 +115,9 @@ class StudyOutcome:
     #: For several objectives, the trials the selection picked from (:func:`~modelsel.results.pareto_front`):
     #: number and objective values of each, best on the first objective first (the selected trial).
     pareto_front: list[tuple[int, list[float]]] = field(default_factory=list)
+    #: For a multi-grid sweep, its maps' study names (each map's report folder, with its own
+    #: trials.csv); empty for one study.
+    maps: list[str] = field(default_factory=list)
 
     @property
     def dashboard_command(self) -> str:
@@ -938,6 +941,7 @@ def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOu
             if any(o.fold_epochs_budget is None for o in outcomes)
             else sum(o.fold_epochs_budget or 0 for o in outcomes)
         ),
+        maps=[o.study_name for o in outcomes],
     )
 
 
