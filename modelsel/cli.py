@@ -344,7 +344,10 @@ def _pruned_why(outcome: Any) -> str:
     if outcome.n_invalid:
         were = "was an invalid configuration" if outcome.n_invalid == 1 else "were invalid configurations"
         parts.append(f"{outcome.n_invalid} {were}")
-    return f"Of the pruned trials, {' and '.join(parts)} (fail_reason in trials.csv says why)."
+    where = "trials.csv"
+    if outcome.maps:  # a multi-grid sweep: each map has its own trials.csv, in its own folder
+        where = "each map's trials.csv (" + ", ".join(f"{name}/trials.csv" for name in outcome.maps) + ")"
+    return f"Of the pruned trials, {' and '.join(parts)} (fail_reason in {where} says why)."
 
 
 def _count(n: int, noun: str) -> str:

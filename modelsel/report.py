@@ -571,7 +571,8 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
     )
     selections = [selection_and_value(s) for s in studies]
     objective = objective_names(studies[0])[0] if studies else "value_0"
-    best = best_of_selections([None if s is None else s[1] for s in selections], objective)
+    values = [None if s is None else s[1] for s in selections]
+    best = best_of_selections(values, studies[0].directions[0]) if studies else None
     if best is not None:
         trial, value = selections[best]  # type: ignore[misc]
         params = ", ".join(f"{k}={value_text(v)}" for k, v in selected_params(studies[best], trial).items())

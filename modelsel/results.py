@@ -19,7 +19,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from modelsel.regimes import trial_blew_up
 from modelsel.spec import (
-    OBJECTIVE_DIRECTIONS,
     SWEEP_SEED_PARAM,
     StudySpec,
     params_key,
@@ -138,11 +137,11 @@ def selection_and_value(
     return chosen, float(chosen.values[0])
 
 
-def best_of_selections(values: Sequence[float | None], objective: str) -> int | None:
+def best_of_selections(values: Sequence[float | None], direction: optuna.study.StudyDirection) -> int | None:
     """Which of several studies' selections ranks best (a multi-grid sweep's maps): the
-    index of the best first-objective value ``objective`` (:func:`selection_and_value`),
-    the first on a tie; None when no study selected a trial."""
-    sign = -1 if OBJECTIVE_DIRECTIONS.get(objective) == "maximize" else 1
+    index of the best first-objective value (:func:`selection_and_value`) in the studies'
+    ``direction`` for it, the first on a tie; None when no study selected a trial."""
+    sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
     scored = [(sign * value, index) for index, value in enumerate(values) if value is not None]
     return min(scored)[1] if scored else None
 

@@ -842,7 +842,7 @@ def _check_grids(spec: StudySpec) -> None:
     grids = spec.sweep_list()
     if not grids:
         raise ValueError("sweep: list at least one grid, or leave 'sweep' out")
-    wheres = [f"sweep.{i}" if isinstance(spec.sweep, list) else "sweep" for i in range(len(grids))]
+    wheres = _grid_wheres(spec)
     fields = []
     for grid, where in zip(grids, wheres, strict=True):
         axes = _one_key_per_field(spec, list(grid.axes), where=where)
@@ -858,11 +858,20 @@ def _check_grids(spec: StudySpec) -> None:
             _check_values(spec, axis, values, where=f"{where}.{axis}", repeats=f"sweep axis '{axis}' repeats a value")
 
 
+def _grid_wheres(spec: StudySpec) -> list[str]:
+    """Where each grid of the sweep is in the spec, as messages name it: ``sweep`` for one
+    grid, ``sweep.0``, ``sweep.1``, … for a list of grids."""
+    grids = spec.sweep_list()
+    return [f"sweep.{i}" if isinstance(spec.sweep, list) else "sweep" for i in range(len(grids))]
+
+
 def _check_momentum_is_used(spec: StudySpec) -> None:
     """Refuse a searched or swept ``momentum`` that no trial uses: only optimizer
     'momentum' reads it, so the search (or each grid of a sweep) that varies it must
     train with that optimizer, fixed or among its choices."""
-    spaces: list[tuple[str, dict[str, Any]]] = [("sweep", dict(grid.axes)) for grid in spec.sweep_list()]
+    spaces: list[tuple[str, dict[str, Any]]] = [
+        (where, dict(grid.axes)) for grid, where in zip(spec.sweep_list(), _grid_wheres(spec), strict=True)
+    ]
     for where, space in spaces or [("search", dict(spec.search))]:
         fields = {resolve_field(spec, key): (key, values) for key, values in space.items()}
         if ("training", "momentum") not in fields:
@@ -881,9 +890,15 @@ def _check_momentum_is_used(spec: StudySpec) -> None:
                 + (
                     f"add momentum to the choices of {where}.{searched[0]}"
                     if searched is not None
-                    else f"set training.optimizer: momentum, or {where} it too"
+                    else f"set training.optimizer: momentum, or {_vary_it_too(where)}"
                 )
             )
+
+
+def _vary_it_too(where: str) -> str:
+    """``search it too``, ``sweep it too``, or for a grid of a list ``sweep it in sweep.1 too``."""
+    verb = where.partition(".")[0]
+    return f"{verb} it too" if verb == where else f"{verb} it in {where} too"
 
 
 def _check_distribution(spec: StudySpec, key: str, dist: Any) -> None:

@@ -115,6 +115,9 @@ class StudyOutcome:
     #: For several objectives, the trials the selection picked from (:func:`~modelsel.results.pareto_front`):
     #: number and objective values of each, best on the first objective first (the selected trial).
     pareto_front: list[tuple[int, list[float]]] = field(default_factory=list)
+    #: For a multi-grid sweep, its maps' study names (each map's report folder, with its own
+    #: trials.csv); empty for one study.
+    maps: list[str] = field(default_factory=list)
 
     @property
     def dashboard_command(self) -> str:
@@ -938,10 +941,13 @@ def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOu
             if any(o.fold_epochs_budget is None for o in outcomes)
             else sum(o.fold_epochs_budget or 0 for o in outcomes)
         ),
+        maps=[o.study_name for o in outcomes],
     )
 
 
 def _best_outcome(outcomes: Sequence[StudyOutcome]) -> StudyOutcome:
-    # Each map's selected cell as its own selection ranked it (a cell's mean over its seeds).
-    best = best_of_selections([o.selection_value for o in outcomes], outcomes[0].objectives[0])
+    # Each map's selected cell as its own selection ranked it (a cell's mean over its seeds), in
+    # the direction the studies optimize it (an outcome with no directions selected nothing).
+    direction = optuna.study.StudyDirection[(outcomes[0].directions or ["minimize"])[0].upper()]
+    best = best_of_selections([o.selection_value for o in outcomes], direction)
     return outcomes[0] if best is None else outcomes[best]

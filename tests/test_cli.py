@@ -511,6 +511,33 @@ def test_the_summary_says_which_pruned_trials_no_pruner_stopped(
     assert expected in result.stdout
 
 
+def test_the_summary_of_a_multi_grid_sweep_points_at_each_map_s_trials_csv(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    # Each grid is its own study with its own trials.csv; the sweep's folder has none.
+    spec = spec_file(
+        tiny_spec_data(
+            name="maps",
+            search=None,
+            sampler=None,
+            budget=None,
+            training={"epochs": 1, "batch_size": 32, "optimizer": "sgd"},
+            sweep=[{"lr": [0.01, 1.0e12]}, {"width": [4]}],
+        )
+    )
+    result = invoke("study", "run", str(spec), "--quiet")
+    assert result.exit_code == 0, result.output
+    expected = (
+        "Of the pruned trials, 1 diverged in training (fail_reason in each map's trials.csv "
+        "(maps-lr/trials.csv, maps-width/trials.csv) says why)."
+    )
+    assert expected in result.stdout
+    assert (workdir / "reports" / "maps-lr" / "trials.csv").exists()
+    shown = invoke("study", "show", "maps")
+    assert shown.exit_code == 0, shown.output
+    assert expected in shown.stdout
+
+
 def test_a_study_without_stored_objectives_names_them_as_the_report_does(workdir: Path) -> None:
     # study show said "maximize value, minimize value" where trials.csv says value_0, value_1.
     url = f"sqlite:///{workdir}/plain.db"

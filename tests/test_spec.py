@@ -461,10 +461,22 @@ def test_a_searched_momentum_needs_an_optimizer_that_uses_it() -> None:
     assert "search.momentum: the optimizer is sgd or adam, which does not use momentum" in among
     two_grids = [{"momentum": [0.5, 0.9]}, {"optimizer": ["sgd", "momentum"]}]
     grids = spec_error(spec(training={"optimizer": "adam"}, sweep=two_grids))
-    assert "sweep.momentum: the optimizer is adam" in grids
+    assert "sweep.0.momentum: the optimizer is adam" in grids
     assert parse_spec(spec(training={"optimizer": "momentum"}, search={"momentum": [0.5, 0.9]}))
     assert parse_spec(spec(search={"momentum": [0.5, 0.9], "optimizer": ["momentum", "adam"]}))
     assert parse_spec(spec(sweep={"momentum": [0.5, 0.9], "optimizer": ["momentum", "sgd"]}))
+
+
+def test_a_momentum_no_trial_uses_in_a_list_of_grids_names_its_grid() -> None:
+    # It said "sweep.momentum" and "or sweep it too", whichever grid of the list it was in.
+    fixed = spec_error(spec(training={"optimizer": "adam"}, sweep=[{"width": [4, 8]}, {"momentum": [0.5, 0.9]}]))
+    assert fixed.endswith(
+        "sweep.1.momentum: the optimizer is adam, which does not use momentum (only optimizer: momentum does), "
+        "so every value would train alike; set training.optimizer: momentum, or sweep it in sweep.1 too"
+    )
+    among = spec_error(spec(sweep=[{"width": [4, 8]}, {"momentum": [0.5, 0.9], "optimizer": ["sgd", "adam"]}]))
+    assert "sweep.1.momentum: the optimizer is sgd or adam" in among
+    assert among.endswith("add momentum to the choices of sweep.1.optimizer")
 
 
 def test_one_field_under_two_names() -> None:

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from modelsel.cli import main
 from modelsel.errors import UserError
 from modelsel.regimes import classify, numbers_from_attrs
-from modelsel.report import build_report, draft_report, summary_section, trials_frame
+from modelsel.report import build_maps_report, build_report, draft_report, summary_section, trials_frame
 from modelsel.results import FINISHED_STATES, best_trial
 from modelsel.spec import load_spec, parse_spec
 from modelsel.study import (
@@ -32,6 +32,7 @@ from modelsel.study import (
     _best_outcome,
     _open_study,
     _optimize,
+    combine_map_outcomes,
     preflight,
     run_study,
     run_sweep_maps,
@@ -194,6 +195,24 @@ def test_a_multi_grid_sweep_names_the_map_whose_best_cell_is_best_over_its_seeds
     assert outcomes[1].selection_value == pytest.approx(0.90)
     assert _best_outcome(outcomes).study_name == "steady"
     assert _best_outcome(outcomes[::-1]).study_name == "steady"
+
+
+def test_maps_of_studies_without_stored_objectives_are_ranked_in_the_studies_direction(tmp_path: Path) -> None:
+    # Without the "objectives" attribute the first objective is named value_0, and the
+    # direction read from that name was always minimize: the worse map was named best.
+    def stored(name: str, width: int, value: float) -> optuna.Study:
+        study = optuna.create_study(study_name=name, direction="maximize")
+        distributions = {"width": optuna.distributions.CategoricalDistribution([2, 8])}
+        study.add_trial(optuna.trial.create_trial(params={"width": width}, distributions=distributions, value=value))
+        return study
+
+    studies = [stored("worse", 2, 0.6), stored("better", 8, 0.9)]
+    combined = combine_map_outcomes("maps", [summarize(study, "memory") for study in studies])
+    assert combined.study_name == "maps [2 maps; best: better]"
+    assert combined.selection_value == 0.9
+    spec = parse_spec(tiny_spec_data(name="maps", sweep=[{"width": [2, 8]}, {"lr": [0.01, 0.1]}]))
+    html = build_maps_report(spec, studies, output_dir=tmp_path).read_text(encoding="utf-8")
+    assert "Across the maps the best selection is better&#39;s trial 0 (width=8): value_0 0.9." in html
 
 
 def test_parameter_importance_leaves_out_the_repeat_seed(monkeypatch: pytest.MonkeyPatch) -> None:
