@@ -328,7 +328,8 @@ def _print_pareto_front(outcome: Any) -> None:
         mark = "  <- selected" if number == outcome.best_trial_number else ""
         click.echo(f"  {line.rstrip()}{mark}")
     if len(front) > len(shown):
-        click.echo(f"  … and {len(front) - len(shown)} more; see the pareto column of trials.csv")
+        where = f"{outcome.selected_map}/trials.csv" if outcome.selected_map else "trials.csv"
+        click.echo(f"  … and {len(front) - len(shown)} more; see the pareto column of {where}")
 
 
 def _objective_value(objective: str, value: float) -> str:

@@ -452,6 +452,31 @@ def test_study_show_of_a_multi_objective_study_lists_its_pareto_front(workdir: P
     ]
 
 
+def test_the_pareto_front_of_a_multi_grid_sweep_points_at_the_selected_map_s_trials_csv(
+    workdir: Path, spec_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelsel.cli
+
+    monkeypatch.setattr(modelsel.cli, "_FRONT_LINES", 1)  # so that a front of two trials has more to see
+    spec = spec_file(
+        tiny_spec_data(
+            name="fronts",
+            search=None,
+            sampler=None,
+            budget=None,
+            objectives=["val_accuracy", "n_params"],
+            training={"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
+            sweep=[{"width": [2, 64]}, {"depth": [1, 2]}],
+        )
+    )
+    result = invoke("study", "run", str(spec), "--quiet")
+    assert result.exit_code == 0, result.output
+    best = re.search(r"^Study fronts \[2 maps; best: (fronts-\w+)\]", result.stdout, flags=re.MULTILINE)
+    assert best is not None, result.stdout
+    assert f"more; see the pareto column of {best[1]}/trials.csv" in result.stdout
+    assert (workdir / "reports" / best[1] / "trials.csv").exists()
+
+
 def test_a_retrain_that_diverges_is_reported_and_the_run_and_its_rerun_finish(
     workdir: Path, spec_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
