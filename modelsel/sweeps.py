@@ -48,6 +48,7 @@ from modelsel.regimes import (
     classify,
     classify_in_context,
     error_name,
+    gradient_flow,
     numbers_from_attrs,
     trial_blew_up,
 )
@@ -129,6 +130,12 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
         row["error"] = error_name(attrs.get("metric_name", "accuracy"))
         # What the study's selection may pick (results.selectable_trials): completed, not blown up.
         row[SELECTABLE] = trial.state == TrialState.COMPLETE and not trial_blew_up(attrs)
+        flow = gradient_flow(
+            attrs.get("grad_norms") or {},
+            preactivation_grad_norms=attrs.get("preactivation_grad_norms"),
+            exploded=trial_blew_up(attrs),
+        )
+        row["gradient_flow"] = flow[0] if flow is not None else None
         numbers = numbers_from_attrs(attrs) if trial.state == TrialState.COMPLETE else None
         if numbers is not None:
             own = classify(numbers, thresholds=thresholds)
@@ -293,9 +300,10 @@ def cell_summary(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
             )
         row["regime"] = _majority(group["regime"])
         row["sweep_regime"] = _majority(group["sweep_regime"])
+        row["gradient_flow"] = _majority(group.get("gradient_flow", pd.Series(dtype=object)), order=_GRADIENT_FLOWS)
         row["best_cell"] = bool(group["best_cell"].any())
         rows.append(row)
-    columns = [*axes, "seeds", *_CELL_NUMBERS, "regime", "sweep_regime", "best_cell"]
+    columns = [*axes, "seeds", *_CELL_NUMBERS, "regime", "sweep_regime", "gradient_flow", "best_cell"]
     # A fixed column order (a pruned first cell has no numbers); the axis order passes on.
     summary = pd.DataFrame(rows).reindex(columns=[c for c in columns if any(c in r for r in rows)])
     _keep_nulls(summary, rows, axes)
@@ -306,11 +314,15 @@ def cell_summary(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
 _CELL_NUMBERS = ("train_error", "train_error_std", "val_error", "val_error_std", "gap")
 
 
-def _majority(values: pd.Series) -> Any:
+#: Gradient-flow labels, ties between seeds going to the earlier.
+_GRADIENT_FLOWS = ("exploding", "vanishing", "healthy")
+
+
+def _majority(values: pd.Series, *, order: Sequence[str] = REGIMES) -> Any:
     counts = Counter(v for v in values if isinstance(v, str))
     if not counts:
         return None
-    return max(counts, key=lambda k: (counts[k], -REGIMES.index(k) if k in REGIMES else 0))
+    return max(counts, key=lambda k: (counts[k], -order.index(k) if k in order else 0))
 
 
 # ------------------------------------------------------------------------ plots
@@ -401,7 +413,8 @@ def plot_validation_curve(
 
 
 def plot_regime_map(summary: pd.DataFrame, axes: Sequence[str], error: str) -> plt.Figure | None:
-    """Heatmap of the validation error over two axes, each cell labelled by its regime."""
+    """Heatmap of the validation error over two axes, each cell labelled by its regime
+    (and by its gradient flow where that vanished or exploded)."""
     if len(axes) != 2 or summary.empty or "val_error" not in summary:
         return None
     rows_axis, cols_axis = axes
@@ -419,6 +432,9 @@ def plot_regime_map(summary: pd.DataFrame, axes: Sequence[str], error: str) -> p
         star = " ★" if r.get("best_cell") else ""
         numeric = isinstance(value, (int, float)) and math.isfinite(value)
         notes[i, j] = f"{value:.3g}{star}\n{regime}" if numeric else regime
+        flow = r.get("gradient_flow")
+        if flow in ("vanishing", "exploding"):  # healthy goes without saying
+            notes[i, j] += f"\n{flow} grads"
     finite = grid[np.isfinite(grid)]
     norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if error != "error" and _log_scale(list(finite)) else None
     fig, ax = plt.subplots(figsize=(1.3 * len(col_values) + 2.5, 0.8 * len(row_values) + 1.6))

@@ -296,6 +296,8 @@ def test_the_gradients_example_study_shows_d2l_s_picture(fast_tmp: Path) -> None
     by_init = flow("init-x-activation")
     assert by_init[("default", "relu")] == by_init[("xavier_uniform", "sigmoid")] == "vanishing"
     assert by_init[("kaiming_normal", "relu")] == "healthy"
+    cells = pd.read_csv(fast_tmp / "gradients_digits-init-x-activation" / "sweep.csv").set_index(["init", "activation"])
+    assert cells.loc[("default", "relu"), "gradient_flow"] == "vanishing"  # sweep.csv says it too
     assert flow("residual-x-activation")[(True, "sigmoid")] == "healthy"
     assert flow("batch_norm-x-activation")[(True, "sigmoid")] == "healthy"
     by_lr = {(lr, clip if clip == clip else None): label for (lr, clip), label in flow("lr-x-grad_clip").items()}

@@ -509,6 +509,38 @@ def test_the_regime_map_labels_cells_without_a_value() -> None:
     assert "0.08 ★\ngood" in texts
 
 
+def test_the_regime_map_says_where_gradients_vanished_or_exploded_by_most_seeds() -> None:
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(
+        {
+            "trial": range(6),
+            "activation": ["sigmoid", "sigmoid", "relu", "relu", "relu", "relu"],
+            "depth": [8, 8, 8, 8, 1, 1],
+            "val_error": [0.9, 0.9, 0.1, 0.12, 0.2, 0.2],
+            "val_error_std": [0.01] * 6,
+            "train_error": [0.9, 0.9, 0.05, 0.05, 0.1, 0.1],
+            "train_error_std": [0.01] * 6,
+            "gap": [0.0, 0.0, 0.05, 0.07, 0.1, 0.1],
+            "regime": ["underfit", "underfit", "good", "good", "good", "good"],
+            "sweep_regime": ["underfit", "underfit", "good", "good", "good", "good"],
+            "gradient_flow": ["vanishing", "vanishing", "healthy", "exploding", "healthy", "healthy"],
+            "best_cell": [False, False, True, True, False, False],
+            "fold_val_errors": [[0.9]] * 2 + [[0.1], [0.12], [0.2], [0.2]],
+            "fold_train_errors": [[0.9]] * 2 + [[0.05], [0.05], [0.1], [0.1]],
+        }
+    )
+    summary = cell_summary(frame, ["activation", "depth"])
+    assert summary["gradient_flow"].tolist() == ["vanishing", "exploding", "healthy"]  # a tie goes to the worse
+    figure = plot_regime_map(summary, ["activation", "depth"], "error")
+    assert figure is not None
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    plt.close(figure)
+    assert "0.9\nunderfit\nvanishing grads" in texts
+    assert "0.11 ★\ngood\nexploding grads" in texts
+    assert "0.2\ngood" in texts  # healthy goes without saying
+
+
 def test_the_plots_of_a_partly_run_sweep_keep_the_grid_order_and_mark_pruned_cells() -> None:
     # The cells that ran, in the order a partly run sweep stores them: weight_decay read
     # 0.001, 0, 0.01 on the plots, and a pruned cell (regime NaN in pandas) said "nan".
