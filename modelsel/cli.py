@@ -347,7 +347,7 @@ def _pruned_why(outcome: Any) -> str:
         parts.append(f"{outcome.n_invalid} {were}")
     where = "trials.csv"
     if outcome.maps:  # a multi-grid sweep: each map has its own trials.csv, in its own folder
-        where = "each map's trials.csv (" + ", ".join(f"{name}/trials.csv" for name in outcome.maps) + ")"
+        where = " and ".join(f"{name}/trials.csv" for name in outcome.maps_diverged_or_invalid)
     return f"Of the pruned trials, {' and '.join(parts)} (fail_reason in {where} says why)."
 
 

@@ -118,6 +118,8 @@ class StudyOutcome:
     #: For a multi-grid sweep, its maps' study names (each map's report folder, with its own
     #: trials.csv); empty for one study.
     maps: list[str] = field(default_factory=list)
+    #: Of ``maps``, those with pruned trials no pruner stopped (diverged, invalid configurations).
+    maps_diverged_or_invalid: list[str] = field(default_factory=list)
     #: For a multi-grid sweep, the map whose selection this outcome reports (its Pareto
     #: front, test score and trials.csv).
     selected_map: str | None = None
@@ -945,6 +947,7 @@ def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOu
             else sum(o.fold_epochs_budget or 0 for o in outcomes)
         ),
         maps=[o.study_name for o in outcomes],
+        maps_diverged_or_invalid=[o.study_name for o in outcomes if o.n_diverged or o.n_invalid],
         selected_map=chosen.study_name,
     )
 
