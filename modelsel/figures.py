@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator
 from optuna.trial import FrozenTrial
 
 
@@ -50,6 +50,32 @@ def figure_to_base64(fig: plt.Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+class _PlainLogFormatter(LogFormatterSciNotation):
+    """Labels the ticks matplotlib labels on a log axis, as plain numbers (``0.3``,
+    ``2.31``) instead of ``3×10⁻¹`` and ``2.31×10⁰``; ``1e-05`` beyond four digits."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:.4g}" if super().__call__(x, pos) else ""
+
+
+#: Loss curves spanning fewer times than this between their lowest and highest value are
+#: drawn on a linear axis (a log axis within a decade labels only its minor ticks).
+_LOG_SPAN = 3.0
+
+
+def loss_axis(ax: plt.Axes, losses: pd.Series) -> None:
+    """A log y axis for losses that span at least a factor of 3 (plain tick labels), else
+    a linear one without an offset (``+2.3`` at the axis's top)."""
+    low, high = float(losses.min()), float(losses.max())
+    if low > 0 and high / low >= _LOG_SPAN:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_PlainLogFormatter())
+        ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    else:
+        ax.set_yscale("linear")
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+
+
 def plot_training_curves(trial: FrozenTrial, *, title: str | None = None) -> Figure | None:
     """Train/validation loss per epoch of one trial: fold mean with a min–max band."""
     fold_curves = trial.user_attrs.get("fold_curves")
@@ -69,7 +95,7 @@ def plot_training_curves(trial: FrozenTrial, *, title: str | None = None) -> Fig
     fig, ax = plt.subplots(figsize=(6, 3.4))
     # Markers, so that a trial of one epoch (a single point per split) still shows.
     sns.lineplot(data=data, x="epoch", y="loss", hue="split", errorbar=("pi", 100), marker="o", ax=ax)
-    ax.set_yscale("log" if data["loss"].min() > 0 else "linear")
+    loss_axis(ax, data["loss"])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     last_epoch = int(data["epoch"].max())
     if last_epoch == 1:  # MaxNLocator falls back to fractional ticks for a single integer

@@ -477,7 +477,13 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
     axes[0][0].legend(loc="best", fontsize=8)
     sns.despine(fig)
     fig.tight_layout()
-    section.figures.append(Figure("Gradient norm per layer", figure_to_base64(fig)))
+    caption = (
+        "Left: the loss's gradient with respect to each linear layer's output, what the label compares; right: "
+        "each layer's weight gradient, that signal times the layer's input."
+        if len(panels) == 2
+        else ""
+    )
+    section.figures.append(Figure("Gradient norm per layer", figure_to_base64(fig), caption))
     return section
 
 

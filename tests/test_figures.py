@@ -60,3 +60,33 @@ def test_a_table_shows_missing_values_blank() -> None:
     html = figures.format_table(frame)
     assert "None" not in html and "NaN" not in html and "&lt;NA&gt;" not in html
     assert "1.5" in html and ">3<" in html
+
+
+@pytest.mark.parametrize(
+    ("curves", "scale"),
+    [
+        ({"train_loss": [[2.325, 2.31, 2.32]], "val_loss": [[2.314, 2.309, 2.306]]}, "linear"),  # a stuck trial
+        ({"train_loss": [[2.1, 0.9, 0.25]], "val_loss": [[1.8, 0.9, 0.3]]}, "log"),
+    ],
+)
+def test_loss_curves_get_plain_tick_labels(monkeypatch: pytest.MonkeyPatch, curves: Any, scale: str) -> None:
+    # A log axis within one decade labelled its minor ticks "2.325×10⁰" (and a linear one
+    # would put "+2.3" above the axis); a wide one read "6×10⁻¹".
+    import matplotlib.pyplot as plt
+
+    shown: list[tuple[str, list[str]]] = []
+
+    def capture(fig: Any) -> str:
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        labels = [t.get_text() for t in [*ax.get_yticklabels(), *ax.get_yticklabels(minor=True)] if t.get_text()]
+        shown.append((ax.get_yscale(), [*labels, ax.yaxis.get_offset_text().get_text()]))
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(figures, "figure_to_base64", capture)
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={"fold_curves": curves, "metric_name": "accuracy"})
+    assert figures.plot_training_curves(trial) is not None
+    ((axis_scale, labels),) = shown
+    assert axis_scale == scale
+    assert len(labels) > 2 and not any("times" in label or "^" in label or "+" in label for label in labels), labels
