@@ -202,6 +202,7 @@ def test_pruned_trials_record_the_epoch_and_partial_curves(fast_tmp: Path) -> No
         assert "fold_val_metric" not in trial.user_attrs
         # Known from the first batch: the gradient-flow section counts pruned trials too.
         assert set(trial.user_attrs["grad_norms"]) == set(study.trials[0].user_attrs["grad_norms"])
+        assert set(trial.user_attrs["preactivation_grad_norms"]) == set(trial.user_attrs["grad_norms"])
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         assert "pruned_at_epoch" not in trial.user_attrs
 
@@ -335,7 +336,7 @@ def test_a_diverging_trial_is_pruned_with_a_reason_and_the_study_goes_on(fast_tm
     assert re.fullmatch(r"diverged: fold [01] at epoch \d+: training loss is (nan|inf)", reason), reason
     # Counted up to the epoch that diverged, every fold in full: 2 folds.
     assert diverged.user_attrs["fold_epochs"] == 2 * _diverged_epoch(diverged)
-    assert "grad_norms" in diverged.user_attrs
+    assert "grad_norms" in diverged.user_attrs and "preactivation_grad_norms" in diverged.user_attrs
     assert by_lr[0.01].state == TrialState.COMPLETE
     assert outcome.best_params == {"lr": 0.01}
     assert outcome.test is not None and math.isfinite(outcome.test["test_loss"])
@@ -437,6 +438,10 @@ def test_stacked_sweep_trials_match_trials_trained_alone(fast_tmp: Path, sweep: 
         assert stacked.user_attrs["regime"] == alone.user_attrs["regime"]
         assert stacked.intermediate_values == pytest.approx(alone.intermediate_values, abs=1e-6)
         assert stacked.user_attrs["grad_norms"].keys() == alone.user_attrs["grad_norms"].keys()
+        signal = alone.user_attrs["preactivation_grad_norms"]
+        assert stacked.user_attrs["preactivation_grad_norms"].keys() == signal.keys()
+        for layer, norms in signal.items():
+            assert stacked.user_attrs["preactivation_grad_norms"][layer] == pytest.approx(norms, rel=1e-4, abs=1e-7)
 
 
 def test_trials_of_very_different_training_sizes_train_in_separate_stacks(
