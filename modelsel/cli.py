@@ -246,6 +246,11 @@ def _print_outcome(outcome: Any, *, folds: int | None = None, after_run: bool = 
     )
     if outcome.n_diverged or outcome.n_invalid:
         click.echo(_pruned_why(outcome))
+    flows = outcome.gradient_flows
+    if flows.get("vanishing") or flows.get("exploding"):  # all healthy goes without saying
+        counts = ", ".join(f"{flows.get(label, 0)} {label}" for label in ("vanishing", "healthy", "exploding"))
+        where = "each map's trials.csv" if outcome.maps else "trials.csv"
+        click.echo(f"Gradient flow: {counts} (gradient_flow in {where}; the report's Gradient flow section explains).")
     if outcome.fold_epochs:
         cap = f" of the budget's {outcome.fold_epochs_budget}" if outcome.fold_epochs_budget else ""
         click.echo(f"Trained {outcome.fold_epochs} fold-epochs{cap} (epochs x folds, summed over trials).")

@@ -583,3 +583,13 @@ def gradient_flow(
     if flow > ratio:
         return "exploding", flow
     return "healthy", flow
+
+
+def trial_gradient_flow(attrs: Mapping[str, Any]) -> tuple[str, float] | None:
+    """:func:`gradient_flow` of a stored trial, from its user attributes (``grad_norms``,
+    ``preactivation_grad_norms``, and whether its training blew up: :func:`trial_blew_up`)."""
+    return gradient_flow(
+        attrs.get("grad_norms") or {},
+        preactivation_grad_norms=attrs.get("preactivation_grad_norms"),
+        exploded=trial_blew_up(attrs),
+    )

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from modelsel import __version__
 from modelsel.figures import Figure, Section, figure_to_base64, format_table, plot_training_curves
-from modelsel.regimes import BLOWUP_RATIO, GRADIENT_FLOW_RATIO, gradient_flow, trial_blew_up
+from modelsel.regimes import BLOWUP_RATIO, GRADIENT_FLOW_RATIO, trial_blew_up, trial_gradient_flow
 from modelsel.results import (
     best_of_selections,
     best_trial,
@@ -94,11 +94,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             # Stopped mid-training (Ctrl-C, SIGTERM, a killed worker): counted as the summary counts it.
             row["fold_epochs"] = trial_fold_epochs(trial, folds)
             row["fail_reason"] = row["fail_reason"] or "stopped before it finished (interrupted, or its process ended)"
-        flow = gradient_flow(
-            trial.user_attrs.get("grad_norms") or {},
-            preactivation_grad_norms=trial.user_attrs.get("preactivation_grad_norms"),
-            exploded=trial_blew_up(trial.user_attrs),
-        )
+        flow = trial_gradient_flow(trial.user_attrs)
         row["gradient_flow"], row["grad_ratio"] = flow if flow is not None else (None, None)
         row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else None
         rows.append(row)

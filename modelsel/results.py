@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from modelsel.regimes import trial_blew_up
+from modelsel.regimes import trial_blew_up, trial_gradient_flow
 from modelsel.spec import (
     SWEEP_SEED_PARAM,
     StudySpec,
@@ -182,6 +183,13 @@ def pruned_causes(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
         sum(r.startswith("diverged") for r in reasons),
         sum(r.startswith("invalid configuration") for r in reasons),
     )
+
+
+def gradient_flow_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """How many of ``trials`` each gradient-flow label has (:func:`modelsel.regimes.trial_gradient_flow`;
+    trials without a label, such as linear models, are not counted), as the report counts them."""
+    labels = (trial_gradient_flow(t.user_attrs) for t in trials)
+    return dict(Counter(flow[0] for flow in labels if flow is not None))
 
 
 def selectable_trials(complete: Sequence[FrozenTrial]) -> list[FrozenTrial]:

@@ -14,6 +14,7 @@ import math
 import shlex
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from modelsel.results import (
     cell_score,
     cell_trials,
     finished_count,
+    gradient_flow_counts,
     objective_names,
     pareto_front,
     pending_retrain,
@@ -91,6 +93,8 @@ class StudyOutcome:
     #: sampled configuration could not be built (e.g. batch norm with batches of 1).
     n_diverged: int = 0
     n_invalid: int = 0
+    #: How many trials each gradient-flow label has (``vanishing``, ``healthy``, ``exploding``).
+    gradient_flows: dict[str, int] = field(default_factory=dict)
     best_trial_number: int | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     #: The selected trial's objective values, in the spec's order of objectives.
@@ -830,6 +834,7 @@ def summarize(study: optuna.Study, storage_url: str) -> StudyOutcome:
     front = pareto_front(study)
     outcome.pareto_front = [(t.number, list(t.values)) for t in front]
     outcome.n_diverged, outcome.n_invalid = pruned_causes(trials)
+    outcome.gradient_flows = gradient_flow_counts(trials)
     outcome.fold_epochs, outcome.fold_epochs_budget = stored_fold_epochs(study)
     selection = selection_and_value(study, front=front)
     if selection is not None:
@@ -939,6 +944,7 @@ def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOu
         n_failed=sum(o.n_failed for o in outcomes),
         n_diverged=sum(o.n_diverged for o in outcomes),
         n_invalid=sum(o.n_invalid for o in outcomes),
+        gradient_flows=dict(sum((Counter(o.gradient_flows) for o in outcomes), Counter())),
         n_trained_this_run=sum(o.n_trained_this_run for o in outcomes),
         fold_epochs=sum(o.fold_epochs for o in outcomes),  # each map's own cap, summed
         fold_epochs_budget=(

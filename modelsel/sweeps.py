@@ -48,9 +48,9 @@ from modelsel.regimes import (
     classify,
     classify_in_context,
     error_name,
-    gradient_flow,
     numbers_from_attrs,
     trial_blew_up,
+    trial_gradient_flow,
 )
 from modelsel.results import stored_spec
 from modelsel.spec import RegimeSpec, StudySpec, value_key, value_text
@@ -130,11 +130,7 @@ def sweep_frame(study: optuna.Study) -> pd.DataFrame:
         row["error"] = error_name(attrs.get("metric_name", "accuracy"))
         # What the study's selection may pick (results.selectable_trials): completed, not blown up.
         row[SELECTABLE] = trial.state == TrialState.COMPLETE and not trial_blew_up(attrs)
-        flow = gradient_flow(
-            attrs.get("grad_norms") or {},
-            preactivation_grad_norms=attrs.get("preactivation_grad_norms"),
-            exploded=trial_blew_up(attrs),
-        )
+        flow = trial_gradient_flow(attrs)
         row["gradient_flow"] = flow[0] if flow is not None else None
         numbers = numbers_from_attrs(attrs) if trial.state == TrialState.COMPLETE else None
         if numbers is not None:

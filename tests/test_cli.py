@@ -130,6 +130,7 @@ def test_study_run_end_to_end_then_resume_list_show_and_report(
     out = result.stdout
     db = (workdir / "reports" / "tiny" / "study.db").resolve()
     assert "Study tiny: 2 trials finished (2 complete, 0 pruned, 0 failed); 2 run in this invocation." in out
+    assert "Gradient flow" not in out  # every trial healthy: nothing to say
     # Parameters in the order the spec searches them.
     assert re.search(r"^Best trial #\d+: width=\d+, lr=0\.\d+$", out, flags=re.MULTILINE), out
     cv_line = r"^CV val accuracy: (0\.\d{4}|1\.0000) ± (\d\.\d{4}) \(2-fold mean ± std\)$"
@@ -450,6 +451,33 @@ def test_study_show_of_a_multi_objective_study_lists_its_pareto_front(workdir: P
         "  #4   val_accuracy 0.6200  n_params 21000",
         "  … and 2 more; see the pareto column of trials.csv",
     ]
+
+
+def test_the_summary_counts_the_trials_whose_gradients_vanished_or_exploded(
+    workdir: Path, spec_file: Callable[..., Path]
+) -> None:
+    # 10 ReLU layers at PyTorch's default init (vanishing), with He init (healthy), and an
+    # lr that blows training up (exploding).
+    spec = spec_file(
+        tiny_spec_data(
+            name="flow",
+            search=None,
+            sampler=None,
+            budget=None,
+            model={"width": 16, "depth": 10, "activation": "relu", "init": "kaiming_normal"},
+            training={"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.01},
+            sweep={"init": ["default", "kaiming_normal"], "lr": [0.01, 1.0e12]},
+        )
+    )
+    result = invoke("study", "run", str(spec), "--quiet")
+    assert result.exit_code == 0, result.output
+    expected = (
+        "Gradient flow: 1 vanishing, 1 healthy, 2 exploding (gradient_flow in trials.csv; "
+        "the report's Gradient flow section explains).\n"
+    )
+    assert expected in result.stdout
+    shown = invoke("study", "show", "flow")
+    assert expected in shown.stdout
 
 
 def test_the_pareto_front_of_a_multi_grid_sweep_points_at_the_selected_map_s_trials_csv(
