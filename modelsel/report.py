@@ -456,7 +456,9 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
     panels = [(attr, label) for attr, label in panels if any(attr in trials[n].user_attrs for n in picks)]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 if len(panels) == 1 else 10, 3.6), squeeze=False)
     for ax, (attr, label) in zip(axes[0], panels, strict=True):
-        for number, why in picks.items():
+        # One colour per trial in both panels (a trial stored before the backward signal
+        # was recorded is missing from the left one).
+        for colour, (number, why) in enumerate(picks.items()):
             norms = trials[number].user_attrs.get(attr)
             if not norms:
                 continue
@@ -465,12 +467,16 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
             layers = [*hidden, "output"]
             values = [float(norms[layer][0]) for layer in layers]
             flow = labelled.loc[labelled["trial"] == number, "gradient_flow"].iloc[0]
-            ax.plot(range(1, len(layers) + 1), values, marker="o", label=f"trial {number} ({why}, {flow})")
+            name = f"trial {number} ({why}, {flow})"
+            ax.plot(range(1, len(layers) + 1), values, marker="o", color=f"C{colour}", label=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale("log")
         ax.set_xlabel("linear layer from the input (lines end at the output layer)")
         ax.set_ylabel(f"{label}, epoch 1")
-    axes[0][0].legend(loc="best", fontsize=8)
+    # One legend with every trial drawn in either panel, in the order of the picks.
+    drawn = {text: handle for ax in axes[0] for handle, text in zip(*ax.get_legend_handles_labels(), strict=True)}
+    names = sorted(drawn, key=lambda text: list(picks).index(int(text.split()[1])))
+    axes[0][-1].legend([drawn[name] for name in names], names, loc="best", fontsize=8)
     sns.despine(fig)
     fig.tight_layout()
     caption = (

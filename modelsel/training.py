@@ -453,10 +453,14 @@ class PreactivationGrads:
     def _record(self, index: int, grad: torch.Tensor) -> None:
         self.norms[index] = torch.linalg.vector_norm(grad.detach())
 
-    def take(self) -> list[float]:
-        """The caught norms, input to output (0 for a layer no gradient reached)."""
+    def remove(self) -> None:
+        """Remove the forward hooks that have not fired."""
         for handle in self.handles:
             handle.remove()
+
+    def take(self) -> list[float]:
+        """The caught norms, input to output (0 for a layer no gradient reached)."""
+        self.remove()
         reached = [n for n in self.norms if n is not None]
         caught = iter(torch.stack(reached).tolist() if reached else [])
         return [0.0 if n is None else float(next(caught)) for n in self.norms]
@@ -500,12 +504,16 @@ def _run_epoch(
             xb = X_chunk[start : start + batch_size]
             yb = y_chunk[start : start + batch_size]
             signal = PreactivationGrads(model) if step == 0 and grad_callbacks else None
-            out = model(xb)
-            loss = loss_function(task, out, yb)
-            objective = loss + l1 * _l1_penalty(model) if l1 > 0 else loss
-            for param in params:
-                param.grad = None
-            objective.backward()
+            try:
+                out = model(xb)
+                loss = loss_function(task, out, yb)
+                objective = loss + l1 * _l1_penalty(model) if l1 > 0 else loss
+                for param in params:
+                    param.grad = None
+                objective.backward()
+            finally:
+                if signal is not None:
+                    signal.remove()  # also when the pass raised: no hook is left on the model
             if step == 0:
                 for callback in grad_callbacks:
                     callback.on_grads_computed(state.index, model, epoch)

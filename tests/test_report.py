@@ -305,6 +305,45 @@ def test_the_gradients_example_study_shows_d2l_s_picture(fast_tmp: Path) -> None
     assert by_lr[(1.0, 1.0)] == by_lr[(0.1, None)] == "healthy"
 
 
+def test_the_gradient_figure_keeps_one_colour_per_trial_in_a_study_older_trials_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A study resumed across versions: the selected trial has no backward signal stored, so
+    # it is missing from the left panel; the colours shifted between the panels and the
+    # only legend (left) did not name it.
+    import matplotlib.pyplot as plt
+
+    import modelsel.report as report
+
+    signal = {"hidden1": [1e-4], "hidden2": [1e-2], "output": [0.1]}
+    weights = {"hidden1": [0.01], "hidden2": [0.02], "output": [0.1]}
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(
+        optuna.trial.create_trial(value=0.5, user_attrs={"grad_norms": weights, "preactivation_grad_norms": signal})
+    )
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"grad_norms": weights}))  # selected, older
+    healthy = {"hidden1": [0.5], "hidden2": [0.4], "output": [0.1]}
+    study.add_trial(
+        optuna.trial.create_trial(value=0.7, user_attrs={"grad_norms": weights, "preactivation_grad_norms": healthy})
+    )
+    shown: dict[str, Any] = {}
+
+    def capture(fig: Any) -> str:
+        shown["colours"] = [{line.get_label(): line.get_color() for line in ax.lines} for ax in fig.axes]
+        shown["legend"] = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()]
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "figure_to_base64", capture)
+    assert report.gradient_flow_section(study, trials_frame(study), selected=1) is not None
+    left, right = shown["colours"]
+    assert set(left) < set(right) and len(right) == 3
+    assert all(right[name] == colour for name, colour in left.items())
+    (legend,) = shown["legend"]
+    assert sorted(legend) == sorted(right)  # every trial drawn, the selected one first
+    assert legend[0].startswith("trial 1 (selected")
+
+
 def test_a_learning_rate_that_makes_training_diverge_counts_as_exploding(fast_tmp: Path) -> None:
     # Measured before any update, the first batch's ratio cannot see the learning rate:
     # every trial of an lr sweep read "healthy", the diverged ones too.

@@ -558,3 +558,32 @@ def test_gradient_stats_records_each_layer_each_epoch() -> None:
     for layer, values in mean.items():
         pairs = zip(stats.norms[0][layer], stats.norms[1][layer], strict=True)
         assert values == pytest.approx([(a + b) / 2 for a, b in pairs])
+
+
+def test_an_interrupted_first_step_leaves_no_hook_on_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The backward-signal hooks of the first step stayed on the layers a raising forward
+    # pass had not reached (a model with a pending local hook cannot be pickled).
+    import pickle
+
+    from modelsel.models import HiddenBlock
+
+    class Models(GradientStats):
+        def on_train_begin(self, models: Sequence[MLP]) -> None:
+            self.models = list(models)
+
+    forward = HiddenBlock.forward
+    blocks_run: list[int] = []
+
+    def interrupted_in_the_second_block(block: HiddenBlock, x: torch.Tensor) -> torch.Tensor:
+        blocks_run.append(1)
+        if len(blocks_run) == 2:
+            raise KeyboardInterrupt
+        return forward(block, x)
+
+    monkeypatch.setattr(HiddenBlock, "forward", interrupted_in_the_second_block)
+    stats = Models()
+    with pytest.raises(KeyboardInterrupt):
+        fit([classification_fold()], model={"depth": 3, "width": 8}, callbacks=[stats])
+    (model,) = stats.models
+    assert not any(layer._forward_hooks for layer in model.linear_layers())
+    pickle.dumps(model)
