@@ -459,7 +459,8 @@ def report() -> None:
 @_output_option
 @_user_errors
 def build_command(name: str, storage: str | None, output_dir: Path) -> None:
-    """Rebuild trials.csv and report.html of study NAME from its storage alone."""
+    """Rebuild trials.csv and report.html of study NAME from its storage alone (for a
+    sweep of several grids: each map's folder, then the report of all maps)."""
     from modelsel.report import build_report
     from modelsel.storage import check_output_folder
     from modelsel.study import load_study
@@ -474,6 +475,9 @@ def build_command(name: str, storage: str | None, output_dir: Path) -> None:
 
         check_output_folder(output_dir / name)
         _, spec, studies = maps
+        for study in studies:  # each map's own folder (trials.csv, sweep.csv, report), then the maps together
+            check_output_folder(output_dir / study.study_name)
+            click.echo(f"Report: {build_report(study, output_dir=output_dir / study.study_name)}")
         click.echo(f"Report: {build_maps_report(spec, studies, output_dir=output_dir / name)}")
         return
     check_output_folder(output_dir / name)

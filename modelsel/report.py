@@ -30,7 +30,13 @@ from optuna.trial import TrialState
 
 from modelsel import __version__
 from modelsel.figures import Figure, Section, figure_to_base64, format_table, plot_training_curves
-from modelsel.regimes import BLOWUP_RATIO, GRADIENT_FLOW_RATIO, trial_blew_up, trial_gradient_flow
+from modelsel.regimes import (
+    BLOWUP_RATIO,
+    GRADIENT_FLOW_RATIO,
+    THRASH_CROSS_ENTROPY,
+    trial_blew_up,
+    trial_gradient_flow,
+)
 from modelsel.results import (
     best_of_selections,
     best_trial,
@@ -439,9 +445,10 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
         f"more than {ratio}× larger exploding: how the gradient flows back through the initialized net. (Trials "
         f"stored before modelsel recorded that signal are judged by their weight gradients.) A trial whose "
         f"training blew up (a NaN or inf loss, a cross-entropy above 1000 it did not recover from, or a training "
-        f"loss that ended {BLOWUP_RATIO:g}× above its first epoch's) is labelled exploding whatever that ratio: its "
-        f"updates exploded (a learning rate too large; clipping or a smaller rate tames it). Of {len(labelled)} "
-        f"trials: "
+        f"loss that ended {BLOWUP_RATIO:g}× above its first epoch's), whose updates left it without any gradient "
+        f"(every layer's 0 at a later epoch: its ReLUs died), or that ended with a training cross-entropy above "
+        f"{THRASH_CROSS_ENTROPY:g} is labelled exploding whatever that ratio: its updates exploded (a learning rate "
+        f"too large; clipping or a smaller rate tames it). Of {len(labelled)} trials: "
         + ", ".join(f"{int(counts.get(label, 0))} {label}" for label in ("vanishing", "healthy", "exploding"))
         + ". trials.csv has each trial's label (gradient_flow) and first/output ratio (grad_ratio)."
     )
@@ -592,12 +599,18 @@ def build_maps_report(spec: StudySpec, studies: Sequence[optuna.Study], *, outpu
         )
     sections: list[Section] = [maps]
     for study in studies:
-        summary = summary_section(study, trials_frame(study))
+        frame = trials_frame(study)
+        summary = summary_section(study, frame)
         summary.title = f"{study.study_name}: summary"
         sections.append(summary)
         for section in sweep_sections(study):
             section.title = f"{study.study_name}: {section.title.lower()}"
             sections.append(section)
+        selected = best_trial(study)
+        flow = gradient_flow_section(study, frame, selected=None if selected is None else selected.number)
+        if flow is not None:
+            flow.title = f"{study.study_name}: gradient flow"
+            sections.append(flow)
     environment = Environment(loader=PackageLoader("modelsel", "templates"), autoescape=select_autoescape())
     html = environment.get_template("report.html").render(
         study_name=spec.name,

@@ -22,6 +22,7 @@ from modelsel.regimes import (
     gradient_flow,
     numbers_from_attrs,
     trial_blew_up,
+    trial_gradient_flow,
 )
 from modelsel.spec import RegimeSpec, parse_spec
 
@@ -480,3 +481,20 @@ def test_gradient_flow_reads_the_backward_signal_where_it_is_stored() -> None:
     )
     assert gradient_flow(weights, preactivation_grad_norms={}) == ("healthy", 0.5)
 
+
+
+def test_updates_that_killed_or_blew_up_the_net_read_exploding_whatever_the_first_batch() -> None:
+    # Measured before any update, the first batch looked healthy; then the learning rate
+    # killed every ReLU (no gradient at all from epoch 2, loss back at chance: "underfit"),
+    # or Adam at lr 7 thrashed with a cross-entropy of 110 (not above 1000).
+    healthy = {"hidden1": [0.3, 0.2, 0.1], "output": [0.5, 0.4, 0.3]}
+    dead = {"hidden1": [0.3, 0.0, 0.0], "output": [0.5, 0.0, 0.0]}
+    at_chance = {"train_loss": [64.0, 2.48, 2.50]}
+    assert trial_gradient_flow({"grad_norms": healthy, "curves": at_chance}) == ("healthy", 0.6)
+    assert trial_gradient_flow({"grad_norms": dead, "curves": at_chance}) == ("exploding", 0.6)
+    thrashing = {"train_loss": [112.0, 117.0, 109.0]}
+    assert trial_gradient_flow({"grad_norms": healthy, "curves": thrashing}) == ("exploding", 0.6)
+    # A regression loss has no such scale; one layer without gradient is not a dead net.
+    assert trial_gradient_flow({"grad_norms": healthy, "curves": thrashing, "metric_name": "rmse"})[0] == "healthy"
+    partly = {"hidden1": [0.3, 0.0, 0.0], "output": [0.5, 0.1, 0.1]}
+    assert trial_gradient_flow({"grad_norms": partly, "curves": at_chance}) == ("healthy", 0.6)

@@ -336,7 +336,12 @@ def test_a_list_of_grids_runs_one_resumable_study_per_grid(tmp_path: Path) -> No
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 0, result.output
     rebuilt = tmp_path / "rebuilt" / "maps" / "report.html"
-    assert result.output == f"Report: {rebuilt}\n"
+    # Each map's folder first (its trials.csv and sweep.csv, which an upgrade may change), then all maps.
+    maps = ("maps-width-x-weight_decay", "maps-width-x-train_size")
+    map_reports = [tmp_path / "rebuilt" / name / "report.html" for name in maps]
+    assert result.output == "".join(f"Report: {path}\n" for path in [*map_reports, rebuilt])
+    assert (tmp_path / "rebuilt" / "maps-width-x-train_size" / "sweep.csv").is_file()
+    assert "maps-width-x-train_size: gradient flow" in rebuilt.read_text(encoding="utf-8")
 
     def comparable(path: Path) -> str:  # without the time stamp
         return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d", "", path.read_text(encoding="utf-8"))
