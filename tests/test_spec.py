@@ -523,6 +523,12 @@ def test_a_categorical_search_that_repeats_a_choice() -> None:
         ({"width": 4}, "sweep.width: expected a list of values, got 4; write [4] for one value"),
         ({"axes": {"width": 4}}, "sweep.width: expected a list of values, got 4"),
         ({"early_stopping": [True, {}]}, "sweep.early_stopping: a sweep value is a number, a string, true/false"),
+        (
+            {"grad_clip": [None, {"kind": "value", "threshold": 0.5}]},
+            "sweep.grad_clip: a sweep value is a number, a string, true/false or null, not {'kind': 'value', "
+            "'threshold': 0.5}; a setting written as a mapping (e.g. grad_clip: {kind: value, threshold: 0.5}) goes "
+            "under training in a study of its own",
+        ),
         ([{"lr": [0.1]}, {"width": 4}], "sweep.1.width: expected a list of values, got 4"),
         ([{"lr": [0.1]}, {"width": [4, 4.0]}], "sweep.1.width: sweep axis 'width' repeats a value: 4 and 4.0"),
         ([{"lr": [0.1]}, {"axes": {"width": [4]}, "colour": 1}], "sweep.1.colour: unknown key; allowed keys: axes"),
