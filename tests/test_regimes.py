@@ -87,6 +87,10 @@ def test_diverged_on_non_finite_or_rising_training_loss() -> None:
     rising = classify(numbers(0.5, 0.5, train_loss_curve=[2.3, 5.0, 40.0]))
     assert rising.regime == "diverged"
     assert "above its first-epoch value" in rising.reason
+    # A 16-layer GELU net stuck at chance: its loss wandered up by 0.001%, which is not divergence.
+    stuck = classify(numbers(0.9, 0.9, train_loss_curve=[2.30436, 2.30421, 2.30439]))
+    assert stuck.regime == "underfit"
+    assert classify(numbers(0.9, 0.9, train_loss_curve=[0.6929, 0.6999])).regime == "diverged"  # 1%: still
 
 
 def test_a_finite_blow_up_is_diverged_even_when_the_first_epoch_held_it() -> None:
