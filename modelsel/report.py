@@ -453,11 +453,19 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
         + ". trials.csv has each trial's label (gradient_flow) and first/output ratio (grad_ratio)."
     )
     section = Section("Gradient flow", paragraphs=[text])
-    by_ratio = labelled.sort_values("grad_ratio", kind="stable")["trial"].astype(int).tolist()
+    ordered = labelled.sort_values("grad_ratio", kind="stable")
+    by_ratio = ordered["trial"].astype(int).tolist()
     picks = {by_ratio[0]: "smallest ratio"}
     picks.setdefault(by_ratio[-1], "largest ratio")
     if selected is not None and selected in set(labelled["trial"]):
         picks = {selected: "selected", **{n: why for n, why in picks.items() if n != selected}}
+    ratios = dict(zip(by_ratio, ordered["grad_ratio"].astype(float), strict=True))
+    if len({ratios[n] for n in picks}) == 1:  # one ratio for all (an lr sweep: the net at init is the same)
+        picks = dict([next(iter(picks.items()))])
+        section.paragraphs[0] += (
+            " Every trial has the same ratio (they start from the same initialized net: a sweep of the learning "
+            "rate or clipping), so the figure draws one of them; where the updates exploded shows in the labels."
+        )
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     panels = [("preactivation_grad_norms", "gradient at the layer's output"), ("grad_norms", "weight-gradient norm")]
     panels = [(attr, label) for attr, label in panels if any(attr in trials[n].user_attrs for n in picks)]

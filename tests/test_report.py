@@ -365,6 +365,8 @@ def test_a_learning_rate_that_makes_training_diverge_counts_as_exploding(fast_tm
     html = outcome.report_path.read_text(encoding="utf-8")
     assert "Of 2 trials: 0 vanishing, 1 healthy, 1 exploding." in html
     assert "is labelled exploding whatever that ratio" in html
+    # Both start from the same net: one line, not a "smallest" and a "largest ratio" on top of each other.
+    assert "so the figure draws one of them" in html
 
 
 def test_a_trial_pruned_while_its_loss_was_blown_up_counts_as_exploding() -> None:
