@@ -618,11 +618,16 @@ def axis_findings(frame: pd.DataFrame, axes: Sequence[str], data_axes: Sequence[
         )
         if top["sweep_regime"] not in ("good", None):
             text += f", yet that cell itself {_verb(top['sweep_regime'])}"
-        for side, part in (("below", line.loc[: b - 1]), ("above", line.loc[b + 1 :])):
+        # Values without an order (activation, init, true/false) have no "below" or "above".
+        ordered = all(_as_number(v) is not None for v in line[axis] if v is not None)
+        sides = (("below it", line.loc[: b - 1]), ("above it", line.loc[b + 1 :])) if ordered else (
+            ("elsewhere", line.drop(index=b)),
+        )
+        for side, part in sides:
             if part.empty:
                 continue
             pieces = [f"at {axis}={_fmt(r[axis])} the model {_describe(r, error)}" for _, r in part.iterrows()]
-            text += f"; {side} it " + ", ".join(pieces)
+            text += f"; {side} " + ", ".join(pieces)
         text += "."
         notes = _disagreements(frame, axis, line, top, error)
         findings.append(text + notes)

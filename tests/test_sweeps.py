@@ -482,6 +482,35 @@ def test_the_findings_call_lowest_only_a_cell_the_selection_could_pick() -> None
     ]
 
 
+@pytest.mark.parametrize(
+    ("axis", "values"), [("activation", ["sigmoid", "relu", "tanh"]), ("residual", [False, True])]
+)
+def test_the_findings_put_no_side_on_values_without_an_order(axis: str, values: list[Any]) -> None:
+    # "below it at activation=sigmoid ... above it at activation=tanh": the grid's listing
+    # order is no scale.
+    n = len(values)
+    frame = pd.DataFrame(
+        {
+            axis: values,
+            "trial": list(range(n)),
+            "error": ["error"] * n,
+            "val_error": [0.9, 0.08, 0.1][:n],
+            "train_error": [0.9, 0.05, 0.06][:n],
+            "gap": [0.0, 0.03, 0.04][:n],
+            "regime": ["underfit", "good", "good"][:n],
+            "sweep_regime": ["underfit", "good", "good"][:n],
+            "excess_from": [None] * n,
+            "best_cell": [False, True, False][:n],
+        }
+    )
+    frame["fold_val_errors"] = [[v] for v in frame["val_error"]]
+    frame["fold_train_errors"] = [[v] for v in frame["train_error"]]
+    (finding,) = axis_findings(frame, [axis], [])
+    assert "below it" not in finding and "above it" not in finding
+    first = "sigmoid" if axis == "activation" else "False"
+    assert f"; elsewhere at {axis}={first} the model underfits" in finding, finding
+
+
 def test_a_numeric_axis_is_shown_in_ascending_order(tmp_path: Path) -> None:
     # Listed as [0.01, 0.001, 0], the findings called 0.001 "below" a best cell at 0.01.
     sweep = {"weight_decay": [0.01, "1e-3", 0], "activation": ["tanh", "relu"]}  # PyYAML's "1e-3" is a string
