@@ -287,9 +287,9 @@ def classify(numbers: TrialNumbers, *, thresholds: RegimeSpec | None = None) -> 
     if len(train_curve) >= 2:
         first, last = train_curve[0], train_curve[-1]
         evidence.update(train_loss_first=first, train_loss_last=last)
-        # A rise within _LOSS_NOISE of the first epoch's loss is not divergence: a net stuck
-        # at chance wanders by that much (2.30436 to 2.30439).
-        if last > t.diverge_ratio * first and last - first > _LOSS_NOISE * abs(first):
+        # Within _LOSS_NOISE of the first epoch's loss past the line is not divergence: a net
+        # stuck at chance wanders by that much (2.30436 to 2.30439).
+        if last - t.diverge_ratio * first > _LOSS_NOISE * abs(first):
             return Verdict(
                 "diverged",
                 f"training loss ended at {last:.4g}, above its first-epoch value {first:.4g}",
@@ -614,18 +614,30 @@ def trial_gradient_flow(attrs: Mapping[str, Any]) -> tuple[str, float] | None:
 def updates_exploded(attrs: Mapping[str, Any]) -> bool:
     """Whether a stored trial's updates exploded during training, which its first batch,
     measured before any update, cannot show: its training blew up (:func:`trial_blew_up`),
-    the updates left it without any gradient (every layer's weight gradient exactly 0 at
-    the first batch of a later epoch, after a non-zero first: a learning rate so large
-    that every ReLU died), or (classification) it ended with a training cross-entropy
-    above :data:`THRASH_CROSS_ENTROPY`."""
+    the updates left it without any gradient (the backward signal of every hidden layer
+    exactly 0 at the first batch of a later epoch, after a non-zero first: a learning rate
+    so large that every ReLU died; for trials stored before that signal, every layer's
+    weight gradient), or (classification) it ended with a training cross-entropy above
+    :data:`THRASH_CROSS_ENTROPY`. Under early stopping only the epochs up to the one whose
+    weights the folds kept count, as for the regime."""
     if trial_blew_up(attrs):
         return True
-    per_layer = [[float(v) for v in norms] for norms in (attrs.get("grad_norms") or {}).values() if norms]
+    numbers = numbers_from_attrs(attrs)  # None for a pruned trial
+    kept = None if numbers is None or numbers.final_epoch is None else numbers.final_epoch + 1
+    signal = attrs.get("preactivation_grad_norms")
+    if signal:  # an L1 penalty keeps a dead net's weight gradients from 0, not this
+        stored = [norms for layer, norms in signal.items() if layer != "output" and norms]
+    else:
+        stored = [norms for norms in (attrs.get("grad_norms") or {}).values() if norms]
+    per_layer = [[float(v) for v in norms][:kept] for norms in stored]
     epochs = min((len(norms) for norms in per_layer), default=0)
     died = any(all(norms[epoch] == 0.0 for norms in per_layer) for epoch in range(1, epochs))
     if died and any(norms[0] > 0 for norms in per_layer):
         return True
-    if attrs.get("metric_name", "accuracy") != "accuracy":
+    if attrs.get("metric_name") != "accuracy":  # regression, or a pruned trial stored before its task was
         return False
-    curve = [float(v) for v in (attrs.get("curves") or {}).get("train_loss") or [] if _is_number(v)]
+    if numbers is not None:
+        curve = list(numbers.train_loss_curve)
+    else:
+        curve = [float(v) for v in (attrs.get("curves") or {}).get("train_loss") or [] if _is_number(v)]
     return bool(curve) and curve[-1] > THRASH_CROSS_ENTROPY

@@ -446,7 +446,7 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
         f"stored before modelsel recorded that signal are judged by their weight gradients.) A trial whose "
         f"training blew up (a NaN or inf loss, a cross-entropy above 1000 it did not recover from, or a training "
         f"loss that ended {BLOWUP_RATIO:g}× above its first epoch's), whose updates left it without any gradient "
-        f"(every layer's 0 at a later epoch: its ReLUs died), or that ended with a training cross-entropy above "
+        f"(every hidden layer's 0 at a later epoch: its ReLUs died), or that ended with a training cross-entropy above "
         f"{THRASH_CROSS_ENTROPY:g} is labelled exploding whatever that ratio: its updates exploded (a learning rate "
         f"too large; clipping or a smaller rate tames it). Of {len(labelled)} trials: "
         + ", ".join(f"{int(counts.get(label, 0))} {label}" for label in ("vanishing", "healthy", "exploding"))
@@ -459,14 +459,20 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
     picks.setdefault(by_ratio[-1], "largest ratio")
     if selected is not None and selected in set(labelled["trial"]):
         picks = {selected: "selected", **{n: why for n, why in picks.items() if n != selected}}
-    ratios = dict(zip(by_ratio, ordered["grad_ratio"].astype(float), strict=True))
-    if len({ratios[n] for n in picks}) == 1:  # one ratio for all (an lr sweep: the net at init is the same)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+
+    def first_batch(number: int) -> tuple[tuple[str, Any], ...]:  # what the figure draws of a trial
+        attrs = trials[number].user_attrs
+        norms = attrs.get("preactivation_grad_norms") or attrs.get("grad_norms") or {}
+        return tuple(sorted((layer, values[0] if values else None) for layer, values in norms.items()))
+
+    if len(picks) > 1 and len({first_batch(n) for n in picks}) == 1:
+        # One net at init for all (an lr or clipping sweep): one line, not several over each other.
         picks = dict([next(iter(picks.items()))])
         section.paragraphs[0] += (
-            " Every trial has the same ratio (they start from the same initialized net: a sweep of the learning "
-            "rate or clipping), so the figure draws one of them; where the updates exploded shows in the labels."
+            " The trials drawn start from the same initialized net (a sweep of the learning rate or clipping), so "
+            "the figure draws one of them; where the updates exploded shows in the labels."
         )
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     panels = [("preactivation_grad_norms", "gradient at the layer's output"), ("grad_norms", "weight-gradient norm")]
     panels = [(attr, label) for attr, label in panels if any(attr in trials[n].user_attrs for n in picks)]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 if len(panels) == 1 else 10, 3.6), squeeze=False)

@@ -618,8 +618,9 @@ def axis_findings(frame: pd.DataFrame, axes: Sequence[str], data_axes: Sequence[
         )
         if top["sweep_regime"] not in ("good", None):
             text += f", yet that cell itself {_verb(top['sweep_regime'])}"
-        # Values without an order (activation, init, true/false) have no "below" or "above".
-        ordered = all(_as_number(v) is not None for v in line[axis] if v is not None)
+        # Values without an order (activation, init, true/false, a null) have no "below" or
+        # "above": as _axis_order, which leaves such an axis in the spec's order.
+        ordered = all(_as_number(v) is not None for v in line[axis])
         sides = (("below it", line.loc[: b - 1]), ("above it", line.loc[b + 1 :])) if ordered else (
             ("elsewhere", line.drop(index=b)),
         )

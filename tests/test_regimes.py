@@ -494,11 +494,42 @@ def test_updates_that_killed_or_blew_up_the_net_read_exploding_whatever_the_firs
     healthy = {"hidden1": [0.3, 0.2, 0.1], "output": [0.5, 0.4, 0.3]}
     dead = {"hidden1": [0.3, 0.0, 0.0], "output": [0.5, 0.0, 0.0]}
     at_chance = {"train_loss": [64.0, 2.48, 2.50]}
-    assert trial_gradient_flow({"grad_norms": healthy, "curves": at_chance}) == ("healthy", 0.6)
-    assert trial_gradient_flow({"grad_norms": dead, "curves": at_chance}) == ("exploding", 0.6)
+    task = {"metric_name": "accuracy"}
+    assert trial_gradient_flow({**task, "grad_norms": healthy, "curves": at_chance}) == ("healthy", 0.6)
+    assert trial_gradient_flow({**task, "grad_norms": dead, "curves": at_chance}) == ("exploding", 0.6)
     thrashing = {"train_loss": [112.0, 117.0, 109.0]}
-    assert trial_gradient_flow({"grad_norms": healthy, "curves": thrashing}) == ("exploding", 0.6)
-    # A regression loss has no such scale; one layer without gradient is not a dead net.
+    assert trial_gradient_flow({**task, "grad_norms": healthy, "curves": thrashing}) == ("exploding", 0.6)
+    # A regression loss has no such scale, nor has a pruned trial stored before its task
+    # was; one layer without gradient is not a dead net.
     assert trial_gradient_flow({"grad_norms": healthy, "curves": thrashing, "metric_name": "rmse"})[0] == "healthy"
+    assert trial_gradient_flow({"grad_norms": healthy, "curves": thrashing})[0] == "healthy"
     partly = {"hidden1": [0.3, 0.0, 0.0], "output": [0.5, 0.1, 0.1]}
-    assert trial_gradient_flow({"grad_norms": partly, "curves": at_chance}) == ("healthy", 0.6)
+    assert trial_gradient_flow({**task, "grad_norms": partly, "curves": at_chance}) == ("healthy", 0.6)
+
+
+def test_a_dead_net_reads_exploding_under_l1_too_and_early_stopping_counts_the_kept_epochs() -> None:
+    # With L1, a dead net's weight gradients are l1 * sign(w), never 0; the backward signal is.
+    weights = {"hidden1": [0.3, 6.4e-4, 6.4e-4], "hidden2": [0.2, 6.4e-4, 6.4e-4], "output": [0.5, 6.4e-4, 6.4e-4]}
+    signal = {"hidden1": [0.05, 0.0, 0.0], "hidden2": [0.1, 0.0, 0.0], "output": [0.2, 0.1, 0.1]}
+    attrs = {"grad_norms": weights, "preactivation_grad_norms": signal, "metric_name": "accuracy"}
+    assert trial_gradient_flow(attrs) == ("exploding", 0.25)
+    # Early stopping kept epoch 2 of both folds: what blew up after it is not the trial's.
+    blown_after = [2.0, 0.3, 40.0, 80.0]
+    kept = {
+        "metric_name": "accuracy",
+        "train_metric_mean": 0.9,
+        "val_metric_mean": 0.88,
+        "baseline_error": 0.9,
+        "final_epochs": [2, 2],
+        "curves": {"train_loss": blown_after, "val_loss": [2.0, 0.35, 41.0, 85.0]},
+        "fold_curves": {"train_loss": [blown_after] * 2, "val_loss": [[2.0, 0.35, 41.0, 85.0]] * 2},
+        "grad_norms": {"hidden1": [0.3, 0.2, 0.0, 0.0], "output": [0.5, 0.4, 0.0, 0.0]},
+    }
+    assert trial_gradient_flow(kept) == ("healthy", 0.6)
+    assert trial_gradient_flow({**kept, "final_epochs": [4, 4]})[0] == "exploding"
+
+
+def test_a_diverge_ratio_below_one_still_labels_a_loss_that_did_not_fall_enough() -> None:
+    too_slow = numbers(0.5, 0.5, train_loss_curve=[2.3, 2.0])
+    assert classify(too_slow, thresholds=RegimeSpec(diverge_ratio=0.5)).regime == "diverged"
+

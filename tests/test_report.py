@@ -345,6 +345,38 @@ def test_the_gradient_figure_keeps_one_colour_per_trial_in_a_study_older_trials_
     assert legend[0].startswith("trial 1 (selected")
 
 
+def test_the_gradient_figure_draws_one_line_for_trials_that_start_from_the_same_net(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The blown-up trial of an lr sweep has an infinite ratio (a "nan" norm at epoch 2), yet
+    # its first batch is everyone's: it was drawn as "largest ratio" over the selected one.
+    import matplotlib.pyplot as plt
+
+    import modelsel.report as report
+
+    same = {"hidden1": [0.05, 0.04], "output": [0.1, 0.1]}
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"preactivation_grad_norms": same}))
+    blown = {"hidden1": [0.05, "nan"], "output": [0.1, "inf"]}
+    study.add_trial(optuna.trial.create_trial(value=0.1, user_attrs={"preactivation_grad_norms": blown}))
+    lines: list[int] = []
+
+    def capture(fig: Any) -> str:
+        lines.append(sum(len(ax.lines) for ax in fig.axes))
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "figure_to_base64", capture)
+    section = report.gradient_flow_section(study, trials_frame(study), selected=0)
+    assert section is not None and lines == [1]
+    assert "start from the same initialized net" in section.paragraphs[0]
+    # One trial alone says nothing of the kind.
+    alone = optuna.create_study(direction="maximize")
+    alone.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"preactivation_grad_norms": same}))
+    section = report.gradient_flow_section(alone, trials_frame(alone), selected=0)
+    assert section is not None and "same initialized net" not in section.paragraphs[0]
+
+
 def test_a_learning_rate_that_makes_training_diverge_counts_as_exploding(fast_tmp: Path) -> None:
     # Measured before any update, the first batch's ratio cannot see the learning rate:
     # every trial of an lr sweep read "healthy", the diverged ones too.

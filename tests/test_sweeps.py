@@ -483,7 +483,8 @@ def test_the_findings_call_lowest_only_a_cell_the_selection_could_pick() -> None
 
 
 @pytest.mark.parametrize(
-    ("axis", "values"), [("activation", ["sigmoid", "relu", "tanh"]), ("residual", [False, True])]
+    ("axis", "values"),
+    [("activation", ["sigmoid", "relu", "tanh"]), ("residual", [False, True]), ("grad_clip", [None, 1.0, 0.1])],
 )
 def test_the_findings_put_no_side_on_values_without_an_order(axis: str, values: list[Any]) -> None:
     # "below it at activation=sigmoid ... above it at activation=tanh": the grid's listing
@@ -503,11 +504,13 @@ def test_the_findings_put_no_side_on_values_without_an_order(axis: str, values: 
             "best_cell": [False, True, False][:n],
         }
     )
+    frame[axis] = pd.Series(values, dtype=object)  # a null stays None, as sweep_frame keeps it
     frame["fold_val_errors"] = [[v] for v in frame["val_error"]]
     frame["fold_train_errors"] = [[v] for v in frame["train_error"]]
     (finding,) = axis_findings(frame, [axis], [])
     assert "below it" not in finding and "above it" not in finding
-    first = "sigmoid" if axis == "activation" else "False"
+    # A null (no clipping: an infinite threshold) is not "below" 1.0 either.
+    first = {"activation": "sigmoid", "residual": "False", "grad_clip": "None"}[axis]
     assert f"; elsewhere at {axis}={first} the model underfits" in finding, finding
 
 
