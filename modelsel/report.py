@@ -26,10 +26,10 @@ import pandas as pd
 import seaborn as sns
 from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.ticker import MaxNLocator
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from modelsel import __version__
-from modelsel.figures import Figure, Section, figure_to_base64, format_table, plot_training_curves
+from modelsel.figures import Figure, Section, figure_to_base64, format_table, loss_axis, plot_training_curves
 from modelsel.regimes import (
     BLOWUP_RATIO,
     GRADIENT_FLOW_RATIO,
@@ -507,7 +507,65 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
         else ""
     )
     section.figures.append(Figure("Gradient norm per layer", figure_to_base64(fig), caption))
+    per_epoch = plot_first_layer_gradient_per_epoch(trials, labelled, picks)
+    if per_epoch is not None:
+        section.figures.append(per_epoch)
     return section
+
+
+#: Trials whose updates exploded that the per-epoch gradient figure adds to the picks.
+_EXPLODED_SHOWN = 2
+
+
+def plot_first_layer_gradient_per_epoch(
+    trials: dict[int, FrozenTrial], labelled: pd.DataFrame, picks: dict[int, str]
+) -> Figure | None:
+    """The gradient reaching the first hidden layer at the first batch of every epoch, for
+    the picked trials and up to two whose updates exploded (whose first batch looks like
+    any other's): a blow-up climbs, a net whose units died stops short (a norm of 0, or
+    not finite, has no place on a log axis). None when no trial trained two epochs."""
+    shown = dict(picks)
+    exploding = labelled[(labelled["gradient_flow"] == "exploding") & ~labelled["trial"].isin(list(shown))]
+    for number in exploding["trial"].astype(int).tolist()[:_EXPLODED_SHOWN]:
+        shown[number] = "updates exploded"
+
+    def first_layer(number: int) -> list[float]:
+        attrs = trials[number].user_attrs
+        norms = attrs.get("preactivation_grad_norms") or attrs.get("grad_norms") or {}
+        return [float(v) for v in norms.get("hidden1") or []]
+
+    curves = {number: first_layer(number) for number in shown}
+    if max((len(curve) for curve in curves.values()), default=0) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    gone: list[tuple[int, str]] = []  # (epoch, colour) of each 0 or non-finite norm
+    for colour, (number, why) in enumerate(shown.items()):
+        curve = curves[number]
+        if not curve:
+            continue
+        values = [v if math.isfinite(v) and v > 0 else math.nan for v in curve]
+        gone += [(epoch, f"C{colour}") for epoch, v in enumerate(values, start=1) if math.isnan(v)]
+        flow = labelled.loc[labelled["trial"] == number, "gradient_flow"].iloc[0]
+        name = f"trial {number} ({why}, {flow})"
+        ax.plot(range(1, len(values) + 1), values, marker="o", color=f"C{colour}", label=name)
+    finite = [v for curve in curves.values() for v in curve if math.isfinite(v) and v > 0]
+    loss_axis(ax, pd.Series(finite or [1.0]))
+    if gone:  # drawn on the axis's floor, where a log axis has no place for them
+        floor = ax.get_ylim()[0]
+        for epoch, colour_name in gone:
+            ax.plot([epoch], [floor], marker="x", markersize=9, color=colour_name, clip_on=False, linestyle="none")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("gradient at the first layer")
+    ax.legend(loc="best", fontsize=8)
+    sns.despine(fig)
+    return Figure(
+        "Gradient at the first layer per epoch",
+        figure_to_base64(fig),
+        "At the first batch of each epoch (fold mean): the loss's gradient with respect to the first hidden layer's "
+        "output (its weight gradient for trials stored before that was recorded). An × on the axis's floor: that "
+        "epoch's gradient was 0 (no gradient: its units died) or not finite.",
+    )
 
 
 #: Figure files whose names depend on the trials or axes a build shows: one left by an

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -368,13 +369,48 @@ def test_the_gradient_figure_draws_one_line_for_trials_that_start_from_the_same_
 
     monkeypatch.setattr(report, "figure_to_base64", capture)
     section = report.gradient_flow_section(study, trials_frame(study), selected=0)
-    assert section is not None and lines == [1]
+    assert section is not None and lines[0] == 1  # the per-layer figure (the per-epoch one follows)
     assert "start from the same initialized net" in section.paragraphs[0]
     # One trial alone says nothing of the kind.
     alone = optuna.create_study(direction="maximize")
     alone.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"preactivation_grad_norms": same}))
     section = report.gradient_flow_section(alone, trials_frame(alone), selected=0)
     assert section is not None and "same initialized net" not in section.paragraphs[0]
+
+
+def test_the_gradient_section_follows_the_first_layer_over_the_epochs_of_trials_whose_updates_exploded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In an lr sweep every trial's first batch is the same net: the trial whose units the
+    # updates killed was not drawn anywhere; its gradient per epoch shows it.
+    import matplotlib.pyplot as plt
+
+    import modelsel.report as report
+
+    healthy = {"hidden1": [0.05, 0.04, 0.03], "output": [0.1, 0.1, 0.1]}
+    dead = {"hidden1": [0.05, 0.0, 0.0], "output": [0.1, 0.2, 0.2]}
+    study = optuna.create_study(direction="maximize")
+    task = {"metric_name": "accuracy"}
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={**task, "preactivation_grad_norms": healthy}))
+    study.add_trial(optuna.trial.create_trial(value=0.1, user_attrs={**task, "preactivation_grad_norms": dead}))
+    drawn: list[dict[str, list[float]]] = []
+
+    def capture(fig: Any) -> str:
+        drawn.append({line.get_label(): list(line.get_ydata()) for ax in fig.axes for line in ax.lines})
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "figure_to_base64", capture)
+    frame = trials_frame(study)
+    assert frame["gradient_flow"].tolist() == ["healthy", "exploding"]
+    section = report.gradient_flow_section(study, frame, selected=0)
+    assert section is not None
+    assert [f.title for f in section.figures] == ["Gradient norm per layer", "Gradient at the first layer per epoch"]
+    per_layer, per_epoch = drawn
+    assert list(per_layer) == ["trial 0 (selected, healthy)"]  # one net at init
+    assert per_epoch["trial 0 (selected, healthy)"] == [0.05, 0.04, 0.03]
+    died = per_epoch["trial 1 (updates exploded, exploding)"]
+    assert died[0] == 0.05 and all(math.isnan(v) for v in died[1:])  # no gradient: off the log axis
 
 
 def test_a_learning_rate_that_makes_training_diverge_counts_as_exploding(fast_tmp: Path) -> None:
