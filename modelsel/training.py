@@ -427,7 +427,7 @@ def train_sequential(
 class PreactivationGrads:
     """Catches, in the next forward and backward pass of ``model``, the L2 norm of the
     loss's gradient with respect to each linear layer's output (tensor hooks on those
-    outputs; the forward hooks are removed after that one pass).
+    outputs, put there by forward hooks that :meth:`remove` takes off after that pass).
 
     A layer's weight gradient is that backward signal times the layer's input, so the
     ratio of two layers' weight gradients also holds the ratio of their inputs: when
@@ -439,12 +439,12 @@ class PreactivationGrads:
 
     def __init__(self, model: MLP) -> None:
         layers = list(model.linear_layers())
+        self.zero = torch.zeros((), dtype=model.output.weight.dtype, device=model.output.weight.device)
         self.norms: list[torch.Tensor | None] = [None] * len(layers)
         self.handles = [layer.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(layers)]
 
     def _forward_hook(self, index: int) -> Callable[..., None]:
         def forward_hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-            self.handles[index].remove()  # one pass only
             if output.requires_grad:
                 output.register_hook(functools.partial(self._record, index))
 
@@ -454,16 +454,13 @@ class PreactivationGrads:
         self.norms[index] = torch.linalg.vector_norm(grad.detach())
 
     def remove(self) -> None:
-        """Remove the forward hooks that have not fired."""
+        """Take the forward hooks off the model (after the pass, or when it raised)."""
         for handle in self.handles:
             handle.remove()
 
     def take(self) -> list[float]:
         """The caught norms, input to output (0 for a layer no gradient reached)."""
-        self.remove()
-        reached = [n for n in self.norms if n is not None]
-        caught = iter(torch.stack(reached).tolist() if reached else [])
-        return [0.0 if n is None else float(next(caught)) for n in self.norms]
+        return torch.stack([self.zero if n is None else n for n in self.norms]).tolist()
 
 
 def _run_epoch(
