@@ -453,17 +453,15 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
         + ". trials.csv has each trial's label (gradient_flow) and first/output ratio (grad_ratio)."
     )
     section = Section("Gradient flow", paragraphs=[text])
-    ordered = labelled.sort_values("grad_ratio", kind="stable")
-    by_ratio = ordered["trial"].astype(int).tolist()
+    by_ratio = labelled.sort_values("grad_ratio", kind="stable")["trial"].astype(int).tolist()
     picks = {by_ratio[0]: "smallest ratio"}
     picks.setdefault(by_ratio[-1], "largest ratio")
     if selected is not None and selected in set(labelled["trial"]):
         picks = {selected: "selected", **{n: why for n, why in picks.items() if n != selected}}
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
 
-    def first_batch(number: int) -> tuple[tuple[str, Any], ...]:  # what the figure draws of a trial
-        attrs = trials[number].user_attrs
-        norms = attrs.get("preactivation_grad_norms") or attrs.get("grad_norms") or {}
+    def first_batch(number: int) -> tuple[tuple[str, Any], ...]:
+        norms = _drawn_norms(trials[number].user_attrs)
         return tuple(sorted((layer, values[0] if values else None) for layer, values in norms.items()))
 
     if len(picks) > 1 and len({first_batch(n) for n in picks}) == 1:
@@ -473,13 +471,16 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
             " The trials drawn start from the same initialized net (a sweep of the learning rate or clipping), so "
             "the figure draws one of them; where the updates exploded shows in the labels."
         )
+    flows = dict(zip(labelled["trial"].astype(int), labelled["gradient_flow"], strict=True))
+    names = {number: f"trial {number} ({why}, {flows[number]})" for number, why in picks.items()}
     panels = [("preactivation_grad_norms", "gradient at the layer's output"), ("grad_norms", "weight-gradient norm")]
     panels = [(attr, label) for attr, label in panels if any(attr in trials[n].user_attrs for n in picks)]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 if len(panels) == 1 else 10, 3.6), squeeze=False)
+    handles: dict[int, Any] = {}
     for ax, (attr, label) in zip(axes[0], panels, strict=True):
         # One colour per trial in both panels (a trial stored before the backward signal
         # was recorded is missing from the left one).
-        for colour, (number, why) in enumerate(picks.items()):
+        for colour, number in enumerate(picks):
             norms = trials[number].user_attrs.get(attr)
             if not norms:
                 continue
@@ -487,17 +488,16 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
             hidden = sorted((k for k in norms if k != "output"), key=lambda k: int(k.removeprefix("hidden")))
             layers = [*hidden, "output"]
             values = [float(norms[layer][0]) for layer in layers]
-            flow = labelled.loc[labelled["trial"] == number, "gradient_flow"].iloc[0]
-            name = f"trial {number} ({why}, {flow})"
-            ax.plot(range(1, len(layers) + 1), values, marker="o", color=f"C{colour}", label=name)
+            (handles[number],) = ax.plot(
+                range(1, len(layers) + 1), values, marker="o", color=f"C{colour}", label=names[number]
+            )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale("log")
         ax.set_xlabel("linear layer from the input (lines end at the output layer)")
         ax.set_ylabel(f"{label}, epoch 1")
     # One legend with every trial drawn in either panel, in the order of the picks.
-    drawn = {text: handle for ax in axes[0] for handle, text in zip(*ax.get_legend_handles_labels(), strict=True)}
-    names = sorted(drawn, key=lambda text: list(picks).index(int(text.split()[1])))
-    axes[0][-1].legend([drawn[name] for name in names], names, loc="best", fontsize=8)
+    shown = [number for number in picks if number in handles]
+    axes[0][-1].legend([handles[n] for n in shown], [names[n] for n in shown], loc="best", fontsize=8)
     sns.despine(fig)
     fig.tight_layout()
     caption = (
@@ -507,7 +507,7 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
         else ""
     )
     section.figures.append(Figure("Gradient norm per layer", figure_to_base64(fig), caption))
-    per_epoch = plot_first_layer_gradient_per_epoch(trials, labelled, picks)
+    per_epoch = plot_first_layer_gradient_per_epoch(trials, flows, picks)
     if per_epoch is not None:
         section.figures.append(per_epoch)
     return section
@@ -517,24 +517,26 @@ def gradient_flow_section(study: optuna.Study, frame: pd.DataFrame, *, selected:
 _EXPLODED_SHOWN = 2
 
 
+def _drawn_norms(attrs: dict[str, Any]) -> dict[str, list[Any]]:
+    """The per-layer norms the gradient figures draw of a trial: its backward signal, or its
+    weight gradients if it was stored before modelsel recorded that signal."""
+    norms: dict[str, list[Any]] = attrs.get("preactivation_grad_norms") or attrs.get("grad_norms") or {}
+    return norms
+
+
 def plot_first_layer_gradient_per_epoch(
-    trials: dict[int, FrozenTrial], labelled: pd.DataFrame, picks: dict[int, str]
+    trials: dict[int, FrozenTrial], flows: dict[int, str], picks: dict[int, str]
 ) -> Figure | None:
     """The gradient reaching the first hidden layer at the first batch of every epoch, for
     the picked trials and up to two whose updates exploded (whose first batch looks like
     any other's): a blow-up climbs, a net whose units died stops short (a norm of 0, or
-    not finite, has no place on a log axis). None when no trial trained two epochs."""
+    not finite, has no place on a log axis). ``flows``: each labelled trial's gradient
+    flow. None when no trial trained two epochs."""
     shown = dict(picks)
-    exploding = labelled[(labelled["gradient_flow"] == "exploding") & ~labelled["trial"].isin(list(shown))]
-    for number in exploding["trial"].astype(int).tolist()[:_EXPLODED_SHOWN]:
+    exploding = [number for number, flow in flows.items() if flow == "exploding" and number not in shown]
+    for number in exploding[:_EXPLODED_SHOWN]:
         shown[number] = "updates exploded"
-
-    def first_layer(number: int) -> list[float]:
-        attrs = trials[number].user_attrs
-        norms = attrs.get("preactivation_grad_norms") or attrs.get("grad_norms") or {}
-        return [float(v) for v in norms.get("hidden1") or []]
-
-    curves = {number: first_layer(number) for number in shown}
+    curves = {n: [float(v) for v in _drawn_norms(trials[n].user_attrs).get("hidden1") or []] for n in shown}
     if max((len(curve) for curve in curves.values()), default=0) < 2:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.4))
@@ -545,8 +547,7 @@ def plot_first_layer_gradient_per_epoch(
             continue
         values = [v if math.isfinite(v) and v > 0 else math.nan for v in curve]
         gone += [(epoch, f"C{colour}") for epoch, v in enumerate(values, start=1) if math.isnan(v)]
-        flow = labelled.loc[labelled["trial"] == number, "gradient_flow"].iloc[0]
-        name = f"trial {number} ({why}, {flow})"
+        name = f"trial {number} ({why}, {flows[number]})"
         ax.plot(range(1, len(values) + 1), values, marker="o", color=f"C{colour}", label=name)
     finite = [v for curve in curves.values() for v in curve if math.isfinite(v) and v > 0]
     loss_axis(ax, pd.Series(finite or [1.0]))
