@@ -352,7 +352,7 @@ def _pruned_why(outcome: Any) -> str:
         parts.append(f"{outcome.n_invalid} {were}")
     where = "trials.csv"
     if outcome.maps:  # a multi-grid sweep: each map has its own trials.csv, in its own folder
-        where = " and ".join(f"{name}/trials.csv" for name in outcome.maps_diverged_or_invalid)
+        where = " and ".join(f"{m.study_name}/trials.csv" for m in outcome.maps if m.n_diverged or m.n_invalid)
     return f"Of the pruned trials, {' and '.join(parts)} (fail_reason in {where} says why)."
 
 

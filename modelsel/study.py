@@ -119,11 +119,9 @@ class StudyOutcome:
     #: For several objectives, the trials the selection picked from (:func:`~modelsel.results.pareto_front`):
     #: number and objective values of each, best on the first objective first (the selected trial).
     pareto_front: list[tuple[int, list[float]]] = field(default_factory=list)
-    #: For a multi-grid sweep, its maps' study names (each map's report folder, with its own
-    #: trials.csv); empty for one study.
-    maps: list[str] = field(default_factory=list)
-    #: Of ``maps``, those with pruned trials no pruner stopped (diverged, invalid configurations).
-    maps_diverged_or_invalid: list[str] = field(default_factory=list)
+    #: For a multi-grid sweep, each map's own outcome (its study name is its report folder,
+    #: with its own trials.csv); empty for one study.
+    maps: list[StudyOutcome] = field(default_factory=list)
     #: For a multi-grid sweep, the map whose selection this outcome reports (its Pareto
     #: front, test score and trials.csv).
     selected_map: str | None = None
@@ -952,8 +950,7 @@ def combine_map_outcomes(name: str, outcomes: Sequence[StudyOutcome]) -> StudyOu
             if any(o.fold_epochs_budget is None for o in outcomes)
             else sum(o.fold_epochs_budget or 0 for o in outcomes)
         ),
-        maps=[o.study_name for o in outcomes],
-        maps_diverged_or_invalid=[o.study_name for o in outcomes if o.n_diverged or o.n_invalid],
+        maps=list(outcomes),
         selected_map=chosen.study_name,
     )
 
