@@ -411,13 +411,14 @@ def _axis_values(values: Any) -> Any:
     if not values:
         raise ValueError("the axis lists no values; give at least one")
     for value in values:
-        if isinstance(value, Mapping):
-            raise ValueError(
-                f"a sweep value is a number, a string, true/false or null, not {value!r}; a setting written as a "
-                "mapping (e.g. grad_clip: {kind: value, threshold: 0.5}) goes under training in a study of its own"
+        if isinstance(value, (list, Mapping)):
+            where = (
+                "; a setting written as a mapping (e.g. grad_clip: {kind: value, threshold: 0.5}) goes under "
+                "training in a study of its own"
+                if isinstance(value, Mapping)
+                else ""
             )
-        if isinstance(value, list):
-            raise ValueError(f"a sweep value is a number, a string, true/false or null, not {value!r}")
+            raise ValueError(f"a sweep value is a number, a string, true/false or null, not {value!r}{where}")
     return values
 
 
