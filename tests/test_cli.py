@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -453,21 +454,27 @@ def test_study_show_of_a_multi_objective_study_lists_its_pareto_front(workdir: P
     ]
 
 
+def _sweep_spec(
+    spec_file: Callable[..., Path], name: str, sweep: Any, *, training: dict[str, Any], **fields: Any
+) -> Path:
+    """A spec file of a sweep (no search, sampler or trial budget: the grid is its budget)
+    training one epoch at batch 32 with ``training``'s other settings."""
+    data = tiny_spec_data(name=name, search=None, sampler=None, budget=None, sweep=sweep, **fields)
+    data["training"] = {"epochs": 1, "batch_size": 32, **training}
+    return spec_file(data)
+
+
 def test_the_summary_counts_the_trials_whose_gradients_vanished_or_exploded(
     workdir: Path, spec_file: Callable[..., Path]
 ) -> None:
     # 10 ReLU layers at PyTorch's default init (vanishing), with He init (healthy), and an
     # lr that blows training up (exploding).
-    spec = spec_file(
-        tiny_spec_data(
-            name="flow",
-            search=None,
-            sampler=None,
-            budget=None,
-            model={"width": 16, "depth": 10, "activation": "relu", "init": "kaiming_normal"},
-            training={"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.01},
-            sweep={"init": ["default", "kaiming_normal"], "lr": [0.01, 1.0e12]},
-        )
+    spec = _sweep_spec(
+        spec_file,
+        "flow",
+        {"init": ["default", "kaiming_normal"], "lr": [0.01, 1.0e12]},
+        training={"optimizer": "sgd", "lr": 0.01},
+        model={"width": 16, "depth": 10, "activation": "relu", "init": "kaiming_normal"},
     )
     result = invoke("study", "run", str(spec), "--quiet")
     assert result.exit_code == 0, result.output
@@ -486,16 +493,12 @@ def test_the_pareto_front_of_a_multi_grid_sweep_points_at_the_selected_map_s_tri
     import modelsel.cli
 
     monkeypatch.setattr(modelsel.cli, "_FRONT_LINES", 1)  # so that a front of two trials has more to see
-    spec = spec_file(
-        tiny_spec_data(
-            name="fronts",
-            search=None,
-            sampler=None,
-            budget=None,
-            objectives=["val_accuracy", "n_params"],
-            training={"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
-            sweep=[{"width": [2, 64]}, {"depth": [1, 2]}],
-        )
+    spec = _sweep_spec(
+        spec_file,
+        "fronts",
+        [{"width": [2, 64]}, {"depth": [1, 2]}],
+        training={"optimizer": "adam", "lr": 0.01},
+        objectives=["val_accuracy", "n_params"],
     )
     result = invoke("study", "run", str(spec), "--quiet")
     assert result.exit_code == 0, result.output
@@ -569,16 +572,7 @@ def test_the_summary_of_a_multi_grid_sweep_points_at_the_trials_csv_of_the_maps_
 ) -> None:
     # Each grid is its own study with its own trials.csv; the sweep's folder has none. Only
     # the maps with such trials are named (five long map names made one unreadable line).
-    spec = spec_file(
-        tiny_spec_data(
-            name="maps",
-            search=None,
-            sampler=None,
-            budget=None,
-            training={"epochs": 1, "batch_size": 32, "optimizer": "sgd"},
-            sweep=[{"lr": [0.01, 1.0e12]}, {"width": [4]}],
-        )
-    )
+    spec = _sweep_spec(spec_file, "maps", [{"lr": [0.01, 1.0e12]}, {"width": [4]}], training={"optimizer": "sgd"})
     result = invoke("study", "run", str(spec), "--quiet")
     assert result.exit_code == 0, result.output
     expected = "Of the pruned trials, 1 diverged in training (fail_reason in maps-lr/trials.csv says why)."
